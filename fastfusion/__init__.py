@@ -1,0 +1,43 @@
+"""fastfusion: fused kernels for multimodal fusion operators.
+
+Functional ops, their nn.Modules and backend control. The plain-PyTorch references live
+in :mod:`fastfusion.reference`; FLOP counting in :mod:`fastfusion.flops` (needs fvcore).
+"""
+
+from ._dispatch import BackendUnavailableError, available_backends, backend, set_backend
+from .modules import (
+    CompactBilinearPooling,
+    FactorizedBilinearPooling,
+    GatedCompactBilinearPooling,
+    LowRankFusion,
+    TensorFusion,
+    draw_hashes_and_signs,
+)
+from .ops.compact_bilinear import compact_bilinear, tensor_sketch
+from .ops.count_sketch import count_sketch
+from .ops.factorized_bilinear import factorized_bilinear
+from .ops.low_rank_fusion import low_rank_fusion
+from .ops.signed_sqrt_l2 import signed_sqrt_l2
+from .ops.tensor_fusion import tensor_fusion
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CompactBilinearPooling",
+    "FactorizedBilinearPooling",
+    "GatedCompactBilinearPooling",
+    "LowRankFusion",
+    "TensorFusion",
+    "available_backends",
+    "backend",
+    "compact_bilinear",
+    "count_sketch",
+    "draw_hashes_and_signs",
+    "factorized_bilinear",
+    "low_rank_fusion",
+    "set_backend",
+    "signed_sqrt_l2",
+    "tensor_fusion",
+    "tensor_sketch",
+]

@@ -1,0 +1,156 @@
+"""Backend selection and the kernel table that every fastfusion op dispatches through.
+
+A *backend* is a family of kernels ("torch", later "triton", "cpp", "cuda"). Each op
+registers, per backend, a forward and a backward kernel and the device types they run on.
+The public functions resolve the backend name in Python (so torch.compile sees a constant)
+and pass it to the ``fastfusion::`` custom op, whose forward and backward look the kernel
+up here. Two names are not kernel families:
+
+- ``"auto"``: the first backend, in the device's preference order, that has a kernel for
+  the op on that device. Today this is always ``"torch"``.
+- ``"eager"``: bypass the custom ops entirely and run the plain-PyTorch reference with
+  PyTorch's own autograd. It is the baseline the benchmarks compare against, and lets a
+  whole model be switched to it for A/B comparisons.
+
+Precedence: the ``backend=`` argument of a call, then the innermost ``fastfusion.backend``
+context, then ``fastfusion.set_backend``, then the ``FASTFUSION_BACKEND`` environment
+variable (read at import), then ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Callable, Iterator
+
+import torch
+
+BACKEND_NAMES = ("auto", "eager", "torch", "triton", "cpp", "cuda")
+
+# Fastest first; "torch" runs everywhere, so "auto" always resolves.
+_AUTO_PREFERENCE = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+_DEFAULT_PREFERENCE = ("torch",)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for explicitly but has no kernel for this op and device."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    forward: Callable
+    backward: Callable
+    device_types: frozenset[str] | None  # None: any device
+
+
+_KERNELS: dict[str, dict[str, Kernel]] = {}
+
+
+def register_kernel(
+    op: str,
+    backend: str,
+    *,
+    forward: Callable,
+    backward: Callable,
+    device_types: tuple[str, ...] | None = None,
+) -> None:
+    """Make ``backend`` provide ``op`` (its forward and backward) on ``device_types``."""
+    if backend not in BACKEND_NAMES or backend in ("auto", "eager"):
+        raise ValueError(f"backend must be one of 'torch', 'triton', 'cpp', 'cuda', got {backend!r}")
+    types = None if device_types is None else frozenset(device_types)
+    _KERNELS.setdefault(op, {})[backend] = Kernel(forward, backward, types)
+
+
+def _contiguous(result):
+    # The ops' fake kernels promise contiguous outputs; hold every backend to that.
+    if isinstance(result, torch.Tensor):
+        return result.contiguous()
+    return [t.contiguous() for t in result]
+
+
+def run_forward(op: str, backend: str, *args):
+    """Run ``backend``'s forward kernel of ``op`` (called inside the custom op)."""
+    return _contiguous(_KERNELS[op][backend].forward(*args))
+
+
+def run_backward(op: str, backend: str, *args):
+    """Run ``backend``'s backward kernel of ``op`` (called inside the backward custom op)."""
+    return _contiguous(_KERNELS[op][backend].backward(*args))
+
+
+def _runs_on(k: Kernel, device_type: str) -> bool:
+    return k.device_types is None or device_type in k.device_types
+
+
+def _check_name(name: str, argument: str) -> str:
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"{argument} must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+def _env_backend() -> str:
+    name = os.environ.get("FASTFUSION_BACKEND", "auto").strip() or "auto"
+    return _check_name(name, "the FASTFUSION_BACKEND environment variable")
+
+
+class _State:
+    default = _env_backend()
+    stack: list[str] = []
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every later call that does not choose one itself."""
+    _State.default = _check_name(name, "name")
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Context manager: calls inside use backend ``name`` unless they pass ``backend=``."""
+    _State.stack.append(_check_name(name, "name"))
+    try:
+        yield
+    finally:
+        _State.stack.pop()
+
+
+def requested_backend(per_call: str | None = None) -> str:
+    """The backend name in force for a call, before "auto" is resolved."""
+    if per_call is not None:
+        return _check_name(per_call, "backend")
+    if _State.stack:
+        return _State.stack[-1]
+    return _State.default
+
+
+def resolve_backend(op: str, device_type: str, name: str) -> str:
+    """Turn a requested name into the concrete backend that runs ``op`` on ``device_type``."""
+    if name == "eager":
+        return name
+    kernels = _KERNELS[op]
+    if name == "auto":
+        for candidate in _AUTO_PREFERENCE.get(device_type, _DEFAULT_PREFERENCE):
+            if candidate in kernels and _runs_on(kernels[candidate], device_type):
+                return candidate
+        raise BackendUnavailableError(f"no fastfusion backend implements {op} on {device_type}")
+    if name not in kernels or not _runs_on(kernels[name], device_type):
+        raise BackendUnavailableError(
+            f"fastfusion backend {name!r} does not implement {op} on {device_type} here; "
+            f"available: {available_backends(device_type)}"
+        )
+    return name
+
+
+def available_backends(device_type: str | None = None) -> tuple[str, ...]:
+    """Concrete backends with at least one kernel (on ``device_type`` if given), fastest first."""
+    order = ("triton", "cuda", "cpp", "torch")
+    found = {
+        name
+        for table in _KERNELS.values()
+        for name, k in table.items()
+        if device_type is None or _runs_on(k, device_type)
+    }
+    return tuple(name for name in order if name in found)

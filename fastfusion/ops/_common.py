@@ -1,0 +1,36 @@
+"""Small helpers shared by the op files."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32 (FFTs, norms); others in their own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None when autocast is off."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast_all(tensors: Sequence[torch.Tensor | None], dtype: torch.dtype) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def flatten_leading(t: torch.Tensor, trailing: int = 1) -> torch.Tensor:
+    """View (..., *trailing dims) as (B, *trailing dims) with B the product of the leading dims."""
+    return t.reshape((-1,) + tuple(t.shape[t.dim() - trailing:]))
+
+
+def product(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Elementwise product of a non-empty sequence of broadcastable tensors."""
+    result = factors[0]
+    for f in factors[1:]:
+        result = result * f
+    return result

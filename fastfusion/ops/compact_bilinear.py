@@ -1,0 +1,262 @@
+"""Tensor sketch and compact bilinear pooling (CBP), optionally gated (CBGP).
+
+Tensor sketch of M >= 2 modalities, each count-sketched to length d:
+
+    TS(x_1, ..., x_M) = IFFT( prod_m FFT(C_m(x_m)) )          (circular, length d)
+
+It is *exactly* the count sketch of the flattened outer product x_1 (x) ... (x) x_M with
+hash (sum_m h_m(i_m)) mod d and sign prod_m s_m(i_m), so <TS(x, y), TS(z, w)> is an
+unbiased estimate of <x, z><y, w>. Real FFTs of length d (rfft / irfft with n=d) keep
+odd d exact. The scale is the mathematical one (normalised inverse FFT); Caffe-derived
+code multiplies by d, a constant that the L2 normalisation cancels.
+
+Pooling over positions t (time steps, spatial cells) happens in the frequency domain:
+sum_t IFFT(P_t) = IFFT(sum_t P_t), one inverse transform per sample. "mean" divides by T.
+
+Compact bilinear pooling:  z = g * sum_t TS(x_1t, ..., x_Mt), with an optional gate g
+(CBGP, shape (..., d), e.g. softmax(W [pooled inputs] + b)), then signed sqrt and L2
+normalisation when ``normalize``.
+
+The custom op works on a canonical layout: every modality (B, T, n_m), output (B, d);
+unpooled calls use T = 1. Inputs in float16/bfloat16 are transformed in float32.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from .. import _dispatch
+from .._validation import (
+    check_eps,
+    check_like,
+    check_modality_tensors,
+    check_positive_int,
+    check_same_count,
+    check_shape,
+    check_tensor,
+)
+from ._common import product, autocast_dtype, compute_dtype
+from .count_sketch import check_sketch_args, count_sketch_backward_reference, count_sketch_reference
+from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
+
+POOL_MODES = ("sum", "mean")
+
+
+def _spectra(xs, hashes, signs, out_dim: int, work: torch.dtype) -> list[torch.Tensor]:
+    """rfft of each modality's count sketch: (B, T, n_m) -> (B, T, out_dim // 2 + 1)."""
+    return [
+        torch.fft.rfft(count_sketch_reference(x.to(work), h, s, out_dim), n=out_dim)
+        for x, h, s in zip(xs, hashes, signs)
+    ]
+
+
+def _pooled_sketch(spectra: list[torch.Tensor], out_dim: int, mean: bool) -> torch.Tensor:
+    """(B, T, d//2+1) spectra -> (B, d) pooled tensor sketch: one inverse FFT per sample."""
+    pooled = product(spectra).sum(1)
+    if mean:
+        pooled = pooled / spectra[0].shape[1]
+    return torch.fft.irfft(pooled, n=out_dim)
+
+
+def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float) -> torch.Tensor:
+    """Plain-PyTorch compact bilinear pooling on the canonical layout; differentiable."""
+    work = compute_dtype(xs[0].dtype)
+    z = _pooled_sketch(_spectra(xs, hashes, signs, out_dim, work), out_dim, mean)
+    if gate is not None:
+        z = z * gate.to(work)
+    if normalize:
+        z = signed_sqrt_l2_reference(z, eps)
+    return z.to(xs[0].dtype)
+
+
+def _backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float) -> list[torch.Tensor]:
+    """Gradients w.r.t. each xs[m] (B, T, n_m), then w.r.t. gate if one was given.
+
+    The adjoint of circular convolution is circular correlation, so with F_m the spectra,
+    dC_k = IFFT( FFT(g) * conj(prod_{m != k} F_m) ), and dx_k is C_k's adjoint (a gather).
+    """
+    work = compute_dtype(xs[0].dtype)
+    spectra = _spectra(xs, hashes, signs, out_dim, work)
+    g = grad.to(work)
+    grads_gate = []
+    if gate is not None or normalize:
+        z = _pooled_sketch(spectra, out_dim, mean)
+        gated = z if gate is None else z * gate.to(work)
+        if normalize:
+            g = signed_sqrt_l2_backward_reference(g, gated, eps)
+        if gate is not None:
+            grads_gate = [(g * z).to(gate.dtype)]
+            g = g * gate.to(work)
+    if mean:
+        g = g / xs[0].shape[1]
+    g_hat = torch.fft.rfft(g, n=out_dim).unsqueeze(1)
+    grads = []
+    for k, (x, h, s) in enumerate(zip(xs, hashes, signs)):
+        others = product([f for m, f in enumerate(spectra) if m != k])
+        grad_sketch = torch.fft.irfft(g_hat * others.conj(), n=out_dim)
+        grads.append(count_sketch_backward_reference(grad_sketch, h, s).to(x.dtype))
+    return grads + grads_gate
+
+
+@torch.library.custom_op("fastfusion::compact_bilinear", mutates_args=())
+def _compact_bilinear_op(
+    xs: List[torch.Tensor],
+    hashes: List[torch.Tensor],
+    signs: List[torch.Tensor],
+    out_dim: int,
+    mean: bool,
+    gate: Optional[torch.Tensor],
+    normalize: bool,
+    eps: float,
+    backend: str,
+) -> torch.Tensor:
+    return _dispatch.run_forward("compact_bilinear", backend, xs, hashes, signs, out_dim, mean, gate, normalize, eps)
+
+
+@_compact_bilinear_op.register_fake
+def _(xs, hashes, signs, out_dim, mean, gate, normalize, eps, backend):
+    return xs[0].new_empty((xs[0].shape[0], out_dim))
+
+
+@torch.library.custom_op("fastfusion::compact_bilinear_backward", mutates_args=())
+def _compact_bilinear_backward_op(
+    grad: torch.Tensor,
+    xs: List[torch.Tensor],
+    hashes: List[torch.Tensor],
+    signs: List[torch.Tensor],
+    out_dim: int,
+    mean: bool,
+    gate: Optional[torch.Tensor],
+    normalize: bool,
+    eps: float,
+    backend: str,
+) -> List[torch.Tensor]:
+    return _dispatch.run_backward("compact_bilinear", backend, grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps)
+
+
+@_compact_bilinear_backward_op.register_fake
+def _(grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps, backend):
+    return [x.new_empty(x.shape) for x in xs] + ([] if gate is None else [gate.new_empty(gate.shape)])
+
+
+def _setup_context(ctx, inputs, output):
+    xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.backend = inputs
+    ctx.num_modalities = len(xs)
+    ctx.has_gate = gate is not None
+    ctx.save_for_backward(*xs, *hashes, *signs, *([gate] if gate is not None else []))
+
+
+def _autograd_backward(ctx, grad):
+    m = ctx.num_modalities
+    saved = ctx.saved_tensors
+    xs, hashes, signs = list(saved[:m]), list(saved[m : 2 * m]), list(saved[2 * m : 3 * m])
+    gate = saved[3 * m] if ctx.has_gate else None
+    grads = _compact_bilinear_backward_op(
+        grad.contiguous(), xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.backend
+    )
+    grad_gate = grads[m] if ctx.has_gate else None
+    return list(grads[:m]), [None] * m, [None] * m, None, None, grad_gate, None, None, None
+
+
+_compact_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+_dispatch.register_kernel("compact_bilinear", "torch", forward=_forward, backward=_backward)
+
+
+def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps):
+    """Validates the public arguments; returns (xs, hashes, signs, out_dim, pool_dim, eps)."""
+    min_ndim = 1 if pool_dim is None else 2
+    xs = check_modality_tensors("xs", xs, min_ndim=min_ndim)
+    hashes = check_same_count("hashes", hashes, "xs", len(xs))
+    signs = check_same_count("signs", signs, "xs", len(xs))
+    out_dim = check_positive_int("out_dim", out_dim)
+    eps = check_eps("eps", eps)
+    if pool not in POOL_MODES:
+        raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+    for m, x in enumerate(xs):
+        check_sketch_args(f"[{m}]", x, hashes[m], signs[m], out_dim)
+    lead = xs[0].shape[:-1]
+    if pool_dim is not None:
+        if isinstance(pool_dim, bool) or not isinstance(pool_dim, int) or not -len(lead) - 1 <= pool_dim < len(lead):
+            raise ValueError(
+                f"pool_dim must index a leading (non-feature) dimension of xs, i.e. lie in "
+                f"[{-len(lead) - 1}, {len(lead) - 1}] but not be the last, got {pool_dim!r}"
+            )
+        pool_dim = pool_dim % (len(lead) + 1)
+        if pool_dim == len(lead):
+            raise ValueError("pool_dim must not be the last (feature) dimension of xs")
+    if gate is not None:
+        check_tensor("gate", gate)
+        out_lead = lead if pool_dim is None else lead[:pool_dim] + lead[pool_dim + 1 :]
+        check_shape("gate", gate, tuple(out_lead) + (out_dim,))
+        check_like("gate", gate, "xs[0]", xs[0], dtype=False)
+    return xs, hashes, signs, out_dim, pool_dim, eps
+
+
+def _canonical(xs, pool_dim):
+    """Move the pooled dimension next to the features and flatten the rest: (B, T, n_m)."""
+    if pool_dim is None:
+        return [x.reshape(-1, 1, x.shape[-1]) for x in xs], xs[0].shape[:-1]
+    moved = [x.movedim(pool_dim, -2) for x in xs]
+    return [x.reshape(-1, x.shape[-2], x.shape[-1]) for x in moved], moved[0].shape[:-2]
+
+
+def _sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend):
+    xs, hashes, signs, out_dim, pool_dim, eps = _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps)
+    device_type = xs[0].device.type
+    if autocast_dtype(device_type) is not None:
+        # The transforms run in float32 under autocast, like torch.fft's own autocast policy.
+        with torch.autocast(device_type, enabled=False):
+            xs = [x.float() for x in xs]
+            gate = None if gate is None else gate.float()
+            return _sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend)
+    if gate is not None:
+        gate = gate.to(xs[0].dtype)
+    name = _dispatch.resolve_backend("compact_bilinear", device_type, _dispatch.requested_backend(backend))
+    canonical, out_lead = _canonical(xs, pool_dim)
+    mean = pool == "mean"
+    flat_gate = None if gate is None else gate.reshape(-1, out_dim)
+    if name == "eager":
+        out = _forward(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps)
+    else:
+        out = _compact_bilinear_op(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, name)
+    return out.reshape(tuple(out_lead) + (out_dim,))
+
+
+def tensor_sketch(xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", backend=None) -> torch.Tensor:
+    """N-modal tensor sketch, optionally pooled over one leading dimension.
+
+    xs: list of M >= 2 floating tensors (..., n_m) sharing their leading shape and dtype;
+    hashes[m]: (n_m,) int32/int64 in [0, out_dim); signs[m]: (n_m,) of +1/-1.
+    Returns (..., out_dim), or with ``pool_dim`` set that dimension summed (pool="sum")
+    or averaged (pool="mean") away, in the frequency domain.
+    """
+    return _sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, None, False, DEFAULT_EPS, backend)
+
+
+def compact_bilinear(
+    xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", gate=None, normalize=True, eps=DEFAULT_EPS, backend=None
+) -> torch.Tensor:
+    """Compact bilinear pooling (CBP); gated (CBGP) when ``gate`` is given.
+
+    Same inputs as :func:`tensor_sketch`; ``gate`` has the output's shape (..., out_dim)
+    and multiplies the pooled sketch elementwise. With ``normalize`` the result goes
+    through signed square root and L2 normalisation (see :func:`signed_sqrt_l2`).
+    """
+    return _sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend)
+
+
+def tensor_sketch_reference(xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum") -> torch.Tensor:
+    """Plain-PyTorch :func:`tensor_sketch` (autograd, no custom op)."""
+    return tensor_sketch(xs, hashes, signs, out_dim, pool_dim=pool_dim, pool=pool, backend="eager")
+
+
+def compact_bilinear_reference(
+    xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", gate=None, normalize=True, eps=DEFAULT_EPS
+) -> torch.Tensor:
+    """Plain-PyTorch :func:`compact_bilinear` (autograd, no custom op)."""
+    return compact_bilinear(
+        xs, hashes, signs, out_dim, pool_dim=pool_dim, pool=pool, gate=gate, normalize=normalize, eps=eps, backend="eager"
+    )

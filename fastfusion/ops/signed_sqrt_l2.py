@@ -1,0 +1,96 @@
+"""Signed square root followed by L2 normalisation (the MCB / CBP / MFB post-processing).
+
+    s = sign(z) * sqrt(|z| + eps)
+    out = s / max(||s||_2, eps)          (norm over the last dimension)
+
+The gradient is finite everywhere: d s / d z = sign(z)^2 / (2 sqrt(|z| + eps)) <= 1 / (2 sqrt(eps)),
+which is 0 at z == 0 exactly (as PyTorch's autograd of the formula gives), and an all-zero
+vector divides by eps instead of by its zero norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _dispatch
+from .._validation import check_eps, check_tensor
+from ._common import compute_dtype
+
+DEFAULT_EPS = 1e-12
+
+
+def signed_sqrt_l2_reference(z: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """Plain PyTorch, differentiable by autograd. z (..., d) -> (..., d), computed in
+    float32 at least and returned in z's dtype."""
+    work = z.to(compute_dtype(z.dtype))
+    s = torch.sign(work) * torch.sqrt(work.abs() + eps)
+    out = s / torch.linalg.vector_norm(s, dim=-1, keepdim=True).clamp_min(eps)
+    return out.to(z.dtype)
+
+
+def signed_sqrt_l2_backward_reference(grad: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """Vector-Jacobian product of :func:`signed_sqrt_l2_reference` at ``z``."""
+    work = compute_dtype(z.dtype)
+    z, grad = z.to(work), grad.to(work)
+    root = torch.sqrt(z.abs() + eps)
+    s = torch.sign(z) * root
+    norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
+    out = s / norm.clamp_min(eps)
+    # Below eps the denominator is the constant eps, so only the direct term remains.
+    radial = (grad * out).sum(-1, keepdim=True)
+    grad_s = torch.where(norm > eps, (grad - out * radial) / norm.clamp_min(eps), grad / eps)
+    return (grad_s * torch.sign(z).abs() / (2 * root)).to(grad.dtype)
+
+
+@torch.library.custom_op("fastfusion::signed_sqrt_l2", mutates_args=())
+def _signed_sqrt_l2_op(z: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    return _dispatch.run_forward("signed_sqrt_l2", backend, z, eps)
+
+
+@_signed_sqrt_l2_op.register_fake
+def _(z, eps, backend):
+    return z.new_empty(z.shape)
+
+
+@torch.library.custom_op("fastfusion::signed_sqrt_l2_backward", mutates_args=())
+def _signed_sqrt_l2_backward_op(grad: torch.Tensor, z: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    return _dispatch.run_backward("signed_sqrt_l2", backend, grad, z, eps)
+
+
+@_signed_sqrt_l2_backward_op.register_fake
+def _(grad, z, eps, backend):
+    return z.new_empty(z.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    z, ctx.eps, ctx.backend = inputs
+    ctx.save_for_backward(z)
+
+
+def _backward(ctx, grad):
+    (z,) = ctx.saved_tensors
+    return _signed_sqrt_l2_backward_op(grad.contiguous(), z, ctx.eps, ctx.backend), None, None
+
+
+_signed_sqrt_l2_op.register_autograd(_backward, setup_context=_setup_context)
+
+_dispatch.register_kernel(
+    "signed_sqrt_l2",
+    "torch",
+    forward=signed_sqrt_l2_reference,
+    backward=signed_sqrt_l2_backward_reference,
+)
+
+
+def signed_sqrt_l2(z: torch.Tensor, eps: float = DEFAULT_EPS, *, backend: str | None = None) -> torch.Tensor:
+    """Signed square root then L2 normalisation over the last dimension.
+
+    z: (..., d) floating tensor. Returns (..., d) in z's dtype. See the module docstring
+    for the math and the gradient at z == 0.
+    """
+    check_tensor("z", z)
+    eps = check_eps("eps", eps)
+    name = _dispatch.resolve_backend("signed_sqrt_l2", z.device.type, _dispatch.requested_backend(backend))
+    if name == "eager":
+        return signed_sqrt_l2_reference(z, eps)
+    return _signed_sqrt_l2_op(z, eps, name)
