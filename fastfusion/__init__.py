@@ -22,6 +22,23 @@ from .ops.tensor_fusion import tensor_fusion
 
 __version__ = "0.1.0"
 
+
+def _load_triton_backend() -> None:
+    import os
+
+    import torch
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return
+    from . import triton_backend  # noqa: F401  (registers the kernels)
+
+
+_load_triton_backend()
+
 __all__ = [
     "BackendUnavailableError",
     "CompactBilinearPooling",

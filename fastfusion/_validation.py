@@ -65,15 +65,16 @@ def check_same_count(name: str, items, ref_name: str, count: int) -> list:
     return list(items)
 
 
-def check_hash(name: str, hash, in_dim: int, out_dim: int, ref: torch.Tensor) -> None:
-    """``hash`` maps ``in_dim`` inputs to buckets in [0, out_dim)."""
+def check_hash(name: str, hash, in_dim: int, out_dim: int, ref: torch.Tensor, *, values: bool = True) -> None:
+    """``hash`` maps ``in_dim`` inputs to buckets in [0, out_dim); ``values=False`` skips
+    reading the values (for buffers already checked)."""
     if not isinstance(hash, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(hash).__name__}")
     if hash.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {hash.dtype}")
     check_shape(name, hash, (in_dim,))
     check_like(name, hash, "the input", ref, dtype=False)
-    if not _is_compiling():
+    if values and not _is_compiling():
         low, high = torch.aminmax(hash)
         if low.item() < 0 or high.item() >= out_dim:
             raise ValueError(
@@ -81,7 +82,7 @@ def check_hash(name: str, hash, in_dim: int, out_dim: int, ref: torch.Tensor) ->
             )
 
 
-def check_sign(name: str, sign, in_dim: int, ref: torch.Tensor) -> None:
+def check_sign(name: str, sign, in_dim: int, ref: torch.Tensor, *, values: bool = True) -> None:
     """``sign`` holds +1 or -1 for each of ``in_dim`` inputs, in any integer or float dtype."""
     if not isinstance(sign, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(sign).__name__}")
@@ -89,7 +90,7 @@ def check_sign(name: str, sign, in_dim: int, ref: torch.Tensor) -> None:
         raise TypeError(f"{name} must be an integer or floating tensor of +1/-1, got {sign.dtype}")
     check_shape(name, sign, (in_dim,))
     check_like(name, sign, "the input", ref, dtype=False)
-    if not _is_compiling() and not bool((sign.abs() == 1).all()):
+    if values and not _is_compiling() and not bool((sign.abs() == 1).all()):
         raise ValueError(f"{name} values must all be +1 or -1")
 
 

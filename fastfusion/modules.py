@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ._validation import check_hash, check_positive_int, check_sign
-from .ops.compact_bilinear import compact_bilinear
+from .ops.compact_bilinear import sketch_and_pool
 from .ops.factorized_bilinear import factorized_bilinear
+from .ops.signed_sqrt_l2 import DEFAULT_EPS
 from .ops.low_rank_fusion import low_rank_fusion
 from .ops.tensor_fusion import tensor_fusion
 
@@ -89,9 +90,9 @@ class CompactBilinearPooling(nn.Module):
         return 1
 
     def _sketch(self, xs, gate=None) -> torch.Tensor:
-        return compact_bilinear(
-            list(xs), self.hashes, self.signs, self.out_dim,
-            pool_dim=self._pool_dim(xs), pool=self.pool or "sum", gate=gate, normalize=self.normalize,
+        return sketch_and_pool(
+            list(xs), self.hashes, self.signs, self.out_dim, self._pool_dim(xs), self.pool or "sum",
+            gate, self.normalize, DEFAULT_EPS, None, check_values=False,
         )
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:

@@ -165,7 +165,7 @@ _compact_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_
 _dispatch.register_kernel("compact_bilinear", "torch", forward=_forward, backward=_backward)
 
 
-def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps):
+def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, check_values):
     """Validates the public arguments; returns (xs, hashes, signs, out_dim, pool_dim, eps)."""
     min_ndim = 1 if pool_dim is None else 2
     xs = check_modality_tensors("xs", xs, min_ndim=min_ndim)
@@ -176,7 +176,7 @@ def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps):
     if pool not in POOL_MODES:
         raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
     for m, x in enumerate(xs):
-        check_sketch_args(f"[{m}]", x, hashes[m], signs[m], out_dim)
+        check_sketch_args(f"[{m}]", x, hashes[m], signs[m], out_dim, values=check_values)
     lead = xs[0].shape[:-1]
     if pool_dim is not None:
         if isinstance(pool_dim, bool) or not isinstance(pool_dim, int) or not -len(lead) - 1 <= pool_dim < len(lead):
@@ -203,15 +203,21 @@ def _canonical(xs, pool_dim):
     return [x.reshape(-1, x.shape[-2], x.shape[-1]) for x in moved], moved[0].shape[:-2]
 
 
-def _sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend):
-    xs, hashes, signs, out_dim, pool_dim, eps = _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps)
+def sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, *, check_values=True):
+    """The body of :func:`compact_bilinear`; modules pass ``check_values=False`` for their
+    hash/sign buffers, which were checked when built or loaded."""
+    xs, hashes, signs, out_dim, pool_dim, eps = _check_inputs(
+        xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, check_values
+    )
     device_type = xs[0].device.type
     if autocast_dtype(device_type) is not None:
         # The transforms run in float32 under autocast, like torch.fft's own autocast policy.
         with torch.autocast(device_type, enabled=False):
             xs = [x.float() for x in xs]
             gate = None if gate is None else gate.float()
-            return _sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend)
+            return sketch_and_pool(
+                xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, check_values=False
+            )
     if gate is not None:
         gate = gate.to(xs[0].dtype)
     name = _dispatch.resolve_backend("compact_bilinear", device_type, _dispatch.requested_backend(backend))
@@ -233,7 +239,7 @@ def tensor_sketch(xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", back
     Returns (..., out_dim), or with ``pool_dim`` set that dimension summed (pool="sum")
     or averaged (pool="mean") away, in the frequency domain.
     """
-    return _sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, None, False, DEFAULT_EPS, backend)
+    return sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, None, False, DEFAULT_EPS, backend)
 
 
 def compact_bilinear(
@@ -245,7 +251,7 @@ def compact_bilinear(
     and multiplies the pooled sketch elementwise. With ``normalize`` the result goes
     through signed square root and L2 normalisation (see :func:`signed_sqrt_l2`).
     """
-    return _sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend)
+    return sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend)
 
 
 def tensor_sketch_reference(xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum") -> torch.Tensor:

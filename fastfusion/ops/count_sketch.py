@@ -70,11 +70,11 @@ _dispatch.register_kernel(
 )
 
 
-def check_sketch_args(index: str, x: torch.Tensor, hash, sign, out_dim: int) -> None:
+def check_sketch_args(index: str, x: torch.Tensor, hash, sign, out_dim: int, *, values: bool = True) -> None:
     """Checks hash and sign of one modality (``index`` is e.g. "" or "[1]") against x."""
     n = x.shape[-1]
-    check_hash(f"hash{index}", hash, n, out_dim, x)
-    check_sign(f"sign{index}", sign, n, x)
+    check_hash(f"hash{index}", hash, n, out_dim, x, values=values)
+    check_sign(f"sign{index}", sign, n, x, values=values)
 
 
 def count_sketch(
