@@ -1,0 +1,239 @@
+"""The Triton count sketch, compact bilinear pooling and signed sqrt + L2 kernels against the
+float64 reference: outputs and every gradient.
+
+Runs on CUDA when present, else on the CPU under Triton's interpreter (TRITON_INTERPRET=1,
+which must be set before fastfusion is imported): shapes are tiny and odd on purpose (odd d,
+n not a multiple of any block, B = 1, T = 1).
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton backend needs the triton package")
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before fastfusion is imported", allow_module_level=True)
+
+import fastfusion  # noqa: E402
+from fastfusion import _dispatch, compact_bilinear, count_sketch, draw_hashes_and_signs, signed_sqrt_l2  # noqa: E402
+from fastfusion.triton_backend import count_sketch as triton_count_sketch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)  # fresh inputs per check, reproducible per test
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm()).item()
+
+
+def sketch_params(in_dims, out_dim, seed=0, sign_dtype=torch.int8):
+    hashes, signs = zip(*draw_hashes_and_signs(in_dims, out_dim, seed))
+    return [h.to(DEVICE) for h in hashes], [s.to(device=DEVICE, dtype=sign_dtype) for s in signs]
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+def run(fn, inputs, grad_out=None):
+    """fn(*inputs) and the gradients of <fn(*inputs), grad_out> w.r.t. every input."""
+    inputs = [leaf(t) for t in inputs]
+    out = fn(*inputs)
+    if grad_out is None:
+        grad_out = torch.randn_like(out, dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype))
+    return out, list(grads), grad_out
+
+
+def check_against_float64(fn, inputs, dtype, tol=1e-12):
+    """Triton in ``dtype`` vs the eager reference in float64, outputs and every gradient.
+
+    float64 must agree to ``tol``. Other dtypes follow the rule "our error <= 2x the eager
+    reference's own error in that dtype" (both against float64): the gradients of signed sqrt
+    + L2 amplify rounding by the conditioning of the input, for eager as for us. The floor of
+    two epsilons of the dtype (the kernel's rounding and the final cast's) covers inputs
+    where eager happens to round luckily."""
+    reference = [t.double() for t in inputs]
+    ref_out, ref_grads, grad_out = run(lambda *a: fn(*a, backend="eager"), reference)
+    out, grads, _ = run(lambda *a: fn(*a, backend="triton"), [t.to(dtype) for t in inputs], grad_out)
+    assert out.dtype == dtype and out.is_contiguous()
+    ours = [out] + grads
+    assert [t.dtype for t in grads] == [dtype] * len(grads)
+    if dtype == torch.float64:
+        bounds = [tol] * len(ours)
+    else:
+        eager_out, eager_grads, _ = run(lambda *a: fn(*a, backend="eager"), [t.to(dtype) for t in inputs], grad_out)
+        floor = 2 * torch.finfo(dtype).eps
+        bounds = [2 * rel_err(t, ref) + floor for t, ref in zip([eager_out] + eager_grads, [ref_out] + ref_grads)]
+    for i, (t, ref, bound) in enumerate(zip(ours, [ref_out] + ref_grads, bounds)):
+        assert rel_err(t, ref) <= bound, f"tensor {i}: error {rel_err(t, ref):.3g} > bound {bound:.3g}"
+
+
+# ------------------------------------------------------------------------------ count sketch
+
+@pytest.mark.parametrize("shape, out_dim", [((1, 37), 13), ((3, 5, 131), 67), ((4, 300), 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_count_sketch_matches_reference(shape, out_dim, dtype):
+    (hash,), (sign,) = sketch_params([shape[-1]], out_dim)
+    x = torch.randn(shape, device=DEVICE)
+    check_against_float64(lambda x, backend: count_sketch(x, hash, sign, out_dim, backend=backend), [x], dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_count_sketch_half(dtype):
+    (hash,), (sign,) = sketch_params([53], 29)
+    x = torch.randn(3, 53, device=DEVICE)
+    check_against_float64(lambda x, backend: count_sketch(x, hash, sign, 29, backend=backend), [x], dtype)
+
+
+def test_count_sketch_non_contiguous_and_sign_dtypes():
+    hash = torch.randint(0, 19, (41,), device=DEVICE)[::1]
+    sign = (torch.randint(0, 2, (82,), device=DEVICE) * 2 - 1).float()[::2]  # strided sign
+    x = torch.randn(41, 6, device=DEVICE).t()  # column stride != 1
+    check_against_float64(lambda x, backend: count_sketch(x, hash, sign, 19, backend=backend), [x], torch.float32)
+
+
+def test_count_sketch_is_deterministic():
+    (hash,), (sign,) = sketch_params([257], 11)  # ~23 inputs per bucket
+    x = torch.randn(5, 257, device=DEVICE)
+    assert torch.equal(count_sketch(x, hash, sign, 11, backend="triton"), count_sketch(x, hash, sign, 11, backend="triton"))
+
+
+def test_inverse_table_follows_in_place_hash_changes():
+    (hash,), (sign,) = sketch_params([29], 17)
+    x = torch.randn(2, 29, device=DEVICE)
+    count_sketch(x, hash, sign, 17, backend="triton")
+    hash.copy_(torch.randint(0, 17, (29,), device=DEVICE))
+    sign.neg_()
+    expected = count_sketch(x.double(), hash, sign, 17, backend="eager")
+    assert rel_err(count_sketch(x, hash, sign, 17, backend="triton"), expected) < 1e-6
+    table = triton_count_sketch.inverse_table(hash, sign, 17)
+    assert triton_count_sketch.inverse_table(hash, sign, 17) is table
+
+
+def test_count_sketch_gradcheck_float64():
+    (hash,), (sign,) = sketch_params([23], 9)
+    x = torch.randn(2, 23, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: count_sketch(x, hash, sign, 9, backend="triton"), (x,))
+
+
+# --------------------------------------------------------------------------- signed sqrt + L2
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF_DTYPES])
+def test_signed_sqrt_l2_matches_reference(dtype):
+    z = torch.randn(3, 2, 1029, device=DEVICE)  # d spans two blocks and a partial one
+    z[0, 0, :7] = 0  # finite gradients at exact zeros
+    z[1, 1] = 0  # an all-zero row divides by eps
+    check_against_float64(lambda z, backend: signed_sqrt_l2(z, backend=backend), [z], dtype)
+
+
+def test_signed_sqrt_l2_non_contiguous_and_gradcheck():
+    z = torch.randn(37, 4, device=DEVICE).t()
+    check_against_float64(lambda z, backend: signed_sqrt_l2(z, backend=backend), [z], torch.float32)
+    z = torch.randn(2, 13, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: signed_sqrt_l2(z, 1e-3, backend="triton"), (z,))
+
+
+# ---------------------------------------------------------------------- compact bilinear pooling
+
+def cbp_case(in_dims, out_dim, batch, positions, *, pool, gate, normalize, non_contiguous=False):
+    """(fn, inputs): fn(*xs, [gate], backend) -> compact bilinear output."""
+    hashes, signs = sketch_params(in_dims, out_dim)
+    if non_contiguous:  # (B, T, n) views of (n, T, B) storage, and a transposed gate
+        xs = [torch.randn(n, positions, batch, device=DEVICE).permute(2, 1, 0) for n in in_dims]
+    else:
+        xs = [torch.randn(batch, positions, n, device=DEVICE) for n in in_dims]
+    if pool is None:
+        xs = [x[:, 0] for x in xs]
+    inputs = list(xs)
+    if gate:
+        g = torch.rand(out_dim, batch, device=DEVICE).t() if non_contiguous else torch.rand(batch, out_dim, device=DEVICE)
+        inputs.append(g + 0.5)
+    m = len(in_dims)
+
+    def fn(*args, backend):
+        return compact_bilinear(
+            list(args[:m]), hashes, signs, out_dim, pool_dim=None if pool is None else 1, pool=pool or "sum",
+            gate=args[m] if gate else None, normalize=normalize, backend=backend,
+        )
+
+    return fn, inputs
+
+
+CBP_CASES = [
+    # in_dims, out_dim, B, T, pool, gate, normalize
+    ((37, 29), 31, 3, 1, None, False, True),
+    ((37, 29), 31, 1, 1, "sum", True, True),
+    ((37, 29), 33, 2, 5, "sum", False, False),  # tensor_sketch
+    ((37, 29), 31, 2, 5, "mean", True, False),
+    ((19, 23, 17), 27, 2, 3, "mean", False, True),
+    ((19, 23, 17), 27, 1, 4, "sum", True, True),
+    ((19, 23, 17), 300, 2, 1, None, True, False),  # d > one frequency block
+]
+
+
+@pytest.mark.parametrize("in_dims, out_dim, batch, positions, pool, gate, normalize", CBP_CASES)
+def test_compact_bilinear_matches_reference(in_dims, out_dim, batch, positions, pool, gate, normalize):
+    fn, inputs = cbp_case(in_dims, out_dim, batch, positions, pool=pool, gate=gate, normalize=normalize)
+    check_against_float64(fn, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("modalities", [2, 3])
+def test_compact_bilinear_non_contiguous(modalities):
+    fn, inputs = cbp_case((13, 21, 11)[:modalities], 25, 2, 3, pool="sum", gate=True, normalize=True, non_contiguous=True)
+    assert not any(t.is_contiguous() for t in inputs)
+    check_against_float64(fn, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_compact_bilinear_half(dtype):
+    fn, inputs = cbp_case((37, 29), 31, 2, 3, pool="mean", gate=True, normalize=True)
+    check_against_float64(fn, inputs, dtype)
+
+
+@pytest.mark.parametrize("pool, gate, normalize", [("mean", True, True), ("sum", False, False)])
+def test_compact_bilinear_gradcheck_float64(pool, gate, normalize):
+    fn, inputs = cbp_case((7, 5, 6), 9, 1, 2, pool=pool, gate=gate, normalize=normalize)
+    inputs = [leaf(t.double()) for t in inputs]
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, backend="triton"), inputs)
+    check_against_float64(fn, inputs, torch.float64)
+
+
+def test_compact_bilinear_autocast():
+    fn, inputs = cbp_case((37, 29), 31, 2, 3, pool="sum", gate=True, normalize=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = fn(*inputs, backend="triton")
+    assert out.dtype == torch.float32
+    assert rel_err(out, fn(*[t.double() for t in inputs], backend="eager")) < 1e-5
+
+
+def test_compiled_module_with_triton_backend():
+    torch._dynamo.reset()
+    module = fastfusion.CompactBilinearPooling((13, 11), 21, pool="mean").to(DEVICE)
+    a = torch.randn(2, 3, 13, device=DEVICE, requires_grad=True)
+    v = torch.randn(2, 3, 11, device=DEVICE, requires_grad=True)
+    with fastfusion.backend("triton"):
+        compiled = torch.compile(module, fullgraph=True)
+        out = compiled(a, v)
+        weights = torch.randn_like(out)  # not out.square(): its sum is 1 after L2 normalisation
+        grads = torch.autograd.grad((out * weights).sum(), (a, v))
+    with fastfusion.backend("eager"):
+        ref = module(a.double(), v.double())
+        ref_grads = torch.autograd.grad((ref * weights).sum(), (a, v))
+    assert rel_err(out, ref) < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="'auto' prefers Triton only on CUDA")
+@pytest.mark.parametrize("op", ["count_sketch", "compact_bilinear", "signed_sqrt_l2"])
+def test_auto_resolves_to_triton_on_cuda(op):
+    assert _dispatch.resolve_backend(op, "cuda", "auto") == "triton"
