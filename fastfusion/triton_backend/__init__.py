@@ -8,3 +8,10 @@ how CI runs every kernel on small shapes (then the kernels also accept CPU tenso
 import os
 
 DEVICE_TYPES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+from . import count_sketch  # noqa: E402,F401  (registers the kernels)
+from . import signed_sqrt_l2  # noqa: E402,F401
+from . import compact_bilinear  # noqa: E402,F401
+from . import tensor_fusion  # noqa: E402,F401
+from . import low_rank_fusion  # noqa: E402,F401
+from . import factorized_bilinear  # noqa: E402,F401

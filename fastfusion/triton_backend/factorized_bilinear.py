@@ -1,0 +1,142 @@
+"""Triton factorized bilinear pooling (MFB): z_j = sum_{i<k} (x W_x + b_x)_{jk+i} (y W_y + b_y)_{jk+i}
+(times the dropout mask), then signed sqrt and L2 normalisation when ``normalize``.
+
+One kernel, two modes, grid (B blocks, o blocks). For each i < k it computes both
+projections of the columns j*k + i (a strided set of W rows, so the group sum is a plain
+register add) as tensor-core matmuls with the biases in the epilogue.
+
+- forward: multiplies, masks and sums the k products into z in float32 registers; the
+  (B, o*k) expansion never exists.
+- backward, fused part: the same projections are recomputed and the kernel writes
+  grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x, (B, o*k).
+- backward, not fused: grad_x, grad_y, grad_W and grad_b from those by torch matmuls and
+  sums (cuBLAS).
+- normalisation, not fused: the row norm spans every o block, so z is written in float32
+  and normalised by the ``signed_sqrt_l2`` op's own kernel (the best backend registered
+  for the device), forward and backward; the backward recomputes z with the forward kernel.
+
+dtypes: see :mod:`._fusion`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _dispatch
+from ..ops import factorized_bilinear as _reference
+from . import DEVICE_TYPES
+from ._fusion import KERNEL_DTYPES, autotune_configs, dot_precision, matmul_tile
+
+
+@triton.jit
+def _projection(a_ptr, stride_ab, stride_an, w_ptr, stride_wo, stride_wn, bias_ptr, N,
+                rows, cols, row_mask, col_mask, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """(a W^T + bias)[rows, cols], float32."""
+    proj = matmul_tile(a_ptr, stride_ab, stride_an, w_ptr, stride_wn, stride_wo,
+                       rows, cols, row_mask, col_mask, 0, N, PRECISION, BLOCK_N)
+    if HAS_BIAS:
+        proj += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return proj
+
+
+@triton.autotune(
+    configs=autotune_configs([
+        triton.Config({"BLOCK_B": b, "BLOCK_O": o, "BLOCK_N": n}, num_warps=w)
+        for b, o, n, w in [(32, 32, 32, 4), (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 64, 8)]
+    ]),
+    key=["B", "O", "FACTOR", "NX", "NY", "BACKWARD"],
+)
+@triton.jit
+def _kernel(
+    x_ptr, y_ptr, wx_ptr, bx_ptr, wy_ptr, by_ptr, mask_ptr, z_ptr, gpx_ptr, gpy_ptr,
+    B, O, FACTOR, NX, NY,
+    stride_xb, stride_xn, stride_yb, stride_yn, stride_wxo, stride_wxn, stride_wyo, stride_wyn,
+    stride_mb, stride_mo, stride_zb, stride_zo, stride_gb,
+    HAS_BX: tl.constexpr, HAS_BY: tl.constexpr, HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    groups = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_mask, group_mask = rows < B, groups < O
+    mask = row_mask[:, None] & group_mask[None, :]
+    z_ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zb + groups[None, :] * stride_zo
+    if BACKWARD:
+        grad_z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+    for i in range(FACTOR):
+        cols = groups * FACTOR + i
+        px = _projection(x_ptr, stride_xb, stride_xn, wx_ptr, stride_wxo, stride_wxn, bx_ptr, NX,
+                         rows, cols, row_mask, group_mask, HAS_BX, PRECISION, BLOCK_N)
+        py = _projection(y_ptr, stride_yb, stride_yn, wy_ptr, stride_wyo, stride_wyn, by_ptr, NY,
+                         rows, cols, row_mask, group_mask, HAS_BY, PRECISION, BLOCK_N)
+        if HAS_MASK:
+            m_ptrs = mask_ptr + rows.to(tl.int64)[:, None] * stride_mb + cols[None, :] * stride_mo
+            keep = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            keep = 1.0
+        if BACKWARD:
+            g = grad_z * keep
+            offsets = rows.to(tl.int64)[:, None] * stride_gb + cols[None, :]
+            tl.store(gpx_ptr + offsets, (g * py).to(gpx_ptr.dtype.element_ty), mask=mask)
+            tl.store(gpy_ptr + offsets, (g * px).to(gpy_ptr.dtype.element_ty), mask=mask)
+        else:
+            z += px * py * keep
+    if not BACKWARD:
+        tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, grad_proj=None):
+    """Forward mode writes z; backward mode (``grad_proj`` given) reads the gradient of z
+    from ``z`` and writes the two projections' gradients into ``grad_proj``."""
+    B, O = z.shape
+    mask = dropout_mask if dropout_mask is not None else z
+    gpx, gpy = grad_proj if grad_proj is not None else (z, z)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(O, meta["BLOCK_O"]))  # noqa: E731
+    _kernel[grid](
+        x, y, weight_x, bias_x if bias_x is not None else weight_x,
+        weight_y, bias_y if bias_y is not None else weight_y, mask, z, gpx, gpy,
+        B, O, factor, x.shape[1], y.shape[1],
+        *x.stride(), *y.stride(), *weight_x.stride(), *weight_y.stride(),
+        *mask.stride(), *z.stride(), gpx.stride(0),
+        HAS_BX=bias_x is not None, HAS_BY=bias_y is not None, HAS_MASK=dropout_mask is not None,
+        BACKWARD=grad_proj is not None, PRECISION=dot_precision(x.dtype),
+    )
+
+
+def _unnormalised(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, dtype):
+    z = torch.empty((x.shape[0], weight_x.shape[0] // factor), dtype=dtype, device=x.device)
+    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z)
+    return z
+
+
+def _normaliser(device_type: str) -> str:
+    return _dispatch.resolve_backend("signed_sqrt_l2", device_type, "auto")
+
+
+def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
+    if x.dtype not in KERNEL_DTYPES:
+        return _reference._forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
+    if not normalize:
+        return _unnormalised(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype)
+    # z stays float32 so the normalisation sees it unrounded.
+    z = _unnormalised(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
+    return _dispatch.run_forward("signed_sqrt_l2", _normaliser(z.device.type), z, eps).to(x.dtype)
+
+
+def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
+    if x.dtype not in KERNEL_DTYPES:
+        return _reference._backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
+    if normalize:
+        z = _unnormalised(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
+        grad = _dispatch.run_backward("signed_sqrt_l2", _normaliser(z.device.type), grad.float(), z, eps)
+    grad_px = torch.empty((x.shape[0], weight_x.shape[0]), dtype=x.dtype, device=x.device)
+    grad_py = torch.empty_like(grad_px)
+    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, grad, (grad_px, grad_py))
+    return [grad_px @ weight_x, grad_py @ weight_y, grad_px.t() @ x, grad_px.sum(0), grad_py.t() @ y, grad_py.sum(0)]
+
+
+_dispatch.register_kernel("factorized_bilinear", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES)

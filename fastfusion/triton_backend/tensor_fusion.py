@@ -1,0 +1,196 @@
+"""Triton tensor fusion (TFN): out = W vec(x~_0 (x) ... (x) x~_{M-1}) + b, x~_m = [1; x_m].
+
+Nothing of size (B, P), P = prod_m (n_m + 1), is ever written, forward or backward. Every
+kernel builds the tile of the flattened outer product it needs in registers from the
+packed inputs (:func:`pack_with_ones`): the flat index k decomposes into
+i_m = (k // stride_m) % (n_m + 1), one gather per modality, multiplied in float32.
+
+- forward: grid (B blocks, h blocks); for each chunk of k, outer tile @ W[:, k]^T on
+  tensor cores, bias in the epilogue.
+- dW = g^T outer: grid (h blocks, k blocks), the same outer tile, reduced over B.
+- dx_m: grid (B blocks, M); for each chunk of k the (g W)[:, k] tile is computed by a
+  matmul over h, multiplied by the product of the other modalities' gathers, and
+  segment-summed by i_m(k) with a one-hot matmul (tensor cores, deterministic, no
+  atomics) into a (B block, n_m + 1) accumulator. Cost: (h + pow2(max n_m + 1)) per
+  (b, k) per modality, so M times the forward's matmul work plus the one-hot term.
+- bias gradient: grad.sum(0) in PyTorch.
+
+Any number of modalities M >= 2. The dx kernel keeps a (B block, pow2(n_m + 1))
+accumulator, so modality sizes are limited to ``MAX_MODALITY_DIM``; larger ones raise.
+dtypes: see :mod:`._fusion`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _dispatch
+from ..ops import tensor_fusion as _reference
+from . import DEVICE_TYPES
+from ._fusion import KERNEL_DTYPES, autotune_configs, dot, dot_precision, matmul_tile, pack_with_ones
+
+MAX_MODALITY_DIM = 1023
+
+
+@triton.jit
+def _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, skip, rows, row_mask, k, k_mask):
+    """prod over modalities m != skip of x~_m[b, i_m(k)], float32, for b in rows and flat
+    indices k; positions outside the masks read 1 (the caller zeroes them elsewhere)."""
+    tile = tl.full((rows.shape[0], k.shape[0]), 1.0, dtype=tl.float32)
+    row_ptrs = xt_ptr + rows.to(tl.int64)[:, None] * stride_xb
+    mask = row_mask[:, None] & k_mask[None, :]
+    for m in range(num_modalities):
+        offset = tl.load(table_ptr + 3 * m)
+        dim = tl.load(table_ptr + 3 * m + 1)
+        stride = tl.load(table_ptr + 3 * m + 2)
+        column = offset + (k // stride) % dim
+        factor = tl.load(row_ptrs + column[None, :], mask=mask, other=1.0).to(tl.float32)
+        tile *= tl.where(m == skip, 1.0, factor)
+    return tile
+
+
+def _configs(names):
+    sizes = [(32, 64, 32, 4), (64, 64, 32, 4), (64, 128, 32, 8), (128, 128, 32, 8), (32, 32, 64, 4)]
+    return autotune_configs([triton.Config(dict(zip(names, s[:3])), num_warps=s[3]) for s in sizes])
+
+
+@triton.autotune(configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_K")), key=["B", "H", "P"])
+@triton.jit
+def _forward_kernel(
+    xt_ptr, table_ptr, w_ptr, bias_ptr, out_ptr,
+    B, H, P, num_modalities,
+    stride_xb, stride_wh, stride_wk, stride_ob,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask, col_mask = rows < B, cols < H
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wh
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < P
+        outer = _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, -1, rows, row_mask, k, k_mask)
+        w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc = dot(outer.to(w.dtype), w, acc, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_ob + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.autotune(configs=_configs(("BLOCK_H", "BLOCK_K", "BLOCK_B")), key=["B", "H", "P"])
+@triton.jit
+def _grad_weight_kernel(
+    xt_ptr, table_ptr, g_ptr, gw_ptr,
+    B, H, P, num_modalities,
+    stride_xb, stride_gb, stride_gh, stride_gwh,
+    PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_mask, k_mask = cols < H, k < P
+    acc = tl.zeros((BLOCK_H, BLOCK_K), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        g_ptrs = g_ptr + rows.to(tl.int64)[None, :] * stride_gb + cols[:, None] * stride_gh
+        g = tl.load(g_ptrs, mask=col_mask[:, None] & row_mask[None, :], other=0.0)
+        outer = _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, -1, rows, row_mask, k, k_mask)
+        acc = dot(g, outer.to(g.dtype), acc, PRECISION)
+    out = gw_ptr + cols.to(tl.int64)[:, None] * stride_gwh + k[None, :]
+    tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=col_mask[:, None] & k_mask[None, :])
+
+
+@triton.autotune(configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_K")), key=["B", "H", "P", "D_PAD"])
+@triton.jit
+def _grad_input_kernel(
+    xt_ptr, table_ptr, g_ptr, w_ptr, gxt_ptr,
+    B, H, P, num_modalities,
+    stride_xb, stride_gb, stride_gh, stride_wh, stride_wk, stride_gxb,
+    PRECISION: tl.constexpr, D_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    m = tl.program_id(1)
+    row_mask = rows < B
+    offset = tl.load(table_ptr + 3 * m)
+    dim = tl.load(table_ptr + 3 * m + 1)
+    stride = tl.load(table_ptr + 3 * m + 2)
+    i = tl.arange(0, D_PAD)
+    acc = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < P
+        # (g W)[rows, k]; columns past P read W as 0, so they add nothing below.
+        gw = matmul_tile(g_ptr, stride_gb, stride_gh, w_ptr, stride_wh, stride_wk,
+                         rows, k, row_mask, k_mask, 0, H, PRECISION, BLOCK_H)
+        part = gw * _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, m, rows, row_mask, k, k_mask)
+        # In float32 whatever the input dtype: rounding part first would add an error of
+        # the dtype to every term of the segment sum.
+        one_hot = tl.where(((k // stride) % dim)[:, None] == i[None, :], 1.0, 0.0)
+        acc = dot(part, one_hot, acc, PRECISION)
+    out = gxt_ptr + rows.to(tl.int64)[:, None] * stride_gxb + offset + i[None, :]
+    tl.store(out, acc.to(gxt_ptr.dtype.element_ty), mask=row_mask[:, None] & (i < dim)[None, :])
+
+
+def _check_supported(xs) -> None:
+    largest = max(x.shape[1] for x in xs)
+    if largest > MAX_MODALITY_DIM:
+        raise ValueError(
+            f"the triton tensor_fusion kernels support modality sizes up to {MAX_MODALITY_DIM}, "
+            f"got {largest}; use backend='torch'"
+        )
+
+
+def _forward(xs, weight, bias):
+    if weight.dtype not in KERNEL_DTYPES:
+        return _reference._forward(xs, weight, bias)
+    _check_supported(xs)
+    packed, table, offsets, P = pack_with_ones(xs)
+    B, H = packed.shape[0], weight.shape[0]
+    out = torch.empty((B, H), dtype=weight.dtype, device=weight.device)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
+    _forward_kernel[grid](
+        packed, table, weight, bias if bias is not None else weight, out,
+        B, H, P, len(xs),
+        packed.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(weight.dtype),
+    )
+    return out
+
+
+def _backward(grad, xs, weight, bias):
+    if weight.dtype not in KERNEL_DTYPES:
+        return _reference._backward(grad, xs, weight, bias)
+    _check_supported(xs)
+    packed, table, offsets, P = pack_with_ones(xs)
+    B, H = packed.shape[0], weight.shape[0]
+    precision = dot_precision(weight.dtype)
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grid = lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), triton.cdiv(P, meta["BLOCK_K"]))  # noqa: E731
+    _grad_weight_kernel[grid](
+        packed, table, grad, grad_weight,
+        B, H, P, len(xs),
+        packed.stride(0), grad.stride(0), grad.stride(1), grad_weight.stride(0),
+        PRECISION=precision,
+    )
+    grad_packed = torch.empty_like(packed)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), len(xs))  # noqa: E731
+    _grad_input_kernel[grid](
+        packed, table, grad, weight, grad_packed,
+        B, H, P, len(xs),
+        packed.stride(0), grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1), grad_packed.stride(0),
+        PRECISION=precision, D_PAD=max(16, triton.next_power_of_2(max(x.shape[1] for x in xs) + 1)),
+    )
+    # Column 0 of each modality is the constant's gradient, which has no input. Copies, as
+    # a custom op's outputs may not alias one another (views of a B = 1 buffer would).
+    grad_xs = [grad_packed[:, s + 1 : s + 1 + x.shape[1]].clone() for s, x in zip(offsets, xs)]
+    return grad_xs + [grad_weight, grad.sum(0)]
+
+
+_dispatch.register_kernel("tensor_fusion", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES)

@@ -1,0 +1,197 @@
+"""The "triton" backend of low_rank_fusion, factorized_bilinear and tensor_fusion.
+
+Runs on CUDA when present, else on the CPU under TRITON_INTERPRET=1. Every output and
+gradient is compared with the float64 reference; in a dtype the kernel's error (relative
+norm, vs float64) must be at most twice the eager reference's own error in that dtype,
+plus 4 unit roundoffs of the dtype: some results are one number or a short sum with
+cancellation (grad_weights at rank 1), whose error in any summation order is a few ulps,
+so the ratio of two such errors is noise.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the triton backend needs the triton package")
+
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import fastfusion  # noqa: E402
+from fastfusion import factorized_bilinear, low_rank_fusion, tensor_fusion  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # Inputs are drawn on the CPU from a fixed seed: the same values on every device. The
+    # 2x rule compares two rounding errors, so an unlucky draw near an ill-conditioned
+    # point (signed sqrt near 0) could flip it; a fixed draw keeps CI reproducible.
+    torch.manual_seed(0)
+
+
+def _rel(a, ref):
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _run(fn, tensors, grad_out):
+    """fn(*tensors) and the gradients of <fn, grad_out> w.r.t. every tensor."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return [out, *grads]
+
+
+def _check(op, tensors, dtype, *, noncontiguous=False):
+    """op(*tensors, backend=...) with the triton backend vs the float64 reference."""
+    tensors64 = [t.to(DEVICE, torch.float64) for t in tensors]
+    expected = op(*tensors64, backend="eager")
+    grad_out = torch.randn(expected.shape, dtype=torch.float64).to(DEVICE)
+    exact = _run(lambda *a: op(*a, backend="eager"), tensors64, grad_out)
+    lowered = [t.to(dtype) for t in tensors64]
+    if noncontiguous:  # same values, transposed storage
+        lowered = [t.t().contiguous().t() if t.dim() == 2 else t for t in lowered]
+        assert not lowered[0].is_contiguous()
+    eager = _run(lambda *a: op(*a, backend="eager"), lowered, grad_out)
+    triton = _run(lambda *a: op(*a, backend="triton"), lowered, grad_out)
+    floor = 4 * torch.finfo(dtype).eps
+    for i, (got, base, ref) in enumerate(zip(triton, eager, exact)):
+        assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous()
+        err, base_err = _rel(got, ref), _rel(base, ref)
+        assert err <= 2 * base_err + floor, f"result {i}: error {err:.3e}, eager {base_err:.3e} in {dtype}"
+
+
+def _randn(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+# ---- tensor fusion ---------------------------------------------------------------------
+
+TFN_CASES = [  # (B, dims, h, bias)
+    (1, (3, 4), 5, True),
+    (5, (5, 2, 6), 7, False),
+    (5, (17, 2), 19, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,dims,h,has_bias", TFN_CASES)
+def test_tensor_fusion(B, dims, h, has_bias, dtype):
+    fused = 1
+    for n in dims:
+        fused *= n + 1
+    tensors = [_randn(B, n) for n in dims] + [_randn(h, fused)] + ([_randn(h)] if has_bias else [])
+    M = len(dims)
+
+    def op(*a, backend):
+        return tensor_fusion(list(a[:M]), a[M], a[M + 1] if has_bias else None, backend=backend)
+
+    _check(op, tensors, dtype, noncontiguous=B > 1)
+
+
+def test_tensor_fusion_rejects_huge_modality():
+    xs = [torch.randn(1, 1100, device=DEVICE), torch.randn(1, 1, device=DEVICE)]
+    with pytest.raises(ValueError, match="modality sizes up to"):
+        tensor_fusion(xs, torch.randn(2, 1101 * 2, device=DEVICE), None, backend="triton")
+
+
+# ---- low-rank fusion -------------------------------------------------------------------
+
+LMF_CASES = [  # (B, dims, rank, h)
+    (1, (3, 4), 1, 5),
+    (5, (5, 2, 6), 3, 7),
+    (5, (33, 2), 2, 17),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,dims,rank,h", LMF_CASES)
+def test_low_rank_fusion(B, dims, rank, h, dtype):
+    M = len(dims)
+    tensors = [_randn(B, n) for n in dims] + [_randn(rank, n + 1, h) for n in dims] + [_randn(rank), _randn(h)]
+
+    def op(*a, backend):
+        return low_rank_fusion(list(a[:M]), list(a[M : 2 * M]), a[-2], a[-1], backend=backend)
+
+    _check(op, tensors, dtype, noncontiguous=B > 1)
+
+
+# ---- factorized bilinear pooling -------------------------------------------------------
+
+MFB_CASES = [  # (B, n_x, n_y, o, k, bias, dropout mask, normalize)
+    (1, 3, 5, 3, 2, True, False, True),
+    (5, 7, 4, 5, 3, False, True, False),
+    (5, 7, 4, 5, 3, True, True, True),
+    (5, 33, 6, 17, 1, True, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,nx,ny,o,k,has_bias,has_mask,normalize", MFB_CASES)
+def test_factorized_bilinear(B, nx, ny, o, k, has_bias, has_mask, normalize, dtype):
+    mask = ((torch.rand(B, o * k) > 0.3) / 0.7).to(DEVICE, dtype) if has_mask else None
+    tensors = [_randn(B, nx), _randn(B, ny), _randn(o * k, nx), _randn(o * k, ny)]
+    if has_bias:
+        tensors += [_randn(o * k), _randn(o * k)]
+
+    def op(x, y, wx, wy, bx=None, by=None, *, backend):
+        m = None if mask is None else mask.to(x.dtype)
+        return factorized_bilinear(x, y, wx, bx, wy, by, k, normalize, dropout_mask=m, backend=backend)
+
+    _check(op, tensors, dtype, noncontiguous=B > 1)
+
+
+# ---- float64, torch.compile, autocast --------------------------------------------------
+
+def _modules():
+    torch.manual_seed(0)
+    return [
+        (fastfusion.TensorFusion((3, 4), 5), 2),
+        (fastfusion.LowRankFusion((3, 4, 2), 5, rank=2), 3),
+        (fastfusion.FactorizedBilinearPooling((3, 5), 4, factor=3).eval(), 2),
+    ]
+
+
+@pytest.mark.parametrize("index", range(3), ids=["tfn", "lmf", "mfb"])
+def test_float64_runs_the_reference(index):
+    module, M = _modules()[index]
+    module = module.to(DEVICE, torch.float64)
+    xs = [torch.randn(5, n, device=DEVICE, dtype=torch.float64) for n in module.in_dims[:M]]
+    with fastfusion.backend("triton"):
+        out = module(*xs)
+    with fastfusion.backend("eager"):
+        torch.testing.assert_close(out, module(*xs), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("index", range(3), ids=["tfn", "lmf", "mfb"])
+def test_torch_compile_fullgraph(index):
+    module, M = _modules()[index]
+    module = module.to(DEVICE)
+    xs = [torch.randn(5, n, device=DEVICE) for n in module.in_dims[:M]]
+    with fastfusion.backend("triton"):
+        expected = module(*xs)
+        expected_grads = torch.autograd.grad(expected.sum(), list(module.parameters()))
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        out = compiled(*xs)
+        grads = torch.autograd.grad(out.sum(), list(module.parameters()))
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("index", range(3), ids=["tfn", "lmf", "mfb"])
+def test_autocast_bfloat16(index):
+    module, M = _modules()[index]
+    module = module.to(DEVICE)
+    xs = [torch.randn(5, n, device=DEVICE) for n in module.in_dims[:M]]
+    with fastfusion.backend("triton"):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = module(*xs)
+        out.float().sum().backward()
+        reference = module.to(torch.bfloat16)(*[x.bfloat16() for x in xs])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
