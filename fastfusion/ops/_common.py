@@ -13,8 +13,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force for ``device_type``, or None when autocast is off."""
-    if not torch.is_autocast_enabled(device_type):
+    """The autocast dtype in force for ``device_type``, or None when autocast is off (or
+    does not exist there, as on the meta device)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 

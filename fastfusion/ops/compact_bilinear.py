@@ -95,7 +95,8 @@ def _backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize
     grads = []
     for k, (x, h, s) in enumerate(zip(xs, hashes, signs)):
         others = product([f for m, f in enumerate(spectra) if m != k])
-        grad_sketch = torch.fft.irfft(g_hat * others.conj(), n=out_dim)
+        # conj_physical, not the lazy conj: AOT-compiled graphs drop the lazy conjugate bit.
+        grad_sketch = torch.fft.irfft(g_hat * others.conj_physical(), n=out_dim)
         grads.append(count_sketch_backward_reference(grad_sketch, h, s).to(x.dtype))
     return grads + grads_gate
 

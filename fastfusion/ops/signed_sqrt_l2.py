@@ -5,7 +5,8 @@
 
 The gradient is finite everywhere: d s / d z = sign(z)^2 / (2 sqrt(|z| + eps)) <= 1 / (2 sqrt(eps)),
 which is 0 at z == 0 exactly (as PyTorch's autograd of the formula gives), and an all-zero
-vector divides by eps instead of by its zero norm.
+vector divides by eps instead of by its zero norm. The norm is taken of s / max|s| and scaled
+back, so rows whose squares overflow (|z| near the dtype's maximum) still come out unit-norm.
 """
 
 from __future__ import annotations
@@ -19,27 +20,35 @@ from ._common import compute_dtype
 DEFAULT_EPS = 1e-12
 
 
+def _row_norm(s: torch.Tensor) -> torch.Tensor:
+    """||s||_2 over the last dimension without overflow in the squares. The scale is
+    detached: the norm is 1-homogeneous, so it cancels from the gradient exactly."""
+    scale = s.detach().abs().amax(-1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.linalg.vector_norm(s / scale, dim=-1, keepdim=True) * scale
+
+
 def signed_sqrt_l2_reference(z: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """Plain PyTorch, differentiable by autograd. z (..., d) -> (..., d), computed in
     float32 at least and returned in z's dtype."""
     work = z.to(compute_dtype(z.dtype))
     s = torch.sign(work) * torch.sqrt(work.abs() + eps)
-    out = s / torch.linalg.vector_norm(s, dim=-1, keepdim=True).clamp_min(eps)
+    out = s / _row_norm(s).clamp_min(eps)
     return out.to(z.dtype)
 
 
 def signed_sqrt_l2_backward_reference(grad: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
-    """Vector-Jacobian product of :func:`signed_sqrt_l2_reference` at ``z``."""
-    work = compute_dtype(z.dtype)
+    """Vector-Jacobian product of :func:`signed_sqrt_l2_reference` at ``z``, in z's dtype."""
+    dtype, work = z.dtype, compute_dtype(z.dtype)
     z, grad = z.to(work), grad.to(work)
     root = torch.sqrt(z.abs() + eps)
     s = torch.sign(z) * root
-    norm = torch.linalg.vector_norm(s, dim=-1, keepdim=True)
+    norm = _row_norm(s)
     out = s / norm.clamp_min(eps)
     # Below eps the denominator is the constant eps, so only the direct term remains.
     radial = (grad * out).sum(-1, keepdim=True)
     grad_s = torch.where(norm > eps, (grad - out * radial) / norm.clamp_min(eps), grad / eps)
-    return (grad_s * torch.sign(z).abs() / (2 * root)).to(grad.dtype)
+    return (grad_s * torch.sign(z).abs() / (2 * root)).to(dtype)
 
 
 @torch.library.custom_op("fastfusion::signed_sqrt_l2", mutates_args=())
