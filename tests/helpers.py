@@ -1,0 +1,160 @@
+"""Utilities shared by the test files: error metrics, seeded input builders, and the
+comparisons of backends and of precisions. The expected values themselves come from
+oracles.py; nothing here computes one with fastfusion."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+F64 = torch.float64
+LAYOUTS = ("contiguous", "strided", "transposed")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, computed in float64."""
+    a = actual.detach().to(F64)
+    b = expected.detach().to(F64)
+    denom = torch.linalg.vector_norm(b)
+    assert denom > 0, "the expected tensor is all zeros: a relative error means nothing"
+    return (torch.linalg.vector_norm(a - b) / denom).item()
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    """Same shape, all finite, and relative norm error <= tol."""
+    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def randn(gen: torch.Generator, *shape: int, dtype=F64, layout: str = "contiguous", requires_grad: bool = False) -> torch.Tensor:
+    """Standard normal values with ``shape``, as a contiguous tensor or a non-contiguous view.
+
+    "strided" keeps every other element of a twice-as-wide last dimension (last stride 2);
+    "transposed" is the transpose of a tensor stored feature-major (last stride > 1).
+    The view itself is the leaf when ``requires_grad``, so kernels see its strides.
+    """
+    if layout == "contiguous":
+        return torch.randn(shape, generator=gen, dtype=F64).to(dtype).requires_grad_(requires_grad)
+    # Draw and cast the storage first: .to() of a non-dense view would make it contiguous.
+    if layout == "strided":
+        t = torch.randn(shape[:-1] + (2 * shape[-1],), generator=gen, dtype=F64).to(dtype)[..., ::2]
+    elif layout == "transposed":
+        t = torch.randn((shape[-1],) + shape[:-1], generator=gen, dtype=F64).to(dtype).movedim(0, -1)
+    else:
+        raise AssertionError(f"unknown layout {layout}")
+    return t.detach().requires_grad_(requires_grad)
+
+
+def away_from_zero(gen: torch.Generator, *shape: int, low: float = 0.5, high: float = 1.5, requires_grad=False) -> torch.Tensor:
+    """Random signs times magnitudes in [low, high]: safe for finite differences of sign/sqrt."""
+    magnitude = low + (high - low) * torch.rand(shape, generator=gen, dtype=F64)
+    sign = torch.randint(2, shape, generator=gen, dtype=torch.int64) * 2 - 1
+    return (magnitude * sign).requires_grad_(requires_grad)
+
+
+def random_hashes_signs(
+    gen: torch.Generator,
+    in_dims: Sequence[int],
+    out_dim: int,
+    *,
+    hash_dtype=torch.int64,
+    sign_dtype=torch.int8,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Independent hash (values in [0, out_dim)) and sign (+1/-1) vectors per modality."""
+    hashes = [torch.randint(out_dim, (n,), generator=gen).to(hash_dtype) for n in in_dims]
+    signs = [(torch.randint(2, (n,), generator=gen) * 2 - 1).to(sign_dtype) for n in in_dims]
+    return hashes, signs
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def custom_op_ran(out: torch.Tensor) -> bool:
+    """True when ``out`` came out of a ``fastfusion::`` custom op (a concrete backend), False
+    when the plain reference built it with PyTorch's own autograd ("eager")."""
+    assert out.grad_fn is not None, "needs an input that requires grad"
+    seen, todo = set(), [out.grad_fn]
+    while todo:  # the op's node may sit under reshapes and casts: search the graph
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "fastfusion" in node.name():
+            return True
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def assert_backends_agree(
+    fn: Callable[[str], torch.Tensor],
+    leaves: Sequence[torch.Tensor],
+    gen: torch.Generator,
+    tol: float = 1e-12,
+) -> None:
+    """``fn(backend)`` builds the output from ``leaves``. The "torch" backend (custom ops with
+    hand-written backward kernels) must match "eager" (PyTorch autograd of the reference):
+    the output, and the gradient of a random cotangent w.r.t. every leaf."""
+    out_eager = fn("eager")
+    out_torch = fn("torch")
+    assert custom_op_ran(out_torch) and not custom_op_ran(out_eager)
+    assert_rel_close(out_torch, out_eager, tol, "output")
+    cotangent = torch.randn(out_eager.shape, generator=gen, dtype=out_eager.dtype)
+    grads_eager = torch.autograd.grad(out_eager, leaves, cotangent)
+    grads_torch = torch.autograd.grad(out_torch, leaves, cotangent)
+    for i, (gt, ge) in enumerate(zip(grads_torch, grads_eager)):
+        assert gt.dtype == leaves[i].dtype and gt.shape == leaves[i].shape, f"grad of leaf {i}"
+        assert_rel_close(gt, ge, tol, f"grad of leaf {i} (shape {tuple(leaves[i].shape)})")
+
+
+def low_precision_errors(
+    fn: Callable[[Sequence[torch.Tensor], str], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    gen: torch.Generator,
+) -> dict[str, tuple[float, float, float]]:
+    """The ingredients of flash-attention's rule "our error <= 2x PyTorch's own error in the
+    same dtype, both against a float64 result", for the output and the gradient w.r.t.
+    every input (``fn(inputs, backend)`` must be differentiable in all of them).
+
+    ``inputs`` (and the cotangent) are rounded to ``dtype`` first, so the float64 oracle sees
+    exactly the values the low-precision runs see. Returns, for "output" and "grad i":
+    (error of backend "torch" in ``dtype``, error of backend "eager" in ``dtype``, error of
+    the float64 result merely rounded to ``dtype``: the floor no kernel can beat).
+    """
+    low = [t.detach().to(dtype) for t in inputs]
+    exact_inputs = [t.to(F64).requires_grad_(True) for t in low]
+    exact = fn(exact_inputs, "eager")
+    cotangent = torch.randn(exact.shape, generator=gen, dtype=F64).to(dtype)
+    exact_grads = torch.autograd.grad(exact, exact_inputs, cotangent.to(F64))
+    results = {}
+    for backend in ("torch", "eager"):
+        leaves = [t.clone().requires_grad_(True) for t in low]
+        out = fn(leaves, backend)
+        grads = torch.autograd.grad(out, leaves, cotangent)
+        assert out.dtype == dtype and all(g.dtype == dtype for g in grads), backend
+        results[backend] = [out, *grads]
+    names = ["output"] + [f"grad {i}" for i in range(len(inputs))]
+    return {
+        name: (rel_err(t, e), rel_err(ea, e), rel_err(e.to(dtype), e))
+        for name, t, ea, e in zip(names, results["torch"], results["eager"], [exact, *exact_grads])
+    }
+
+
+def assert_low_precision(fn, inputs, dtype, gen, *, cap: float, grad_cap: float) -> dict:
+    """Backend "torch" within 2x of "eager"'s error (or of the rounding floor), and below
+    an absolute cap, for the output and every gradient. Returns the errors."""
+    errors = low_precision_errors(fn, inputs, dtype, gen)
+    for name, (err_torch, err_eager, floor) in errors.items():
+        assert err_torch <= 2 * max(err_eager, floor), f"{name}: {err_torch:.2e} vs eager {err_eager:.2e}, floor {floor:.2e}"
+        limit = cap if name == "output" else grad_cap
+        assert err_torch <= limit, f"{name}: error {err_torch:.2e} > {limit:.1e}"
+    return errors
