@@ -47,7 +47,7 @@ def signed_sqrt_l2_backward_reference(grad: torch.Tensor, z: torch.Tensor, eps: 
     out = s / norm.clamp_min(eps)
     # Below eps the denominator is the constant eps, so only the direct term remains.
     radial = (grad * out).sum(-1, keepdim=True)
-    grad_s = torch.where(norm > eps, (grad - out * radial) / norm.clamp_min(eps), grad / eps)
+    grad_s = torch.where(norm < eps, grad / eps, (grad - out * radial) / norm.clamp_min(eps))
     return (grad_s * torch.sign(z).abs() / (2 * root)).to(dtype)
 
 

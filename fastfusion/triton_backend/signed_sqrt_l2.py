@@ -25,7 +25,27 @@ _BLOCK = 1024
 @triton.jit
 def _signed_root(v, eps):
     root = tl.sqrt(tl.abs(v) + eps)
-    return tl.where(v > 0, root, tl.where(v < 0, -root, 0.0)), root
+    # sign(v) * root, written so that a NaN v falls through to root (NaN): NaN in, NaN out.
+    return tl.where(v < 0, -root, tl.where(v == 0, 0.0, root)), root
+
+
+@triton.jit
+def _accumulate_norm(scale, sum_sq, s):
+    # Online rescaling, as LAPACK's nrm2 does: each lane keeps sum (s / scale)^2 with scale its
+    # largest |s| so far, so the squares cannot overflow even for |z| near the dtype's maximum.
+    a = tl.abs(s)
+    new_scale = tl.maximum(scale, a)
+    safe = tl.where(new_scale > 0, new_scale, 1.0)
+    ratio = scale / safe
+    return new_scale, sum_sq * ratio * ratio + (a / safe) * (a / safe)
+
+
+@triton.jit
+def _finish_norm(scale, sum_sq):
+    top = tl.max(scale, axis=0)
+    safe = tl.where(top > 0, top, 1.0)
+    ratio = scale / safe
+    return tl.sqrt(tl.sum(sum_sq * ratio * ratio, axis=0)) * safe
 
 
 @triton.jit
@@ -49,6 +69,7 @@ def _epilogue_forward_kernel(
     row = tl.program_id(0).to(tl.int64)
     denom = 1.0
     if NORMALIZE:
+        scale = tl.zeros((BLOCK,), dtype=ACC)
         sum_sq = tl.zeros((BLOCK,), dtype=ACC)
         for start in range(0, d, BLOCK):
             cols = start + tl.arange(0, BLOCK)
@@ -56,8 +77,9 @@ def _epilogue_forward_kernel(
             z, gate = _gated(z_ptr, gate_ptr, row, cols, mask, stride_z_row, stride_z_col,
                              stride_gate_row, stride_gate_col, HAS_GATE, ACC)
             s, _ = _signed_root(z * gate, eps)
-            sum_sq += s * s
-        denom = tl.maximum(tl.sqrt(tl.sum(sum_sq, axis=0)), eps)
+            scale, sum_sq = _accumulate_norm(scale, sum_sq, s)
+        norm = _finish_norm(scale, sum_sq)
+        denom = tl.where(norm < eps, eps, norm)  # not tl.maximum, which drops a NaN norm
     for start in range(0, d, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < d
@@ -83,6 +105,7 @@ def _epilogue_backward_kernel(
     denom = 1.0
     radial = 0.0
     if NORMALIZE:
+        scale = tl.zeros((BLOCK,), dtype=ACC)
         sum_sq = tl.zeros((BLOCK,), dtype=ACC)
         dot = tl.zeros((BLOCK,), dtype=ACC)
         for start in range(0, d, BLOCK):
@@ -92,10 +115,10 @@ def _epilogue_backward_kernel(
                              stride_gate_row, stride_gate_col, HAS_GATE, ACC)
             g = tl.load(grad_ptr + row * stride_grad_row + cols * stride_grad_col, mask=mask, other=0.0).to(ACC)
             s, _ = _signed_root(z * gate, eps)
-            sum_sq += s * s
+            scale, sum_sq = _accumulate_norm(scale, sum_sq, s)
             dot += g * s
-        norm = tl.sqrt(tl.sum(sum_sq, axis=0))
-        denom = tl.maximum(norm, eps)
+        norm = _finish_norm(scale, sum_sq)
+        denom = tl.where(norm < eps, eps, norm)
         # <grad, out> with out = s / denom.
         radial = tl.sum(dot, axis=0) / denom
     for start in range(0, d, BLOCK):
@@ -108,7 +131,7 @@ def _epilogue_backward_kernel(
             v = z * gate
             s, root = _signed_root(v, eps)
             # Below eps the denominator is the constant eps: only the direct term remains.
-            grad_s = tl.where(norm > eps, (g - (s / denom) * radial) / denom, g / eps)
+            grad_s = tl.where(norm < eps, g / eps, (g - (s / denom) * radial) / denom)
             # d sqrt(|v| + eps) / dv is finite (root >= sqrt(eps)) and sign(v)^2 zeroes it at 0.
             g = tl.where(v != 0, grad_s / (2 * root), 0.0)
         if HAS_GATE:
