@@ -29,14 +29,28 @@ count. The ``*_backward`` custom ops have no handles: fvcore traces the forward 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections import Counter
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import conv_flop_jit, get_shape
 from torch import nn
+
+
+@contextlib.contextmanager
+def _jit_deprecation_silenced() -> Iterator[None]:
+    """fvcore scripts and traces with torch.jit, which torch now deprecates; the warning
+    is about fvcore's internals, nothing a caller of this module can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
+        yield
+
+
+with _jit_deprecation_silenced():
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import conv_flop_jit, get_shape
 
 __all__ = ["count_flops", "count_flops_by_kind"]
 
@@ -50,11 +64,6 @@ def _numel(shape: Sequence[int]) -> int:
 def _fft_flops(batch: int, length: int, complex_input: bool) -> int:
     per_transform = (5.0 if complex_input else 2.5) * length * math.log2(length) if length > 1 else 0.0
     return round(batch * per_transform)
-
-
-def _value(v: Any) -> Any:
-    """The Python value of a constant graph input (int, bool, str, None)."""
-    return v.toIValue()
 
 
 def _tensor_list(v: Any) -> list[list[int]]:
@@ -78,8 +87,8 @@ def _matmul_like(k_operand: int) -> Handle:
 
 
 def _einsum(inputs, outputs):
-    equation = _value(inputs[0]).replace(" ", "")
-    operands = [get_shape(t) for t in inputs[1].node().inputs()]
+    equation = inputs[0].toIValue().replace(" ", "")
+    operands = _tensor_list(inputs[1])
     lhs, _, out = equation.partition("->")
     terms = lhs.split(",")
     if "..." in equation:
@@ -102,16 +111,15 @@ def _convolution(inputs, outputs):
     return Counter(contraction=2 * sum(conv_flop_jit(inputs, outputs).values()))
 
 
-def _fft(real_input: bool, complex_input: bool) -> Handle:
-    """fft_* (self, n, dim, norm): ``n`` is the logical (real-side) length when given."""
+def _fft(real_data: bool, half_spectrum_input: bool) -> Handle:
+    """fft_* (self, n, dim, norm); ``n``, when given, is the transform length."""
 
     def handle(inputs, outputs):
         shape = get_shape(inputs[0])
-        n, dim = _value(inputs[1]), _value(inputs[2])
-        batch = _numel(shape) // shape[dim]
+        n, dim = inputs[1].toIValue(), inputs[2].toIValue()
         if n is None:
-            n = shape[dim] if real_input or complex_input else 2 * (shape[dim] - 1)
-        return Counter(fft=_fft_flops(batch, n, complex_input))
+            n = 2 * (shape[dim] - 1) if half_spectrum_input else shape[dim]
+        return Counter(fft=_fft_flops(_numel(shape) // shape[dim], n, complex_input=not real_data))
 
     return handle
 
@@ -130,11 +138,12 @@ def _ff_count_sketch(inputs, outputs):
 def _ff_compact_bilinear(inputs, outputs):
     # xs (B, T, n_m) -> count sketch and rfft per position and modality; the product is
     # pooled over T in the frequency domain, so one irfft per sample.
-    xs, out_dim = _tensor_list(inputs[0]), _value(inputs[3])
+    xs, out_dim = _tensor_list(inputs[0]), inputs[3].toIValue()
     batch, positions = xs[0][0], xs[0][1]
     return Counter(
         scatter_add=sum(_numel(x) for x in xs),
-        fft=len(xs) * _fft_flops(batch * positions, out_dim, False) + _fft_flops(batch, out_dim, False),
+        fft=len(xs) * _fft_flops(batch * positions, out_dim, complex_input=False)
+        + _fft_flops(batch, out_dim, complex_input=False),
     )
 
 
@@ -165,10 +174,10 @@ _HANDLES: dict[str, Handle | None] = {
     "aten::linear": _matmul_like(0),
     "aten::einsum": _einsum,
     "aten::_convolution": _convolution,
-    "aten::fft_rfft": _fft(real_input=True, complex_input=False),
-    "aten::fft_irfft": _fft(real_input=False, complex_input=False),
-    "aten::fft_fft": _fft(real_input=False, complex_input=True),
-    "aten::fft_ifft": _fft(real_input=False, complex_input=True),
+    "aten::fft_rfft": _fft(real_data=True, half_spectrum_input=False),
+    "aten::fft_irfft": _fft(real_data=True, half_spectrum_input=True),
+    "aten::fft_fft": _fft(real_data=False, half_spectrum_input=False),
+    "aten::fft_ifft": _fft(real_data=False, half_spectrum_input=False),
     "aten::index_add": _scatter_add,
     "aten::index_add_": _scatter_add,
     "aten::scatter_add": _scatter_add,
@@ -183,7 +192,7 @@ _HANDLES: dict[str, Handle | None] = {
 # Pointwise and shape ops: 0 by the convention above. Listing them silences fvcore's
 # "unsupported operator" warning, which then only fires for ops nobody has classified.
 _POINTWISE = (
-    "abs add add_ batch_norm clamp_min div exp flatten group_norm instance_norm layer_norm "
+    "abs add add_ amax amin batch_norm clamp_min div exp flatten group_norm instance_norm layer_norm "
     "linalg_vector_norm log_softmax mean movedim mul neg new_ones new_zeros norm ones_like "
     "pad pow relu reshape rsqrt sigmoid sign slice softmax sqrt sub sum tanh to transpose "
     "unflatten unsqueeze upsample_bilinear2d upsample_nearest2d adaptive_avg_pool2d "
@@ -192,18 +201,15 @@ _POINTWISE = (
 _HANDLES.update({name if "::" in name else f"aten::{name}": None for name in _POINTWISE})
 
 
-def _analysis(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> FlopCountAnalysis:
-    analysis = FlopCountAnalysis(module, inputs).clear_op_handles().set_op_handle(**_HANDLES)
-    return analysis.uncalled_modules_warnings(False)
-
-
 def count_flops_by_kind(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Forward FLOPs of ``module(*inputs)`` split into "contraction", "fft", "scatter_add"."""
-    counts = _analysis(module, inputs).by_operator()
+    analysis = FlopCountAnalysis(module, inputs).clear_op_handles().set_op_handle(**_HANDLES)
+    with _jit_deprecation_silenced():
+        counts = analysis.uncalled_modules_warnings(False).by_operator()
     return {kind: int(counts.get(kind, 0)) for kind in ("contraction", "fft", "scatter_add")}
 
 
 def count_flops(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
     """Forward FLOPs of ``module(*inputs)`` (traced once with torch.jit.trace), by the
     convention in this module's docstring. Put dropout modules in eval mode first."""
-    return int(_analysis(module, inputs).total())
+    return sum(count_flops_by_kind(module, inputs).values())
