@@ -39,6 +39,8 @@ def _load_triton_backend() -> None:
 
 _load_triton_backend()
 
+from . import cpp_backend as _cpp_backend  # noqa: E402,F401  (registers "cpp"; builds on first use)
+
 __all__ = [
     "BackendUnavailableError",
     "CompactBilinearPooling",

@@ -7,7 +7,8 @@ and pass it to the ``fastfusion::`` custom op, whose forward and backward look t
 up here. Two names are not kernel families:
 
 - ``"auto"``: the first backend, in the device's preference order, that has a kernel for
-  the op on that device. Today this is always ``"torch"``.
+  the op on that device and is usable: a backend with a probe (the C++ extension, built on
+  first use) that reports it unavailable is skipped with one warning.
 - ``"eager"``: bypass the custom ops entirely and run the plain-PyTorch reference with
   PyTorch's own autograd. It is the baseline the benchmarks compare against, and lets a
   whole model be switched to it for A/B comparisons.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -49,6 +51,13 @@ class Kernel:
 
 _KERNELS: dict[str, dict[str, Kernel]] = {}
 
+# Backends whose kernels need something that may be missing at run time (a compiled
+# extension): probe() returns None when they can run, else the reason they cannot. It is
+# first asked when a call resolves to that backend, so building happens on first use, not at
+# import, and it must cache its answer.
+_PROBES: dict[str, Callable[[], str | None]] = {}
+_FALLBACK_WARNED: set[str] = set()
+
 
 def register_kernel(
     op: str,
@@ -63,6 +72,36 @@ def register_kernel(
         raise ValueError(f"backend must be one of 'torch', 'triton', 'cpp', 'cuda', got {backend!r}")
     types = None if device_types is None else frozenset(device_types)
     _KERNELS.setdefault(op, {})[backend] = Kernel(forward, backward, types)
+
+
+def register_probe(backend: str, probe: Callable[[], str | None]) -> None:
+    """Make ``backend`` usable only when ``probe()`` returns None (see ``_PROBES``)."""
+    _PROBES[backend] = probe
+
+
+# Resolution runs inside the public functions, which torch.compile traces; the probe may
+# build and load a library, which dynamo must not trace, so it runs once, eagerly, and its
+# answer is a constant of the graph.
+@torch.compiler.assume_constant_result
+def _unavailable_reason(backend: str) -> str:
+    probe = _PROBES.get(backend)
+    reason = None if probe is None else probe()
+    return "" if reason is None else reason
+
+
+@torch.compiler.assume_constant_result
+def _usable_for_auto(backend: str) -> bool:
+    """Whether "auto" may pick ``backend``; warns once per backend when it may not."""
+    reason = _unavailable_reason(backend)
+    if reason and backend not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(backend)
+        warnings.warn(
+            f"fastfusion: the {backend!r} backend is unavailable ({reason}); using the next backend "
+            f"instead. Set FASTFUSION_BACKEND={backend} to make this an error.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return not reason
 
 
 def _contiguous(result):
@@ -133,7 +172,7 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
     kernels = _KERNELS[op]
     if name == "auto":
         for candidate in _AUTO_PREFERENCE.get(device_type, _DEFAULT_PREFERENCE):
-            if candidate in kernels and _runs_on(kernels[candidate], device_type):
+            if candidate in kernels and _runs_on(kernels[candidate], device_type) and _usable_for_auto(candidate):
                 return candidate
         raise BackendUnavailableError(f"no fastfusion backend implements {op} on {device_type}")
     if name not in kernels or not _runs_on(kernels[name], device_type):
@@ -141,6 +180,9 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
             f"fastfusion backend {name!r} does not implement {op} on {device_type} here; "
             f"available: {available_backends(device_type)}"
         )
+    reason = _unavailable_reason(name)
+    if reason:
+        raise BackendUnavailableError(f"fastfusion backend {name!r} was requested but is unavailable: {reason}")
     return name
 
 
@@ -151,6 +193,6 @@ def available_backends(device_type: str | None = None) -> tuple[str, ...]:
         name
         for table in _KERNELS.values()
         for name, k in table.items()
-        if device_type is None or _runs_on(k, device_type)
+        if (device_type is None or _runs_on(k, device_type)) and not _unavailable_reason(name)
     }
     return tuple(name for name in order if name in found)

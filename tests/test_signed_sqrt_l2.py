@@ -119,3 +119,17 @@ def test_low_precision(gen, dtype):
     # Computed in float32: the only error left is rounding the results to ``dtype``.
     for name, (err_torch, _, floor) in errors.items():
         assert err_torch <= 1.5 * floor, (name, err_torch, floor)
+
+
+@pytest.mark.parametrize("backend", ("eager",) + ff.available_backends("cpu"))
+def test_nan_stays_in_its_row_and_huge_rows_stay_unit(backend):
+    z = torch.randn(3, 1029, requires_grad=True)
+    with torch.no_grad():
+        z[1, 1000] = float("nan")  # in the second block: a NaN must survive the block reduction
+        z[2] = 3e38  # the squares overflow float32 unless the norm rescales
+    out = ff.signed_sqrt_l2(z, backend=backend)
+    out.backward(torch.randn_like(out))
+    assert out[1].isnan().all() and z.grad[1].isnan().all()
+    for row in (0, 2):
+        assert out[row].isfinite().all() and z.grad[row].isfinite().all()
+        assert abs(out[row].double().norm().item() - 1) < 1e-5

@@ -1,0 +1,164 @@
+// Pieces shared by the CPU kernels: the dtype policy, batch-parallel loops, per-row kernels
+// that several ops fuse into their epilogues, and reductions over the batch whose result
+// does not depend on the thread count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace fastfusion {
+
+// float32 and float64 are computed in their own precision. float16 and bfloat16 are
+// computed in float32 and the results cast back: the conversion is cheap next to the
+// kernels, and it is what the references do for their transforms. Anything else is an
+// error that names the dtype, since silently computing it would hide a caller's bug.
+inline at::ScalarType compute_type(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+    case at::kDouble:
+      return t.scalar_type();
+    case at::kHalf:
+    case at::kBFloat16:
+      return at::kFloat;
+    default:
+      TORCH_CHECK(false, "fastfusion cpp backend (", op, "): unsupported dtype ", t.scalar_type(),
+                  "; expected float32, float64, float16 or bfloat16");
+  }
+}
+
+inline at::Tensor prepared(const at::Tensor& t, at::ScalarType type) {
+  return t.to(type).contiguous();
+}
+
+inline std::vector<at::Tensor> prepared(at::TensorList ts, at::ScalarType type) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(prepared(t, type));
+  return out;
+}
+
+// at::empty for a large result that the kernel then writes in full. PyTorch's CPU allocator
+// hands large blocks straight from mmap, so each call faults its pages in on first write,
+// 4 KB at a time: for the memory-bound kernels that costs more than the kernel itself (a
+// 32 MB output takes ~7 ms of faults against ~1 ms of work on the reference machine).
+// Advising transparent huge pages, which most distributions enable on request ("madvise"),
+// makes that 2 MB at a time. It is advice: where it is unsupported nothing changes.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  auto t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto first = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (first + kHuge - 1) & ~(kHuge - 1), end = (first + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
+}
+
+// Split rows across threads only when each task gets at least ATen's grain of work; every
+// row is computed by one thread in a fixed order, so results never depend on the split.
+template <typename F>
+inline void parallel_rows(int64_t rows, int64_t work_per_row, const F& f) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_row));
+  at::parallel_for(0, rows, grain, f);
+}
+
+// at::parallel_for does not carry thread-local state (grad mode, dispatch keys) into its
+// workers; kernels that call ATen operators from a worker restore it with this.
+template <typename F>
+inline void parallel_tasks(int64_t tasks, const F& f) {
+  const at::ThreadLocalState state;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    f(begin, end);
+  });
+}
+
+// A sum of products kept in eight independent double lanes: the lanes let the compiler
+// vectorise without reassociating, and the fixed combination order keeps it deterministic.
+struct Lanes {
+  double v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double total() const { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+};
+
+template <typename T>
+inline double dot(const T* a, const T* b, int64_t n) {
+  Lanes acc;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) acc.v[l] += double(a[i + l]) * double(b[i + l]);
+  for (; i < n; ++i) acc.v[i & 7] += double(a[i]) * double(b[i]);
+  return acc.total();
+}
+
+// Signed square root and L2 normalisation of one row (the math is in
+// fastfusion/ops/signed_sqrt_l2.py); `out` may alias `z`.
+template <typename T>
+inline void signed_sqrt_l2_row(const T* z, T* out, int64_t d, double eps) {
+  const T e = static_cast<T>(eps);
+  for (int64_t i = 0; i < d; ++i) {
+    const T v = z[i];
+    const T root = std::sqrt(std::abs(v) + e);
+    out[i] = v == T(0) ? T(0) : std::copysign(root, v);
+  }
+  const T scale = static_cast<T>(1.0 / std::max(std::sqrt(dot(out, out, d)), eps));
+  for (int64_t i = 0; i < d; ++i) out[i] *= scale;
+}
+
+// Vector-Jacobian product of signed_sqrt_l2_row at `z`; `dz` must not alias `g` or `z`.
+template <typename T>
+inline void signed_sqrt_l2_backward_row(const T* g, const T* z, T* dz, int64_t d, double eps) {
+  const T e = static_cast<T>(eps);
+  // dz holds the signed roots s until the last pass overwrites it.
+  for (int64_t i = 0; i < d; ++i) {
+    const T v = z[i];
+    const T root = std::sqrt(std::abs(v) + e);
+    dz[i] = v == T(0) ? T(0) : std::copysign(root, v);
+  }
+  const double norm = std::sqrt(dot(dz, dz, d));
+  // Above eps: (g - out <g, out>) / norm with out = s / norm. Below it the denominator is the
+  // constant eps and only the direct term g / eps remains. (Tested as `norm < eps` so that a
+  // NaN norm takes the first branch: NaN in, NaN gradients out.)
+  const bool clamped = norm < eps;
+  const T direct = static_cast<T>(clamped ? 1.0 / eps : 1.0 / norm);
+  const T radial = static_cast<T>(clamped ? 0.0 : dot(g, dz, d) / (norm * norm));
+  for (int64_t i = 0; i < d; ++i) {
+    const T s = dz[i];
+    // ds/dz = 1 / (2 |s|) away from 0 and exactly 0 at z == 0, so the gradient stays finite
+    // (the division by 0 there is computed and discarded, keeping the loop branch-free).
+    const T grad = direct * (g[i] - s * radial) / (T(2) * std::abs(s));
+    dz[i] = z[i] == T(0) ? T(0) : grad;
+  }
+}
+
+// Column sums of a row-major (rows, cols) array, in double, independent of the thread count:
+// fixed blocks of rows are summed in parallel, then the block sums in order.
+template <typename T, typename Out>
+inline void column_sums(const T* data, int64_t rows, int64_t cols, Out* out) {
+  constexpr int64_t kBlock = 128;
+  const int64_t blocks = std::max<int64_t>(1, (rows + kBlock - 1) / kBlock);
+  std::vector<double> partial(blocks * cols, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      double* acc = partial.data() + blk * cols;
+      for (int64_t r = blk * kBlock; r < std::min(rows, (blk + 1) * kBlock); ++r)
+        for (int64_t c = 0; c < cols; ++c) acc[c] += double(data[r * cols + c]);
+    }
+  });
+  for (int64_t c = 0; c < cols; ++c) {
+    double s = 0;
+    for (int64_t blk = 0; blk < blocks; ++blk) s += partial[blk * cols + c];
+    out[c] = static_cast<Out>(s);
+  }
+}
+
+}  // namespace fastfusion

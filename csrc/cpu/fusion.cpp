@@ -1,0 +1,481 @@
+// Tensor fusion (TFN), low-rank fusion (LMF) and factorized bilinear pooling (MFB); the math
+// is in fastfusion/ops/{tensor_fusion,low_rank_fusion,factorized_bilinear}.py.
+//
+// Their FLOPs are GEMMs, which go to ATen (MKL / oneDNN pick the vector ISA at run time).
+// What is written here is everything around them: the structure that lets TFN avoid the
+// outer product, and the elementwise epilogues fused into one pass per row.
+#include "common.h"
+
+#include <torch/library.h>
+
+namespace fastfusion {
+namespace {
+
+at::TensorOptions options_of(at::ScalarType type) {
+  return at::TensorOptions().dtype(type);
+}
+
+// ---------------------------------------------------------------------------------------------
+// TFN. With the modalities split into a leading group A (0..k-1) and a trailing group U
+// (k..M-1), vec(x~_0 (x) ... (x) x~_{M-1}) = vec(a (x) u) with a, u the groups' own outer
+// products, and W (h, P) is W (h, P_A, P_B) in memory. So
+//
+//   out[b, j]   = bias[j] + sum_pa a[b, pa] Y[b, j, pa],   Y = u @ W.view(h * P_A, P_B)^T
+//   dW          = (g (x) a)^T @ u                             (one GEMM, K = batch)
+//   T_pa        = g @ W[:, pa, :]                            (B, P_B), one column block of W
+//   du[b]      += a[b, pa] T_pa[b],   da[b, pa] = <u[b], T_pa[b]>
+//
+// i.e. one GEMM forward and two backward, each as many FLOPs as the reference's, with
+// buffers of B * (h * P_A + P_B) values instead of the reference's B * P_A * P_B outer
+// product (12x fewer at the CPU reference shape). T never exists whole: it is made one block of W's
+// columns at a time and consumed while in cache.
+
+struct Modalities {
+  std::vector<int64_t> sizes;  // n_m + 1
+  int64_t split;               // k: modalities [0, k) form group A
+  int64_t PA, PB;
+
+  Modalities(const std::vector<at::Tensor>& xs, int64_t hidden) {
+    for (const auto& x : xs) sizes.push_back(x.size(1) + 1);
+    // The split minimising the per-sample buffers h * P_A + P_B.
+    int64_t best = -1;
+    for (int64_t k = 1; k < static_cast<int64_t>(sizes.size()); ++k) {
+      const int64_t pa = product(0, k), pb = product(k, sizes.size());
+      if (best < 0 || hidden * pa + pb < best) {
+        best = hidden * pa + pb;
+        split = k;
+        PA = pa;
+        PB = pb;
+      }
+    }
+  }
+
+  int64_t product(int64_t begin, int64_t end) const {
+    int64_t p = 1;
+    for (int64_t m = begin; m < end; ++m) p *= sizes[m];
+    return p;
+  }
+};
+
+// vec(x~_begin (x) ... (x) x~_{end-1}) of one row, x~ = [1; x], built in place back to front.
+template <typename T>
+void outer_row(const std::vector<const T*>& rows, const std::vector<int64_t>& sizes, int64_t begin, int64_t end,
+               T* out) {
+  out[0] = T(1);
+  int64_t len = 1;
+  for (int64_t m = begin; m < end; ++m) {
+    const int64_t s = sizes[m];
+    const T* x = rows[m];
+    for (int64_t i = len - 1; i >= 0; --i) {
+      const T v = out[i];
+      T* o = out + i * s;
+      for (int64_t j = s - 1; j >= 1; --j) o[j] = v * x[j - 1];
+      o[0] = v;
+    }
+    len *= s;
+  }
+}
+
+// The gradient of <D, vec(x~_begin (x) ... (x) x~_{end-1})> w.r.t. each x_m of the group
+// (the constant's slot dropped). `scratch` holds 2 * (group size) values.
+template <typename T>
+void outer_adjoint_row(const T* D, const std::vector<const T*>& rows, const std::vector<int64_t>& sizes,
+                       int64_t begin, int64_t end, const std::vector<T*>& grads, T* scratch) {
+  for (int64_t m = begin; m < end; ++m) {
+    int64_t L = 1, R = 1;
+    for (int64_t k = begin; k < m; ++k) L *= sizes[k];
+    for (int64_t k = m + 1; k < end; ++k) R *= sizes[k];
+    T* left = scratch;
+    T* right = scratch + L;
+    outer_row(rows, sizes, begin, m, left);
+    outer_row(rows, sizes, m + 1, end, right);
+    const int64_t s = sizes[m];
+    T* dx = grads[m];
+    for (int64_t i = 1; i < s; ++i) {
+      double acc = 0;
+      for (int64_t l = 0; l < L; ++l) acc += double(left[l]) * dot(D + (l * s + i) * R, right, R);
+      dx[i - 1] = static_cast<T>(acc);
+    }
+  }
+}
+
+// Rows of batch chunk [b0, b1) for one modality group: (rows, P_group).
+template <typename T>
+at::Tensor group_outer(const std::vector<at::Tensor>& xs, const Modalities& mods, int64_t begin, int64_t end,
+                       int64_t b0, int64_t b1, int64_t width) {
+  auto out = at::empty({b1 - b0, width}, xs[0].options());
+  T* op = out.template mutable_data_ptr<T>();
+  parallel_rows(b1 - b0, width, [&](int64_t r0, int64_t r1) {
+    std::vector<const T*> rows(xs.size());
+    for (int64_t r = r0; r < r1; ++r) {
+      for (size_t m = 0; m < xs.size(); ++m)
+        rows[m] = xs[m].template const_data_ptr<T>() + (b0 + r) * (mods.sizes[m] - 1);
+      outer_row(rows, mods.sizes, begin, end, op + r * width);
+    }
+  });
+  return out;
+}
+
+// Batch rows per pass: bounds the buffers for large batches (GEMMs stay large).
+int64_t batch_chunk(int64_t per_row) {
+  constexpr int64_t kValues = int64_t(1) << 22;
+  return std::max<int64_t>(64, kValues / std::max<int64_t>(per_row, 1));
+}
+
+at::Tensor tensor_fusion(at::TensorList xs_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+  const auto type = compute_type(xs_in[0], "tensor_fusion");
+  const auto xs = prepared(xs_in, type);
+  const auto weight = prepared(weight_in, type);
+  const int64_t B = xs[0].size(0), H = weight.size(0);
+  const Modalities mods(xs, H);
+  const int64_t M = xs.size(), PA = mods.PA, PB = mods.PB, k = mods.split;
+  const auto w2 = weight.view({H * PA, PB});
+  const auto bias = bias_in ? prepared(*bias_in, type) : at::zeros({H}, options_of(type));
+  auto out = at::empty({B, H}, options_of(type));
+  AT_DISPATCH_FLOATING_TYPES(type, "tensor_fusion", [&] {
+    using T = scalar_t;
+    const int64_t chunk = batch_chunk(H * PA + PB);
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t b1 = std::min(B, b0 + chunk);
+      const auto a = group_outer<T>(xs, mods, 0, k, b0, b1, PA);
+      const auto u = group_outer<T>(xs, mods, k, M, b0, b1, PB);
+      const auto Y = at::mm(u, w2.t());  // (rows, H * PA)
+      const T* ap = a.template const_data_ptr<T>();
+      const T* yp = Y.template const_data_ptr<T>();
+      const T* bp = bias.template const_data_ptr<T>();
+      T* op = out.template mutable_data_ptr<T>();
+      parallel_rows(b1 - b0, H * PA, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < H; ++j)
+            op[(b0 + r) * H + j] = static_cast<T>(bp[j] + dot(ap + r * PA, yp + (r * H + j) * PA, PA));
+      });
+    }
+  });
+  return out.to(xs_in[0].scalar_type());
+}
+
+std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::TensorList xs_in,
+                                               const at::Tensor& weight_in, const std::optional<at::Tensor>&) {
+  const auto type = compute_type(xs_in[0], "tensor_fusion_backward");
+  const auto xs = prepared(xs_in, type);
+  const auto weight = prepared(weight_in, type);
+  const auto grad = prepared(grad_in, type);
+  const int64_t B = xs[0].size(0), H = weight.size(0);
+  const Modalities mods(xs, H);
+  const int64_t M = xs.size(), PA = mods.PA, PB = mods.PB, k = mods.split;
+  const auto w2 = weight.view({H * PA, PB});
+  std::vector<at::Tensor> grads;
+  for (const auto& x : xs) grads.push_back(at::empty_like(x));
+  auto grad_weight = at::empty_like(weight);
+  auto grad_w2 = grad_weight.view({H * PA, PB});
+  auto grad_bias = at::empty({H}, options_of(type));
+  AT_DISPATCH_FLOATING_TYPES(type, "tensor_fusion_backward", [&] {
+    using T = scalar_t;
+    const T* gp = grad.template const_data_ptr<T>();
+    column_sums(gp, B, H, grad_bias.template mutable_data_ptr<T>());
+    const int64_t chunk = batch_chunk(H * PA + 2 * PB + PA);
+    for (int64_t b0 = 0; b0 < B; b0 += chunk) {
+      const int64_t b1 = std::min(B, b0 + chunk), rows = b1 - b0;
+      const auto a = group_outer<T>(xs, mods, 0, k, b0, b1, PA);
+      const auto u = group_outer<T>(xs, mods, k, M, b0, b1, PB);
+      const T* ap = a.template const_data_ptr<T>();
+      const T* up = u.template const_data_ptr<T>();
+      const auto g = grad.narrow(0, b0, rows);
+
+      auto gy = at::empty({rows, H * PA}, options_of(type));  // g (x) a
+      T* gyp = gy.template mutable_data_ptr<T>();
+      parallel_rows(rows, H * PA, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t j = 0; j < H; ++j) {
+            const T gj = gp[(b0 + r) * H + j];
+            for (int64_t pa = 0; pa < PA; ++pa) gyp[(r * H + j) * PA + pa] = gj * ap[r * PA + pa];
+          }
+      });
+      if (b0 == 0)
+        at::mm_out(grad_w2, gy.t(), u);
+      else
+        grad_w2.addmm_(gy.t(), u);
+
+      auto da = at::empty({rows, PA}, options_of(type));
+      auto du = at::zeros({rows, PB}, options_of(type));
+      T* dap = da.template mutable_data_ptr<T>();
+      T* dup = du.template mutable_data_ptr<T>();
+      // Column blocks of W sized so that a block of T stays in cache with its rows of u and du.
+      const int64_t block = std::clamp<int64_t>((int64_t(1) << 19) / std::max<int64_t>(rows * PB, 1), 1, PA);
+      for (int64_t p0 = 0; p0 < PA; p0 += block) {
+        const int64_t p1 = std::min(PA, p0 + block);
+        const auto t = at::mm(g, weight.narrow(1, p0 * PB, (p1 - p0) * PB));  // (rows, (p1 - p0) * PB)
+        const T* tp = t.template const_data_ptr<T>();
+        parallel_rows(rows, 2 * (p1 - p0) * PB, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t pa = p0; pa < p1; ++pa) {
+              const T* trow = tp + (r * (p1 - p0) + (pa - p0)) * PB;
+              const T av = ap[r * PA + pa];
+              T* durow = dup + r * PB;
+              for (int64_t q = 0; q < PB; ++q) durow[q] += av * trow[q];
+              dap[r * PA + pa] = static_cast<T>(dot(up + r * PB, trow, PB));
+            }
+        });
+      }
+
+      parallel_rows(rows, M * (PA + PB), [&](int64_t r0, int64_t r1) {
+        std::vector<const T*> xrows(M);
+        std::vector<T*> grows(M);
+        std::vector<T> scratch(2 * std::max(PA, PB));
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t n = mods.sizes[m] - 1;
+            xrows[m] = xs[m].template const_data_ptr<T>() + (b0 + r) * n;
+            grows[m] = grads[m].template mutable_data_ptr<T>() + (b0 + r) * n;
+          }
+          outer_adjoint_row(dap + r * PA, xrows, mods.sizes, 0, k, grows, scratch.data());
+          outer_adjoint_row(dup + r * PB, xrows, mods.sizes, k, M, grows, scratch.data());
+        }
+      });
+    }
+  });
+  for (size_t m = 0; m < grads.size(); ++m) grads[m] = grads[m].to(xs_in[m].scalar_type());
+  grads.push_back(grad_weight.to(weight_in.scalar_type()));
+  grads.push_back(grad_bias.to(weight_in.scalar_type()));
+  return grads;
+}
+
+// ---------------------------------------------------------------------------------------------
+// LMF. The projections x~_m W_m[r] for all ranks are one GEMM per modality against the
+// factor rearranged to (n_m + 1, rank * h), with the constant row as the GEMM's bias. The
+// rank-wise products, the weighted rank sum and the bias are one pass per row; so are, in the
+// backward, the products over the other modalities.
+
+// factors[m] (r, n_m + 1, h) -> (n_m + 1, r * h); small, so copied.
+at::Tensor rank_major(const at::Tensor& factor) {
+  return factor.permute({1, 0, 2}).reshape({factor.size(1), factor.size(0) * factor.size(2)}).contiguous();
+}
+
+std::vector<at::Tensor> projections(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& flat) {
+  std::vector<at::Tensor> proj;
+  for (size_t m = 0; m < xs.size(); ++m)
+    proj.push_back(at::addmm(flat[m][0], xs[m], flat[m].narrow(0, 1, flat[m].size(0) - 1)));
+  return proj;
+}
+
+at::Tensor low_rank_fusion(at::TensorList xs_in, at::TensorList factors_in, const at::Tensor& weights_in,
+                           const at::Tensor& bias_in) {
+  const auto type = compute_type(xs_in[0], "low_rank_fusion");
+  const auto xs = prepared(xs_in, type);
+  const auto weights = prepared(weights_in, type);
+  const auto bias = prepared(bias_in, type);
+  std::vector<at::Tensor> flat;
+  for (const auto& f : factors_in) flat.push_back(rank_major(f.to(type)));
+  const int64_t B = xs[0].size(0), R = weights.numel(), H = bias.numel(), M = xs.size();
+  const auto proj = projections(xs, flat);
+  auto out = at::empty({B, H}, options_of(type));
+  AT_DISPATCH_FLOATING_TYPES(type, "low_rank_fusion", [&] {
+    using T = scalar_t;
+    const T* w = weights.template const_data_ptr<T>();
+    const T* bp = bias.template const_data_ptr<T>();
+    T* op = out.template mutable_data_ptr<T>();
+    parallel_rows(B, M * R * H, [&](int64_t b0, int64_t b1) {
+      std::vector<T> fused(H);
+      for (int64_t b = b0; b < b1; ++b) {
+        std::copy(bp, bp + H, op + b * H);
+        for (int64_t r = 0; r < R; ++r) {
+          const T* p0 = proj[0].template const_data_ptr<T>() + (b * R + r) * H;
+          std::copy(p0, p0 + H, fused.data());
+          for (int64_t m = 1; m < M; ++m) {
+            const T* pm = proj[m].template const_data_ptr<T>() + (b * R + r) * H;
+            for (int64_t j = 0; j < H; ++j) fused[j] *= pm[j];
+          }
+          for (int64_t j = 0; j < H; ++j) op[b * H + j] += w[r] * fused[j];
+        }
+      }
+    });
+  });
+  return out.to(xs_in[0].scalar_type());
+}
+
+std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::TensorList xs_in,
+                                                 at::TensorList factors_in, const at::Tensor& weights_in,
+                                                 const at::Tensor& bias_in) {
+  const auto type = compute_type(xs_in[0], "low_rank_fusion_backward");
+  const auto xs = prepared(xs_in, type);
+  const auto grad = prepared(grad_in, type);
+  const auto weights = prepared(weights_in, type);
+  std::vector<at::Tensor> flat;
+  for (const auto& f : factors_in) flat.push_back(rank_major(f.to(type)));
+  const int64_t B = xs[0].size(0), R = weights.numel(), H = grad.size(1), M = xs.size();
+  const auto proj = projections(xs, flat);
+  // grad_proj[m] (B, r * h) = w_r g prod_{k != m} proj_k; per_row (B, r) = <g, prod_m proj_m>.
+  std::vector<at::Tensor> grad_proj;
+  for (int64_t m = 0; m < M; ++m) grad_proj.push_back(at::empty({B, R * H}, options_of(type)));
+  auto per_row = at::empty({B, R}, options_of(at::kDouble));
+  auto grad_weights = at::empty({R}, options_of(type));
+  auto grad_bias = at::empty({H}, options_of(type));
+  AT_DISPATCH_FLOATING_TYPES(type, "low_rank_fusion_backward", [&] {
+    using T = scalar_t;
+    const T* w = weights.template const_data_ptr<T>();
+    const T* gp = grad.template const_data_ptr<T>();
+    double* prp = per_row.mutable_data_ptr<double>();
+    parallel_rows(B, 2 * M * R * H, [&](int64_t b0, int64_t b1) {
+      // Products of the modalities before m (prefix) and after m (suffix), per hidden unit.
+      std::vector<T> prefix(M * H), suffix(H), all(H);
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* g = gp + b * H;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t off = (b * R + r) * H;
+          std::fill(prefix.begin(), prefix.begin() + H, T(1));
+          for (int64_t m = 1; m < M; ++m) {
+            const T* pm = proj[m - 1].template const_data_ptr<T>() + off;
+            for (int64_t j = 0; j < H; ++j) prefix[m * H + j] = prefix[(m - 1) * H + j] * pm[j];
+          }
+          std::fill(suffix.begin(), suffix.end(), w[r]);
+          for (int64_t m = M - 1; m >= 0; --m) {
+            const T* pm = proj[m].template const_data_ptr<T>() + off;
+            T* gpm = grad_proj[m].template mutable_data_ptr<T>() + off;
+            for (int64_t j = 0; j < H; ++j) {
+              gpm[j] = g[j] * prefix[m * H + j] * suffix[j];
+              suffix[j] *= pm[j];
+            }
+          }
+          const T* last = proj[M - 1].template const_data_ptr<T>() + off;
+          for (int64_t j = 0; j < H; ++j) all[j] = prefix[(M - 1) * H + j] * last[j];
+          prp[b * R + r] = dot(g, all.data(), H);
+        }
+      }
+    });
+    column_sums(prp, B, R, grad_weights.template mutable_data_ptr<T>());
+    column_sums(gp, B, H, grad_bias.template mutable_data_ptr<T>());
+  });
+  std::vector<at::Tensor> grad_xs, grad_factors;
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t n = xs[m].size(1);
+    grad_xs.push_back(at::mm(grad_proj[m], flat[m].narrow(0, 1, n).t()).to(xs_in[m].scalar_type()));
+    auto grad_flat = at::empty({n + 1, R * H}, options_of(type));
+    AT_DISPATCH_FLOATING_TYPES(type, "low_rank_fusion_backward", [&] {
+      column_sums(grad_proj[m].template const_data_ptr<scalar_t>(), B, R * H,
+                  grad_flat.template mutable_data_ptr<scalar_t>());
+    });
+    auto grad_rows = grad_flat.narrow(0, 1, n);
+    at::mm_out(grad_rows, xs[m].t(), grad_proj[m]);
+    grad_factors.push_back(
+        grad_flat.view({n + 1, R, H}).permute({1, 0, 2}).contiguous().to(factors_in[m].scalar_type()));
+  }
+  std::vector<at::Tensor> grads = grad_xs;
+  grads.insert(grads.end(), grad_factors.begin(), grad_factors.end());
+  grads.push_back(grad_weights.to(weights_in.scalar_type()));
+  grads.push_back(grad_bias.to(bias_in.scalar_type()));
+  return grads;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MFB. The two projections are GEMMs (with their biases); the product, dropout mask, group
+// sum over k and the signed sqrt + L2 are one pass per row. The backward needs the
+// projections again (the op is given only its inputs), turns them into their gradients in
+// place in the same per-row pass, and ends with the four weight/input GEMMs.
+
+at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  return bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+}
+
+at::Tensor factorized_bilinear(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& wx_in,
+                               const std::optional<at::Tensor>& bx_in, const at::Tensor& wy_in,
+                               const std::optional<at::Tensor>& by_in, int64_t factor,
+                               const std::optional<at::Tensor>& mask_in, bool normalize, double eps) {
+  const auto type = compute_type(x_in, "factorized_bilinear");
+  const auto x = prepared(x_in, type), y = prepared(y_in, type);
+  const auto wx = prepared(wx_in, type), wy = prepared(wy_in, type);
+  const auto px = project(x, wx, bx_in ? prepared(*bx_in, type) : at::Tensor());
+  const auto py = project(y, wy, by_in ? prepared(*by_in, type) : at::Tensor());
+  const auto mask = mask_in ? prepared(*mask_in, type) : at::Tensor();
+  const int64_t B = x.size(0), E = wx.size(0), O = E / factor;
+  auto out = at::empty({B, O}, options_of(type));
+  AT_DISPATCH_FLOATING_TYPES(type, "factorized_bilinear", [&] {
+    using T = scalar_t;
+    const T* pxp = px.template const_data_ptr<T>();
+    const T* pyp = py.template const_data_ptr<T>();
+    const T* mp = mask.defined() ? mask.template const_data_ptr<T>() : nullptr;
+    T* op = out.template mutable_data_ptr<T>();
+    parallel_rows(B, 3 * E, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* a = pxp + b * E;
+        const T* c = pyp + b * E;
+        T* z = op + b * O;
+        for (int64_t j = 0; j < O; ++j) {
+          T s = 0;
+          for (int64_t i = j * factor; i < (j + 1) * factor; ++i) s += mp ? a[i] * c[i] * mp[b * E + i] : a[i] * c[i];
+          z[j] = s;
+        }
+        if (normalize) signed_sqrt_l2_row(z, z, O, eps);
+      }
+    });
+  });
+  return out.to(x_in.scalar_type());
+}
+
+std::vector<at::Tensor> factorized_bilinear_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                     const at::Tensor& y_in, const at::Tensor& wx_in,
+                                                     const std::optional<at::Tensor>& bx_in, const at::Tensor& wy_in,
+                                                     const std::optional<at::Tensor>& by_in, int64_t factor,
+                                                     const std::optional<at::Tensor>& mask_in, bool normalize,
+                                                     double eps) {
+  const auto type = compute_type(x_in, "factorized_bilinear_backward");
+  const auto x = prepared(x_in, type), y = prepared(y_in, type);
+  const auto wx = prepared(wx_in, type), wy = prepared(wy_in, type);
+  const auto grad = prepared(grad_in, type);
+  auto gx_proj = project(x, wx, bx_in ? prepared(*bx_in, type) : at::Tensor());
+  auto gy_proj = project(y, wy, by_in ? prepared(*by_in, type) : at::Tensor());
+  const auto mask = mask_in ? prepared(*mask_in, type) : at::Tensor();
+  const int64_t B = x.size(0), E = wx.size(0), O = E / factor;
+  auto gbx = at::empty({E}, options_of(type)), gby = at::empty({E}, options_of(type));
+  AT_DISPATCH_FLOATING_TYPES(type, "factorized_bilinear_backward", [&] {
+    using T = scalar_t;
+    T* a = gx_proj.template mutable_data_ptr<T>();
+    T* c = gy_proj.template mutable_data_ptr<T>();
+    const T* gp = grad.template const_data_ptr<T>();
+    const T* mp = mask.defined() ? mask.template const_data_ptr<T>() : nullptr;
+    parallel_rows(B, 4 * E, [&](int64_t b0, int64_t b1) {
+      std::vector<T> z(normalize ? O : 0), gz(normalize ? O : 0);
+      for (int64_t b = b0; b < b1; ++b) {
+        T* ar = a + b * E;
+        T* cr = c + b * E;
+        const T* mr = mp ? mp + b * E : nullptr;
+        const T* g = gp + b * O;
+        if (normalize) {
+          for (int64_t j = 0; j < O; ++j) {
+            T s = 0;
+            for (int64_t i = j * factor; i < (j + 1) * factor; ++i) s += mr ? ar[i] * cr[i] * mr[i] : ar[i] * cr[i];
+            z[j] = s;
+          }
+          signed_sqrt_l2_backward_row(g, z.data(), gz.data(), O, eps);
+          g = gz.data();
+        }
+        // The projections become their gradients in place: d px = ge * py, d py = ge * px.
+        for (int64_t j = 0; j < O; ++j)
+          for (int64_t i = j * factor; i < (j + 1) * factor; ++i) {
+            const T ge = mr ? g[j] * mr[i] : g[j];
+            const T pa = ar[i];
+            ar[i] = ge * cr[i];
+            cr[i] = ge * pa;
+          }
+      }
+    });
+    column_sums(a, B, E, gbx.template mutable_data_ptr<T>());
+    column_sums(c, B, E, gby.template mutable_data_ptr<T>());
+  });
+  const auto dt = x_in.scalar_type();
+  return {at::mm(gx_proj, wx).to(dt),          at::mm(gy_proj, wy).to(dt),
+          at::mm(gx_proj.t(), x).to(wx_in.scalar_type()), gbx.to(wx_in.scalar_type()),
+          at::mm(gy_proj.t(), y).to(wy_in.scalar_type()), gby.to(wy_in.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfusion_cpu, CPU, m) {
+  m.impl("tensor_fusion", &tensor_fusion);
+  m.impl("tensor_fusion_backward", &tensor_fusion_backward);
+  m.impl("low_rank_fusion", &low_rank_fusion);
+  m.impl("low_rank_fusion_backward", &low_rank_fusion_backward);
+  m.impl("factorized_bilinear", &factorized_bilinear);
+  m.impl("factorized_bilinear_backward", &factorized_bilinear_backward);
+}
+
+}  // namespace fastfusion

@@ -1,0 +1,359 @@
+// Count sketch and tensor sketch / compact bilinear pooling (math in
+// fastfusion/ops/count_sketch.py and fastfusion/ops/compact_bilinear.py).
+//
+// A row of the batch belongs to one thread, so the count sketch is a plain scatter into that
+// row: no atomics, a fixed summation order (ascending input index), and for d >> n cheaper
+// than the branchy bucket-by-bucket gather a GPU needs.
+//
+// Compact bilinear pooling works on tasks of whole samples (a fixed number, chosen from the
+// shapes alone so that the result cannot depend on the thread count). A task sketches its
+// positions into a buffer of about 2-4 MB, transforms it with one batched ATen real FFT,
+// multiplies and pools the spectra over positions, and runs one inverse FFT per sample
+// followed by the gate and the signed sqrt + L2 epilogue. No (B, T, d) intermediate exists.
+// ATen's FFT costs ~0.1 ms per call on top of ~6 us per 8192-point transform, so the tasks
+// are sized to batch many transforms per call rather than one sample at a time.
+#include "common.h"
+
+#include <ATen/ops/fft_irfft.h>
+#include <ATen/ops/fft_rfft.h>
+#include <c10/util/complex.h>
+#include <torch/library.h>
+
+namespace fastfusion {
+namespace {
+
+// One modality's hash (as int64, range-checked) and signs (in the compute type).
+template <typename T>
+struct Hashing {
+  std::vector<int64_t> hash;
+  std::vector<T> sign;
+
+  Hashing(const at::Tensor& h, const at::Tensor& s, int64_t n, int64_t d) {
+    TORCH_CHECK(h.numel() == n && s.numel() == n, "fastfusion cpp backend: hash and sign need ", n,
+                " entries (the input's last dimension), got ", h.numel(), " and ", s.numel());
+    const auto hc = h.to(at::kLong).contiguous();
+    const auto sc = s.to(c10::CppTypeToScalarType<T>::value).contiguous();
+    hash.assign(hc.template const_data_ptr<int64_t>(), hc.template const_data_ptr<int64_t>() + n);
+    sign.assign(sc.template const_data_ptr<T>(), sc.template const_data_ptr<T>() + n);
+    for (const int64_t j : hash)
+      TORCH_CHECK(0 <= j && j < d, "fastfusion cpp backend: hash value ", j, " is outside [0, ", d, ")");
+  }
+
+  int64_t size() const { return static_cast<int64_t>(hash.size()); }
+
+  void sketch(const T* x, T* out, int64_t d) const {
+    std::fill(out, out + d, T(0));
+    for (int64_t i = 0; i < size(); ++i) out[hash[i]] += sign[i] * x[i];
+  }
+
+  // The adjoint of sketch(): dx_i = s(i) g_{h(i)}.
+  void gather(const T* g, T* dx) const {
+    for (int64_t i = 0; i < size(); ++i) dx[i] = sign[i] * g[hash[i]];
+  }
+};
+
+at::Tensor count_sketch(const at::Tensor& x_in, const at::Tensor& hash, const at::Tensor& sign, int64_t out_dim) {
+  const auto type = compute_type(x_in, "count_sketch");
+  const auto x = prepared(x_in, type);
+  const int64_t n = x.size(-1);
+  auto shape = x.sizes().vec();
+  shape.back() = out_dim;
+  auto out = empty_output(shape, x.options());
+  const int64_t rows = out.numel() / std::max<int64_t>(out_dim, 1);
+  AT_DISPATCH_FLOATING_TYPES(type, "count_sketch", [&] {
+    const Hashing<scalar_t> hashing(hash, sign, n, out_dim);
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    parallel_rows(rows, out_dim + 2 * n, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) hashing.sketch(xp + r * n, op + r * out_dim, out_dim);
+    });
+  });
+  return out.to(x_in.scalar_type());
+}
+
+at::Tensor count_sketch_backward(const at::Tensor& grad_in, const at::Tensor& hash, const at::Tensor& sign) {
+  const auto type = compute_type(grad_in, "count_sketch_backward");
+  const auto grad = prepared(grad_in, type);
+  const int64_t d = grad.size(-1);
+  const int64_t n = hash.numel();
+  auto shape = grad.sizes().vec();
+  shape.back() = n;
+  auto dx = empty_output(shape, grad.options());
+  const int64_t rows = dx.numel() / std::max<int64_t>(n, 1);
+  AT_DISPATCH_FLOATING_TYPES(type, "count_sketch_backward", [&] {
+    const Hashing<scalar_t> hashing(hash, sign, n, d);
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+    parallel_rows(rows, 2 * n, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) hashing.gather(gp + r * d, dp + r * n);
+    });
+  });
+  return dx.to(grad_in.scalar_type());
+}
+
+// MKL may split one long transform across its threads, which changes its rounding with the
+// thread count (ATen does not limit it). The tasks already supply the parallelism, so every
+// FFT call runs on one MKL thread and the results are identical for any thread count.
+// MKL_Set_Num_Threads_Local (mkl_set_num_threads_local in mkl_service.h; the lower-case
+// symbol is the Fortran entry, which takes a pointer) is MKL's per-thread override. It is a
+// weak reference so that builds of torch without MKL (whose pocketfft path only parallelises
+// over the batch) still load.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+class OneThreadFFT {
+  int saved_ = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+
+ public:
+  ~OneThreadFFT() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved_);
+  }
+};
+
+// How the batch is cut into tasks; a function of the shapes only (see the file comment).
+struct Tiling {
+  int64_t samples;    // per task
+  int64_t positions;  // per FFT call within a task
+
+  Tiling(int64_t modalities, int64_t T, int64_t d) {
+    constexpr int64_t kRealsPerCall = int64_t(1) << 19;
+    const int64_t per_position = modalities * d;
+    positions = std::clamp<int64_t>(kRealsPerCall / per_position, 1, T);
+    samples = positions == T ? std::max<int64_t>(1, kRealsPerCall / (per_position * T)) : 1;
+  }
+};
+
+template <typename T>
+using Complex = c10::complex<T>;
+
+// The inputs of compact bilinear pooling in canonical form, shared by forward and backward.
+template <typename T>
+struct Problem {
+  std::vector<at::Tensor> xs;  // (B, T, n_m) contiguous, compute type
+  std::vector<Hashing<T>> hashings;
+  int64_t B, positions, d, K;
+  bool mean;
+  at::ScalarType type;
+
+  Problem(at::TensorList xs_in, at::TensorList hashes, at::TensorList signs, int64_t out_dim, bool mean_,
+          at::ScalarType type_)
+      : xs(prepared(xs_in, type_)), d(out_dim), K(out_dim / 2 + 1), mean(mean_), type(type_) {
+    TORCH_CHECK(xs.size() >= 2 && hashes.size() == xs.size() && signs.size() == xs.size(),
+                "fastfusion cpp backend: compact_bilinear needs as many hashes and signs as inputs (>= 2)");
+    B = xs[0].size(0);
+    positions = xs[0].size(1);
+    for (size_t m = 0; m < xs.size(); ++m) hashings.emplace_back(hashes[m], signs[m], xs[m].size(2), d);
+  }
+
+  int64_t modalities() const { return static_cast<int64_t>(xs.size()); }
+
+  const T* row(int64_t m, int64_t b, int64_t t) const {
+    return xs[m].template const_data_ptr<T>() + (b * positions + t) * hashings[m].size();
+  }
+
+  // Spectra (M, rows, K) of positions [t0, t0 + tp) of samples [s0, s0 + S), rows sample-major.
+  at::Tensor spectra(int64_t s0, int64_t S, int64_t t0, int64_t tp) const {
+    const int64_t M = modalities(), R = S * tp;
+    auto sketches = at::empty({M, R, d}, at::TensorOptions().dtype(type));
+    T* sp = sketches.template mutable_data_ptr<T>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t t = 0; t < tp; ++t)
+          hashings[m].sketch(row(m, s0 + s, t0 + t), sp + (m * R + s * tp + t) * d, d);
+    const OneThreadFFT one_thread;
+    return at::fft_rfft(sketches, d, -1);
+  }
+
+  // pooled[s] += sum_t prod_m F_m[s, t]: the frequency-domain pooling.
+  void pool(const at::Tensor& F, int64_t S, int64_t tp, Complex<T>* pooled) const {
+    const int64_t M = modalities(), R = S * tp;
+    const Complex<T>* f = F.template const_data_ptr<Complex<T>>();
+    std::vector<Complex<T>> prod(M > 2 ? K : 0);
+    for (int64_t s = 0; s < S; ++s) {
+      Complex<T>* acc = pooled + s * K;
+      for (int64_t t = 0; t < tp; ++t) {
+        const int64_t r = s * tp + t;
+        const Complex<T>* f0 = f + r * K;
+        const Complex<T>* f1 = f + (R + r) * K;
+        if (M == 2) {
+          for (int64_t k = 0; k < K; ++k) acc[k] += f0[k] * f1[k];
+          continue;
+        }
+        for (int64_t k = 0; k < K; ++k) prod[k] = f0[k] * f1[k];
+        for (int64_t m = 2; m < M; ++m) {
+          const Complex<T>* fm = f + (m * R + r) * K;
+          for (int64_t k = 0; k < K; ++k) prod[k] *= fm[k];
+        }
+        for (int64_t k = 0; k < K; ++k) acc[k] += prod[k];
+      }
+    }
+  }
+
+  // The pooled sketch z (S, d) of samples [s0, s0 + S). When the task's positions fit one FFT
+  // call its spectra are handed back through `kept` for the backward to reuse.
+  at::Tensor pooled_sketch(int64_t s0, int64_t S, const Tiling& tiling, at::Tensor* kept) const {
+    auto pooled = at::zeros({S, K}, at::TensorOptions().dtype(c10::toComplexType(type)));
+    Complex<T>* pp = pooled.template mutable_data_ptr<Complex<T>>();
+    for (int64_t t0 = 0; t0 < positions; t0 += tiling.positions) {
+      const int64_t tp = std::min(tiling.positions, positions - t0);
+      auto F = spectra(s0, S, t0, tp);
+      pool(F, S, tp, pp);
+      if (kept && tp == positions) *kept = F;
+    }
+    if (mean) pooled.div_(static_cast<double>(positions));
+    const OneThreadFFT one_thread;
+    return at::fft_irfft(pooled, d, -1);
+  }
+};
+
+at::Tensor compact_bilinear(at::TensorList xs_in, at::TensorList hashes, at::TensorList signs, int64_t out_dim,
+                            bool mean, const std::optional<at::Tensor>& gate_in, bool normalize, double eps) {
+  const auto type = compute_type(xs_in[0], "compact_bilinear");
+  auto out = at::empty({xs_in[0].size(0), out_dim}, at::TensorOptions().dtype(type));
+  AT_DISPATCH_FLOATING_TYPES(type, "compact_bilinear", [&] {
+    using T = scalar_t;
+    const Problem<T> problem(xs_in, hashes, signs, out_dim, mean, type);
+    const at::Tensor gate = gate_in ? prepared(*gate_in, type) : at::Tensor();
+    const Tiling tiling(problem.modalities(), problem.positions, out_dim);
+    const int64_t tasks = (problem.B + tiling.samples - 1) / tiling.samples;
+    parallel_tasks(tasks, [&](int64_t task0, int64_t task1) {
+      for (int64_t task = task0; task < task1; ++task) {
+        const int64_t s0 = task * tiling.samples, S = std::min(tiling.samples, problem.B - s0);
+        const auto z = problem.pooled_sketch(s0, S, tiling, nullptr);
+        const T* zp = z.template const_data_ptr<T>();
+        for (int64_t s = 0; s < S; ++s) {
+          T* o = out.mutable_data_ptr<T>() + (s0 + s) * out_dim;
+          const T* zr = zp + s * out_dim;
+          if (gate.defined()) {
+            const T* g = gate.const_data_ptr<T>() + (s0 + s) * out_dim;
+            for (int64_t j = 0; j < out_dim; ++j) o[j] = zr[j] * g[j];
+          } else {
+            std::copy(zr, zr + out_dim, o);
+          }
+          if (normalize) signed_sqrt_l2_row(o, o, out_dim, eps);
+        }
+      }
+    });
+  });
+  return out.to(xs_in[0].scalar_type());
+}
+
+std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at::TensorList xs_in,
+                                                  at::TensorList hashes, at::TensorList signs, int64_t out_dim,
+                                                  bool mean, const std::optional<at::Tensor>& gate_in,
+                                                  bool normalize, double eps) {
+  const auto type = compute_type(xs_in[0], "compact_bilinear_backward");
+  std::vector<at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES(type, "compact_bilinear_backward", [&] {
+    using T = scalar_t;
+    const Problem<T> problem(xs_in, hashes, signs, out_dim, mean, type);
+    const at::Tensor grad = prepared(grad_in, type);
+    const at::Tensor gate = gate_in ? prepared(*gate_in, type) : at::Tensor();
+    const int64_t M = problem.modalities(), K = problem.K, P = problem.positions;
+    for (const auto& x : problem.xs) grads.push_back(at::empty_like(x));
+    at::Tensor grad_gate = gate.defined() ? at::empty_like(gate) : at::Tensor();
+    const Tiling tiling(M, P, out_dim);
+    const int64_t tasks = (problem.B + tiling.samples - 1) / tiling.samples;
+    const T inv_positions = mean ? T(1) / static_cast<T>(P) : T(1);
+
+    parallel_tasks(tasks, [&](int64_t task0, int64_t task1) {
+      std::vector<T> scratch(out_dim);
+      for (int64_t task = task0; task < task1; ++task) {
+        const int64_t s0 = task * tiling.samples, S = std::min(tiling.samples, problem.B - s0);
+        // The gradient reaching the pooled sketch, g'' = d out / d z (S, d), already divided by
+        // T for "mean" (the reference divides before its FFT too).
+        auto g2 = at::empty({S, out_dim}, grad.options());
+        T* g2p = g2.template mutable_data_ptr<T>();
+        at::Tensor kept;
+        if (gate.defined() || normalize) {
+          const auto z = problem.pooled_sketch(s0, S, tiling, &kept);
+          for (int64_t s = 0; s < S; ++s) {
+            const int64_t b = s0 + s;
+            const T* zr = z.template const_data_ptr<T>() + s * out_dim;
+            const T* gr = grad.const_data_ptr<T>() + b * out_dim;
+            const T* gt = gate.defined() ? gate.const_data_ptr<T>() + b * out_dim : nullptr;
+            T* g2r = g2p + s * out_dim;
+            if (normalize) {
+              if (gt) {
+                for (int64_t j = 0; j < out_dim; ++j) scratch[j] = zr[j] * gt[j];
+                signed_sqrt_l2_backward_row(gr, scratch.data(), g2r, out_dim, eps);
+              } else {
+                signed_sqrt_l2_backward_row(gr, zr, g2r, out_dim, eps);
+              }
+            } else {
+              std::copy(gr, gr + out_dim, g2r);
+            }
+            if (gt) {
+              T* dg = grad_gate.mutable_data_ptr<T>() + b * out_dim;
+              for (int64_t j = 0; j < out_dim; ++j) {
+                dg[j] = g2r[j] * zr[j];
+                g2r[j] *= gt[j];
+              }
+            }
+            if (mean)
+              for (int64_t j = 0; j < out_dim; ++j) g2r[j] *= inv_positions;
+          }
+        } else {
+          const T* gr = grad.const_data_ptr<T>() + s0 * out_dim;
+          for (int64_t j = 0; j < S * out_dim; ++j) g2p[j] = gr[j] * inv_positions;
+        }
+        at::Tensor G;
+        {
+          const OneThreadFFT one_thread;
+          G = at::fft_rfft(g2, out_dim, -1);
+        }
+        const Complex<T>* gh = G.template const_data_ptr<Complex<T>>();
+
+        // The adjoint of circular convolution is circular correlation:
+        // dC_m = IFFT(FFT(g'') * conj(prod_{k != m} F_k)), then dx_m is C_m's adjoint.
+        for (int64_t t0 = 0; t0 < P; t0 += tiling.positions) {
+          const int64_t tp = std::min(tiling.positions, P - t0), R = S * tp;
+          const auto F = kept.defined() ? kept : problem.spectra(s0, S, t0, tp);
+          const Complex<T>* f = F.template const_data_ptr<Complex<T>>();
+          auto Q = at::empty({M, R, K}, G.options());
+          Complex<T>* q = Q.template mutable_data_ptr<Complex<T>>();
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t r = 0; r < R; ++r) {
+              Complex<T>* qr = q + (m * R + r) * K;
+              std::copy(gh + (r / tp) * K, gh + (r / tp + 1) * K, qr);
+              for (int64_t j = 0; j < M; ++j) {
+                if (j == m) continue;
+                const Complex<T>* fj = f + (j * R + r) * K;
+                for (int64_t k = 0; k < K; ++k) qr[k] *= std::conj(fj[k]);
+              }
+            }
+          at::Tensor dC;
+          {
+            const OneThreadFFT one_thread;
+            dC = at::fft_irfft(Q, out_dim, -1);
+          }
+          const T* dc = dC.template const_data_ptr<T>();
+          for (int64_t m = 0; m < M; ++m) {
+            const int64_t n = problem.hashings[m].size();
+            T* dx = grads[m].template mutable_data_ptr<T>();
+            for (int64_t s = 0; s < S; ++s)
+              for (int64_t t = 0; t < tp; ++t)
+                problem.hashings[m].gather(dc + (m * R + s * tp + t) * out_dim,
+                                           dx + ((s0 + s) * P + t0 + t) * n);
+          }
+        }
+      }
+    });
+    if (gate.defined()) grads.push_back(grad_gate);
+  });
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const auto& like = i < xs_in.size() ? xs_in[i] : *gate_in;
+    grads[i] = grads[i].to(like.scalar_type());
+  }
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastfusion_cpu, CPU, m) {
+  m.impl("count_sketch", &count_sketch);
+  m.impl("count_sketch_backward", &count_sketch_backward);
+  m.impl("compact_bilinear", &compact_bilinear);
+  m.impl("compact_bilinear_backward", &compact_bilinear_backward);
+}
+
+}  // namespace fastfusion

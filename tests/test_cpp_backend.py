@@ -1,0 +1,375 @@
+"""The "cpp" backend: the C++/OpenMP CPU kernels of csrc/cpu.
+
+Every op against the float64 "eager" reference (output and every gradient), gradcheck in
+float64 through the C++ kernels, odd shapes, B = 1, M = 2 and 3, non-contiguous inputs,
+float32 within 2x of PyTorch's own float32 error (or of 4 ulps), identical results for 1 and 2 threads,
+torch.compile(fullgraph=True), and the build's fallback paths.
+
+The first test builds the extension (about a minute on two cores; cached in
+$FASTFUSION_CACHE_DIR or ~/.cache/fastfusion afterwards). The suite skips only when there
+is no C++ compiler, and says so; any other build failure fails it.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fastfusion as ff
+from fastfusion import _dispatch, _extension, cpp_backend  # noqa: F401 - registers "cpp"
+from helpers import F64, LAYOUTS, assert_rel_close, custom_op_ran, randn, random_hashes_signs, rel_err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    reason = _extension.unavailable_reason()
+    if reason is not None and "no C++ compiler" in reason:
+        pytest.skip(f"the C++ extension cannot be built here: {reason}")
+    assert reason is None, f"the C++ extension failed to build or load: {reason}"
+
+
+# --------------------------------------------------------------------------- cases
+# Each case builds (fn(leaves, backend) -> output, leaves) from a generator; leaves are
+# float64, possibly non-contiguous views.
+
+
+def count_sketch_case(gen, lead=(3,), n=7, d=5, layout="contiguous", hash_dtype=torch.int64, sign_dtype=torch.int8):
+    (h,), (s,) = random_hashes_signs(gen, [n], d, hash_dtype=hash_dtype, sign_dtype=sign_dtype)
+    x = randn(gen, *lead, n, layout=layout)
+    return (lambda t, be: ff.count_sketch(t[0], h, s, d, backend=be)), [x]
+
+
+def compact_bilinear_case(
+    gen, B=3, T=None, dims=(5, 6), d=9, pool="sum", gate=False, normalize=True, layout="contiguous"
+):
+    hashes, signs = random_hashes_signs(gen, dims, d, hash_dtype=torch.int32)
+    lead = (B,) if T is None else (B, T)
+    xs = [randn(gen, *lead, n, layout=LAYOUTS[(m + LAYOUTS.index(layout)) % 3]) for m, n in enumerate(dims)]
+    leaves = list(xs)
+    if gate:
+        leaves.append(torch.rand(B, d, generator=gen, dtype=F64) + 0.5)
+    pool_dim = None if T is None else 1
+
+    def fn(t, be):
+        g = t[len(dims)] if gate else None
+        return ff.compact_bilinear(
+            t[: len(dims)], hashes, signs, d, pool_dim=pool_dim, pool=pool, gate=g, normalize=normalize, backend=be
+        )
+
+    return fn, leaves
+
+
+def signed_sqrt_l2_case(gen, lead=(4,), d=11, layout="contiguous", zeros=True):
+    z = randn(gen, *lead, d, layout=layout)
+    if zeros:  # exact zeros and one all-zero row: the finite-gradient and below-eps paths
+        with torch.no_grad():
+            z[..., ::3] = 0
+            z[(0,) * len(lead)] = 0
+    return (lambda t, be: ff.signed_sqrt_l2(t[0], backend=be)), [z]
+
+
+def factorized_bilinear_case(gen, B=4, nx=5, ny=6, o=3, k=2, bias=True, mask=False, normalize=True, layout="contiguous"):
+    x, y = randn(gen, B, nx, layout=layout), randn(gen, B, ny)
+    wx, wy = randn(gen, o * k, nx), randn(gen, o * k, ny, layout="strided")
+    leaves = [x, y, wx, wy]
+    if bias:
+        leaves += [randn(gen, o * k), randn(gen, o * k)]
+    drop = (torch.rand(B, o * k, generator=gen, dtype=F64) > 0.3).to(F64) / 0.7 if mask else None
+
+    def fn(t, be):
+        bx, by = (t[4], t[5]) if bias else (None, None)
+        return ff.factorized_bilinear(t[0], t[1], t[2], bx, t[3], by, k, normalize, dropout_mask=drop, backend=be)
+
+    return fn, leaves
+
+
+def low_rank_fusion_case(gen, B=3, dims=(2, 3, 4), rank=3, hidden=5, layout="contiguous"):
+    xs = [randn(gen, B, n, layout=LAYOUTS[(m + LAYOUTS.index(layout)) % 3]) for m, n in enumerate(dims)]
+    factors = [randn(gen, rank, n + 1, hidden) for n in dims]
+    leaves = xs + factors + [randn(gen, rank), randn(gen, hidden)]
+    M = len(dims)
+    return (lambda t, be: ff.low_rank_fusion(t[:M], t[M : 2 * M], t[2 * M], t[2 * M + 1], backend=be)), leaves
+
+
+def tensor_fusion_case(gen, B=3, dims=(2, 3, 4), hidden=5, bias=True, layout="contiguous"):
+    xs = [randn(gen, B, n, layout=LAYOUTS[(m + LAYOUTS.index(layout)) % 3]) for m, n in enumerate(dims)]
+    weight = randn(gen, hidden, math.prod(n + 1 for n in dims), layout="strided")
+    leaves = xs + [weight] + ([randn(gen, hidden)] if bias else [])
+    M = len(dims)
+    return (lambda t, be: ff.tensor_fusion(t[:M], t[M], t[M + 1] if bias else None, backend=be)), leaves
+
+
+CASES = {
+    "count_sketch": count_sketch_case,
+    "count_sketch B=1 d>n": lambda g: count_sketch_case(g, lead=(1,), n=4, d=33),
+    "count_sketch leading dims, int32 hash, float sign, strided": lambda g: count_sketch_case(
+        g, lead=(2, 3), n=9, d=4, layout="strided", hash_dtype=torch.int32, sign_dtype=torch.float64
+    ),
+    "compact_bilinear": compact_bilinear_case,
+    "compact_bilinear B=1 odd d, no normalize": lambda g: compact_bilinear_case(g, B=1, d=17, normalize=False),
+    "compact_bilinear M=3 gate": lambda g: compact_bilinear_case(g, dims=(3, 4, 5), d=16, gate=True),
+    "compact_bilinear pool sum, transposed": lambda g: compact_bilinear_case(g, T=4, layout="transposed"),
+    "compact_bilinear pool mean gate no normalize": lambda g: compact_bilinear_case(
+        g, B=2, T=3, d=10, pool="mean", gate=True, normalize=False
+    ),
+    "compact_bilinear M=3 pool mean": lambda g: compact_bilinear_case(g, B=2, T=5, dims=(2, 3, 4), d=7, pool="mean"),
+    # 2 * 4096 * 70 values exceed one FFT call's budget: positions are split across calls.
+    # (No normalisation: with d >> n_1 n_2 most entries are FFT round-off, whose signed square
+    # roots are noise in any implementation.)
+    "compact_bilinear long sequence": lambda g: compact_bilinear_case(
+        g, B=2, T=70, dims=(6, 5), d=4096, gate=True, normalize=False
+    ),
+    "signed_sqrt_l2": signed_sqrt_l2_case,
+    "signed_sqrt_l2 leading dims strided": lambda g: signed_sqrt_l2_case(g, lead=(2, 3), d=6, layout="strided"),
+    "factorized_bilinear": factorized_bilinear_case,
+    "factorized_bilinear B=1 k=1 no bias": lambda g: factorized_bilinear_case(g, B=1, k=1, bias=False),
+    "factorized_bilinear mask no normalize strided": lambda g: factorized_bilinear_case(
+        g, k=3, mask=True, normalize=False, layout="strided"
+    ),
+    "factorized_bilinear mask normalize": lambda g: factorized_bilinear_case(g, B=3, o=4, k=5, mask=True),
+    "low_rank_fusion": low_rank_fusion_case,
+    "low_rank_fusion M=2 B=1 rank 1": lambda g: low_rank_fusion_case(g, B=1, dims=(3, 1), rank=1),
+    "low_rank_fusion transposed": lambda g: low_rank_fusion_case(g, B=4, dims=(5, 2), layout="transposed"),
+    "tensor_fusion": tensor_fusion_case,
+    "tensor_fusion M=2 B=1 no bias": lambda g: tensor_fusion_case(g, B=1, dims=(3, 2), bias=False),
+    "tensor_fusion M=4 strided": lambda g: tensor_fusion_case(g, B=2, dims=(2, 1, 3, 2), layout="strided"),
+    # The split of the modalities into two groups is not always after the first.
+    "tensor_fusion split after two": lambda g: tensor_fusion_case(g, B=3, dims=(1, 1, 40), hidden=2),
+    # More rows than one batch chunk (the chunk bounds the buffers at 2^22 values).
+    "tensor_fusion two batch chunks": lambda g: tensor_fusion_case(g, B=300, dims=(255, 3), hidden=64),
+}
+
+
+def _grads(fn, leaves, backend, cotangent=None):
+    leaves = [t.detach().clone().requires_grad_(True) if t.is_contiguous() else _as_view_leaf(t) for t in leaves]
+    out = fn(leaves, backend)
+    if cotangent is None:
+        cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    return out, torch.autograd.grad(out, leaves, cotangent.to(out.dtype)), cotangent
+
+
+def _as_view_leaf(t):
+    # Keep the kernels' view of a non-contiguous input: rebuild the same strides.
+    base = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
+    base.copy_(t.detach())
+    return base.requires_grad_(True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference_float64(gen, case):
+    fn, leaves = CASES[case](gen)
+    out, grads, cot = _grads(fn, leaves, "cpp")
+    assert custom_op_ran(fn([t.detach().requires_grad_(True) for t in leaves], "cpp"))
+    ref, ref_grads, _ = _grads(fn, leaves, "eager", cot)
+    assert out.dtype == F64 and out.is_contiguous()
+    assert_rel_close(out, ref, 1e-12, "output")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.shape == leaves[i].shape and g.dtype == F64
+        assert_rel_close(g, r, 1e-10, f"grad of leaf {i}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_within_twice_pytorch_error(gen, case):
+    fn, leaves = CASES[case](gen)
+    low = [t.detach().float() for t in leaves]
+    exact, exact_grads, cot = _grads(fn, [t.double() for t in low], "eager")
+    cot32 = cot.float()
+    errors = {}
+    for backend in ("cpp", "eager"):
+        out, grads, _ = _grads(fn, low, backend, cot32)
+        assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+        errors[backend] = [rel_err(t, e) for t, e in zip([out, *grads], [exact, *exact_grads])]
+    # Outputs of a handful of values fluctuate by a few ulps either way: 4 ulps is the least floor.
+    floors = [max(rel_err(e.float(), e), 4 * torch.finfo(torch.float32).eps) for e in [exact, *exact_grads]]
+    for i, (ours, theirs, floor) in enumerate(zip(errors["cpp"], errors["eager"], floors)):
+        assert ours <= 2 * max(theirs, floor), f"{'output' if i == 0 else f'grad {i - 1}'}: {ours:.2e} vs {theirs:.2e}"
+
+
+GRADCHECK = {
+    "count_sketch": lambda g: count_sketch_case(g, lead=(2,), n=5, d=3),
+    # Normalisation only where no bucket of z is empty: the signed square root of FFT
+    # round-off around 0 has no usable finite difference.
+    "compact_bilinear gate pool": lambda g: compact_bilinear_case(
+        g, B=2, T=2, dims=(3, 2), d=5, gate=True, normalize=False
+    ),
+    "compact_bilinear normalize": lambda g: compact_bilinear_case(g, B=2, dims=(5, 4), d=3),
+    "compact_bilinear M=3 mean": lambda g: compact_bilinear_case(g, B=1, T=2, dims=(2, 2, 3), d=6, pool="mean"),
+    "signed_sqrt_l2": lambda g: signed_sqrt_l2_case(g, lead=(3,), d=5, zeros=False),
+    "factorized_bilinear": lambda g: factorized_bilinear_case(g, B=2, nx=3, ny=2, o=2, k=2, mask=True),
+    "low_rank_fusion": lambda g: low_rank_fusion_case(g, B=2, dims=(2, 1, 2), rank=2, hidden=3),
+    "tensor_fusion": lambda g: tensor_fusion_case(g, B=2, dims=(2, 1, 2), hidden=3),
+}
+
+
+@pytest.mark.parametrize("case", list(GRADCHECK))
+def test_gradcheck(gen, case):
+    fn, leaves = GRADCHECK[case](gen)
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    assert torch.autograd.gradcheck(lambda *t: fn(list(t), "cpp"), leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_computes_in_float32(gen, dtype):
+    fn, leaves = tensor_fusion_case(gen, B=4)
+    low = [t.detach().to(dtype) for t in leaves]
+    out, grads, cot = _grads(fn, low, "cpp")
+    ref, ref_grads, _ = _grads(fn, [t.float() for t in low], "cpp", cot.float())
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+
+
+def test_other_dtypes_are_rejected_by_name():
+    x = torch.ones(2, 3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="ComplexFloat"):
+        torch.ops.fastfusion_cpu.signed_sqrt_l2(x, 1e-12)
+
+
+DETERMINISM = {
+    "count_sketch": lambda g: count_sketch_case(g, lead=(64,), n=300, d=1000),
+    "compact_bilinear": lambda g: compact_bilinear_case(g, B=130, dims=(40, 30), d=4096, gate=True),
+    "compact_bilinear pooled": lambda g: compact_bilinear_case(g, B=9, T=20, dims=(40, 30), d=2048, pool="mean"),
+    # One sample of a long, non-power-of-two transform: MKL would split it across threads.
+    "compact_bilinear B=1 d=16000": lambda g: compact_bilinear_case(g, B=1, dims=(50, 60), d=16000),
+    "signed_sqrt_l2": lambda g: signed_sqrt_l2_case(g, lead=(64,), d=3000),
+    "factorized_bilinear": lambda g: factorized_bilinear_case(g, B=300, nx=64, ny=48, o=40, k=5, mask=True),
+    "low_rank_fusion": lambda g: low_rank_fusion_case(g, B=700, dims=(16, 8, 12), rank=4, hidden=32),
+    "tensor_fusion": lambda g: tensor_fusion_case(g, B=200, dims=(8, 6, 10), hidden=32),
+}
+
+
+@pytest.mark.parametrize("case", list(DETERMINISM))
+def test_same_bits_for_one_and_two_threads(gen, case):
+    fn, leaves = DETERMINISM[case](gen)
+    leaves = [t.detach().float() for t in leaves]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            out, grads, _ = _grads(fn, leaves, "cpp")
+            results.append([out, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    for run in results[1:]:
+        for a, b in zip(results[0], run):
+            assert torch.equal(a, b)
+
+
+def test_auto_prefers_cpp_on_cpu(gen):
+    fn, leaves = tensor_fusion_case(gen)
+    leaves = [t.detach().requires_grad_(True) for t in leaves]
+    assert "cpp" in ff.available_backends("cpu")
+    assert _dispatch.resolve_backend("tensor_fusion", "cpu", "auto") == "cpp"
+    assert custom_op_ran(fn(leaves, "auto"))
+
+
+def test_torch_compile_fullgraph(gen, monkeypatch):
+    fn, leaves = compact_bilinear_case(gen, B=2, T=3, gate=True)
+    leaves = [t.detach().float().requires_grad_(True) for t in leaves]
+    expected = fn(leaves, "cpp")
+    # The availability probe is first asked while dynamo traces the "auto" resolution.
+    monkeypatch.setattr(_extension, "_status", _extension._UNTRIED)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *t: fn(list(t), "auto"), fullgraph=True, backend="eager")
+    out = compiled(*leaves)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert all(t.grad is not None for t in leaves)
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- the build
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A process state in which the extension has not been tried, with an empty cache."""
+    monkeypatch.setattr(_extension, "_status", _extension._UNTRIED)
+    monkeypatch.setattr(_dispatch, "_FALLBACK_WARNED", set())
+    monkeypatch.setenv("FASTFUSION_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_extension, "_PACKAGE_DIR", tmp_path)  # no ahead-of-time build there
+    return tmp_path
+
+
+def _broken_sources(monkeypatch, tmp_path):
+    src = tmp_path / "csrc"
+    src.mkdir()
+    (src / "broken.cpp").write_text("#error simulated build failure\n")
+    monkeypatch.setattr(_extension, "_SOURCE_DIR", src)
+
+
+def test_failed_build_warns_once_and_falls_back(gen, monkeypatch, fresh_build):
+    _broken_sources(monkeypatch, fresh_build)
+    fn, leaves = tensor_fusion_case(gen)
+    leaves = [t.detach().requires_grad_(True) for t in leaves]
+    with pytest.warns(RuntimeWarning, match="simulated build failure") as record:
+        out = fn(leaves, "auto")
+        fn(leaves, "auto")
+        ff.count_sketch(leaves[0], torch.zeros(2, dtype=torch.long), torch.ones(2), 3)
+    assert len([w for w in record if "fastfusion" in str(w.message)]) == 1
+    assert custom_op_ran(out) and _dispatch.resolve_backend("tensor_fusion", "cpu", "auto") == "torch"
+    assert "cpp" not in ff.available_backends("cpu")
+    assert (fresh_build / "cache").exists() and list((fresh_build / "cache").glob("*/build.log"))
+
+
+@pytest.mark.parametrize("how", ["argument", "context", "set_backend"])
+def test_failed_build_raises_when_cpp_requested(gen, monkeypatch, fresh_build, how):
+    _broken_sources(monkeypatch, fresh_build)
+    fn, leaves = tensor_fusion_case(gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit request raises instead of warning
+        with pytest.raises(ff.BackendUnavailableError, match="simulated build failure"):
+            if how == "argument":
+                fn(leaves, "cpp")
+            elif how == "context":
+                with ff.backend("cpp"):
+                    fn(leaves, None)
+            else:
+                ff.set_backend("cpp")
+                fn(leaves, None)
+
+
+def test_environment_variable_cpp_raises(fresh_build):
+    code = (
+        "import torch, fastfusion as ff, fastfusion.cpp_backend, fastfusion._extension as e\n"
+        "e._SOURCE_DIR = e.pathlib.Path('/nonexistent')\n"
+        "e._PACKAGE_DIR = e.pathlib.Path('/nonexistent')\n"
+        "try:\n"
+        "    ff.signed_sqrt_l2(torch.ones(2, 3))\n"
+        "except ff.BackendUnavailableError as err:\n"
+        "    print('raised:', err)\n"
+    )
+    env = {**__import__("os").environ, "FASTFUSION_BACKEND": "cpp"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "raised:" in result.stdout and "sources are not installed" in result.stdout, result.stderr
+
+
+def test_missing_compiler_is_named(monkeypatch, fresh_build):
+    src = fresh_build / "csrc"
+    src.mkdir()
+    (src / "ok.cpp").write_text("int f() { return 0; }\n")
+    monkeypatch.setattr(_extension, "_SOURCE_DIR", src)
+    monkeypatch.setenv("CXX", "no-such-compiler-fastfusion")
+    assert "no C++ compiler" in _extension.unavailable_reason()
+
+
+def test_import_builds_nothing():
+    code = "import fastfusion, fastfusion.cpp_backend as c, fastfusion._extension as e; print(e._status is e._UNTRIED)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr
+
+
+def test_ahead_of_time_library_needs_matching_torch(monkeypatch, tmp_path):
+    monkeypatch.setattr(_extension, "_PACKAGE_DIR", tmp_path)
+    library = tmp_path / f"{_extension.AOT_MODULE}.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"")
+    assert _extension._aot_library() is None  # no record of the torch it was built for
+    (tmp_path / _extension.AOT_TORCH_VERSION_FILE).write_text("0.0.1\n")
+    assert _extension._aot_library() is None
+    (tmp_path / _extension.AOT_TORCH_VERSION_FILE).write_text(torch.__version__ + "\n")
+    assert _extension._aot_library() == str(library)
