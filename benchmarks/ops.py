@@ -144,6 +144,18 @@ def _tfn(s, gen):
     return args, (), lambda f, b, *a: f(list(a[:m]), a[m], a[m + 1])
 
 
+# kernel -> the fastfusion op family it exercises (for fastfusion.selected_backend)
+OP_FAMILY = {
+    "count_sketch": "count_sketch",
+    "signed_sqrt_l2": "signed_sqrt_l2",
+    "cbp_vec": "compact_bilinear",
+    "cbp_seq": "compact_bilinear",
+    "cbgp_vec": "compact_bilinear",
+    "mfb": "factorized_bilinear",
+    "lmf": "low_rank_fusion",
+    "tfn": "tensor_fusion",
+}
+
 _CBP = (reference.compact_bilinear_reference, fastfusion.compact_bilinear)
 # kernel -> (build, reference, fastfusion function)
 _KERNELS: dict[str, tuple[Callable, Callable, Callable]] = {

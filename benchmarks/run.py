@@ -221,6 +221,8 @@ def _case_groups(
             measured["eager"] = _fastest_eager(measured, variants)
         group = [_row(kernel, sizes, dtype_name, mode, p, measured[p]) for p in providers]
         for row in group:
+            if row["provider"] == "fastfusion" and row["note"] is None:
+                row["note"] = f"auto ran {fastfusion.selected_backend(ops.OP_FAMILY[kernel], device)}"
             if row["error"] is None:
                 seconds = row["p50_ms"] * 1e-3
                 gb_per_s = nbytes[mode] / seconds / 1e9

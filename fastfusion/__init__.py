@@ -4,7 +4,7 @@ Functional ops, their nn.Modules and backend control. The plain-PyTorch referenc
 in :mod:`fastfusion.reference`; FLOP counting in :mod:`fastfusion.flops` (needs fvcore).
 """
 
-from ._dispatch import BackendUnavailableError, available_backends, backend, set_backend
+from ._dispatch import BackendUnavailableError, available_backends, backend, selected_backend, set_backend
 from .modules import (
     CompactBilinearPooling,
     FactorizedBilinearPooling,
@@ -55,6 +55,7 @@ __all__ = [
     "draw_hashes_and_signs",
     "factorized_bilinear",
     "low_rank_fusion",
+    "selected_backend",
     "set_backend",
     "signed_sqrt_l2",
     "tensor_fusion",

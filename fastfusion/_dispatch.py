@@ -186,6 +186,17 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
     return name
 
 
+def selected_backend(op: str, device: str | torch.device = "cpu", backend: str | None = None) -> str:
+    """The concrete backend that a call of ``op`` on ``device`` runs now, given the call's
+    ``backend`` argument, the context, set_backend and FASTFUSION_BACKEND ("eager" if so
+    chosen). ``op`` names the kernel family: "count_sketch", "compact_bilinear" (also
+    tensor_sketch), "signed_sqrt_l2", "factorized_bilinear", "low_rank_fusion" or
+    "tensor_fusion"."""
+    if op not in _KERNELS:
+        raise ValueError(f"op must be one of {sorted(_KERNELS)}, got {op!r}")
+    return resolve_backend(op, torch.device(device).type, requested_backend(backend))
+
+
 def available_backends(device_type: str | None = None) -> tuple[str, ...]:
     """Concrete backends with at least one kernel (on ``device_type`` if given), fastest first."""
     order = ("triton", "cuda", "cpp", "torch")

@@ -45,7 +45,6 @@ import torch
 from torch import nn
 
 import fastfusion
-from fastfusion import _dispatch
 
 from .data import train_test_split
 from .heads import ADDITIVE_HEADS, HEAD_NAMES, HEAD_OPS
@@ -103,10 +102,10 @@ def forward_flops(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | 
 
 def resolved_backend(op: str | None, requested: str, device: torch.device) -> str:
     """The concrete backend that runs ``op`` under ``requested`` ("-" for heads without a
-    fastfusion op). fastfusion has no public resolver yet, hence the private call."""
+    fastfusion op)."""
     if op is None:
         return "-"
-    return _dispatch.resolve_backend(op, device.type, requested)
+    return fastfusion.selected_backend(op, device, requested)
 
 
 def throughput(model: nn.Module, inputs, target, task: str, device: torch.device, budget_s: float) -> dict:

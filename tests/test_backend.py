@@ -113,6 +113,18 @@ def test_set_backend_and_context_precedence(call):
     assert all(call().values())
 
 
+def test_selected_backend_names_what_a_call_runs():
+    auto = ff.selected_backend("tensor_fusion")
+    # On the CPU "auto" prefers the C++ kernels; Triton's interpreter is never chosen there.
+    assert auto == ("cpp" if "cpp" in ff.available_backends("cpu") else "torch")
+    with ff.backend("eager"):
+        assert ff.selected_backend("compact_bilinear") == "eager"
+        assert ff.selected_backend("compact_bilinear", "cpu", backend="torch") == "torch"
+    assert ff.selected_backend("count_sketch", torch.device("cpu")) == auto
+    with pytest.raises(ValueError, match="op must be one of"):
+        ff.selected_backend("tfn")
+
+
 def test_context_restores_on_exception(call):
     with pytest.raises(KeyError):
         with ff.backend("eager"):
