@@ -8,6 +8,13 @@ fusion modules, with a synthetic dataset, training, metrics and a comparison rep
 - :mod:`models.avt_ca`: AVT-CA and its ablations;
 - :mod:`models.frontends`: spectrogram images and clip normalisation;
 - :mod:`models.data`: the synthetic audio-video emotion dataset;
+- :mod:`models.corpora`, :mod:`models.mosei`: readers of RAVDESS, CREMA-D and CMU-MOSEI
+  on local disk (``build_corpus``), with :mod:`models.media` (decoding) and
+  :mod:`models.feature_cache` (features computed once per file);
+- :mod:`models.seed_zoo`: the seed systems by name (``build_seed_model``,
+  ``build_mosei_model``): :mod:`models.mfa_cnn` (hand-crafted features of
+  :mod:`models.handcrafted`, :mod:`models.mfa` fusion, :mod:`models.cnn1d`),
+  :mod:`models.cross_attention_triplet` and :mod:`models.decision_fusion`;
 - :mod:`models.metrics`: the papers' metrics;
 - ``python -m models.train``: training and evaluation (torchrun for several processes);
 - ``python -m models.compare``: the fused-vs-reference comparison report.

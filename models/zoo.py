@@ -65,10 +65,11 @@ _PRESETS = {
 
 
 def data_config(size: str = "tiny") -> SyntheticConfig:
-    return _preset(size).data
+    return get_preset(size).data
 
 
-def _preset(size: str) -> Preset:
+def get_preset(size: str) -> Preset:
+    """The model and data widths of ``size`` (one of :data:`SIZES`)."""
     if size not in _PRESETS:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     return _PRESETS[size]
@@ -88,7 +89,7 @@ def build_model(
     their papers. ``dropout`` overrides every dropout probability of the model (0 makes
     training deterministic given the data order, which the distributed tests rely on).
     """
-    preset = _preset(size)
+    preset = get_preset(size)
     audio_height = preset.data.audio_size[0]
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")

@@ -1,0 +1,266 @@
+"""The new seed systems: 1D-CNN, MFA + 1D-CNN, cross-modal attention with the
+emotion-constrained triplet loss, weighted decision fusion; each trains on synthetic data."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+from models import seed_zoo
+from models.cnn1d import Conv1DClassifier
+from models.cross_attention_triplet import CrossAttentionTriplet, emotion_triplet_loss
+from models.data import train_test_split
+from models.decision_fusion import WeightedDecisionFusion
+from models.mfa_cnn import MFACNN
+
+
+@pytest.fixture(scope="module")
+def synthetic_batch():
+    """32 clips of the synthetic audio-video emotion set (tiny size), as one batch."""
+    train, _ = train_test_split(32, 1, seed=0)
+    return default_collate([train[i] for i in range(len(train))])
+
+
+def train_steps(model, inputs, target, steps=12, lr=3e-3, task_loss=F.cross_entropy):
+    """Adam steps on one batch; the losses before each step. Models with their own
+    training loss (``has_training_loss``) compute it from the target."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        if getattr(model, "has_training_loss", False):
+            loss = model(*inputs, target=target)
+        else:
+            loss = task_loss(model(*inputs), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_decreasing(losses):
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+
+
+# --- 1D-CNN ---------------------------------------------------------------------------
+
+
+def test_conv1d_classifier_shapes():
+    torch.manual_seed(0)
+    net = Conv1DClassifier(5).eval()
+    assert net(torch.randn(3, 16)).shape == (3, 5)
+    assert net(torch.randn(2, 1)).shape == (2, 5)  # ceil-mode pooling keeps length 1 alive
+    multi = Conv1DClassifier(4, in_channels=7, channels=(8, 8)).eval()
+    assert multi(torch.randn(2, 7, 30)).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"expected \(B, L\) or \(B, 7, L\)"):
+        multi(torch.randn(2, 3, 30))
+    with pytest.raises(ValueError, match="odd"):
+        Conv1DClassifier(2, kernel_size=4)
+
+
+def test_conv1d_trains_on_synthetic_mel_sequences(synthetic_batch):
+    torch.manual_seed(0)
+    mels = synthetic_batch["audio"].squeeze(1)  # (B, 32 mel bands, 32 frames)
+    net = Conv1DClassifier(4, in_channels=mels.shape[1], channels=(16, 32), hidden=32, dropout=0.0)
+    assert_decreasing(train_steps(net, (mels,), synthetic_batch["label"]))
+
+
+# --- MFA + 1D-CNN ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def handcrafted_corpus(tmp_path_factory):
+    """Hand-crafted vectors of a fake RAVDESS (raw media whose pitch and motion follow the class)."""
+    pytest.importorskip("av")
+    pytest.importorskip("soundfile")
+    pytest.importorskip("librosa")
+    from fake_corpora import make_ravdess
+
+    from models.corpora import RAVDESS
+    from models.handcrafted import HandcraftedFrontend
+
+    root = tmp_path_factory.mktemp("ravdess")
+    make_ravdess(root, actors=(1, 2, 3))
+    return RAVDESS(root, frontend=HandcraftedFrontend(), cache_dir=root / "cache")
+
+
+def test_mfa_cnn_prepares_then_trains(handcrafted_corpus):
+    torch.manual_seed(0)
+    model = seed_zoo.build_seed_model("mfa_cnn1d", num_classes=8, dropout=0.0)
+    batch = default_collate([handcrafted_corpus[i] for i in range(len(handcrafted_corpus))])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        model(batch["audio"], batch["video"])
+    model.prepare(handcrafted_corpus)
+    fused = model.fuse(batch["audio"], batch["video"])
+    assert fused.shape == (24, 16)
+    # Rescaled to unit variance per component over the fitting set.
+    torch.testing.assert_close(fused.std(0, unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
+    assert_decreasing(train_steps(model, (batch["audio"], batch["video"]), batch["label"]))
+    # The fitted fusion travels in the state dict.
+    clone = seed_zoo.build_seed_model("mfa_cnn1d", num_classes=8)
+    clone.load_state_dict(model.state_dict())
+    model.eval(), clone.eval()
+    torch.testing.assert_close(clone(batch["audio"], batch["video"]), model(batch["audio"], batch["video"]))
+
+
+def test_mfa_cnn_checks_its_inputs():
+    with pytest.raises(ValueError, match="n_components"):
+        MFACNN({"audio": 3, "video": 2}, 2, n_components=6)
+    model = MFACNN({"audio": 3, "video": 2}, 2, n_components=2)
+    model.fit_fusion([torch.randn(20, 3), torch.randn(20, 2)], torch.arange(20) % 2)
+    with pytest.raises(ValueError, match=r"widths \(3, 2\) for \('audio', 'video'\), got \(5,\)"):
+        model(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"got \(3, 3\)"):
+        model.fit_fusion([torch.randn(20, 3), torch.randn(20, 3)], torch.arange(20) % 2)
+
+
+# --- triplet loss and cross-modal attention -------------------------------------------
+
+
+def brute_force_triplet(anchor, other, labels, margin):
+    a, o = F.normalize(anchor, dim=-1), F.normalize(other, dim=-1)
+    terms = []
+    for i in range(len(a)):
+        positives = [torch.dist(a[i], o[j]) for j in range(len(o)) if labels[j] == labels[i]]
+        negatives = [torch.dist(a[i], o[j]) for j in range(len(o)) if labels[j] != labels[i]]
+        if negatives:
+            terms.append(torch.relu(max(positives) - min(negatives) + margin))
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_triplet_loss_is_batch_hard_and_cross_modal(seed):
+    g = torch.Generator().manual_seed(seed)
+    anchor, other = torch.randn(10, 6, generator=g), torch.randn(10, 6, generator=g)
+    labels = torch.randint(3, (10,), generator=g)
+    expected = brute_force_triplet(anchor, other, labels, 0.3)
+    torch.testing.assert_close(emotion_triplet_loss(anchor, other, labels, margin=0.3), expected)
+
+
+def test_triplet_loss_edge_cases():
+    # Separated emotions: each anchor is at distance 0 from its positives and sqrt(2) from
+    # its negatives, beyond any margin below sqrt(2).
+    anchor = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    other = torch.tensor([[5.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    assert emotion_triplet_loss(anchor, other, labels, margin=1.0).item() == 0.0
+    # One emotion only: no negative, no loss, but a graph to backpropagate through.
+    loss = emotion_triplet_loss(anchor, other, torch.zeros(3, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(anchor.grad, torch.zeros_like(anchor))
+    # Coinciding anchor and positive: finite gradients.
+    same = torch.randn(4, 5, requires_grad=True)
+    emotion_triplet_loss(same, same.detach(), torch.tensor([0, 0, 1, 1])).backward()
+    assert torch.isfinite(same.grad).all()
+
+
+def test_cross_attention_triplet_trains_on_synthetic(synthetic_batch):
+    torch.manual_seed(0)
+    model = seed_zoo.build_seed_model("ca_triplet", dropout=0.0)
+    inputs, target = (synthetic_batch["audio"], synthetic_batch["video"]), synthetic_batch["label"]
+    assert model(*inputs).shape == (32, 4)
+    assert_decreasing(train_steps(model, inputs, target))
+    # The training loss is cross-entropy plus the weighted triplet terms.
+    model.eval()
+    total = model(*inputs, target=target)
+    model.triplet_weight = 0.0
+    torch.testing.assert_close(model(*inputs, target=target), F.cross_entropy(model(*inputs), target))
+    assert total > model(*inputs, target=target)
+
+
+# --- weighted decision fusion ---------------------------------------------------------
+
+
+def linear_models(dims, classes, seed=0):
+    torch.manual_seed(seed)
+    return [nn.Linear(d, classes) for d in dims]
+
+
+def test_decision_fusion_with_given_weights():
+    models = linear_models((3, 4, 5), 6)
+    fusion = WeightedDecisionFusion(models, (0.55, 0.38, 0.07))
+    inputs = [torch.randn(8, d) for d in (3, 4, 5)]
+    expected = sum(w * torch.softmax(m(x), -1) for w, m, x in zip((0.55, 0.38, 0.07), models, inputs))
+    torch.testing.assert_close(fusion(*inputs).exp(), expected)
+    target = torch.randint(6, (8,))
+    per_model = sum(F.cross_entropy(m(x), target) for m, x in zip(models, inputs))
+    torch.testing.assert_close(fusion(*inputs, target=target), per_model)
+    torch.testing.assert_close(WeightedDecisionFusion(models, (2, 1, 1)).weights, torch.tensor([0.5, 0.25, 0.25]))
+    zero = WeightedDecisionFusion(models, (1, 0, 0))
+    torch.testing.assert_close(zero(*inputs).exp(), torch.softmax(models[0](inputs[0]), -1))
+    for bad in [(1, 1), (1, -1, 1), (0, 0, 0)]:
+        with pytest.raises(ValueError, match="one non-negative value per model"):
+            WeightedDecisionFusion(models, bad)
+    with pytest.raises(ValueError, match="start from positive"):
+        WeightedDecisionFusion(models, (1, 0, 0), learn_weights=True)
+
+
+def test_learned_weights_favour_the_informative_modality_without_steering_the_models():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(3, (256,), generator=g)
+    informative = F.one_hot(target, 3).float() + 0.3 * torch.randn(256, 3, generator=g)
+    noise = [torch.randn(256, 3, generator=g) for _ in range(2)]
+    inputs = (noise[0], informative, noise[1])
+    fusion = WeightedDecisionFusion(linear_models((3, 3, 3), 3), learn_weights=True)
+    # The weights' term sees detached decisions: the models get exactly their own losses' gradients.
+    fusion(*inputs, target=target).backward()
+    grads = [p.grad.clone() for p in fusion.models.parameters()]
+    fusion.zero_grad()
+    sum(F.cross_entropy(m(x), target) for m, x in zip(fusion.models, inputs)).backward()
+    for got, want in zip(grads, (p.grad for p in fusion.models.parameters())):
+        torch.testing.assert_close(got, want)
+    assert fusion.weight_logits.grad is None
+    train_steps(fusion, inputs, target, steps=150, lr=0.05)
+    weights = fusion.weights.detach()
+    assert weights.argmax() == 1 and weights[1] > 0.6, weights
+
+
+def test_decision_fusion_regression():
+    models = linear_models((2, 2), 1)
+    fusion = WeightedDecisionFusion(models, (0.7, 0.3), task="regression")
+    inputs = [torch.randn(5, 2), torch.randn(5, 2)]
+    expected = 0.7 * models[0](inputs[0])[:, 0] + 0.3 * models[1](inputs[1])[:, 0]
+    torch.testing.assert_close(fusion(*inputs), expected)
+    target = torch.randn(5)
+    torch.testing.assert_close(fusion(*inputs, target=target),
+                               sum(F.l1_loss(m(x)[:, 0], target) for m, x in zip(models, inputs)))
+
+
+def test_decision_fusion_trains_on_synthetic(synthetic_batch):
+    torch.manual_seed(0)
+    model = seed_zoo.build_seed_model("decision_fusion", dropout=0.0, weights=(0.55, 0.45), learn_weights=True)
+    inputs = (synthetic_batch["audio"], synthetic_batch["video"])
+    assert model(*inputs).shape == (32, 4)
+    assert_decreasing(train_steps(model, inputs, synthetic_batch["label"]))
+
+
+# --- the zoo --------------------------------------------------------------------------
+
+
+def test_seed_zoo_names_and_features():
+    assert seed_zoo.features_for("mfa_cnn1d") == "handcrafted"
+    assert seed_zoo.features_for("ca_triplet") == seed_zoo.features_for("cbgp") == "image"
+    with pytest.raises(ValueError, match="unknown seed model"):
+        seed_zoo.build_seed_model("cbgp")
+    with pytest.raises(ValueError, match="size must be one of"):
+        seed_zoo.build_seed_model("ca_triplet", size="huge")
+    assert isinstance(seed_zoo.build_seed_model("ca_triplet", size="paper", num_classes=8), CrossAttentionTriplet)
+
+
+@pytest.mark.parametrize("name", seed_zoo.MOSEI_MODEL_NAMES)
+def test_mosei_models_train_on_three_sequences(name):
+    g = torch.Generator().manual_seed(0)
+    audio, video, text = (torch.randn(16, 6, d, generator=g) for d in (5, 4, 7))
+    sentiment = (text[:, :, 0].mean(1) * 3).clamp(-3, 3)
+    model = seed_zoo.build_mosei_model(name, (5, 4, 7), dropout=0.0)
+    assert model(audio, video, text).shape == (16,)
+    assert_decreasing(train_steps(model, (audio, video, text), sentiment, steps=15, lr=1e-2, task_loss=F.l1_loss))
+    classifier = seed_zoo.build_mosei_model(name, (5, 4, 7), task="classification", num_classes=7)
+    assert classifier(audio, video, text).shape == (16, 7)
+
