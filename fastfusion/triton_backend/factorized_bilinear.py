@@ -1,19 +1,29 @@
 """Triton factorized bilinear pooling (MFB): z_j = sum_{i<k} (x W_x + b_x)_{jk+i} (y W_y + b_y)_{jk+i}
 (times the dropout mask), then signed sqrt and L2 normalisation when ``normalize``.
 
-One kernel, two modes, grid (B blocks, o blocks). For each i < k it computes both
-projections of the columns j*k + i (a strided set of W rows, so the group sum is a plain
-register add) as tensor-core matmuls with the biases in the epilogue.
+One kernel, two modes. For each i < k it computes both projections of the columns j*k + i
+(a strided set of W rows, so the group sum is a plain register add) as tensor-core matmuls
+with the biases in the epilogue.
 
 - forward: multiplies, masks and sums the k products into z in float32 registers; the
-  (B, o*k) expansion never exists.
+  (B, o*k) expansion never exists. With ``normalize`` and o <= ``_MAX_ROW_O`` the grid is
+  (B blocks,) and one program holds whole rows of z (BLOCK_O >= o), so the signed sqrt and
+  the row's L2 norm (overflow-safe, NaN-propagating, as the reference) are computed in
+  registers and the kernel stores the final output: z never reaches memory. Otherwise the
+  grid is (B blocks, o blocks).
+- forward, normalize with o > ``_MAX_ROW_O``: a row no longer fits one program's
+  registers, and the norm spans every o block, so z is written in float32 and normalised
+  by the ``signed_sqrt_l2`` op's own kernel (the best backend registered for the device),
+  which reads each row twice, the second time from L2.
 - backward, fused part: the same projections are recomputed and the kernel writes
   grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x, (B, o*k).
-- backward, not fused: grad_x, grad_y, grad_W and grad_b from those by torch matmuls and
-  sums (cuBLAS).
-- normalisation, not fused: the row norm spans every o block, so z is written in float32
-  and normalised by the ``signed_sqrt_l2`` op's own kernel (the best backend registered
-  for the device), forward and backward; the backward recomputes z with the forward kernel.
+- backward, not fused: with ``normalize`` z is recomputed in float32 by the forward kernel
+  and the normalisation's gradient taken by the ``signed_sqrt_l2`` op; grad_x, grad_y,
+  grad_W and grad_b come from grad_proj by torch matmuls and sums (cuBLAS).
+
+The whole-row path trades parallelism for the fusion: it launches cdiv(B, BLOCK_B) programs
+instead of that times cdiv(o, BLOCK_O), with the same weight traffic (every B block reads
+all of W either way).
 
 dtypes: see :mod:`._fusion`.
 """
@@ -28,6 +38,13 @@ from .. import _dispatch
 from ..ops import factorized_bilinear as _reference
 from . import DEVICE_TYPES
 from ._fusion import KERNEL_DTYPES, autotune_configs, dot_precision, matmul_tile
+from .signed_sqrt_l2 import _accumulate_norm, _finish_norm, _signed_root
+
+# Largest o whose rows one program holds for the fused normalisation: a (16, 1024) float32
+# tile is 64 registers per thread at 8 warps, and the kernel keeps three (z, proj_x, proj_y).
+_MAX_ROW_O = 1024
+# Row-path tiles larger than this spill registers whatever the warp count; see _fits.
+_MAX_ROW_TILE = 16 * _MAX_ROW_O
 
 
 @triton.jit
@@ -42,20 +59,13 @@ def _projection(a_ptr, stride_ab, stride_an, w_ptr, stride_wo, stride_wn, bias_p
     return proj
 
 
-@triton.autotune(
-    configs=autotune_configs([
-        triton.Config({"BLOCK_B": b, "BLOCK_O": o, "BLOCK_N": n}, num_warps=w)
-        for b, o, n, w in [(32, 32, 32, 4), (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 64, 8)]
-    ]),
-    key=["B", "O", "FACTOR", "NX", "NY", "BACKWARD"],
-)
 @triton.jit
 def _kernel(
     x_ptr, y_ptr, wx_ptr, bx_ptr, wy_ptr, by_ptr, mask_ptr, z_ptr, gpx_ptr, gpy_ptr,
     B, O, FACTOR, NX, NY,
     stride_xb, stride_xn, stride_yb, stride_yn, stride_wxo, stride_wxn, stride_wyo, stride_wyn,
-    stride_mb, stride_mo, stride_zb, stride_zo, stride_gb,
-    HAS_BX: tl.constexpr, HAS_BY: tl.constexpr, HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr,
+    stride_mb, stride_mo, stride_zb, stride_zo, stride_gb, eps,
+    HAS_BX: tl.constexpr, HAS_BY: tl.constexpr, HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -86,30 +96,68 @@ def _kernel(
         else:
             z += px * py * keep
     if not BACKWARD:
+        if NORMALIZE:
+            # The launch guarantees BLOCK_O >= O: the tile holds whole rows, and the padding
+            # columns are z == 0, whose signed root is 0 and adds nothing to the norm.
+            s, _ = _signed_root(z, eps)
+            # Each element starts as its own lane of the rescaled sum of squares; _finish_norm
+            # reduces over axis 0, hence the transposes.
+            scale, sum_sq = _accumulate_norm(tl.zeros_like(s), tl.zeros_like(s), s)
+            norm = _finish_norm(tl.trans(scale), tl.trans(sum_sq))
+            z = s / tl.where(norm < eps, eps, norm)[:, None]  # not tl.maximum, which drops a NaN norm
         tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, grad_proj=None):
-    """Forward mode writes z; backward mode (``grad_proj`` given) reads the gradient of z
-    from ``z`` and writes the two projections' gradients into ``grad_proj``."""
+_KEY = ["B", "O", "FACTOR", "NX", "NY", "BACKWARD"]
+
+_tiled_kernel = triton.autotune(
+    configs=autotune_configs([
+        triton.Config({"BLOCK_B": b, "BLOCK_O": o, "BLOCK_N": n}, num_warps=w)
+        for b, o, n, w in [(32, 32, 32, 4), (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 64, 8)]
+    ]),
+    key=_KEY,
+)(_kernel)
+
+
+def _fits(configs, named_args, **kwargs):
+    return [c for c in configs if c.kwargs["BLOCK_B"] * kwargs["BLOCK_O"] <= _MAX_ROW_TILE]
+
+
+# BLOCK_O is not tuned here: the launch sets it to o rounded up to a power of two.
+_row_kernel = triton.autotune(
+    configs=autotune_configs([
+        triton.Config({"BLOCK_B": b, "BLOCK_N": n}, num_warps=w)
+        for b, n, w in [(16, 32, 4), (16, 32, 8), (16, 32, 16), (32, 32, 8), (64, 32, 8)]
+    ]),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": _fits},
+)(_kernel)
+
+
+def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, grad_proj=None, normalize=False, eps=0.0):
+    """Forward mode writes z, signed-sqrt-L2-normalised if ``normalize`` (then o must be at
+    most ``_MAX_ROW_O``); backward mode (``grad_proj`` given) reads the gradient of z from
+    ``z`` and writes the two projections' gradients into ``grad_proj``."""
     B, O = z.shape
     mask = dropout_mask if dropout_mask is not None else z
     gpx, gpy = grad_proj if grad_proj is not None else (z, z)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(O, meta["BLOCK_O"]))  # noqa: E731
-    _kernel[grid](
+    # tl.dot needs every tile dimension >= 16.
+    kernel, whole_rows = (_row_kernel, {"BLOCK_O": max(16, triton.next_power_of_2(O))}) if normalize else (_tiled_kernel, {})
+    kernel[grid](
         x, y, weight_x, bias_x if bias_x is not None else weight_x,
         weight_y, bias_y if bias_y is not None else weight_y, mask, z, gpx, gpy,
         B, O, factor, x.shape[1], y.shape[1],
         *x.stride(), *y.stride(), *weight_x.stride(), *weight_y.stride(),
-        *mask.stride(), *z.stride(), gpx.stride(0),
+        *mask.stride(), *z.stride(), gpx.stride(0), eps,
         HAS_BX=bias_x is not None, HAS_BY=bias_y is not None, HAS_MASK=dropout_mask is not None,
-        BACKWARD=grad_proj is not None, PRECISION=dot_precision(x.dtype),
+        BACKWARD=grad_proj is not None, NORMALIZE=normalize, PRECISION=dot_precision(x.dtype), **whole_rows,
     )
 
 
-def _unnormalised(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, dtype):
+def _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, dtype, normalize=False, eps=0.0):
     z = torch.empty((x.shape[0], weight_x.shape[0] // factor), dtype=dtype, device=x.device)
-    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z)
+    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, normalize=normalize, eps=eps)
     return z
 
 
@@ -120,10 +168,10 @@ def _normaliser(device_type: str) -> str:
 def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
     if x.dtype not in KERNEL_DTYPES:
         return _reference._forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
-    if not normalize:
-        return _unnormalised(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype)
+    if not normalize or weight_x.shape[0] // factor <= _MAX_ROW_O:
+        return _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype, normalize, eps)
     # z stays float32 so the normalisation sees it unrounded.
-    z = _unnormalised(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
+    z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
     return _dispatch.run_forward("signed_sqrt_l2", _normaliser(z.device.type), z, eps).to(x.dtype)
 
 
@@ -131,7 +179,7 @@ def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_ma
     if x.dtype not in KERNEL_DTYPES:
         return _reference._backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
     if normalize:
-        z = _unnormalised(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
+        z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
         grad = _dispatch.run_backward("signed_sqrt_l2", _normaliser(z.device.type), grad.float(), z, eps)
     grad_px = torch.empty((x.shape[0], weight_x.shape[0]), dtype=x.dtype, device=x.device)
     grad_py = torch.empty_like(grad_px)
