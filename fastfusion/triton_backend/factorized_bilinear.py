@@ -119,15 +119,32 @@ _tiled_kernel = triton.autotune(
 )(_kernel)
 
 
+# Hopper allows 227 KiB of shared memory per block; keep a margin for the epilogue.
+_SHARED_MEMORY_BUDGET = 200 * 1024
+
+
 def _fits(configs, named_args, **kwargs):
-    return [c for c in configs if c.kwargs["BLOCK_B"] * kwargs["BLOCK_O"] <= _MAX_ROW_TILE]
+    """Row-path configs whose register tile and pipelined shared-memory tiles fit: each of
+    the num_stages - 1 buffers holds an x tile and a (BLOCK_N, BLOCK_O) weight tile, which
+    in float32 at o = 1024 and BLOCK_N = 32 is already 130 KiB."""
+    itemsize = named_args["x_ptr"].element_size()
+
+    def shared_memory(c):
+        tiles = (c.kwargs["BLOCK_B"] + kwargs["BLOCK_O"]) * c.kwargs["BLOCK_N"] * itemsize
+        return tiles * max(1, c.num_stages - 1)
+
+    return [
+        c for c in configs
+        if c.kwargs["BLOCK_B"] * kwargs["BLOCK_O"] <= _MAX_ROW_TILE and shared_memory(c) <= _SHARED_MEMORY_BUDGET
+    ]
 
 
-# BLOCK_O is not tuned here: the launch sets it to o rounded up to a power of two.
+# BLOCK_O is not tuned here: the launch sets it to o rounded up to a power of two. The first
+# config fits every dtype at o = _MAX_ROW_O (the interpreter runs only the first).
 _row_kernel = triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_B": b, "BLOCK_N": n}, num_warps=w)
-        for b, n, w in [(16, 32, 4), (16, 32, 8), (16, 32, 16), (32, 32, 8), (64, 32, 8)]
+        for b, n, w in [(16, 16, 4), (16, 32, 4), (16, 32, 8), (16, 32, 16), (32, 32, 8), (64, 32, 8)]
     ]),
     key=_KEY,
     prune_configs_by={"early_config_prune": _fits},
