@@ -174,7 +174,7 @@ class FactorizedBilinearPooling(nn.Module):
         if self.training and self.dropout > 0:
             keep = 1.0 - self.dropout
             mask = torch.empty(x.shape[:-1] + (self.out_dim * self.factor,), device=x.device, dtype=x.dtype)
-            mask = mask.bernoulli_(keep) / keep
+            mask.bernoulli_(keep).div_(keep)
         return factorized_bilinear(
             x, y, self.proj_x.weight, self.proj_x.bias, self.proj_y.weight, self.proj_y.bias,
             self.factor, self.normalize, dropout_mask=mask,

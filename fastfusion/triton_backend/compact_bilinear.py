@@ -48,6 +48,16 @@ _BLOCK_FREQS = 256
 
 
 @triton.jit
+def _sample_and_frequencies(freqs, BLOCK: tl.constexpr):
+    """This program's sample b and block of frequencies f (with its mask): one program per
+    (sample, frequency block), frequency blocks fastest."""
+    pid = tl.program_id(0)
+    freq_blocks = tl.cdiv(freqs, BLOCK)
+    f = (pid % freq_blocks) * BLOCK + tl.arange(0, BLOCK)
+    return (pid // freq_blocks).to(tl.int64), f, f < freqs
+
+
+@triton.jit
 def _product_pool_kernel(
     f_ptr, out_ptr,
     positions, freqs,
@@ -55,11 +65,7 @@ def _product_pool_kernel(
     M: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # f is the real view of (M, B*T, K) complex spectra: real parts at 2f, imaginary at 2f+1.
-    pid = tl.program_id(0)
-    freq_blocks = tl.cdiv(freqs, BLOCK)
-    b = (pid // freq_blocks).to(tl.int64)
-    f = (pid % freq_blocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = f < freqs
+    b, f, mask = _sample_and_frequencies(freqs, BLOCK)
     acc_re = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
     acc_im = tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty)
     for t in range(0, positions):
@@ -90,11 +96,7 @@ def _adjoint_product_kernel(
     M: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # out has f's layout: out_k = g conj(prod_{m != k} f_m) (/ T) for every modality k.
-    pid = tl.program_id(0)
-    freq_blocks = tl.cdiv(freqs, BLOCK)
-    b = (pid // freq_blocks).to(tl.int64)
-    f = (pid % freq_blocks) * BLOCK + tl.arange(0, BLOCK)
-    mask = f < freqs
+    b, f, mask = _sample_and_frequencies(freqs, BLOCK)
     g_at = g_ptr + b * stride_g_row + 2 * f
     g_re = tl.load(g_at, mask=mask, other=0.0)
     g_im = tl.load(g_at + 1, mask=mask, other=0.0)
