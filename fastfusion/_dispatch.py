@@ -13,6 +13,14 @@ up here. Two names are not kernel families:
   PyTorch's own autograd. It is the baseline the benchmarks compare against, and lets a
   whole model be switched to it for A/B comparisons.
 
+Residuals. The ops whose backward needs intermediates of the forward (projections, spectra)
+return them from the forward custom op as a list of *residuals*, which autograd saves. Each
+backend decides: a kernel registered with ``saves_residuals=True`` takes ``save_residuals``
+as its forward's last argument and returns ``(output, residuals)``, and its backward gets
+that list as its second argument, empty when the forward did not save (it then recomputes).
+Which residuals, in which shapes, is part of each op's contract, so its fake kernel knows
+them. Other kernels recompute, as fused GPU kernels prefer, and never see residuals.
+
 Precedence: the ``backend=`` argument of a call, then the innermost ``fastfusion.backend``
 context, then ``fastfusion.set_backend``, then the ``FASTFUSION_BACKEND`` environment
 variable (read at import), then ``"auto"``.
@@ -47,6 +55,7 @@ class Kernel:
     forward: Callable
     backward: Callable
     device_types: frozenset[str] | None  # None: any device
+    saves_residuals: bool = False
 
 
 _KERNELS: dict[str, dict[str, Kernel]] = {}
@@ -66,12 +75,14 @@ def register_kernel(
     forward: Callable,
     backward: Callable,
     device_types: tuple[str, ...] | None = None,
+    saves_residuals: bool = False,
 ) -> None:
-    """Make ``backend`` provide ``op`` (its forward and backward) on ``device_types``."""
+    """Make ``backend`` provide ``op`` (its forward and backward) on ``device_types``;
+    ``saves_residuals``: see the module docstring."""
     if backend not in BACKEND_NAMES or backend in ("auto", "eager"):
         raise ValueError(f"backend must be one of 'torch', 'triton', 'cpp', 'cuda', got {backend!r}")
     types = None if device_types is None else frozenset(device_types)
-    _KERNELS.setdefault(op, {})[backend] = Kernel(forward, backward, types)
+    _KERNELS.setdefault(op, {})[backend] = Kernel(forward, backward, types, saves_residuals)
 
 
 def register_probe(backend: str, probe: Callable[[], str | None]) -> None:
@@ -119,6 +130,40 @@ def run_forward(op: str, backend: str, *args):
 def run_backward(op: str, backend: str, *args):
     """Run ``backend``'s backward kernel of ``op`` (called inside the backward custom op)."""
     return _contiguous(_KERNELS[op][backend].backward(*args))
+
+
+def residuals_saved(op: str, backend: str, save_residuals: bool) -> bool:
+    """Whether a forward call with ``save_residuals`` returns residuals (fake kernels ask)."""
+    return save_residuals and _KERNELS[op][backend].saves_residuals
+
+
+def run_forward_saving(op: str, backend: str, save_residuals: bool, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(output, residuals)`` of ``backend``'s forward kernel of an op with residuals;
+    residuals is empty unless :func:`residuals_saved`."""
+    kernel = _KERNELS[op][backend]
+    if not kernel.saves_residuals:
+        return _contiguous(kernel.forward(*args)), []
+    output, residuals = kernel.forward(*args, save_residuals)
+    return _contiguous(output), _contiguous(residuals)
+
+
+def run_backward_saving(op: str, backend: str, grad: torch.Tensor, residuals: list[torch.Tensor], *args):
+    """``backend``'s backward kernel of an op with residuals, given what its forward saved."""
+    kernel = _KERNELS[op][backend]
+    if not kernel.saves_residuals:
+        return _contiguous(kernel.backward(grad, *args))
+    return _contiguous(kernel.backward(grad, residuals, *args))
+
+
+def wants_residuals(op: str, backend: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether a forward call should save residuals: ``backend`` saves them for ``op`` and
+    autograd will record the call (grad mode on, some input requiring grad)."""
+    return (
+        backend != "eager"
+        and _KERNELS[op][backend].saves_residuals
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in tensors)
+    )
 
 
 def _runs_on(k: Kernel, device_type: str) -> bool:

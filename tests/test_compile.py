@@ -135,18 +135,19 @@ def opcheck_cases(gen):
     return {
         "count_sketch": (ops.count_sketch, (x, h0, s0, 7, "torch")),
         "count_sketch_backward": (ops.count_sketch_backward, (g7, h0, s0, "torch")),
-        "compact_bilinear": (ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, False, None, False, 1e-12, "torch")),
-        "compact_bilinear_mean_gated": (ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, True, gate, True, 1e-12, "torch")),
+        "compact_bilinear": (ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, False, None, False, 1e-12, False, "torch")),
+        "compact_bilinear_mean_gated": (
+            ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, True, gate, True, 1e-12, True, "torch")),
         "compact_bilinear_backward": (
-            ops.compact_bilinear_backward, (g7, d([xt, yt]), [h0, h1], [s0, s1], 7, True, gate.detach(), True, 1e-12, "torch")),
+            ops.compact_bilinear_backward, (g7, [], d([xt, yt]), [h0, h1], [s0, s1], 7, True, gate.detach(), True, 1e-12, "torch")),
         "signed_sqrt_l2": (ops.signed_sqrt_l2, (x, 1e-12, "torch")),
         "signed_sqrt_l2_backward": (ops.signed_sqrt_l2_backward, (randn(gen, 3, 5), x.detach(), 1e-12, "torch")),
-        "factorized_bilinear": (ops.factorized_bilinear, (x, y, wx, bx, wy, by, 3, mask, True, 1e-12, "torch")),
-        "factorized_bilinear_no_bias": (ops.factorized_bilinear, (x, y, wx, None, wy, None, 2, None, False, 1e-12, "torch")),
+        "factorized_bilinear": (ops.factorized_bilinear, (x, y, wx, bx, wy, by, 3, mask, True, 1e-12, True, "torch")),
+        "factorized_bilinear_no_bias": (ops.factorized_bilinear, (x, y, wx, None, wy, None, 2, None, False, 1e-12, False, "torch")),
         "factorized_bilinear_backward": (
-            ops.factorized_bilinear_backward, (g6, *d([x, y, wx, bx, wy, by]), 3, mask, True, 1e-12, "torch")),
-        "low_rank_fusion": (ops.low_rank_fusion, ([x, y], factors, lmf_w, lmf_b, "torch")),
-        "low_rank_fusion_backward": (ops.low_rank_fusion_backward, (g3, d([x, y]), d(factors), lmf_w.detach(), lmf_b.detach(), "torch")),
+            ops.factorized_bilinear_backward, (g6, [], *d([x, y, wx, bx, wy, by]), 3, mask, True, 1e-12, "torch")),
+        "low_rank_fusion": (ops.low_rank_fusion, ([x, y], factors, lmf_w, lmf_b, True, "torch")),
+        "low_rank_fusion_backward": (ops.low_rank_fusion_backward, (g3, [], d([x, y]), d(factors), lmf_w.detach(), lmf_b.detach(), "torch")),
         "tensor_fusion": (ops.tensor_fusion, ([x, y], tfn_w, tfn_b, "torch")),
         "tensor_fusion_no_bias": (ops.tensor_fusion, ([x, y], tfn_w, None, "torch")),
         "tensor_fusion_backward": (ops.tensor_fusion_backward, (g3, d([x, y]), tfn_w.detach(), None, "torch")),

@@ -283,6 +283,86 @@ def test_torch_compile_fullgraph(gen, monkeypatch):
     torch._dynamo.reset()
 
 
+# --------------------------------------------------------------------------- residuals
+# The cpp forward kernels of these ops hand intermediates to their backward (residuals);
+# without them the backward recomputes. Both paths must give the same bits.
+
+
+def residual_cases(gen):
+    """op name -> (forward args before save_residuals, backward args after the residuals, output shape)."""
+    (h0, h1, h2), (s0, s1, s2) = random_hashes_signs(gen, [6, 5, 4], 9)
+    (lh0, lh1), (ls0, ls1) = random_hashes_signs(gen, [6, 5], 4096)
+    gate = torch.rand(2, 4096, generator=gen, dtype=F64) + 0.5
+    xs3 = [randn(gen, 3, 1, n) for n in (6, 5, 4)]
+    long_xs = [randn(gen, 2, 70, n) for n in (6, 5)]  # positions split across FFT calls
+    x, y = randn(gen, 4, 5), randn(gen, 4, 6)
+    wx, bx, wy, by = randn(gen, 6, 5), randn(gen, 6), randn(gen, 6, 6), randn(gen, 6)
+    mask = (torch.rand(4, 6, generator=gen, dtype=F64) > 0.3).to(F64) * 2
+    lmf_xs, factors = [randn(gen, 4, 3), randn(gen, 4, 2)], [randn(gen, 2, 4, 3), randn(gen, 2, 3, 3)]
+    lmf_w, lmf_b = randn(gen, 2), randn(gen, 3)
+    cbp3 = (xs3, [h0, h1, h2], [s0, s1, s2], 9, True, None, True, 1e-12)
+    cbp_long = (long_xs, [lh0, lh1], [ls0, ls1], 4096, False, gate, False, 1e-12)
+    mfb = (x, y, wx, bx, wy, by, 2, mask, True, 1e-12)
+    lmf = (lmf_xs, factors, lmf_w, lmf_b)
+    return {
+        "compact_bilinear M=3 mean normalize": ("compact_bilinear", cbp3, (3, 9)),
+        "compact_bilinear long sequence gate": ("compact_bilinear", cbp_long, (2, 4096)),
+        "factorized_bilinear": ("factorized_bilinear", mfb, (4, 3)),
+        "low_rank_fusion": ("low_rank_fusion", lmf, (4, 3)),
+    }
+
+
+@pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "compact_bilinear long sequence gate",
+                                  "factorized_bilinear", "low_rank_fusion"])
+def test_backward_gives_the_same_bits_with_and_without_residuals(gen, case):
+    name, args, out_shape = residual_cases(gen)[case]
+    forward, backward = getattr(torch.ops.fastfusion, name), getattr(torch.ops.fastfusion, name + "_backward")
+    out_saving, residuals = forward(*args, True, "cpp")
+    out_plain, none = forward(*args, False, "cpp")
+    assert len(residuals) > 0 and len(none) == 0
+    assert torch.equal(out_saving, out_plain)
+    grad = randn(gen, *out_shape)
+    with_residuals = backward(grad, residuals, *args, "cpp")
+    recomputed = backward(grad, [], *args, "cpp")
+    for a, b in zip(with_residuals, recomputed, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "factorized_bilinear", "low_rank_fusion"])
+def test_opcheck_with_residuals(gen, case):
+    # The fake kernels must promise exactly the residuals that the cpp kernels save.
+    name, args, out_shape = residual_cases(gen)[case]
+    leaves = lambda a: [t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in a]  # noqa: E731
+    args = tuple(leaves(a) if isinstance(a, list) else leaves([a])[0] for a in args)
+    torch.library.opcheck(getattr(torch.ops.fastfusion, name), (*args, True, "cpp"))
+    _, residuals = getattr(torch.ops.fastfusion, name)(*args, True, "cpp")
+    detached = tuple([t.detach() for t in a] if isinstance(a, list) else a.detach() if isinstance(a, torch.Tensor) else a
+                     for a in args)
+    torch.library.opcheck(getattr(torch.ops.fastfusion, name + "_backward"), (randn(gen, *out_shape), residuals, *detached, "cpp"))
+
+
+def test_residuals_are_saved_only_when_autograd_records(gen):
+    x, w = randn(gen, 3, 4), randn(gen, 4, 4, requires_grad=True)
+    assert _dispatch.wants_residuals("factorized_bilinear", "cpp", x, w)
+    assert not _dispatch.wants_residuals("factorized_bilinear", "cpp", x, w.detach())
+    assert not _dispatch.wants_residuals("factorized_bilinear", "torch", x, w)
+    with torch.no_grad():
+        assert not _dispatch.wants_residuals("factorized_bilinear", "cpp", x, w)
+
+
+def test_aten_fft_fallback_matches(gen, monkeypatch):
+    # Builds of torch without MKL transform through ATen; the environment variable forces that
+    # path here. It must compute what the MKL path computes (to round-off).
+    fn, leaves = compact_bilinear_case(gen, B=3, T=4, gate=True, pool="mean")
+    leaves = [t.detach().requires_grad_(True) for t in leaves]
+    out, grads, cotangent = _grads(fn, leaves, "cpp")
+    monkeypatch.setenv("FASTFUSION_CPP_ATEN_FFT", "1")
+    out_aten, grads_aten, _ = _grads(fn, leaves, "cpp", cotangent)
+    assert_rel_close(out_aten, out, 1e-13, "output")
+    for i, (a, b) in enumerate(zip(grads_aten, grads)):
+        assert_rel_close(a, b, 1e-13, f"grad {i}")
+
+
 # --------------------------------------------------------------------------- the build
 
 

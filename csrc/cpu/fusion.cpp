@@ -242,9 +242,9 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
 
 // ---------------------------------------------------------------------------------------------
 // LMF. The projections x~_m W_m[r] for all ranks are one GEMM per modality against the
-// factor rearranged to (n_m + 1, rank * h), with the constant row as the GEMM's bias. The
-// rank-wise products, the weighted rank sum and the bias are one pass per row; so are, in the
-// backward, the products over the other modalities.
+// factor rearranged to (n_m + 1, rank * h), with the constant row as the GEMM's bias; they
+// are the residuals. The rank-wise products, the weighted rank sum and the bias are one pass
+// per row; so are, in the backward, the products over the other modalities.
 
 // factors[m] (r, n_m + 1, h) -> (n_m + 1, r * h); small, so copied.
 at::Tensor rank_major(const at::Tensor& factor) {
@@ -258,8 +258,9 @@ std::vector<at::Tensor> projections(const std::vector<at::Tensor>& xs, const std
   return proj;
 }
 
-at::Tensor low_rank_fusion(at::TensorList xs_in, at::TensorList factors_in, const at::Tensor& weights_in,
-                           const at::Tensor& bias_in) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> low_rank_fusion(at::TensorList xs_in, at::TensorList factors_in,
+                                                                 const at::Tensor& weights_in, const at::Tensor& bias_in,
+                                                                 bool save_residuals) {
   const auto type = compute_type(xs_in[0], "low_rank_fusion");
   const auto xs = prepared(xs_in, type);
   const auto weights = prepared(weights_in, type);
@@ -290,12 +291,12 @@ at::Tensor low_rank_fusion(at::TensorList xs_in, at::TensorList factors_in, cons
       }
     });
   });
-  return out.to(xs_in[0].scalar_type());
+  return {out.to(xs_in[0].scalar_type()), save_residuals ? proj : std::vector<at::Tensor>()};
 }
 
-std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::TensorList xs_in,
-                                                 at::TensorList factors_in, const at::Tensor& weights_in,
-                                                 const at::Tensor& bias_in) {
+std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::TensorList residuals,
+                                                 at::TensorList xs_in, at::TensorList factors_in,
+                                                 const at::Tensor& weights_in, const at::Tensor& bias_in) {
   const auto type = compute_type(xs_in[0], "low_rank_fusion_backward");
   const auto xs = prepared(xs_in, type);
   const auto grad = prepared(grad_in, type);
@@ -303,7 +304,17 @@ std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::
   std::vector<at::Tensor> flat;
   for (const auto& f : factors_in) flat.push_back(rank_major(f.to(type)));
   const int64_t B = xs[0].size(0), R = weights.numel(), H = grad.size(1), M = xs.size();
-  const auto proj = projections(xs, flat);
+  std::vector<at::Tensor> proj;
+  if (residuals.empty()) {
+    proj = projections(xs, flat);
+  } else {
+    TORCH_CHECK(static_cast<int64_t>(residuals.size()) == M, "fastfusion cpp backend: low_rank_fusion_backward needs ",
+                M, " residuals, got ", residuals.size());
+    for (const auto& r : residuals)
+      TORCH_CHECK(r.scalar_type() == type && r.is_contiguous() && r.sizes() == at::IntArrayRef({B, R * H}),
+                  "fastfusion cpp backend: low_rank_fusion_backward got a residual that its forward did not save");
+    proj.assign(residuals.begin(), residuals.end());
+  }
   // grad_proj[m] (B, r * h) = w_r g prod_{k != m} proj_k; per_row (B, r) = <g, prod_m proj_m>.
   std::vector<at::Tensor> grad_proj;
   for (int64_t m = 0; m < M; ++m) grad_proj.push_back(at::empty({B, R * H}, options_of(type)));
@@ -368,18 +379,18 @@ std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::
 
 // ---------------------------------------------------------------------------------------------
 // MFB. The two projections are GEMMs (with their biases); the product, dropout mask, group
-// sum over k and the signed sqrt + L2 are one pass per row. The backward needs the
-// projections again (the op is given only its inputs), turns them into their gradients in
-// place in the same per-row pass, and ends with the four weight/input GEMMs.
+// sum over k and the signed sqrt + L2 are one pass per row. The projections are the
+// residuals: the backward turns them into their gradients in the same per-row pass (into new
+// buffers, as autograd still holds them) and ends with the four weight/input GEMMs.
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   return bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
 }
 
-at::Tensor factorized_bilinear(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& wx_in,
-                               const std::optional<at::Tensor>& bx_in, const at::Tensor& wy_in,
-                               const std::optional<at::Tensor>& by_in, int64_t factor,
-                               const std::optional<at::Tensor>& mask_in, bool normalize, double eps) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> factorized_bilinear(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& wx_in, const std::optional<at::Tensor>& bx_in,
+    const at::Tensor& wy_in, const std::optional<at::Tensor>& by_in, int64_t factor,
+    const std::optional<at::Tensor>& mask_in, bool normalize, double eps, bool save_residuals) {
   const auto type = compute_type(x_in, "factorized_bilinear");
   const auto x = prepared(x_in, type), y = prepared(y_in, type);
   const auto wx = prepared(wx_in, type), wy = prepared(wy_in, type);
@@ -408,35 +419,48 @@ at::Tensor factorized_bilinear(const at::Tensor& x_in, const at::Tensor& y_in, c
       }
     });
   });
-  return out.to(x_in.scalar_type());
+  std::vector<at::Tensor> residuals;
+  if (save_residuals) residuals = {px, py};
+  return {out.to(x_in.scalar_type()), residuals};
 }
 
-std::vector<at::Tensor> factorized_bilinear_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                     const at::Tensor& y_in, const at::Tensor& wx_in,
-                                                     const std::optional<at::Tensor>& bx_in, const at::Tensor& wy_in,
-                                                     const std::optional<at::Tensor>& by_in, int64_t factor,
-                                                     const std::optional<at::Tensor>& mask_in, bool normalize,
-                                                     double eps) {
+std::vector<at::Tensor> factorized_bilinear_backward(const at::Tensor& grad_in, at::TensorList residuals,
+                                                     const at::Tensor& x_in, const at::Tensor& y_in,
+                                                     const at::Tensor& wx_in, const std::optional<at::Tensor>& bx_in,
+                                                     const at::Tensor& wy_in, const std::optional<at::Tensor>& by_in,
+                                                     int64_t factor, const std::optional<at::Tensor>& mask_in,
+                                                     bool normalize, double eps) {
   const auto type = compute_type(x_in, "factorized_bilinear_backward");
   const auto x = prepared(x_in, type), y = prepared(y_in, type);
   const auto wx = prepared(wx_in, type), wy = prepared(wy_in, type);
   const auto grad = prepared(grad_in, type);
-  auto gx_proj = project(x, wx, bx_in ? prepared(*bx_in, type) : at::Tensor());
-  auto gy_proj = project(y, wy, by_in ? prepared(*by_in, type) : at::Tensor());
-  const auto mask = mask_in ? prepared(*mask_in, type) : at::Tensor();
   const int64_t B = x.size(0), E = wx.size(0), O = E / factor;
+  const bool saved = !residuals.empty();
+  if (saved) {
+    TORCH_CHECK(residuals.size() == 2, "fastfusion cpp backend: factorized_bilinear_backward needs 2 residuals");
+    for (const auto& r : residuals)
+      TORCH_CHECK(r.scalar_type() == type && r.is_contiguous() && r.sizes() == at::IntArrayRef({B, E}),
+                  "fastfusion cpp backend: factorized_bilinear_backward got a residual that its forward did not save");
+  }
+  // Recomputed projections are scratch, so their gradients overwrite them.
+  const auto px = saved ? residuals[0] : project(x, wx, bx_in ? prepared(*bx_in, type) : at::Tensor());
+  const auto py = saved ? residuals[1] : project(y, wy, by_in ? prepared(*by_in, type) : at::Tensor());
+  auto grad_px = saved ? at::empty_like(px) : px, grad_py = saved ? at::empty_like(py) : py;
+  const auto mask = mask_in ? prepared(*mask_in, type) : at::Tensor();
   auto gbx = at::empty({E}, options_of(type)), gby = at::empty({E}, options_of(type));
   AT_DISPATCH_FLOATING_TYPES(type, "factorized_bilinear_backward", [&] {
     using T = scalar_t;
-    T* a = gx_proj.template mutable_data_ptr<T>();
-    T* c = gy_proj.template mutable_data_ptr<T>();
+    const T* a = px.template const_data_ptr<T>();
+    const T* c = py.template const_data_ptr<T>();
+    T* ga = grad_px.template mutable_data_ptr<T>();
+    T* gc = grad_py.template mutable_data_ptr<T>();
     const T* gp = grad.template const_data_ptr<T>();
     const T* mp = mask.defined() ? mask.template const_data_ptr<T>() : nullptr;
     parallel_rows(B, 4 * E, [&](int64_t b0, int64_t b1) {
       std::vector<T> z(normalize ? O : 0), gz(normalize ? O : 0);
       for (int64_t b = b0; b < b1; ++b) {
-        T* ar = a + b * E;
-        T* cr = c + b * E;
+        const T* ar = a + b * E;
+        const T* cr = c + b * E;
         const T* mr = mp ? mp + b * E : nullptr;
         const T* g = gp + b * O;
         if (normalize) {
@@ -448,23 +472,26 @@ std::vector<at::Tensor> factorized_bilinear_backward(const at::Tensor& grad_in, 
           signed_sqrt_l2_backward_row(g, z.data(), gz.data(), O, eps);
           g = gz.data();
         }
-        // The projections become their gradients in place: d px = ge * py, d py = ge * px.
+        // d px = ge * py, d py = ge * px; both read before either is written, as they may
+        // alias the projections.
+        T* gar = ga + b * E;
+        T* gcr = gc + b * E;
         for (int64_t j = 0; j < O; ++j)
           for (int64_t i = j * factor; i < (j + 1) * factor; ++i) {
             const T ge = mr ? g[j] * mr[i] : g[j];
-            const T pa = ar[i];
-            ar[i] = ge * cr[i];
-            cr[i] = ge * pa;
+            const T pa = ar[i], pc = cr[i];
+            gar[i] = ge * pc;
+            gcr[i] = ge * pa;
           }
       }
     });
-    column_sums(a, B, E, gbx.template mutable_data_ptr<T>());
-    column_sums(c, B, E, gby.template mutable_data_ptr<T>());
+    column_sums(ga, B, E, gbx.template mutable_data_ptr<T>());
+    column_sums(gc, B, E, gby.template mutable_data_ptr<T>());
   });
   const auto dt = x_in.scalar_type();
-  return {at::mm(gx_proj, wx).to(dt),          at::mm(gy_proj, wy).to(dt),
-          at::mm(gx_proj.t(), x).to(wx_in.scalar_type()), gbx.to(wx_in.scalar_type()),
-          at::mm(gy_proj.t(), y).to(wy_in.scalar_type()), gby.to(wy_in.scalar_type())};
+  return {at::mm(grad_px, wx).to(dt),          at::mm(grad_py, wy).to(dt),
+          at::mm(grad_px.t(), x).to(wx_in.scalar_type()), gbx.to(wx_in.scalar_type()),
+          at::mm(grad_py.t(), y).to(wy_in.scalar_type()), gby.to(wy_in.scalar_type())};
 }
 
 }  // namespace

@@ -9,21 +9,23 @@ TORCH_LIBRARY(fastfusion_cpu, m) {
   m.def("count_sketch_backward(Tensor grad, Tensor hash, Tensor sign) -> Tensor");
   m.def(
       "compact_bilinear(Tensor[] xs, Tensor[] hashes, Tensor[] signs, int out_dim, bool mean, Tensor? gate, "
-      "bool normalize, float eps) -> Tensor");
+      "bool normalize, float eps, bool save_residuals) -> (Tensor, Tensor[])");
   m.def(
-      "compact_bilinear_backward(Tensor grad, Tensor[] xs, Tensor[] hashes, Tensor[] signs, int out_dim, bool mean, "
+      "compact_bilinear_backward(Tensor grad, Tensor[] residuals, Tensor[] xs, Tensor[] hashes, Tensor[] signs, int out_dim, bool mean, "
       "Tensor? gate, bool normalize, float eps) -> Tensor[]");
   m.def("signed_sqrt_l2(Tensor z, float eps) -> Tensor");
   m.def("signed_sqrt_l2_backward(Tensor grad, Tensor z, float eps) -> Tensor");
   m.def(
       "factorized_bilinear(Tensor x, Tensor y, Tensor weight_x, Tensor? bias_x, Tensor weight_y, Tensor? bias_y, "
-      "int factor, Tensor? dropout_mask, bool normalize, float eps) -> Tensor");
+      "int factor, Tensor? dropout_mask, bool normalize, float eps, bool save_residuals) -> (Tensor, Tensor[])");
   m.def(
-      "factorized_bilinear_backward(Tensor grad, Tensor x, Tensor y, Tensor weight_x, Tensor? bias_x, "
+      "factorized_bilinear_backward(Tensor grad, Tensor[] residuals, Tensor x, Tensor y, Tensor weight_x, Tensor? bias_x, "
       "Tensor weight_y, Tensor? bias_y, int factor, Tensor? dropout_mask, bool normalize, float eps) -> Tensor[]");
-  m.def("low_rank_fusion(Tensor[] xs, Tensor[] factors, Tensor weights, Tensor bias) -> Tensor");
   m.def(
-      "low_rank_fusion_backward(Tensor grad, Tensor[] xs, Tensor[] factors, Tensor weights, Tensor bias) "
+      "low_rank_fusion(Tensor[] xs, Tensor[] factors, Tensor weights, Tensor bias, bool save_residuals) "
+      "-> (Tensor, Tensor[])");
+  m.def(
+      "low_rank_fusion_backward(Tensor grad, Tensor[] residuals, Tensor[] xs, Tensor[] factors, Tensor weights, Tensor bias) "
       "-> Tensor[]");
   m.def("tensor_fusion(Tensor[] xs, Tensor weight, Tensor? bias) -> Tensor");
   m.def("tensor_fusion_backward(Tensor grad, Tensor[] xs, Tensor weight, Tensor? bias) -> Tensor[]");

@@ -7,15 +7,19 @@
 //
 // Compact bilinear pooling works on tasks of whole samples (a fixed number, chosen from the
 // shapes alone so that the result cannot depend on the thread count). A task sketches its
-// positions into a buffer of about 2-4 MB, transforms it with one batched ATen real FFT,
-// multiplies and pools the spectra over positions, and runs one inverse FFT per sample
-// followed by the gate and the signed sqrt + L2 epilogue. No (B, T, d) intermediate exists.
-// ATen's FFT costs ~0.1 ms per call on top of ~6 us per 8192-point transform, so the tasks
-// are sized to batch many transforms per call rather than one sample at a time.
+// positions into a buffer of about 256 KB (so that it stays in L2), transforms it with one
+// batched real FFT, multiplies and pools the spectra over positions, and runs one inverse FFT
+// per sample followed by the gate and the signed sqrt + L2 epilogue. No (B, T, d)
+// intermediate exists, except when autograd will need one: then the spectra (B, T, d/2 + 1)
+// of every modality and the pooled sketch (B, d) are copied out as residuals, which spares
+// the backward half of its transforms (a copy costs about a third of a transform).
+//
+// The transforms are fft.h's: with MKL they cost ~6 us per 8192-point row and nothing per
+// call. Smaller buffers measured faster down to 256 KB (~2.5-4 MB before, when ATen's ~85 us
+// per call had to be amortised; that is still the cost without MKL: ~10 us per row at 256 KB).
 #include "common.h"
+#include "fft.h"
 
-#include <ATen/ops/fft_irfft.h>
-#include <ATen/ops/fft_rfft.h>
 #include <c10/util/complex.h>
 #include <torch/library.h>
 
@@ -115,7 +119,7 @@ struct Tiling {
   int64_t positions;  // per FFT call within a task
 
   Tiling(int64_t modalities, int64_t T, int64_t d) {
-    constexpr int64_t kRealsPerCall = int64_t(1) << 19;
+    constexpr int64_t kRealsPerCall = int64_t(1) << 16;
     const int64_t per_position = modalities * d;
     positions = std::clamp<int64_t>(kRealsPerCall / per_position, 1, T);
     samples = positions == T ? std::max<int64_t>(1, kRealsPerCall / (per_position * T)) : 1;
@@ -159,8 +163,10 @@ struct Problem {
       for (int64_t s = 0; s < S; ++s)
         for (int64_t t = 0; t < tp; ++t)
           hashings[m].sketch(row(m, s0 + s, t0 + t), sp + (m * R + s * tp + t) * d, d);
+    auto F = at::empty({M, R, K}, at::TensorOptions().dtype(c10::toComplexType(type)));
     const OneThreadFFT one_thread;
-    return at::fft_rfft(sketches, d, -1);
+    RealFFT<T>(d).forward(sp, F.template mutable_data_ptr<Complex<T>>(), M * R);
+    return F;
   }
 
   // pooled[s] += sum_t prod_m F_m[s, t]: the frequency-domain pooling.
@@ -189,8 +195,10 @@ struct Problem {
   }
 
   // The pooled sketch z (S, d) of samples [s0, s0 + S). When the task's positions fit one FFT
-  // call its spectra are handed back through `kept` for the backward to reuse.
-  at::Tensor pooled_sketch(int64_t s0, int64_t S, const Tiling& tiling, at::Tensor* kept) const {
+  // call its spectra are handed back through `kept` for the backward to reuse; with `saved`
+  // (the spectra residuals, (B, T, K) per modality) they are copied there.
+  at::Tensor pooled_sketch(int64_t s0, int64_t S, const Tiling& tiling, at::Tensor* kept,
+                           const std::vector<at::Tensor>* saved = nullptr) const {
     auto pooled = at::zeros({S, K}, at::TensorOptions().dtype(c10::toComplexType(type)));
     Complex<T>* pp = pooled.template mutable_data_ptr<Complex<T>>();
     for (int64_t t0 = 0; t0 < positions; t0 += tiling.positions) {
@@ -198,28 +206,52 @@ struct Problem {
       auto F = spectra(s0, S, t0, tp);
       pool(F, S, tp, pp);
       if (kept && tp == positions) *kept = F;
+      if (saved) {
+        // A task covers whole samples or (S = 1) a run of positions: consecutive rows either way.
+        const Complex<T>* f = F.template const_data_ptr<Complex<T>>();
+        for (int64_t m = 0; m < modalities(); ++m)
+          std::copy(f + m * S * tp * K, f + (m + 1) * S * tp * K,
+                    (*saved)[m].template mutable_data_ptr<Complex<T>>() + (s0 * positions + t0) * K);
+      }
     }
-    if (mean) pooled.div_(static_cast<double>(positions));
+    // The inverse transform's 1/d, and 1/T for "mean".
+    pooled.mul_(1.0 / (static_cast<double>(d) * (mean ? positions : 1)));
+    auto z = at::empty({S, d}, at::TensorOptions().dtype(type));
     const OneThreadFFT one_thread;
-    return at::fft_irfft(pooled, d, -1);
+    RealFFT<T>(d).inverse(pp, z.template mutable_data_ptr<T>(), S);
+    return z;
   }
 };
 
-at::Tensor compact_bilinear(at::TensorList xs_in, at::TensorList hashes, at::TensorList signs, int64_t out_dim,
-                            bool mean, const std::optional<at::Tensor>& gate_in, bool normalize, double eps) {
+// Residuals when saved: the spectra (B, T, d/2 + 1) of every modality, then, when there is a
+// gate or normalisation, the pooled sketch z (B, d) before them.
+std::tuple<at::Tensor, std::vector<at::Tensor>> compact_bilinear(at::TensorList xs_in, at::TensorList hashes,
+                                                                 at::TensorList signs, int64_t out_dim, bool mean,
+                                                                 const std::optional<at::Tensor>& gate_in,
+                                                                 bool normalize, double eps, bool save_residuals) {
   const auto type = compute_type(xs_in[0], "compact_bilinear");
-  auto out = at::empty({xs_in[0].size(0), out_dim}, at::TensorOptions().dtype(type));
+  const int64_t B = xs_in[0].size(0), P = xs_in[0].size(1);
+  auto out = at::empty({B, out_dim}, at::TensorOptions().dtype(type));
+  std::vector<at::Tensor> residuals;
+  const bool save_z = save_residuals && (gate_in.has_value() || normalize);
+  if (save_residuals) {
+    for (size_t m = 0; m < xs_in.size(); ++m)
+      residuals.push_back(empty_output({B, P, out_dim / 2 + 1}, at::TensorOptions().dtype(c10::toComplexType(type))));
+  }
+  if (save_z) residuals.push_back(at::empty({B, out_dim}, at::TensorOptions().dtype(type)));
   AT_DISPATCH_FLOATING_TYPES(type, "compact_bilinear", [&] {
     using T = scalar_t;
     const Problem<T> problem(xs_in, hashes, signs, out_dim, mean, type);
     const at::Tensor gate = gate_in ? prepared(*gate_in, type) : at::Tensor();
     const Tiling tiling(problem.modalities(), problem.positions, out_dim);
     const int64_t tasks = (problem.B + tiling.samples - 1) / tiling.samples;
+    const std::vector<at::Tensor> saved_spectra(residuals.begin(), residuals.begin() + (save_residuals ? xs_in.size() : 0));
     parallel_tasks(tasks, [&](int64_t task0, int64_t task1) {
       for (int64_t task = task0; task < task1; ++task) {
         const int64_t s0 = task * tiling.samples, S = std::min(tiling.samples, problem.B - s0);
-        const auto z = problem.pooled_sketch(s0, S, tiling, nullptr);
+        const auto z = problem.pooled_sketch(s0, S, tiling, nullptr, save_residuals ? &saved_spectra : nullptr);
         const T* zp = z.template const_data_ptr<T>();
+        if (save_z) std::copy(zp, zp + S * out_dim, residuals.back().template mutable_data_ptr<T>() + s0 * out_dim);
         for (int64_t s = 0; s < S; ++s) {
           T* o = out.mutable_data_ptr<T>() + (s0 + s) * out_dim;
           const T* zr = zp + s * out_dim;
@@ -234,12 +266,12 @@ at::Tensor compact_bilinear(at::TensorList xs_in, at::TensorList hashes, at::Ten
       }
     });
   });
-  return out.to(xs_in[0].scalar_type());
+  return {out.to(xs_in[0].scalar_type()), residuals};
 }
 
-std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at::TensorList xs_in,
-                                                  at::TensorList hashes, at::TensorList signs, int64_t out_dim,
-                                                  bool mean, const std::optional<at::Tensor>& gate_in,
+std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at::TensorList residuals,
+                                                  at::TensorList xs_in, at::TensorList hashes, at::TensorList signs,
+                                                  int64_t out_dim, bool mean, const std::optional<at::Tensor>& gate_in,
                                                   bool normalize, double eps) {
   const auto type = compute_type(xs_in[0], "compact_bilinear_backward");
   std::vector<at::Tensor> grads;
@@ -249,26 +281,42 @@ std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at:
     const at::Tensor grad = prepared(grad_in, type);
     const at::Tensor gate = gate_in ? prepared(*gate_in, type) : at::Tensor();
     const int64_t M = problem.modalities(), K = problem.K, P = problem.positions;
+    const bool saved = !residuals.empty();
+    const bool needs_z = gate.defined() || normalize;
+    if (saved) {
+      TORCH_CHECK(static_cast<int64_t>(residuals.size()) == M + needs_z,
+                  "fastfusion cpp backend: compact_bilinear_backward needs ", M + needs_z, " residuals, got ",
+                  residuals.size());
+      for (int64_t i = 0; i < M + needs_z; ++i) {
+        const bool spectrum = i < M;
+        const auto expected = spectrum ? std::vector<int64_t>{problem.B, P, K} : std::vector<int64_t>{problem.B, out_dim};
+        TORCH_CHECK(residuals[i].scalar_type() == (spectrum ? c10::toComplexType(type) : type) &&
+                        residuals[i].is_contiguous() && residuals[i].sizes() == at::IntArrayRef(expected),
+                    "fastfusion cpp backend: compact_bilinear_backward got a residual that its forward did not save");
+      }
+    }
     for (const auto& x : problem.xs) grads.push_back(at::empty_like(x));
     at::Tensor grad_gate = gate.defined() ? at::empty_like(gate) : at::Tensor();
     const Tiling tiling(M, P, out_dim);
     const int64_t tasks = (problem.B + tiling.samples - 1) / tiling.samples;
-    const T inv_positions = mean ? T(1) / static_cast<T>(P) : T(1);
+    // The inverse transform's 1/d and, for "mean", the 1/T, applied to g'' (the reference
+    // divides by T before its FFT too).
+    const T scale = static_cast<T>(1.0 / (static_cast<double>(out_dim) * (mean ? P : 1)));
 
     parallel_tasks(tasks, [&](int64_t task0, int64_t task1) {
       std::vector<T> scratch(out_dim);
       for (int64_t task = task0; task < task1; ++task) {
         const int64_t s0 = task * tiling.samples, S = std::min(tiling.samples, problem.B - s0);
-        // The gradient reaching the pooled sketch, g'' = d out / d z (S, d), already divided by
-        // T for "mean" (the reference divides before its FFT too).
+        // The gradient reaching the pooled sketch, g'' = d out / d z (S, d), times `scale`.
         auto g2 = at::empty({S, out_dim}, grad.options());
         T* g2p = g2.template mutable_data_ptr<T>();
         at::Tensor kept;
-        if (gate.defined() || normalize) {
-          const auto z = problem.pooled_sketch(s0, S, tiling, &kept);
+        if (needs_z) {
+          const at::Tensor z = saved ? residuals[M].narrow(0, s0, S) : problem.pooled_sketch(s0, S, tiling, &kept);
+          const T* zp = z.template const_data_ptr<T>();
           for (int64_t s = 0; s < S; ++s) {
             const int64_t b = s0 + s;
-            const T* zr = z.template const_data_ptr<T>() + s * out_dim;
+            const T* zr = zp + s * out_dim;
             const T* gr = grad.const_data_ptr<T>() + b * out_dim;
             const T* gt = gate.defined() ? gate.const_data_ptr<T>() + b * out_dim : nullptr;
             T* g2r = g2p + s * out_dim;
@@ -289,26 +337,32 @@ std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at:
                 g2r[j] *= gt[j];
               }
             }
-            if (mean)
-              for (int64_t j = 0; j < out_dim; ++j) g2r[j] *= inv_positions;
+            for (int64_t j = 0; j < out_dim; ++j) g2r[j] *= scale;
           }
         } else {
           const T* gr = grad.const_data_ptr<T>() + s0 * out_dim;
-          for (int64_t j = 0; j < S * out_dim; ++j) g2p[j] = gr[j] * inv_positions;
+          for (int64_t j = 0; j < S * out_dim; ++j) g2p[j] = gr[j] * scale;
         }
-        at::Tensor G;
-        {
-          const OneThreadFFT one_thread;
-          G = at::fft_rfft(g2, out_dim, -1);
-        }
+        const OneThreadFFT one_thread;
+        const RealFFT<T> fft(out_dim);  // this thread's transforms
+        auto G = at::empty({S, K}, at::TensorOptions().dtype(c10::toComplexType(type)));
         const Complex<T>* gh = G.template const_data_ptr<Complex<T>>();
+        fft.forward(g2p, G.template mutable_data_ptr<Complex<T>>(), S);
 
         // The adjoint of circular convolution is circular correlation:
         // dC_m = IFFT(FFT(g'') * conj(prod_{k != m} F_k)), then dx_m is C_m's adjoint.
         for (int64_t t0 = 0; t0 < P; t0 += tiling.positions) {
           const int64_t tp = std::min(tiling.positions, P - t0), R = S * tp;
-          const auto F = kept.defined() ? kept : problem.spectra(s0, S, t0, tp);
-          const Complex<T>* f = F.template const_data_ptr<Complex<T>>();
+          // Row r of modality j's spectra at fj[j] + r * K.
+          std::vector<const Complex<T>*> fj(M);
+          at::Tensor F;
+          if (saved) {
+            for (int64_t j = 0; j < M; ++j)
+              fj[j] = residuals[j].template const_data_ptr<Complex<T>>() + (s0 * P + t0) * K;
+          } else {
+            F = kept.defined() ? kept : problem.spectra(s0, S, t0, tp);
+            for (int64_t j = 0; j < M; ++j) fj[j] = F.template const_data_ptr<Complex<T>>() + j * R * K;
+          }
           auto Q = at::empty({M, R, K}, G.options());
           Complex<T>* q = Q.template mutable_data_ptr<Complex<T>>();
           for (int64_t m = 0; m < M; ++m)
@@ -317,16 +371,13 @@ std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at:
               std::copy(gh + (r / tp) * K, gh + (r / tp + 1) * K, qr);
               for (int64_t j = 0; j < M; ++j) {
                 if (j == m) continue;
-                const Complex<T>* fj = f + (j * R + r) * K;
-                for (int64_t k = 0; k < K; ++k) qr[k] *= std::conj(fj[k]);
+                const Complex<T>* f = fj[j] + r * K;
+                for (int64_t k = 0; k < K; ++k) qr[k] *= std::conj(f[k]);
               }
             }
-          at::Tensor dC;
-          {
-            const OneThreadFFT one_thread;
-            dC = at::fft_irfft(Q, out_dim, -1);
-          }
-          const T* dc = dC.template const_data_ptr<T>();
+          auto dC = at::empty({M, R, out_dim}, at::TensorOptions().dtype(type));
+          T* dc = dC.template mutable_data_ptr<T>();
+          fft.inverse(q, dc, M * R);
           for (int64_t m = 0; m < M; ++m) {
             const int64_t n = problem.hashings[m].size();
             T* dx = grads[m].template mutable_data_ptr<T>();

@@ -23,7 +23,7 @@ unpooled calls use T = 1. Inputs in float16/bfloat16 are transformed in float32.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -101,6 +101,9 @@ def _backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize
     return grads + grads_gate
 
 
+# Residuals (backends that save them): the spectra rfft(C_m(x_m)) of every modality,
+# (B, T, d//2 + 1) complex, then, with a gate or normalisation, the pooled sketch z before the
+# gate (B, d); all in the compute dtype.
 @torch.library.custom_op("fastfusion::compact_bilinear", mutates_args=())
 def _compact_bilinear_op(
     xs: List[torch.Tensor],
@@ -111,19 +114,30 @@ def _compact_bilinear_op(
     gate: Optional[torch.Tensor],
     normalize: bool,
     eps: float,
+    save_residuals: bool,
     backend: str,
-) -> torch.Tensor:
-    return _dispatch.run_forward("compact_bilinear", backend, xs, hashes, signs, out_dim, mean, gate, normalize, eps)
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    return _dispatch.run_forward_saving(
+        "compact_bilinear", backend, save_residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps
+    )
 
 
 @_compact_bilinear_op.register_fake
-def _(xs, hashes, signs, out_dim, mean, gate, normalize, eps, backend):
-    return xs[0].new_empty((xs[0].shape[0], out_dim))
+def _(xs, hashes, signs, out_dim, mean, gate, normalize, eps, save_residuals, backend):
+    batch, positions = xs[0].shape[:2]
+    residuals = []
+    if _dispatch.residuals_saved("compact_bilinear", backend, save_residuals):
+        work = compute_dtype(xs[0].dtype)
+        residuals = [xs[0].new_empty((batch, positions, out_dim // 2 + 1), dtype=work.to_complex()) for _ in xs]
+        if gate is not None or normalize:
+            residuals.append(xs[0].new_empty((batch, out_dim), dtype=work))
+    return xs[0].new_empty((batch, out_dim)), residuals
 
 
 @torch.library.custom_op("fastfusion::compact_bilinear_backward", mutates_args=())
 def _compact_bilinear_backward_op(
     grad: torch.Tensor,
+    residuals: List[torch.Tensor],
     xs: List[torch.Tensor],
     hashes: List[torch.Tensor],
     signs: List[torch.Tensor],
@@ -134,31 +148,39 @@ def _compact_bilinear_backward_op(
     eps: float,
     backend: str,
 ) -> List[torch.Tensor]:
-    return _dispatch.run_backward("compact_bilinear", backend, grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps)
+    return _dispatch.run_backward_saving(
+        "compact_bilinear", backend, grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps
+    )
 
 
 @_compact_bilinear_backward_op.register_fake
-def _(grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps, backend):
+def _(grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, backend):
     return [x.new_empty(x.shape) for x in xs] + ([] if gate is None else [gate.new_empty(gate.shape)])
 
 
 def _setup_context(ctx, inputs, output):
-    xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.backend = inputs
+    xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, _, ctx.backend = inputs
+    residuals = output[1]
+    ctx.mark_non_differentiable(*residuals)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals (None instead)
     ctx.num_modalities = len(xs)
     ctx.has_gate = gate is not None
-    ctx.save_for_backward(*xs, *hashes, *signs, *([gate] if gate is not None else []))
+    ctx.save_for_backward(*xs, *hashes, *signs, *([gate] if gate is not None else []), *residuals)
 
 
-def _autograd_backward(ctx, grad):
+def _autograd_backward(ctx, grad, _grad_residuals):
     m = ctx.num_modalities
+    if grad is None:  # the output's gradient is undefined: so are the inputs'
+        return [None] * m, [None] * m, [None] * m, None, None, None, None, None, None, None
     saved = ctx.saved_tensors
     xs, hashes, signs = list(saved[:m]), list(saved[m : 2 * m]), list(saved[2 * m : 3 * m])
     gate = saved[3 * m] if ctx.has_gate else None
+    residuals = list(saved[3 * m + ctx.has_gate :])
     grads = _compact_bilinear_backward_op(
-        grad.contiguous(), xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.backend
+        grad.contiguous(), residuals, xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.backend
     )
     grad_gate = grads[m] if ctx.has_gate else None
-    return list(grads[:m]), [None] * m, [None] * m, None, None, grad_gate, None, None, None
+    return list(grads[:m]), [None] * m, [None] * m, None, None, grad_gate, None, None, None, None
 
 
 _compact_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -228,7 +250,8 @@ def sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize,
     if name == "eager":
         out = _forward(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps)
     else:
-        out = _compact_bilinear_op(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, name)
+        save = _dispatch.wants_residuals("compact_bilinear", name, *canonical, flat_gate)
+        out = _compact_bilinear_op(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, save, name)[0]
     return out.reshape(tuple(out_lead) + (out_dim,))
 
 

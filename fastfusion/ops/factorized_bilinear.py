@@ -12,14 +12,14 @@ stays deterministic and the mask is reused by the backward.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _dispatch
 from .._validation import check_eps, check_like, check_positive_int, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, flatten_leading
+from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
 
@@ -60,6 +60,8 @@ def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor: int, dropo
     ]
 
 
+# Residuals (backends that save them): the projections [x W_x^T + b_x, y W_y^T + b_y], each
+# (B, o*k) in the compute dtype.
 @torch.library.custom_op("fastfusion::factorized_bilinear", mutates_args=())
 def _factorized_bilinear_op(
     x: torch.Tensor,
@@ -72,20 +74,27 @@ def _factorized_bilinear_op(
     dropout_mask: Optional[torch.Tensor],
     normalize: bool,
     eps: float,
+    save_residuals: bool,
     backend: str,
-) -> torch.Tensor:
-    return _dispatch.run_forward("factorized_bilinear", backend, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    return _dispatch.run_forward_saving(
+        "factorized_bilinear", backend, save_residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps
     )
 
 
 @_factorized_bilinear_op.register_fake
-def _(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, backend):
-    return x.new_empty((x.shape[0], weight_x.shape[0] // factor))
+def _(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, save_residuals, backend):
+    hidden = weight_x.shape[0]
+    residuals = []
+    if _dispatch.residuals_saved("factorized_bilinear", backend, save_residuals):
+        residuals = [x.new_empty((x.shape[0], hidden), dtype=compute_dtype(x.dtype)) for _ in range(2)]
+    return x.new_empty((x.shape[0], hidden // factor)), residuals
 
 
 @torch.library.custom_op("fastfusion::factorized_bilinear_backward", mutates_args=())
 def _factorized_bilinear_backward_op(
     grad: torch.Tensor,
+    residuals: List[torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
     weight_x: torch.Tensor,
@@ -98,36 +107,43 @@ def _factorized_bilinear_backward_op(
     eps: float,
     backend: str,
 ) -> List[torch.Tensor]:
-    return _dispatch.run_backward("factorized_bilinear", backend, grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps
+    return _dispatch.run_backward_saving(
+        "factorized_bilinear", backend, grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps
     )
 
 
 @_factorized_bilinear_backward_op.register_fake
-def _(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, backend):
+def _(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, backend):
     hidden = weight_x.shape[:1]
     return [t.new_empty(t.shape) for t in (x, y, weight_x)] + [x.new_empty(hidden), weight_y.new_empty(weight_y.shape), y.new_empty(hidden)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, ctx.backend = inputs
+    x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, _, ctx.backend = inputs
+    residuals = output[1]
+    ctx.mark_non_differentiable(*residuals)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals (None instead)
     ctx.has_bias = (bias_x is not None, bias_y is not None)
     ctx.has_mask = dropout_mask is not None
+    ctx.num_residuals = len(residuals)
     optional = [t for t in (bias_x, bias_y, dropout_mask) if t is not None]
-    ctx.save_for_backward(x, y, weight_x, weight_y, *optional)
+    ctx.save_for_backward(x, y, weight_x, weight_y, *residuals, *optional)
 
 
-def _autograd_backward(ctx, grad):
-    x, y, weight_x, weight_y, *optional = ctx.saved_tensors
-    optional = iter(optional)
+def _autograd_backward(ctx, grad, _grad_residuals):
+    if grad is None:  # the output's gradient is undefined: so are the inputs'
+        return (None,) * 12
+    x, y, weight_x, weight_y, *rest = ctx.saved_tensors
+    residuals, optional = rest[: ctx.num_residuals], iter(rest[ctx.num_residuals :])
     bias_x = next(optional) if ctx.has_bias[0] else None
     bias_y = next(optional) if ctx.has_bias[1] else None
     dropout_mask = next(optional) if ctx.has_mask else None
     gx, gy, gwx, gbx, gwy, gby = _factorized_bilinear_backward_op(
-        grad.contiguous(), x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, ctx.backend
+        grad.contiguous(), residuals, x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, ctx.backend
     )
     gbx = gbx if ctx.has_bias[0] else None
     gby = gby if ctx.has_bias[1] else None
-    return gx, gy, gwx, gbx, gwy, gby, None, None, None, None, None
+    return gx, gy, gwx, gbx, gwy, gby, None, None, None, None, None, None
 
 
 _factorized_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -191,7 +207,11 @@ def factorized_bilinear(
         dropout_mask = flatten_leading(dropout_mask.to(x.dtype))
     name = _dispatch.resolve_backend("factorized_bilinear", x.device.type, _dispatch.requested_backend(backend))
     args = (flatten_leading(x), flatten_leading(y), weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
-    out = _forward(*args) if name == "eager" else _factorized_bilinear_op(*args, name)
+    if name == "eager":
+        out = _forward(*args)
+    else:
+        save = _dispatch.wants_residuals("factorized_bilinear", name, x, y, weight_x, bias_x, weight_y, bias_y)
+        out = _factorized_bilinear_op(*args, save, name)[0]
     return out.reshape(tuple(x.shape[:-1]) + (hidden // factor,))
 
 

@@ -12,13 +12,13 @@ tensor fusion with W = sum_r w_r (x)_m W_m[r] without ever forming that tensor.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 
 from .. import _dispatch
 from .._validation import check_like, check_modality_tensors, check_same_count, check_shape, check_tensor
-from ._common import product, autocast_dtype, cast_all, flatten_leading
+from ._common import product, autocast_dtype, cast_all, compute_dtype, flatten_leading
 
 
 def _rank_projections(xs, factors) -> list[torch.Tensor]:
@@ -46,41 +46,59 @@ def _backward(grad, xs, factors, weights, bias) -> list[torch.Tensor]:
     return grad_xs + grad_factors + [grad_weights, grad.sum(0)]
 
 
+# Residuals (backends that save them): the projections x~_m W_m[r] for all ranks, (B, r*h)
+# per modality, in the compute dtype.
 @torch.library.custom_op("fastfusion::low_rank_fusion", mutates_args=())
 def _low_rank_fusion_op(
-    xs: List[torch.Tensor], factors: List[torch.Tensor], weights: torch.Tensor, bias: torch.Tensor, backend: str
-) -> torch.Tensor:
-    return _dispatch.run_forward("low_rank_fusion", backend, xs, factors, weights, bias)
+    xs: List[torch.Tensor], factors: List[torch.Tensor], weights: torch.Tensor, bias: torch.Tensor, save_residuals: bool, backend: str
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    return _dispatch.run_forward_saving("low_rank_fusion", backend, save_residuals, xs, factors, weights, bias)
 
 
 @_low_rank_fusion_op.register_fake
-def _(xs, factors, weights, bias, backend):
-    return xs[0].new_empty((xs[0].shape[0], bias.shape[0]))
+def _(xs, factors, weights, bias, save_residuals, backend):
+    batch, width = xs[0].shape[0], weights.shape[0] * bias.shape[0]
+    residuals = []
+    if _dispatch.residuals_saved("low_rank_fusion", backend, save_residuals):
+        residuals = [x.new_empty((batch, width), dtype=compute_dtype(x.dtype)) for x in xs]
+    return xs[0].new_empty((batch, bias.shape[0])), residuals
 
 
 @torch.library.custom_op("fastfusion::low_rank_fusion_backward", mutates_args=())
 def _low_rank_fusion_backward_op(
-    grad: torch.Tensor, xs: List[torch.Tensor], factors: List[torch.Tensor], weights: torch.Tensor, bias: torch.Tensor, backend: str
+    grad: torch.Tensor,
+    residuals: List[torch.Tensor],
+    xs: List[torch.Tensor],
+    factors: List[torch.Tensor],
+    weights: torch.Tensor,
+    bias: torch.Tensor,
+    backend: str,
 ) -> List[torch.Tensor]:
-    return _dispatch.run_backward("low_rank_fusion", backend, grad, xs, factors, weights, bias)
+    return _dispatch.run_backward_saving("low_rank_fusion", backend, grad, residuals, xs, factors, weights, bias)
 
 
 @_low_rank_fusion_backward_op.register_fake
-def _(grad, xs, factors, weights, bias, backend):
+def _(grad, residuals, xs, factors, weights, bias, backend):
     return [t.new_empty(t.shape) for t in (*xs, *factors, weights, bias)]
 
 
 def _setup_context(ctx, inputs, output):
-    xs, factors, weights, bias, ctx.backend = inputs
+    xs, factors, weights, bias, _, ctx.backend = inputs
+    residuals = output[1]
+    ctx.mark_non_differentiable(*residuals)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals (None instead)
     ctx.num_modalities = len(xs)
-    ctx.save_for_backward(*xs, *factors, weights, bias)
+    ctx.num_residuals = len(residuals)
+    ctx.save_for_backward(*xs, *factors, weights, bias, *residuals)
 
 
-def _autograd_backward(ctx, grad):
-    m = ctx.num_modalities
-    saved = ctx.saved_tensors
-    grads = _low_rank_fusion_backward_op(grad.contiguous(), list(saved[:m]), list(saved[m : 2 * m]), *saved[2 * m :], ctx.backend)
-    return list(grads[:m]), list(grads[m : 2 * m]), grads[2 * m], grads[2 * m + 1], None
+def _autograd_backward(ctx, grad, _grad_residuals):
+    if grad is None:  # the output's gradient is undefined: so are the inputs'
+        return [None] * ctx.num_modalities, [None] * ctx.num_modalities, None, None, None, None
+    m, saved = ctx.num_modalities, ctx.saved_tensors
+    xs, factors, (weights, bias), residuals = saved[:m], saved[m : 2 * m], saved[2 * m : 2 * m + 2], saved[2 * m + 2 :]
+    grads = _low_rank_fusion_backward_op(grad.contiguous(), list(residuals), list(xs), list(factors), weights, bias, ctx.backend)
+    return list(grads[:m]), list(grads[m : 2 * m]), grads[2 * m], grads[2 * m + 1], None, None
 
 
 _low_rank_fusion_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -116,7 +134,11 @@ def low_rank_fusion(xs, factors, weights, bias, *, backend: str | None = None) -
             return low_rank_fusion(cast_all(xs, lowered), cast_all(factors, lowered), weights.to(lowered), bias.to(lowered), backend=backend)
     name = _dispatch.resolve_backend("low_rank_fusion", xs[0].device.type, _dispatch.requested_backend(backend))
     args = ([flatten_leading(x) for x in xs], factors, weights.reshape(rank), bias.reshape(hidden))
-    out = _forward(*args) if name == "eager" else _low_rank_fusion_op(*args, name)
+    if name == "eager":
+        out = _forward(*args)
+    else:
+        save = _dispatch.wants_residuals("low_rank_fusion", name, *xs, *factors, weights, bias)
+        out = _low_rank_fusion_op(*args, save, name)[0]
     return out.reshape(tuple(xs[0].shape[:-1]) + (hidden,))
 
 
