@@ -25,7 +25,7 @@ OPS = (
 )
 
 # Ops whose C++ kernels hand intermediates of the forward to the backward (see _dispatch).
-SAVES_RESIDUALS = frozenset({"compact_bilinear", "factorized_bilinear", "low_rank_fusion"})
+SAVES_RESIDUALS = frozenset({"compact_bilinear", "factorized_bilinear", "low_rank_fusion", "tensor_fusion"})
 
 
 def _kernel(name: str):

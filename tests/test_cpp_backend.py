@@ -304,16 +304,23 @@ def residual_cases(gen):
     cbp_long = (long_xs, [lh0, lh1], [ls0, ls1], 4096, False, gate, False, 1e-12)
     mfb = (x, y, wx, bx, wy, by, 2, mask, True, 1e-12)
     lmf = (lmf_xs, factors, lmf_w, lmf_b)
+    # The residual's width depends on where the modalities are split: after the first here,
+    # after the second in the next case (the fake kernel must agree with the C++ rule).
+    tfn = ([randn(gen, 4, 3), randn(gen, 4, 2), randn(gen, 4, 4)], randn(gen, 5, 60), randn(gen, 5))
+    tfn_late_split = ([randn(gen, 3, 1), randn(gen, 3, 1), randn(gen, 3, 40)], randn(gen, 2, 164), None)
     return {
         "compact_bilinear M=3 mean normalize": ("compact_bilinear", cbp3, (3, 9)),
         "compact_bilinear long sequence gate": ("compact_bilinear", cbp_long, (2, 4096)),
         "factorized_bilinear": ("factorized_bilinear", mfb, (4, 3)),
         "low_rank_fusion": ("low_rank_fusion", lmf, (4, 3)),
+        "tensor_fusion": ("tensor_fusion", tfn, (4, 5)),
+        "tensor_fusion split after two": ("tensor_fusion", tfn_late_split, (3, 2)),
     }
 
 
 @pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "compact_bilinear long sequence gate",
-                                  "factorized_bilinear", "low_rank_fusion"])
+                                  "factorized_bilinear", "low_rank_fusion", "tensor_fusion",
+                                  "tensor_fusion split after two"])
 def test_backward_gives_the_same_bits_with_and_without_residuals(gen, case):
     name, args, out_shape = residual_cases(gen)[case]
     forward, backward = getattr(torch.ops.fastfusion, name), getattr(torch.ops.fastfusion, name + "_backward")
@@ -328,7 +335,8 @@ def test_backward_gives_the_same_bits_with_and_without_residuals(gen, case):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "factorized_bilinear", "low_rank_fusion"])
+@pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "factorized_bilinear", "low_rank_fusion",
+                                  "tensor_fusion", "tensor_fusion split after two"])
 def test_opcheck_with_residuals(gen, case):
     # The fake kernels must promise exactly the residuals that the cpp kernels save.
     name, args, out_shape = residual_cases(gen)[case]

@@ -18,17 +18,19 @@ at::TensorOptions options_of(at::ScalarType type) {
 // ---------------------------------------------------------------------------------------------
 // TFN. With the modalities split into a leading group A (0..k-1) and a trailing group U
 // (k..M-1), vec(x~_0 (x) ... (x) x~_{M-1}) = vec(a (x) u) with a, u the groups' own outer
-// products, and W (h, P) is W (h, P_A, P_B) in memory. So
+// products, and W (h, P) is W (h * P_A, P_B) in memory. So
 //
-//   out[b, j]   = bias[j] + sum_pa a[b, pa] Y[b, j, pa],   Y = u @ W.view(h * P_A, P_B)^T
-//   dW          = (g (x) a)^T @ u                             (one GEMM, K = batch)
-//   T_pa        = g @ W[:, pa, :]                            (B, P_B), one column block of W
-//   du[b]      += a[b, pa] T_pa[b],   da[b, pa] = <u[b], T_pa[b]>
+//   Y           = u @ W.view(h * P_A, P_B)^T                 (B, h * P_A), the residual
+//   out[b, j]   = bias[j] + sum_pa a[b, pa] Y[b, j * P_A + pa]
+//   G           = g (x) a                                     (B, h * P_A)
+//   dW          = G^T @ u,   du = G @ W.view(h * P_A, P_B)    (two GEMMs)
+//   da[b, pa]   = sum_j g[b, j] Y[b, j * P_A + pa]
 //
-// i.e. one GEMM forward and two backward, each as many FLOPs as the reference's, with
-// buffers of B * (h * P_A + P_B) values instead of the reference's B * P_A * P_B outer
-// product (12x fewer at the CPU reference shape). T never exists whole: it is made one block of W's
-// columns at a time and consumed while in cache.
+// i.e. one GEMM forward and two backward (three without the residual), each as many FLOPs
+// as one of the reference's, with buffers of B * (2 h * P_A + P_B) values instead of the
+// reference's B * P_A * P_B outer product (6x fewer at the CPU reference shape). The split
+// is the one minimising h * P_A + P_B (fastfusion/ops/tensor_fusion.py states the same rule
+// for the residual's shape).
 
 struct Modalities {
   std::vector<int64_t> sizes;  // n_m + 1
@@ -122,7 +124,9 @@ int64_t batch_chunk(int64_t per_row) {
   return std::max<int64_t>(64, kValues / std::max<int64_t>(per_row, 1));
 }
 
-at::Tensor tensor_fusion(at::TensorList xs_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> tensor_fusion(at::TensorList xs_in, const at::Tensor& weight_in,
+                                                               const std::optional<at::Tensor>& bias_in,
+                                                               bool save_residuals) {
   const auto type = compute_type(xs_in[0], "tensor_fusion");
   const auto xs = prepared(xs_in, type);
   const auto weight = prepared(weight_in, type);
@@ -132,6 +136,7 @@ at::Tensor tensor_fusion(at::TensorList xs_in, const at::Tensor& weight_in, cons
   const auto w2 = weight.view({H * PA, PB});
   const auto bias = bias_in ? prepared(*bias_in, type) : at::zeros({H}, options_of(type));
   auto out = at::empty({B, H}, options_of(type));
+  const at::Tensor saved_y = save_residuals ? empty_output({B, H * PA}, options_of(type)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(type, "tensor_fusion", [&] {
     using T = scalar_t;
     const int64_t chunk = batch_chunk(H * PA + PB);
@@ -139,7 +144,8 @@ at::Tensor tensor_fusion(at::TensorList xs_in, const at::Tensor& weight_in, cons
       const int64_t b1 = std::min(B, b0 + chunk);
       const auto a = group_outer<T>(xs, mods, 0, k, b0, b1, PA);
       const auto u = group_outer<T>(xs, mods, k, M, b0, b1, PB);
-      const auto Y = at::mm(u, w2.t());  // (rows, H * PA)
+      auto Y = save_residuals ? saved_y.narrow(0, b0, b1 - b0) : at::empty({b1 - b0, H * PA}, options_of(type));
+      at::mm_out(Y, u, w2.t());
       const T* ap = a.template const_data_ptr<T>();
       const T* yp = Y.template const_data_ptr<T>();
       const T* bp = bias.template const_data_ptr<T>();
@@ -151,11 +157,14 @@ at::Tensor tensor_fusion(at::TensorList xs_in, const at::Tensor& weight_in, cons
       });
     }
   });
-  return out.to(xs_in[0].scalar_type());
+  std::vector<at::Tensor> residuals;
+  if (save_residuals) residuals.push_back(saved_y);
+  return {out.to(xs_in[0].scalar_type()), residuals};
 }
 
-std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::TensorList xs_in,
-                                               const at::Tensor& weight_in, const std::optional<at::Tensor>&) {
+std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::TensorList residuals,
+                                               at::TensorList xs_in, const at::Tensor& weight_in,
+                                               const std::optional<at::Tensor>&) {
   const auto type = compute_type(xs_in[0], "tensor_fusion_backward");
   const auto xs = prepared(xs_in, type);
   const auto weight = prepared(weight_in, type);
@@ -163,26 +172,29 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
   const int64_t B = xs[0].size(0), H = weight.size(0);
   const Modalities mods(xs, H);
   const int64_t M = xs.size(), PA = mods.PA, PB = mods.PB, k = mods.split;
+  const bool saved = !residuals.empty();
+  if (saved)
+    TORCH_CHECK(residuals.size() == 1 && residuals[0].scalar_type() == type && residuals[0].is_contiguous() &&
+                    residuals[0].sizes() == at::IntArrayRef({B, H * PA}),
+                "fastfusion cpp backend: tensor_fusion_backward got a residual that its forward did not save");
   const auto w2 = weight.view({H * PA, PB});
   std::vector<at::Tensor> grads;
   for (const auto& x : xs) grads.push_back(at::empty_like(x));
-  auto grad_weight = at::empty_like(weight);
+  auto grad_weight = empty_output(weight.sizes(), weight.options());
   auto grad_w2 = grad_weight.view({H * PA, PB});
   auto grad_bias = at::empty({H}, options_of(type));
   AT_DISPATCH_FLOATING_TYPES(type, "tensor_fusion_backward", [&] {
     using T = scalar_t;
     const T* gp = grad.template const_data_ptr<T>();
     column_sums(gp, B, H, grad_bias.template mutable_data_ptr<T>());
-    const int64_t chunk = batch_chunk(H * PA + 2 * PB + PA);
+    const int64_t chunk = batch_chunk(2 * H * PA + 2 * PB);
     for (int64_t b0 = 0; b0 < B; b0 += chunk) {
       const int64_t b1 = std::min(B, b0 + chunk), rows = b1 - b0;
       const auto a = group_outer<T>(xs, mods, 0, k, b0, b1, PA);
       const auto u = group_outer<T>(xs, mods, k, M, b0, b1, PB);
       const T* ap = a.template const_data_ptr<T>();
-      const T* up = u.template const_data_ptr<T>();
-      const auto g = grad.narrow(0, b0, rows);
 
-      auto gy = at::empty({rows, H * PA}, options_of(type));  // g (x) a
+      auto gy = empty_output({rows, H * PA}, options_of(type));  // g (x) a
       T* gyp = gy.template mutable_data_ptr<T>();
       parallel_rows(rows, H * PA, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
@@ -195,40 +207,30 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
         at::mm_out(grad_w2, gy.t(), u);
       else
         grad_w2.addmm_(gy.t(), u);
+      const auto du = at::mm(gy, w2);  // (rows, PB)
+      const auto Y = saved ? residuals[0].narrow(0, b0, rows) : at::mm(u, w2.t());
+      const T* yp = Y.template const_data_ptr<T>();
+      const T* dup = du.template const_data_ptr<T>();
 
-      auto da = at::empty({rows, PA}, options_of(type));
-      auto du = at::zeros({rows, PB}, options_of(type));
-      T* dap = da.template mutable_data_ptr<T>();
-      T* dup = du.template mutable_data_ptr<T>();
-      // Column blocks of W sized so that a block of T stays in cache with its rows of u and du.
-      const int64_t block = std::clamp<int64_t>((int64_t(1) << 19) / std::max<int64_t>(rows * PB, 1), 1, PA);
-      for (int64_t p0 = 0; p0 < PA; p0 += block) {
-        const int64_t p1 = std::min(PA, p0 + block);
-        const auto t = at::mm(g, weight.narrow(1, p0 * PB, (p1 - p0) * PB));  // (rows, (p1 - p0) * PB)
-        const T* tp = t.template const_data_ptr<T>();
-        parallel_rows(rows, 2 * (p1 - p0) * PB, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r)
-            for (int64_t pa = p0; pa < p1; ++pa) {
-              const T* trow = tp + (r * (p1 - p0) + (pa - p0)) * PB;
-              const T av = ap[r * PA + pa];
-              T* durow = dup + r * PB;
-              for (int64_t q = 0; q < PB; ++q) durow[q] += av * trow[q];
-              dap[r * PA + pa] = static_cast<T>(dot(up + r * PB, trow, PB));
-            }
-        });
-      }
-
-      parallel_rows(rows, M * (PA + PB), [&](int64_t r0, int64_t r1) {
+      parallel_rows(rows, H * PA + M * (PA + PB), [&](int64_t r0, int64_t r1) {
         std::vector<const T*> xrows(M);
         std::vector<T*> grows(M);
-        std::vector<T> scratch(2 * std::max(PA, PB));
+        std::vector<T> scratch(2 * std::max(PA, PB)), da(PA);
+        std::vector<double> acc(PA);
         for (int64_t r = r0; r < r1; ++r) {
+          std::fill(acc.begin(), acc.end(), 0.0);
+          for (int64_t j = 0; j < H; ++j) {
+            const double gj = gp[(b0 + r) * H + j];
+            const T* yrow = yp + (r * H + j) * PA;
+            for (int64_t pa = 0; pa < PA; ++pa) acc[pa] += gj * double(yrow[pa]);
+          }
+          for (int64_t pa = 0; pa < PA; ++pa) da[pa] = static_cast<T>(acc[pa]);
           for (int64_t m = 0; m < M; ++m) {
             const int64_t n = mods.sizes[m] - 1;
             xrows[m] = xs[m].template const_data_ptr<T>() + (b0 + r) * n;
             grows[m] = grads[m].template mutable_data_ptr<T>() + (b0 + r) * n;
           }
-          outer_adjoint_row(dap + r * PA, xrows, mods.sizes, 0, k, grows, scratch.data());
+          outer_adjoint_row(da.data(), xrows, mods.sizes, 0, k, grows, scratch.data());
           outer_adjoint_row(dup + r * PB, xrows, mods.sizes, k, M, grows, scratch.data());
         }
       });

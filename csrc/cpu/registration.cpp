@@ -27,6 +27,8 @@ TORCH_LIBRARY(fastfusion_cpu, m) {
   m.def(
       "low_rank_fusion_backward(Tensor grad, Tensor[] residuals, Tensor[] xs, Tensor[] factors, Tensor weights, Tensor bias) "
       "-> Tensor[]");
-  m.def("tensor_fusion(Tensor[] xs, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("tensor_fusion_backward(Tensor grad, Tensor[] xs, Tensor weight, Tensor? bias) -> Tensor[]");
+  m.def("tensor_fusion(Tensor[] xs, Tensor weight, Tensor? bias, bool save_residuals) -> (Tensor, Tensor[])");
+  m.def(
+      "tensor_fusion_backward(Tensor grad, Tensor[] residuals, Tensor[] xs, Tensor weight, Tensor? bias) "
+      "-> Tensor[]");
 }

@@ -12,15 +12,16 @@ product, (B, prod_m (n_m + 1)) values, which is what fused kernels avoid.
 
 from __future__ import annotations
 
+import math
 import string
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import _dispatch
 from .._validation import check_like, check_modality_tensors, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, flatten_leading
+from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading
 
 
 def _with_one(x: torch.Tensor) -> torch.Tensor:
@@ -54,42 +55,72 @@ def _backward(grad, xs, weight, bias) -> list[torch.Tensor]:
     return grad_xs + [grad.t() @ _outer(xs), grad.sum(0)]
 
 
+def _residual_width(dims, hidden: int) -> int:
+    """h * P_A: the modalities split into a leading group [0, k) and a trailing one [k, M),
+    with P_A, P_B the groups' outer-product sizes and k the first split minimising
+    h * P_A + P_B (csrc/cpu/fusion.cpp splits by the same rule)."""
+    sizes = [n + 1 for n in dims]
+    costs = [(hidden * math.prod(sizes[:k]) + math.prod(sizes[k:]), k) for k in range(1, len(sizes))]
+    split = min(costs, key=lambda cost_split: cost_split[0])[1]  # min keeps the first of equals
+    return hidden * math.prod(sizes[:split])
+
+
+# Residuals (backends that save them): Y = u @ W.view(h * P_A, P_B)^T, (B, h * P_A) in the
+# compute dtype, u the trailing group's outer product (see _residual_width).
 @torch.library.custom_op("fastfusion::tensor_fusion", mutates_args=())
-def _tensor_fusion_op(xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    return _dispatch.run_forward("tensor_fusion", backend, xs, weight, bias)
+def _tensor_fusion_op(
+    xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor], save_residuals: bool, backend: str
+) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    return _dispatch.run_forward_saving("tensor_fusion", backend, save_residuals, xs, weight, bias)
 
 
 @_tensor_fusion_op.register_fake
-def _(xs, weight, bias, backend):
-    return xs[0].new_empty((xs[0].shape[0], weight.shape[0]))
+def _(xs, weight, bias, save_residuals, backend):
+    batch, hidden = xs[0].shape[0], weight.shape[0]
+    residuals = []
+    if _dispatch.residuals_saved("tensor_fusion", backend, save_residuals):
+        width = _residual_width([x.shape[1] for x in xs], hidden)
+        residuals = [xs[0].new_empty((batch, width), dtype=compute_dtype(xs[0].dtype))]
+    return xs[0].new_empty((batch, hidden)), residuals
 
 
 @torch.library.custom_op("fastfusion::tensor_fusion_backward", mutates_args=())
 def _tensor_fusion_backward_op(
-    grad: torch.Tensor, xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor], backend: str
+    grad: torch.Tensor,
+    residuals: List[torch.Tensor],
+    xs: List[torch.Tensor],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    backend: str,
 ) -> List[torch.Tensor]:
-    return _dispatch.run_backward("tensor_fusion", backend, grad, xs, weight, bias)
+    return _dispatch.run_backward_saving("tensor_fusion", backend, grad, residuals, xs, weight, bias)
 
 
 @_tensor_fusion_backward_op.register_fake
-def _(grad, xs, weight, bias, backend):
+def _(grad, residuals, xs, weight, bias, backend):
     return [x.new_empty(x.shape) for x in xs] + [weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])]
 
 
 def _setup_context(ctx, inputs, output):
-    xs, weight, bias, ctx.backend = inputs
+    xs, weight, bias, _, ctx.backend = inputs
+    residuals = output[1]
+    ctx.mark_non_differentiable(*residuals)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals (None instead)
     ctx.num_modalities = len(xs)
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(*xs, weight, *([bias] if bias is not None else []))
+    ctx.save_for_backward(*xs, weight, *([bias] if bias is not None else []), *residuals)
 
 
-def _autograd_backward(ctx, grad):
+def _autograd_backward(ctx, grad, _grad_residuals):
     m = ctx.num_modalities
+    if grad is None:  # the output's gradient is undefined: so are the inputs'
+        return [None] * m, None, None, None, None
     saved = ctx.saved_tensors
     xs, weight = list(saved[:m]), saved[m]
     bias = saved[m + 1] if ctx.has_bias else None
-    grads = _tensor_fusion_backward_op(grad.contiguous(), xs, weight, bias, ctx.backend)
-    return list(grads[:m]), grads[m], grads[m + 1] if ctx.has_bias else None, None
+    residuals = list(saved[m + 1 + ctx.has_bias :])
+    grads = _tensor_fusion_backward_op(grad.contiguous(), residuals, xs, weight, bias, ctx.backend)
+    return list(grads[:m]), grads[m], grads[m + 1] if ctx.has_bias else None, None, None
 
 
 _tensor_fusion_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -121,7 +152,11 @@ def tensor_fusion(xs, weight, bias, *, backend: str | None = None) -> torch.Tens
             return tensor_fusion(cast_all(xs, lowered), weight, bias, backend=backend)
     name = _dispatch.resolve_backend("tensor_fusion", xs[0].device.type, _dispatch.requested_backend(backend))
     args = ([flatten_leading(x) for x in xs], weight, bias)
-    out = _forward(*args) if name == "eager" else _tensor_fusion_op(*args, name)
+    if name == "eager":
+        out = _forward(*args)
+    else:
+        save = _dispatch.wants_residuals("tensor_fusion", name, *xs, weight, bias)
+        out = _tensor_fusion_op(*args, save, name)[0]
     return out.reshape(tuple(xs[0].shape[:-1]) + (weight.shape[0],))
 
 
