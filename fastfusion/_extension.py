@@ -18,10 +18,15 @@ build baton (a lock *file*) is not enough alone, because a build killed mid-way 
 file behind and every later process waits on it forever. A build is published by writing a
 ``complete`` marker last, so readers never load a half-linked library.
 
-The flags are chosen for a cache that may be shared across machines (a network home):
-``-O3 -fopenmp -fno-math-errno -fno-trapping-math`` (the last two as torch itself is built,
-so that branch-free loops with sqrt vectorise) and no ``-march=native``, which would bake
-one CPU's instruction set into the library. The FLOP-heavy parts (GEMMs, FFTs) run in ATen's MKL/oneDNN, which select the
+The flags: ``-O3 -fopenmp -fno-math-errno -fno-trapping-math`` (the last two as torch itself
+is built, so that branch-free loops with sqrt vectorise), plus ``-mavx2 -mfma`` for the
+just-in-time build on x86-64 hosts where torch's own CPU dispatch uses AVX2 or AVX-512
+(``torch.backends.cpu.get_cpu_capability()``, which honours ``ATEN_CPU_CAPABILITY``):
+measured 4-14% faster elementwise epilogues (signed sqrt + L2, LMF's row products). The
+vector flags are part of the cache key, so a cache shared across machines (a network home)
+never hands AVX2 code to a CPU without it; the ahead-of-time build, which may be copied to
+other machines, keeps the baseline ISA. No ``-march=native``, which would bake one CPU's
+whole instruction set into the library. The FLOP-heavy parts (GEMMs, FFTs) run in ATen's MKL/oneDNN, which select the
 vector ISA at run time; ``-fopenmp`` makes ``at::parallel_for`` parallel (it is an inline
 OpenMP template) and links against the libgomp torch already loaded, so
 ``torch.set_num_threads`` governs it.
@@ -115,11 +120,18 @@ def _cache_root() -> pathlib.Path:
     return pathlib.Path(base) / "fastfusion"
 
 
+def _jit_cflags() -> tuple[str, ...]:
+    """CFLAGS plus the host's vector ISA where torch uses AVX2 or better (module docstring)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    capability = torch.backends.cpu.get_cpu_capability()
+    return CFLAGS + (("-mavx2", "-mfma") if x86 and capability.startswith(("AVX2", "AVX512")) else ())
+
+
 def _build_key(sources: list[pathlib.Path]) -> str:
     h = hashlib.sha256()
     for p in sources:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
-    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, torch._C._GLIBCXX_USE_CXX11_ABI)).encode())
+    h.update(repr((_jit_cflags(), LDFLAGS, torch.__version__, torch._C._GLIBCXX_USE_CXX11_ABI)).encode())
     h.update(repr((sys.version_info[:2], platform.machine(), sys.platform)).encode())
     return h.hexdigest()[:16]
 
@@ -160,7 +172,7 @@ def _jit_library() -> str:
             path = cpp_extension.load(
                 name=_NAME,
                 sources=[str(p) for p in sources if p.suffix == ".cpp"],
-                extra_cflags=list(CFLAGS),
+                extra_cflags=list(_jit_cflags()),
                 extra_ldflags=list(LDFLAGS),
                 build_directory=str(build_dir),
                 is_python_module=False,

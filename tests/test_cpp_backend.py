@@ -461,3 +461,14 @@ def test_ahead_of_time_library_needs_matching_torch(monkeypatch, tmp_path):
     assert _extension._aot_library() is None
     (tmp_path / _extension.AOT_TORCH_VERSION_FILE).write_text(torch.__version__ + "\n")
     assert _extension._aot_library() == str(library)
+
+
+@pytest.mark.parametrize("capability, vector_flags", [("DEFAULT", False), ("AVX2", True), ("AVX512", True)])
+def test_jit_vector_flags_follow_torch_cpu_capability(monkeypatch, capability, vector_flags):
+    monkeypatch.setattr(_extension.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert ("-mavx2" in _extension._jit_cflags()) == vector_flags
+    key = _extension._build_key(_extension._sources())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT" if vector_flags else "AVX2")
+    # A cache shared across machines must not hand one ISA's build to another.
+    assert _extension._build_key(_extension._sources()) != key
