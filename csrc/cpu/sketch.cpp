@@ -89,7 +89,13 @@ at::Tensor count_sketch_backward(const at::Tensor& grad_in, const at::Tensor& ha
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
     parallel_rows(rows, 2 * n, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) hashing.gather(gp + r * d, dp + r * n);
+      for (int64_t r = r0; r < r1; ++r) {
+        // The gather touches most cache lines of a row in random order, which the hardware
+        // prefetchers cannot follow: request the next row's lines in order meanwhile.
+        if (r + 1 < r1)
+          for (int64_t i = 0; i < d; i += 64 / sizeof(scalar_t)) __builtin_prefetch(gp + (r + 1) * d + i, 0, 3);
+        hashing.gather(gp + r * d, dp + r * n);
+      }
     });
   });
   return dx.to(grad_in.scalar_type());
