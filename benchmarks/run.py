@@ -40,11 +40,11 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 ROW_FIELDS = (
     "kernel", "provider", "mode", "shape", "sizes", "dtype",
     "p50_ms", "p20_ms", "p80_ms", "speedup_vs_eager", "speedup_vs_compile",
-    "peak_mem_bytes", "rel_err", "flops", "gflops_per_s", "bytes", "gb_per_s", "frac_copy_bw",
+    "peak_mem_bytes", "extra_mem_bytes", "rel_err", "flops", "gflops_per_s", "bytes", "gb_per_s", "frac_copy_bw",
     "note", "error",
 )
 # Fields that a failed row leaves null.
-MEASURED_FIELDS = ROW_FIELDS[6:18]
+MEASURED_FIELDS = ROW_FIELDS[6:19]
 
 CONVENTIONS = {
     "time": "median, 20th and 80th percentiles of the per-call time; CUDA: triton.testing.do_bench "
@@ -53,6 +53,8 @@ CONVENTIONS = {
     "peak_mem_bytes": "most memory one call holds beyond what existed before it, outputs included; "
     "CUDA: torch.cuda.max_memory_allocated; CPU: torch.profiler allocation events replayed in "
     "order (PyTorch's CPU allocator; library-internal scratch such as MKL's is not seen)",
+    "extra_mem_bytes": "peak_mem_bytes minus the bytes of what the call returns (the output and, in "
+    "forward+backward, every input gradient): the memory a kernel needs beyond its results",
     "rel_err": "max over the output (and in forward+backward every input gradient) of "
     "||result - ref64|| / ||ref64||, ref64 being the eager reference in float64 on the same inputs",
     "flops": "fastfusion.flops convention (2 per multiply-add; 2.5 N log2 N per real FFT of "
@@ -143,8 +145,10 @@ def _prepare(run: Callable[[], tuple], oracle: tuple, device: torch.device) -> d
     """Warm up (compiling, for torch.compile), check against the oracle, measure memory."""
     results = run()
     err = ops.rel_err(results, oracle)
+    returned = sum(t.nbytes for t in results)
     del results
-    return {"rel_err": err, "peak_mem_bytes": timing.peak_memory(run, device)}
+    peak = timing.peak_memory(run, device)
+    return {"rel_err": err, "peak_mem_bytes": peak, "extra_mem_bytes": max(0, peak - returned)}
 
 
 def _measure_all(case, fns: dict[str, Callable], mode: str, grad_out, oracle, device, budget_s) -> dict[str, dict]:
@@ -310,20 +314,20 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
         "|---|---|",
         *(f"| {k} | {_sizes(s)} |" for k, s in head["shapes"].items()),
         "",
-        "| kernel | dtype | mode | provider | median ms [p20, p80] | vs eager | vs compile | peak MiB | rel err "
-        "| GFLOP/s | GB/s | % copy BW | note |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| kernel | dtype | mode | provider | median ms [p20, p80] | vs eager | vs compile | peak MiB | extra MiB "
+        "| rel err | GFLOP/s | GB/s | % copy BW | note |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         key = f"| {r['kernel']} | {r['dtype']} | {r['mode']} | {r['provider']} |"
         if r["error"] is not None:
-            lines.append(key + " – |" * 8 + f" {r['error']} |")
+            lines.append(key + " – |" * 9 + f" {r['error']} |")
             continue
         time = f"{r['p50_ms']:.3g} [{r['p20_ms']:.3g}, {r['p80_ms']:.3g}]"
         lines.append(
             f"{key} {time} | "
             f"{_fmt(r['speedup_vs_eager'], '.3g', 'x')} | {_fmt(r['speedup_vs_compile'], '.3g', 'x')} | "
-            f"{r['peak_mem_bytes'] / 2**20:.2f} | {r['rel_err']:.1e} | {_fmt(r['gflops_per_s'], '.3g')} | "
+            f"{r['peak_mem_bytes'] / 2**20:.2f} | {r['extra_mem_bytes'] / 2**20:.2f} | {r['rel_err']:.1e} | {_fmt(r['gflops_per_s'], '.3g')} | "
             f"{r['gb_per_s']:.3g} | {100 * r['frac_copy_bw']:.1f} | {r['note'] or ''} |"
         )
     lines += ["", "Conventions:", "", *(f"- {k}: {v}." for k, v in head["conventions"].items()), ""]

@@ -3,8 +3,8 @@
     python -m benchmarks.summary benchmarks/results/<stamp>-cpu.json
 
 One line per kernel and mode: the median time of every provider, the fastest fastfusion
-backend's speedup over eager and over torch.compile, and peak memory of eager vs that
-backend. Everything comes from the JSON; nothing is measured here.
+backend's speedup over eager and over torch.compile, and the extra memory (peak minus the
+returned tensors) of eager vs that backend. Everything comes from the JSON; nothing is measured here.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def summary_table(results: dict) -> str:
     backends = [p for p in header["providers"] if p not in _BASELINES]
     lines = [
         f"{header['device']}, torch {header['torch']}, commit `{header['git_commit'][:10]}`, {header['date'][:10]}; "
-        f"medians in ms, speedups from the same run; peak memory in MiB.",
+        f"medians in ms, speedups from the same run; extra memory (peak minus the returned tensors) in MiB.",
         "",
-        "| kernel | mode | eager | compile | " + " | ".join(backends) + " | best backend vs eager | vs compile | peak MiB eager → best |",
+        "| kernel | mode | eager | compile | " + " | ".join(backends) + " | best backend vs eager | vs compile | extra MiB eager → best |",
         "|---|---|" + "--:|" * (2 + len(backends)) + "--:|--:|---|",
     ]
     for kernel in dict.fromkeys(r["kernel"] for r in rows):
@@ -35,7 +35,7 @@ def summary_table(results: dict) -> str:
                 continue
             best = min((by_provider[b] for b in backends if b in by_provider), key=lambda r: r["p50_ms"])
             times = " | ".join(f"{by_provider[p]['p50_ms']:.3g}" if p in by_provider else "–" for p in ("eager", "compile", *backends))
-            memory = f"{by_provider['eager']['peak_mem_bytes'] / 2**20:.3g} → {best['peak_mem_bytes'] / 2**20:.3g}"
+            memory = f"{by_provider['eager']['extra_mem_bytes'] / 2**20:.3g} → {best['extra_mem_bytes'] / 2**20:.3g}"
             lines.append(
                 f"| {kernel} | {mode} | {times} | {best['speedup_vs_eager']:.2f}x ({best['provider']}) | "
                 f"{best['speedup_vs_compile']:.2f}x | {memory} |"

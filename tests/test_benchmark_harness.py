@@ -41,7 +41,7 @@ def test_header_names_device_versions_commit_date_and_command(report):
     assert head["shapes"] == json.loads(json.dumps({k: SHAPE_SETS["tiny"][k] for k in KERNELS}))
     assert head["copy_bandwidth_bytes"] == 64 * 2**20
     assert head["copy_bandwidth_gb_per_s"] == max(head["copy_bandwidth_runs_gb_per_s"]) > 0
-    assert set(head["conventions"]) >= {"time", "peak_mem_bytes", "rel_err", "flops", "bytes", "frac_copy_bw"}
+    assert set(head["conventions"]) >= {"time", "peak_mem_bytes", "extra_mem_bytes", "rel_err", "flops", "bytes", "frac_copy_bw"}
 
 
 def test_one_complete_row_per_kernel_mode_and_provider(report):
@@ -60,6 +60,7 @@ def test_one_complete_row_per_kernel_mode_and_provider(report):
             expected = p50[r["kernel"], r["mode"], baseline] / r["p50_ms"]
             assert r[f"speedup_vs_{baseline}"] == pytest.approx(expected)
         assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0
+        assert isinstance(r["extra_mem_bytes"], int) and 0 <= r["extra_mem_bytes"] <= r["peak_mem_bytes"]
         assert 0 <= r["rel_err"] < 1e-3
         assert isinstance(r["flops"], int) and isinstance(r["bytes"], int) and r["bytes"] > 0
         if r["kernel"] == "signed_sqrt_l2":  # pointwise: no counted FLOPs, so no rate
