@@ -349,6 +349,25 @@ def test_opcheck_with_residuals(gen, case):
     torch.library.opcheck(getattr(torch.ops.fastfusion, name + "_backward"), (randn(gen, *out_shape), residuals, *detached, "cpp"))
 
 
+@pytest.mark.parametrize("make", [
+    lambda g: compact_bilinear_case(g, B=2, T=3, gate=True),
+    lambda g: factorized_bilinear_case(g, mask=True),
+    low_rank_fusion_case,
+    tensor_fusion_case,
+], ids=["compact_bilinear", "factorized_bilinear", "low_rank_fusion", "tensor_fusion"])
+def test_residuals_survive_a_retained_graph(gen, make):
+    # A second backward through the same graph reads the same residuals: the backward
+    # kernels must not overwrite them (they are autograd's, not scratch).
+    fn, leaves = make(gen)
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = fn(leaves, "cpp")
+    cotangent = randn(gen, *out.shape)
+    first = torch.autograd.grad(out, leaves, cotangent, retain_graph=True)
+    second = torch.autograd.grad(out, leaves, cotangent)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_residuals_are_saved_only_when_autograd_records(gen):
     x, w = randn(gen, 3, 4), randn(gen, 4, 4, requires_grad=True)
     assert _dispatch.wants_residuals("factorized_bilinear", "cpp", x, w)
