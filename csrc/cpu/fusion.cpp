@@ -243,20 +243,25 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
 }
 
 // ---------------------------------------------------------------------------------------------
-// LMF. The projections x~_m W_m[r] for all ranks are one GEMM per modality against the
-// factor rearranged to (n_m + 1, rank * h), with the constant row as the GEMM's bias; they
-// are the residuals. The rank-wise products, the weighted rank sum and the bias are one pass
-// per row; so are, in the backward, the products over the other modalities.
+// LMF. The projections x~_m W_m[r] for all ranks are one GEMM per modality, x~_m = [1, x_m]
+// against the factor rearranged to (n_m + 1, rank * h); they are the residuals. The
+// rank-wise products, the weighted rank sum and the bias are one pass per row; so are, in
+// the backward, the products over the other modalities. The factor gradient is again one
+// GEMM with x~_m, its constant row summing the projection gradients over the batch.
 
 // factors[m] (r, n_m + 1, h) -> (n_m + 1, r * h); small, so copied.
 at::Tensor rank_major(const at::Tensor& factor) {
   return factor.permute({1, 0, 2}).reshape({factor.size(1), factor.size(0) * factor.size(2)}).contiguous();
 }
 
+// x~ = [1, x] (B, n + 1); small next to the projections, so copied.
+at::Tensor with_one(const at::Tensor& x) {
+  return at::cat({at::ones({x.size(0), 1}, x.options()), x}, 1);
+}
+
 std::vector<at::Tensor> projections(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& flat) {
   std::vector<at::Tensor> proj;
-  for (size_t m = 0; m < xs.size(); ++m)
-    proj.push_back(at::addmm(flat[m][0], xs[m], flat[m].narrow(0, 1, flat[m].size(0) - 1)));
+  for (size_t m = 0; m < xs.size(); ++m) proj.push_back(at::mm(with_one(xs[m]), flat[m]));
   return proj;
 }
 
@@ -362,13 +367,7 @@ std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::
   for (int64_t m = 0; m < M; ++m) {
     const int64_t n = xs[m].size(1);
     grad_xs.push_back(at::mm(grad_proj[m], flat[m].narrow(0, 1, n).t()).to(xs_in[m].scalar_type()));
-    auto grad_flat = at::empty({n + 1, R * H}, options_of(type));
-    AT_DISPATCH_FLOATING_TYPES(type, "low_rank_fusion_backward", [&] {
-      column_sums(grad_proj[m].template const_data_ptr<scalar_t>(), B, R * H,
-                  grad_flat.template mutable_data_ptr<scalar_t>());
-    });
-    auto grad_rows = grad_flat.narrow(0, 1, n);
-    at::mm_out(grad_rows, xs[m].t(), grad_proj[m]);
+    const auto grad_flat = at::mm(with_one(xs[m]).t(), grad_proj[m]);  // (n + 1, R * H)
     grad_factors.push_back(
         grad_flat.view({n + 1, R, H}).permute({1, 0, 2}).contiguous().to(factors_in[m].scalar_type()));
   }
