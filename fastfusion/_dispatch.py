@@ -159,8 +159,7 @@ def wants_residuals(op: str, backend: str, *tensors: torch.Tensor | None) -> boo
     """Whether a forward call should save residuals: ``backend`` saves them for ``op`` and
     autograd will record the call (grad mode on, some input requiring grad)."""
     return (
-        backend != "eager"
-        and _KERNELS[op][backend].saves_residuals
+        _KERNELS[op][backend].saves_residuals
         and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in tensors)
     )

@@ -5,8 +5,9 @@ The ``fastfusion::`` ops are Python custom ops that take a backend name and disp
 one place and lets one op have several backends at once. The C++ library therefore defines
 its own operators, ``torch.ops.fastfusion_cpu.<op>`` and ``<op>_backward``, with exactly the
 signatures of each op's "torch" kernels (plus the residuals, for the ops in
-``SAVES_RESIDUALS``), and this module registers them as the "cpp" kernels of the CPU. Importing it builds nothing: :mod:`fastfusion._extension` builds or loads the
-library the first time a call resolves to "cpp".
+``SAVES_RESIDUALS``), and this module registers them as the "cpp" kernels of the CPU.
+Importing it builds nothing: :mod:`fastfusion._extension` builds or loads the library the
+first time a call resolves to "cpp".
 """
 
 from __future__ import annotations

@@ -35,3 +35,11 @@ def product(factors: Sequence[torch.Tensor]) -> torch.Tensor:
     for f in factors[1:]:
         result = result * f
     return result
+
+
+def mark_residuals(ctx, residuals: Sequence[torch.Tensor]) -> None:
+    """In a setup_context: the forward's residual outputs feed only the backward. They are
+    not differentiable, and autograd must not zero-fill gradients for them, so the backward
+    receives None for them, and for the output too when its gradient is undefined."""
+    ctx.mark_non_differentiable(*residuals)
+    ctx.set_materialize_grads(False)

@@ -37,7 +37,7 @@ from .._validation import (
     check_shape,
     check_tensor,
 )
-from ._common import product, autocast_dtype, compute_dtype
+from ._common import autocast_dtype, compute_dtype, mark_residuals, product
 from .count_sketch import check_sketch_args, count_sketch_backward_reference, count_sketch_reference
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
@@ -161,8 +161,7 @@ def _(grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, b
 def _setup_context(ctx, inputs, output):
     xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, _, ctx.backend = inputs
     residuals = output[1]
-    ctx.mark_non_differentiable(*residuals)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals (None instead)
+    mark_residuals(ctx, residuals)
     ctx.num_modalities = len(xs)
     ctx.has_gate = gate is not None
     ctx.save_for_backward(*xs, *hashes, *signs, *([gate] if gate is not None else []), *residuals)

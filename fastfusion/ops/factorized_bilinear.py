@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from .._validation import check_eps, check_like, check_positive_int, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading
+from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
 
@@ -121,8 +121,7 @@ def _(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout
 def _setup_context(ctx, inputs, output):
     x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, _, ctx.backend = inputs
     residuals = output[1]
-    ctx.mark_non_differentiable(*residuals)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals (None instead)
+    mark_residuals(ctx, residuals)
     ctx.has_bias = (bias_x is not None, bias_y is not None)
     ctx.has_mask = dropout_mask is not None
     ctx.num_residuals = len(residuals)

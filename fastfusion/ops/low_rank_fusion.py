@@ -18,7 +18,7 @@ import torch
 
 from .. import _dispatch
 from .._validation import check_like, check_modality_tensors, check_same_count, check_shape, check_tensor
-from ._common import product, autocast_dtype, cast_all, compute_dtype, flatten_leading
+from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals, product
 
 
 def _rank_projections(xs, factors) -> list[torch.Tensor]:
@@ -85,8 +85,7 @@ def _(grad, residuals, xs, factors, weights, bias, backend):
 def _setup_context(ctx, inputs, output):
     xs, factors, weights, bias, _, ctx.backend = inputs
     residuals = output[1]
-    ctx.mark_non_differentiable(*residuals)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals (None instead)
+    mark_residuals(ctx, residuals)
     ctx.num_modalities = len(xs)
     ctx.num_residuals = len(residuals)
     ctx.save_for_backward(*xs, *factors, weights, bias, *residuals)

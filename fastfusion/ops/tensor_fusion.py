@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from .._validation import check_like, check_modality_tensors, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading
+from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals
 
 
 def _with_one(x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +104,7 @@ def _(grad, residuals, xs, weight, bias, backend):
 def _setup_context(ctx, inputs, output):
     xs, weight, bias, _, ctx.backend = inputs
     residuals = output[1]
-    ctx.mark_non_differentiable(*residuals)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the residuals (None instead)
+    mark_residuals(ctx, residuals)
     ctx.num_modalities = len(xs)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(*xs, weight, *([bias] if bias is not None else []), *residuals)
