@@ -230,7 +230,7 @@ struct Problem {
 };
 
 // Residuals when saved: the spectra (B, T, d/2 + 1) of every modality, then, when there is a
-// gate or normalisation, the pooled sketch z (B, d) before them.
+// gate or normalisation, the pooled sketch z (B, d) as it is before the gate.
 std::tuple<at::Tensor, std::vector<at::Tensor>> compact_bilinear(at::TensorList xs_in, at::TensorList hashes,
                                                                  at::TensorList signs, int64_t out_dim, bool mean,
                                                                  const std::optional<at::Tensor>& gate_in,
