@@ -349,6 +349,16 @@ def test_opcheck_with_residuals(gen, case):
     torch.library.opcheck(getattr(torch.ops.fastfusion, name + "_backward"), (randn(gen, *out_shape), residuals, *detached, "cpp"))
 
 
+def test_foreign_residuals_are_rejected_by_name(gen):
+    name, args, out_shape = residual_cases(gen)["factorized_bilinear"]
+    _, residuals = torch.ops.fastfusion.factorized_bilinear(*args, True, "cpp")
+    backward = torch.ops.fastfusion_cpu.factorized_bilinear_backward
+    with pytest.raises(RuntimeError, match="expects 2 residuals from its forward, got 1"):
+        backward(randn(gen, *out_shape), residuals[:1], *args)
+    with pytest.raises(RuntimeError, match=r"residual 1 should be a contiguous Double tensor of shape \[4, 6\]"):
+        backward(randn(gen, *out_shape), [residuals[0], residuals[1].t()], *args)
+
+
 @pytest.mark.parametrize("make", [
     lambda g: compact_bilinear_case(g, B=2, T=3, gate=True),
     lambda g: factorized_bilinear_case(g, mask=True),

@@ -47,6 +47,26 @@ inline std::vector<at::Tensor> prepared(at::TensorList ts, at::ScalarType type) 
   return out;
 }
 
+// A backward kernel given residuals (see fastfusion/_dispatch.py) checks that they are what
+// its forward saves: `expected` lists (dtype, shape) in order. They only ever travel through
+// autograd, so a mismatch is a caller bypassing it or a bug, and the message says which.
+struct Residual {
+  at::ScalarType type;
+  std::vector<int64_t> sizes;
+};
+
+inline void check_residuals(at::TensorList residuals, const std::vector<Residual>& expected, const char* op) {
+  TORCH_CHECK(residuals.size() == expected.size(), "fastfusion cpp backend: ", op, " expects ", expected.size(),
+              " residuals from its forward, got ", residuals.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const auto& r = residuals[i];
+    TORCH_CHECK(r.scalar_type() == expected[i].type && r.is_contiguous() && r.sizes() == at::IntArrayRef(expected[i].sizes),
+                "fastfusion cpp backend: ", op, " residual ", i, " should be a contiguous ", expected[i].type,
+                " tensor of shape ", at::IntArrayRef(expected[i].sizes), ", got ", r.scalar_type(), " ", r.sizes(),
+                r.is_contiguous() ? "" : " (non-contiguous)");
+  }
+}
+
 // at::empty for a large result that the kernel then writes in full. PyTorch's CPU allocator
 // hands large blocks straight from mmap, so each call faults its pages in on first write,
 // 4 KB at a time: for the memory-bound kernels that costs more than the kernel itself (a

@@ -173,10 +173,7 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
   const Modalities mods(xs, H);
   const int64_t M = xs.size(), PA = mods.PA, PB = mods.PB, k = mods.split;
   const bool saved = !residuals.empty();
-  if (saved)
-    TORCH_CHECK(residuals.size() == 1 && residuals[0].scalar_type() == type && residuals[0].is_contiguous() &&
-                    residuals[0].sizes() == at::IntArrayRef({B, H * PA}),
-                "fastfusion cpp backend: tensor_fusion_backward got a residual that its forward did not save");
+  if (saved) check_residuals(residuals, {{type, {B, H * PA}}}, "tensor_fusion_backward");
   const auto w2 = weight.view({H * PA, PB});
   std::vector<at::Tensor> grads;
   for (const auto& x : xs) grads.push_back(at::empty_like(x));
@@ -259,9 +256,10 @@ at::Tensor with_one(const at::Tensor& x) {
   return at::cat({at::ones({x.size(0), 1}, x.options()), x}, 1);
 }
 
-std::vector<at::Tensor> projections(const std::vector<at::Tensor>& xs, const std::vector<at::Tensor>& flat) {
+// x~_m W_m for every modality, from x~_m = with_one(x_m): (B, r * h) each.
+std::vector<at::Tensor> projections(const std::vector<at::Tensor>& xs_one, const std::vector<at::Tensor>& flat) {
   std::vector<at::Tensor> proj;
-  for (size_t m = 0; m < xs.size(); ++m) proj.push_back(at::mm(with_one(xs[m]), flat[m]));
+  for (size_t m = 0; m < xs_one.size(); ++m) proj.push_back(at::mm(xs_one[m], flat[m]));
   return proj;
 }
 
@@ -275,7 +273,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> low_rank_fusion(at::TensorList x
   std::vector<at::Tensor> flat;
   for (const auto& f : factors_in) flat.push_back(rank_major(f.to(type)));
   const int64_t B = xs[0].size(0), R = weights.numel(), H = bias.numel(), M = xs.size();
-  const auto proj = projections(xs, flat);
+  std::vector<at::Tensor> xs_one;
+  for (const auto& x : xs) xs_one.push_back(with_one(x));
+  const auto proj = projections(xs_one, flat);
   auto out = at::empty({B, H}, options_of(type));
   AT_DISPATCH_FLOATING_TYPES(type, "low_rank_fusion", [&] {
     using T = scalar_t;
@@ -311,15 +311,13 @@ std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::
   std::vector<at::Tensor> flat;
   for (const auto& f : factors_in) flat.push_back(rank_major(f.to(type)));
   const int64_t B = xs[0].size(0), R = weights.numel(), H = grad.size(1), M = xs.size();
+  std::vector<at::Tensor> xs_one;
+  for (const auto& x : xs) xs_one.push_back(with_one(x));
   std::vector<at::Tensor> proj;
   if (residuals.empty()) {
-    proj = projections(xs, flat);
+    proj = projections(xs_one, flat);
   } else {
-    TORCH_CHECK(static_cast<int64_t>(residuals.size()) == M, "fastfusion cpp backend: low_rank_fusion_backward needs ",
-                M, " residuals, got ", residuals.size());
-    for (const auto& r : residuals)
-      TORCH_CHECK(r.scalar_type() == type && r.is_contiguous() && r.sizes() == at::IntArrayRef({B, R * H}),
-                  "fastfusion cpp backend: low_rank_fusion_backward got a residual that its forward did not save");
+    check_residuals(residuals, std::vector<Residual>(M, {type, {B, R * H}}), "low_rank_fusion_backward");
     proj.assign(residuals.begin(), residuals.end());
   }
   // grad_proj[m] (B, r * h) = w_r g prod_{k != m} proj_k; per_row (B, r) = <g, prod_m proj_m>.
@@ -367,7 +365,7 @@ std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::
   for (int64_t m = 0; m < M; ++m) {
     const int64_t n = xs[m].size(1);
     grad_xs.push_back(at::mm(grad_proj[m], flat[m].narrow(0, 1, n).t()).to(xs_in[m].scalar_type()));
-    const auto grad_flat = at::mm(with_one(xs[m]).t(), grad_proj[m]);  // (n + 1, R * H)
+    const auto grad_flat = at::mm(xs_one[m].t(), grad_proj[m]);  // (n + 1, R * H)
     grad_factors.push_back(
         grad_flat.view({n + 1, R, H}).permute({1, 0, 2}).contiguous().to(factors_in[m].scalar_type()));
   }
@@ -437,12 +435,7 @@ std::vector<at::Tensor> factorized_bilinear_backward(const at::Tensor& grad_in, 
   const auto grad = prepared(grad_in, type);
   const int64_t B = x.size(0), E = wx.size(0), O = E / factor;
   const bool saved = !residuals.empty();
-  if (saved) {
-    TORCH_CHECK(residuals.size() == 2, "fastfusion cpp backend: factorized_bilinear_backward needs 2 residuals");
-    for (const auto& r : residuals)
-      TORCH_CHECK(r.scalar_type() == type && r.is_contiguous() && r.sizes() == at::IntArrayRef({B, E}),
-                  "fastfusion cpp backend: factorized_bilinear_backward got a residual that its forward did not save");
-  }
+  if (saved) check_residuals(residuals, {{type, {B, E}}, {type, {B, E}}}, "factorized_bilinear_backward");
   // Recomputed projections are scratch, so their gradients overwrite them.
   const auto px = saved ? residuals[0] : project(x, wx, bx_in ? prepared(*bx_in, type) : at::Tensor());
   const auto py = saved ? residuals[1] : project(y, wy, by_in ? prepared(*by_in, type) : at::Tensor());

@@ -290,16 +290,9 @@ std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at:
     const bool saved = !residuals.empty();
     const bool needs_z = gate.defined() || normalize;
     if (saved) {
-      TORCH_CHECK(static_cast<int64_t>(residuals.size()) == M + needs_z,
-                  "fastfusion cpp backend: compact_bilinear_backward needs ", M + needs_z, " residuals, got ",
-                  residuals.size());
-      for (int64_t i = 0; i < M + needs_z; ++i) {
-        const bool spectrum = i < M;
-        const auto expected = spectrum ? std::vector<int64_t>{problem.B, P, K} : std::vector<int64_t>{problem.B, out_dim};
-        TORCH_CHECK(residuals[i].scalar_type() == (spectrum ? c10::toComplexType(type) : type) &&
-                        residuals[i].is_contiguous() && residuals[i].sizes() == at::IntArrayRef(expected),
-                    "fastfusion cpp backend: compact_bilinear_backward got a residual that its forward did not save");
-      }
+      std::vector<Residual> expected(M, {c10::toComplexType(type), {problem.B, P, K}});
+      if (needs_z) expected.push_back({type, {problem.B, out_dim}});
+      check_residuals(residuals, expected, "compact_bilinear_backward");
     }
     for (const auto& x : problem.xs) grads.push_back(at::empty_like(x));
     at::Tensor grad_gate = gate.defined() ? at::empty_like(gate) : at::Tensor();
