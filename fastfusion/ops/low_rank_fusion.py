@@ -87,7 +87,6 @@ def _setup_context(ctx, inputs, output):
     residuals = output[1]
     mark_residuals(ctx, residuals)
     ctx.num_modalities = len(xs)
-    ctx.num_residuals = len(residuals)
     ctx.save_for_backward(*xs, *factors, weights, bias, *residuals)
 
 
