@@ -5,6 +5,11 @@ buffers drawn from a private ``torch.Generator`` seeded by ``seed`` on the CPU, 
 identical on every device and in every process, travel with ``state_dict`` and move with
 ``.to()``; the global RNG is never touched. They are checked once when built or loaded,
 so the forward pass does not re-read them.
+
+A module's state_dict also records the constructor arguments that decide what its tensors
+mean, and ``load_state_dict`` refuses a state_dict saved with other values, naming the
+argument and both values. Every incoming tensor is checked (shape; dtype and values of
+hashes and signs) before anything is copied, so a refused load leaves the module as it was.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._validation import check_hash, check_positive_int, check_sign
+from ._validation import check_hash, check_positive_int, check_shape, check_sign
 from .ops.compact_bilinear import sketch_and_pool
 from .ops.factorized_bilinear import factorized_bilinear
 from .ops.signed_sqrt_l2 import DEFAULT_EPS
@@ -23,6 +28,9 @@ from .ops.low_rank_fusion import low_rank_fusion
 from .ops.tensor_fusion import tensor_fusion
 
 _POOLS = (None, "sum", "mean")
+
+# Where a module records its defining arguments: its entry in the state_dict's metadata.
+_RECORD_KEY = "fastfusion"
 
 
 def _check_in_dims(in_dims: Sequence[int], minimum: int = 2) -> tuple[int, ...]:
@@ -50,14 +58,81 @@ def draw_hashes_and_signs(in_dims: Sequence[int], out_dim: int, seed: int) -> li
     return drawn
 
 
-class CompactBilinearPooling(nn.Module):
+class _FusionModule(nn.Module):
+    """Records the arguments named in ``_DEFINING`` in its state_dict and checks a load in
+    full before copying anything.
+
+    ``_DEFINING`` lists the constructor arguments that, with the tensors, decide what
+    forward computes in eval mode; a state_dict saved with other values is refused. The
+    record lives in the state_dict's metadata (torch's per-module ``_metadata``, which
+    holds each module's version) rather than in an entry of its own, so the keys stay the
+    parameters and buffers and every value stays a tensor: safetensors, code that iterates
+    the values, and strict loading into an older fastfusion keep working. It survives
+    torch.save/torch.load(weights_only=True) and consume_prefix_in_state_dict_if_present;
+    a state_dict rebuilt as a plain dict loses it and loads like one saved before the record.
+    """
+
+    _DEFINING: tuple[str, ...] = ()
+
+    def _record(self) -> dict:
+        return {field: getattr(self, field) for field in self._DEFINING}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None:  # a destination passed by the caller may have none
+            metadata.setdefault(prefix[:-1], {})[_RECORD_KEY] = self._record()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        # Raise rather than append to error_msgs: torch would still copy every other tensor
+        # and load the submodules (gate_proj, proj_x, factors) after this call, leaving a
+        # module that is neither the old one nor the saved one.
+        self._check_loadable(state_dict, prefix, local_metadata.get(_RECORD_KEY))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+    def _check_loadable(self, state_dict, prefix: str, record: dict | None) -> None:
+        """Raise unless every entry of ``state_dict`` for this module and its submodules
+        may replace the tensor it names, and ``record`` matches this module's arguments."""
+        # A state_dict without a record (saved before the record existed, or rebuilt as a
+        # plain dict) is accepted once its tensors pass their checks: refusing it would
+        # strand every checkpoint written so far, and only mix-ups of equal shapes and
+        # in-range hashes, which it could not tell apart when saved either, go unseen.
+        # A field the record lacks likewise predates that field.
+        if record is not None:
+            mismatches = [
+                f"{prefix}{field}: the state_dict was saved with {record[field]!r}, this module has {value!r}"
+                for field, value in self._record().items()
+                if field in record and record[field] != value
+            ]
+            if mismatches:
+                raise ValueError("; ".join(mismatches))
+        for name, current in self.state_dict(keep_vars=True).items():
+            key = prefix + name
+            if key in state_dict:
+                value = state_dict[key]
+                label = f"state_dict[{key!r}]"
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{label} must be a torch.Tensor, got {type(value).__name__}")
+                self._check_loaded_tensor(label, name, value, current)
+
+    def _check_loaded_tensor(self, label: str, name: str, value: torch.Tensor, current: torch.Tensor) -> None:
+        """Raise unless ``value`` may replace ``current``, the tensor ``name`` of this module."""
+        check_shape(label, value, current.shape)
+
+
+class CompactBilinearPooling(_FusionModule):
     """Compact bilinear pooling of M >= 2 modalities (tensor sketch, Gao et al. 2016).
 
     forward(x_1, ..., x_M): each (..., n_m). With ``pool`` None the sketch is taken per
     position and the output is (..., out_dim); with pool "sum" or "mean" the inputs are
     (B, T, n_m) and T is pooled in the frequency domain, giving (B, out_dim). With
     ``normalize`` the output goes through signed square root and L2 normalisation.
+
+    A state_dict must match ``in_dims``, ``out_dim``, ``pool`` and ``normalize``. ``seed``
+    only picks the hashes and signs drawn here, which a loaded state_dict replaces.
     """
+
+    _DEFINING = ("in_dims", "out_dim", "pool", "normalize")
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, *, pool: str | None = None, normalize: bool = True, seed: int = 0):
         super().__init__()
@@ -71,7 +146,6 @@ class CompactBilinearPooling(nn.Module):
         for m, (hash, sign) in enumerate(draw_hashes_and_signs(self.in_dims, self.out_dim, seed)):
             self.register_buffer(f"hash_{m}", hash)
             self.register_buffer(f"sign_{m}", sign)
-        self.register_load_state_dict_post_hook(_check_loaded_sketch)
 
     @property
     def hashes(self) -> list[torch.Tensor]:
@@ -101,11 +175,17 @@ class CompactBilinearPooling(nn.Module):
     def extra_repr(self) -> str:
         return f"in_dims={self.in_dims}, out_dim={self.out_dim}, pool={self.pool}, normalize={self.normalize}, seed={self.seed}"
 
-
-def _check_loaded_sketch(module: CompactBilinearPooling, incompatible_keys) -> None:
-    for m, (hash, sign) in enumerate(zip(module.hashes, module.signs)):
-        check_hash(f"loaded buffer hash_{m}", hash, module.in_dims[m], module.out_dim, hash)
-        check_sign(f"loaded buffer sign_{m}", sign, module.in_dims[m], sign)
+    def _check_loaded_tensor(self, label, name, value, current):
+        # copy_ would turn a float or int16 hash, or a sign of 1.5, into a valid-looking
+        # buffer: the dtype and values are checked as given. The incoming tensor is its own
+        # device reference (copying moves it); a meta tensor has no values to read.
+        values = not value.is_meta
+        if name.startswith("hash_"):
+            check_hash(label, value, len(current), self.out_dim, value, values=values)
+        elif name.startswith("sign_"):
+            check_sign(label, value, len(current), value, values=values)
+        else:
+            super()._check_loaded_tensor(label, name, value, current)
 
 
 class GatedCompactBilinearPooling(CompactBilinearPooling):
@@ -115,10 +195,12 @@ class GatedCompactBilinearPooling(CompactBilinearPooling):
     the concatenated inputs (each averaged over T when pooling, so the gate's scale does
     not grow with T) with act = softmax over out_dim (the paper's) or sigmoid; the output
     is signed_sqrt_l2(g * CBP(x_1, ..., x_M)). This is our reading of the paper's
-    G = softmax(W_G [a; v] + b_G) applied elementwise to the compact bilinear vector.
+    G = softmax(W_G [a; v] + b_G) applied elementwise to the compact bilinear vector. A
+    state_dict must also match ``gate``.
     """
 
     _GATES = ("softmax", "sigmoid")
+    _DEFINING = CompactBilinearPooling._DEFINING + ("gate",)
 
     def __init__(
         self,
@@ -147,13 +229,18 @@ class GatedCompactBilinearPooling(CompactBilinearPooling):
         return f"{super().extra_repr()}, gate={self.gate}"
 
 
-class FactorizedBilinearPooling(nn.Module):
+class FactorizedBilinearPooling(_FusionModule):
     """Factorized bilinear pooling, MFB (Yu et al. 2017), of two modalities.
 
     forward(x, y): x (..., n_x), y (..., n_y) -> (..., out_dim). Two projections to
     out_dim * factor, their product (with dropout during training, as in the original),
     sum pooling over groups of ``factor``, then signed square root and L2 normalisation.
+
+    A state_dict must match ``in_dims``, ``out_dim``, ``factor`` and ``normalize`` (the
+    projections' shapes only fix out_dim * factor); ``dropout`` acts in training only.
     """
+
+    _DEFINING = ("in_dims", "out_dim", "factor", "normalize")
 
     def __init__(self, in_dims: Sequence[int], out_dim: int = 1000, *, factor: int = 5, dropout: float = 0.1, normalize: bool = True):
         super().__init__()
@@ -184,14 +271,17 @@ class FactorizedBilinearPooling(nn.Module):
         return f"in_dims={self.in_dims}, out_dim={self.out_dim}, factor={self.factor}, dropout={self.dropout}, normalize={self.normalize}"
 
 
-class LowRankFusion(nn.Module):
+class LowRankFusion(_FusionModule):
     """Low-rank multimodal fusion, LMF (Liu et al. 2018), of M >= 2 modalities.
 
     forward(x_1, ..., x_M): each (..., n_m) -> (..., out_dim). Parameters in the official
     layout: ``factors[m]`` (rank, n_m + 1, out_dim), ``fusion_weights`` (1, rank),
     ``fusion_bias`` (1, out_dim); all registered, all trained. Xavier-normal initialisation
-    and a zero bias, as the official code.
+    and a zero bias, as the official code. A state_dict must match ``in_dims``, ``out_dim``
+    and ``rank``.
     """
+
+    _DEFINING = ("in_dims", "out_dim", "rank")
 
     def __init__(self, in_dims: Sequence[int], out_dim: int, *, rank: int = 4):
         super().__init__()
@@ -212,13 +302,16 @@ class LowRankFusion(nn.Module):
         return f"in_dims={self.in_dims}, out_dim={self.out_dim}, rank={self.rank}"
 
 
-class TensorFusion(nn.Module):
+class TensorFusion(_FusionModule):
     """Tensor fusion, TFN (Zadeh et al. 2017), of M >= 2 modalities.
 
     forward(x_1, ..., x_M): each (..., n_m) -> (..., out_dim): a linear layer on the
     modality-0-major flattened outer product of the [1; x_m]. ``weight`` is
-    (out_dim, prod_m (n_m + 1)), initialised like nn.Linear.
+    (out_dim, prod_m (n_m + 1)), initialised like nn.Linear. A state_dict must match
+    ``in_dims`` (whose order the weight's shape does not fix) and ``out_dim``.
     """
+
+    _DEFINING = ("in_dims", "out_dim")
 
     def __init__(self, in_dims: Sequence[int], out_dim: int):
         super().__init__()
