@@ -16,7 +16,19 @@ Concurrent first uses (pytest-xdist workers, DataLoader processes) are serialise
 ``flock`` on the build directory, which the kernel drops when a holder dies; torch's own
 build baton (a lock *file*) is not enough alone, because a build killed mid-way leaves the
 file behind and every later process waits on it forever. A build is published by writing a
-``complete`` marker last, so readers never load a half-linked library.
+``complete`` marker last (atomically, by rename), so readers never load a half-linked library.
+The marker is one JSON object, ``{"library": "fastfusion_cpu.so", "size": <bytes>, "sha256":
+"<hex digest>"}``: the library's file name relative to the build directory (so a cache moved
+or mounted elsewhere still loads) and what the build wrote. Every load first checks the
+library's size and sha256 against it, because a truncated library (an interrupted copy of the
+cache, a crash before the data reached the disk) loads "fine" and then kills the process with
+SIGBUS on its first op. An entry that does not check out (library missing, truncated or
+altered; marker empty, damaged, naming a path outside the build directory, or in an older
+fastfusion's format) is broken: the process holding the lock says so in one warning, deletes
+every build output (ninja trusts outputs by their time stamps, so a damaged object file would
+otherwise be linked again) and builds afresh. Checking and loading write nothing, so a
+complete cache on a read-only mount loads; a build that cannot write there says so and names
+``FASTFUSION_CACHE_DIR``.
 
 The flags: ``-O3 -fopenmp -fno-math-errno -fno-trapping-math`` (the last two as torch itself
 is built, so that branch-free loops with sqrt vectorise), plus ``-mavx2 -mfma`` for the
@@ -32,13 +44,16 @@ OpenMP template) and links against the libgomp torch already loaded, so
 ``torch.set_num_threads`` governs it.
 
 If the build or the load fails, the reason is returned; the dispatcher turns it into one
-warning and the "torch" backend under "auto", or an error when "cpp" was asked for.
+warning and the "torch" backend under "auto", or an error when "cpp" was asked for. When an
+ahead-of-time library was passed over, the reason says why too (built for another torch: it
+names both versions; or with no record of which).
 ``python -m fastfusion._extension`` builds (or loads) eagerly and reports the outcome.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import platform
@@ -46,6 +61,7 @@ import re
 import shutil
 import sys
 import threading
+import warnings
 
 import torch
 
@@ -60,6 +76,8 @@ LDFLAGS = ("-fopenmp",)
 # was built against (a library built for another torch would fail to load or, worse, misbehave).
 AOT_MODULE = "_fastfusion_cpu"
 AOT_TORCH_VERSION_FILE = AOT_MODULE + ".torch_version"
+_MARKER = "complete"  # in a build directory: the published build's record (module docstring)
+_BUILD_LOCK = "build.flock"
 
 _UNTRIED = object()
 _status: object = _UNTRIED  # None once loaded, else why the backend is unavailable
@@ -78,10 +96,14 @@ def unavailable_reason() -> str | None:
 
 
 def _load() -> str | None:
+    aot_passed_over = None
     try:
-        path = _aot_library() or _jit_library()
+        path, aot_passed_over = _aot_library()
+        path = path or _jit_library()
     except _Unavailable as e:
-        return str(e)
+        # Name the torch mismatch as well: "the sources are not installed" alone hides why a
+        # build was needed at all.
+        return f"{aot_passed_over}, and {e}" if aot_passed_over else str(e)
     except Exception as e:  # noqa: BLE001 - any failure means "fall back", with its reason
         return f"the C++ extension is unavailable: {e}"
     global _loaded_path
@@ -99,14 +121,26 @@ class _Unavailable(Exception):
     """The extension cannot be built here, for a reason worth stating as is."""
 
 
-def _aot_library() -> str | None:
-    version_file = _PACKAGE_DIR / AOT_TORCH_VERSION_FILE
+class _BrokenEntry(Exception):
+    """A published build in the cache that does not match its marker; says what is wrong."""
+
+
+def _aot_library() -> tuple[str | None, str | None]:
+    """The ahead-of-time library to load, or None; and why a library found in the package is
+    passed over, or None."""
     libraries = sorted(_PACKAGE_DIR.glob(AOT_MODULE + ".*.so")) + sorted(_PACKAGE_DIR.glob(AOT_MODULE + ".so"))
-    if not libraries or not version_file.is_file():
-        return None
-    if version_file.read_text().strip() != torch.__version__:
-        return None  # built for another torch: rebuild just in time instead
-    return str(libraries[0])
+    if not libraries:
+        return None, None
+    version_file = _PACKAGE_DIR / AOT_TORCH_VERSION_FILE
+    if not version_file.is_file():
+        return None, f"the ahead-of-time library {libraries[0]} has no {version_file} naming the torch it was built for"
+    built_for = version_file.read_text().strip()
+    if built_for != torch.__version__:
+        return None, (
+            f"the ahead-of-time library {libraries[0]} was built for torch {built_for}, "
+            f"not the running torch {torch.__version__}"
+        )
+    return str(libraries[0]), None
 
 
 def _sources() -> list[pathlib.Path]:
@@ -136,6 +170,10 @@ def _build_key(sources: list[pathlib.Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def _build_dir(sources: list[pathlib.Path]) -> pathlib.Path:
+    return _cache_root() / f"{_NAME}-{_build_key(sources)}"
+
+
 def _jit_library() -> str:
     if os.name != "posix":
         raise _Unavailable("the C++ extension is built with GCC/Clang flags and supports Linux and macOS only")
@@ -145,29 +183,36 @@ def _jit_library() -> str:
             f"the C++ sources are not installed (looked in {_SOURCE_DIR}); use a source checkout, "
             "or build ahead of time with FASTFUSION_BUILD_EXT=1 pip install --no-build-isolation ."
         )
-    build_dir = _cache_root() / f"{_NAME}-{_build_key(sources)}"
-    marker = build_dir / "complete"
-    if marker.is_file():
-        return marker.read_text()
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise _Unavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX to use another)")
-    from torch.utils import cpp_extension
-
+    build_dir = _build_dir(sources)
+    damage = None
     try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError:
-        raise _Unavailable("the 'ninja' build tool is not installed (pip install ninja)") from None
-
-    build_dir.mkdir(parents=True, exist_ok=True)
+        library = _published_library(build_dir)
+    except _BrokenEntry as e:
+        library, damage = None, str(e)  # examined again under the lock, which rebuilds it
+    if library is not None:
+        return library
+    try:
+        lock = _open_build_lock(build_dir)
+    except _Unavailable as e:
+        raise _Unavailable(f"{damage}, and it cannot be rebuilt: {e}" if damage else str(e)) from None
     import fcntl
 
-    with open(build_dir / "build.flock", "w") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel, also when this process dies
-        if marker.is_file():  # another process built it while we waited
-            return marker.read_text()
+        try:
+            library = _published_library(build_dir)
+        except _BrokenEntry as e:  # still broken now that no one else is building here
+            library = None
+            warnings.warn(
+                f"fastfusion: {e}; rebuilding the C++ extension in {build_dir} from scratch", RuntimeWarning
+            )
+            _clear_build_outputs(build_dir)
+        if library is not None:  # published, possibly by another process while we waited
+            return library
         # Only flock holders run torch's build here, so a baton file is a killed build's leftover.
         (build_dir / "lock").unlink(missing_ok=True)
+        from torch.utils import cpp_extension
+
         try:
             path = cpp_extension.load(
                 name=_NAME,
@@ -182,10 +227,91 @@ def _jit_library() -> str:
             log = build_dir / "build.log"
             log.write_text(str(e))
             raise _Unavailable(f"building the C++ extension failed: {_first_error_line(str(e))} (full log: {log})") from e
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(path)
-        tmp.replace(marker)
+        _publish(build_dir, pathlib.Path(path))
     return path
+
+
+def _open_build_lock(build_dir: pathlib.Path):
+    """The build directory's lock file, opened (not yet locked) once a build can run at all."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise _Unavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX to use another)")
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        raise _Unavailable("the 'ninja' build tool is not installed (pip install ninja)") from None
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        return open(build_dir / _BUILD_LOCK, "w")
+    except OSError as e:
+        raise _Unavailable(
+            f"cannot build the C++ extension in {build_dir}: {e.strerror or e}; "
+            "set FASTFUSION_CACHE_DIR to a writable directory"
+        ) from None
+
+
+def _published_library(build_dir: pathlib.Path) -> str | None:
+    """The library the marker in ``build_dir`` publishes, once its size and sha256 match the
+    record; None when there is no marker. Raises _BrokenEntry, naming the file and the fault."""
+    marker = build_dir / _MARKER
+    try:
+        text = marker.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _BrokenEntry(f"the build marker {marker} cannot be read ({e})") from None
+    try:
+        record = json.loads(text)
+        name, size, digest = record["library"], record["size"], record["sha256"]
+    except (ValueError, TypeError, KeyError):
+        raise _BrokenEntry(
+            f"the build marker {marker} is not a build record of this fastfusion version "
+            "(empty, damaged, or written by an older one)"
+        ) from None
+    # A bare file name: any other path is not this build's output, or not once the cache moves.
+    if not (isinstance(name, str) and name not in ("", "..") and pathlib.PurePath(name).name == name):
+        raise _BrokenEntry(f"the build marker {marker} names {name!r}, not a file in its build directory")
+    if not (isinstance(size, int) and isinstance(digest, str)):
+        raise _BrokenEntry(f"the build marker {marker} records no valid size and sha256 for {name}")
+    library = build_dir / name
+    try:
+        actual_size = library.stat().st_size
+        actual_digest = _sha256(library) if actual_size == size else None
+    except FileNotFoundError:
+        raise _BrokenEntry(f"the built library {library} is missing") from None
+    except OSError as e:
+        raise _BrokenEntry(f"the built library {library} cannot be read ({e})") from None
+    if actual_size != size:
+        raise _BrokenEntry(f"the built library {library} has {actual_size} bytes, its build wrote {size} (truncated?)")
+    if actual_digest != digest:
+        raise _BrokenEntry(f"the built library {library} does not match the sha256 its build recorded (altered?)")
+    return str(library)
+
+
+def _publish(build_dir: pathlib.Path, library: pathlib.Path) -> None:
+    """Writes the marker recording ``library`` (which torch links directly in ``build_dir``)."""
+    record = {"library": library.name, "size": library.stat().st_size, "sha256": _sha256(library)}
+    tmp = build_dir / (_MARKER + ".tmp")
+    tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    tmp.replace(build_dir / _MARKER)  # atomic: readers see no marker or a whole one
+
+
+def _clear_build_outputs(build_dir: pathlib.Path) -> None:
+    """Deletes everything in ``build_dir`` but the lock file, which others may be waiting on.
+    Unlinking, never rewriting in place, leaves a library another process has mapped intact."""
+    for path in build_dir.iterdir():
+        if path.name == _BUILD_LOCK:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _first_error_line(message: str) -> str:

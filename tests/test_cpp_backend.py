@@ -483,13 +483,16 @@ def test_import_builds_nothing():
 
 def test_ahead_of_time_library_needs_matching_torch(monkeypatch, tmp_path):
     monkeypatch.setattr(_extension, "_PACKAGE_DIR", tmp_path)
+    assert _extension._aot_library() == (None, None)  # none installed: nothing to explain
     library = tmp_path / f"{_extension.AOT_MODULE}.cpython-311-x86_64-linux-gnu.so"
     library.write_bytes(b"")
-    assert _extension._aot_library() is None  # no record of the torch it was built for
+    path, passed_over = _extension._aot_library()
+    assert path is None and f"{library} has no {tmp_path / _extension.AOT_TORCH_VERSION_FILE}" in passed_over
     (tmp_path / _extension.AOT_TORCH_VERSION_FILE).write_text("0.0.1\n")
-    assert _extension._aot_library() is None
+    path, passed_over = _extension._aot_library()
+    assert path is None and f"built for torch 0.0.1, not the running torch {torch.__version__}" in passed_over
     (tmp_path / _extension.AOT_TORCH_VERSION_FILE).write_text(torch.__version__ + "\n")
-    assert _extension._aot_library() == str(library)
+    assert _extension._aot_library() == (str(library), None)
 
 
 @pytest.mark.parametrize("capability, vector_flags", [("DEFAULT", False), ("AVX2", True), ("AVX512", True)])
