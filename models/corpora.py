@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
+import warnings
 from pathlib import Path
 from typing import Collection, Sequence
 
@@ -33,12 +34,15 @@ from torch.utils.data import Dataset
 
 from .data import TINY, SyntheticConfig
 from .feature_cache import FeatureCache, default_cache_dir
-from .frontends import SpectrogramImage, normalize_clip, sample_frame_indices
+from .frontends import N_FFT, SpectrogramImage, normalize_clip, sample_frame_indices
 from .handcrafted import HandcraftedFrontend
-from .media import VIDEO_SUFFIXES, WAVE_SUFFIXES, read_audio, read_frames
+from .media import VIDEO_SUFFIXES, WAVE_SUFFIXES, read_audio, read_frames, wave_problem
 
 MODALITIES = ("audio", "video")
 SPLITS = ("train", "val", "test")
+# Both frontends frame audio in N_FFT-sample windows at their sample rate: a shorter
+# recording is one frame of mostly padding, no utterance.
+MIN_AUDIO_SAMPLES = N_FFT
 
 
 class ImageFrontend:
@@ -132,7 +136,9 @@ class MediaCorpus(Dataset):
     ``split``: "train", "val", "test" (a :func:`speaker_split` of the speakers present,
     with ``val_fraction``, ``test_fraction`` and ``seed``) or "all"; ``speakers`` picks
     speakers explicitly instead. ``modalities``: the item keys wanted; recordings lacking
-    a file for one of them are left out. ``frontend``: :class:`ImageFrontend` (default),
+    a file for one of them are left out, and so are those whose ``.wav`` is damaged or
+    shorter than :data:`MIN_AUDIO_SAMPLES` (each with a warning; :attr:`skipped` lists
+    them with the reason). ``frontend``: :class:`ImageFrontend` (default),
     :class:`~models.handcrafted.HandcraftedFrontend`, or any object with their
     ``sample_rate``, ``frame_size``, ``config_key``, ``__call__(wave, frames)`` and
     ``finish(features)``. ``cache_dir``: "auto" for
@@ -181,9 +187,34 @@ class MediaCorpus(Dataset):
                                       test_fraction=test_fraction, seed=seed, groups=self._speaker_groups())
             speakers = partition[split]
         self.speakers = tuple(sorted({r.speaker for r in usable} if speakers is None else set(speakers)))
-        self.recordings = [r for r in usable if r.speaker in self.speakers]
         self.frontend = ImageFrontend() if frontend is None else frontend
+        # Skipped after the split, so that damaged files never move a speaker between splits.
+        wanted = [r for r in usable if r.speaker in self.speakers]
+        self.recordings, self.skipped = self._skip_damaged_audio(wanted)
+        if wanted and not self.recordings:
+            raise ValueError(f"all {len(wanted)} {self.CORPUS} recordings of speakers {self.speakers} under "
+                             f"{self.root} were skipped: their audio files are damaged (see the warnings)")
         self.cache = FeatureCache(default_cache_dir() if cache_dir == "auto" else cache_dir)
+
+    def _skip_damaged_audio(self, recordings: list[Recording]) -> tuple[list[Recording], tuple[tuple[Path, str], ...]]:
+        """The recordings whose ``.wav`` is usable, and (file, problem) of the others.
+
+        A truncated ``.wav`` would train silently as its first few samples and an empty one
+        fail mid-epoch; reading the headers now costs a few ms a file. Audio tracks of video
+        containers are checked when decoded (:meth:`_extract`)."""
+        if "audio" not in self.modalities:
+            return recordings, ()
+        kept, skipped = [], []
+        for recording in recordings:
+            problem = None
+            if recording.audio.suffix.lower() in WAVE_SUFFIXES:
+                problem = wave_problem(recording.audio, self.frontend.sample_rate, MIN_AUDIO_SAMPLES)
+            if problem is None:
+                kept.append(recording)
+            else:
+                warnings.warn(f"skipping {self.CORPUS} recording {recording.name}: {recording.audio} {problem}")
+                skipped.append((recording.audio, problem))
+        return kept, tuple(skipped)
 
     def _scan(self) -> list[Recording]:
         raise NotImplementedError
@@ -210,7 +241,8 @@ class MediaCorpus(Dataset):
         return {**features, "label": torch.tensor(recording.label), "speaker": torch.tensor(recording.speaker)}
 
     def _extract(self, recording: Recording) -> dict[str, torch.Tensor]:
-        wave = read_audio(recording.audio, self.frontend.sample_rate) if "audio" in self.modalities else None
+        wave = (read_audio(recording.audio, self.frontend.sample_rate, MIN_AUDIO_SAMPLES)
+                if "audio" in self.modalities else None)
         frames = read_frames(recording.video, self.frontend.frame_size)[0] if "video" in self.modalities else None
         return self.frontend(wave, frames)
 
@@ -354,7 +386,8 @@ FEATURES = ("image", "handcrafted")
 class CorpusSplits:
     """A corpus's three speaker-independent (MOSEI: the official) splits, and what the
     training loop needs to know about them: class names, the item keys that are model
-    inputs (in forward's order) and the corpus's own task."""
+    inputs (in forward's order), the corpus's own task, and the (file, problem) of every
+    recording left out of the three for a damaged file."""
 
     train: Dataset
     val: Dataset
@@ -362,6 +395,7 @@ class CorpusSplits:
     class_names: tuple[str, ...]
     modalities: tuple[str, ...]
     task: str
+    skipped: tuple[tuple[Path, str], ...] = ()
 
 
 def build_corpus(
@@ -396,4 +430,4 @@ def build_corpus(
     sets = {split: corpus(root, split=split, frontend=frontend, seed=seed, cache_dir=cache_dir, **options)
             for split in SPLITS}
     return CorpusSplits(sets["train"], sets["val"], sets["test"], corpus.CLASS_NAMES, sets["train"].modalities,
-                        "classification")
+                        "classification", sum((sets[split].skipped for split in SPLITS), ()))

@@ -4,10 +4,16 @@
 every other container (``.mp4``, ``.flv``, ...) through PyAV, whose wheels bundle FFmpeg
 (``pip install av``). The ``corpora`` extra installs all three. Both imports happen on
 first use, so the rest of :mod:`models` works without either library.
+
+A damaged ``.wav`` does not always fail to decode: a truncated one decodes as the few
+samples present, an empty one fails inside audioread with a bare ``EOFError``.
+:func:`wave_problem` reads the header and says what is wrong, so readers can refuse or
+skip the file by name.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +33,63 @@ def _import_av():
     return av
 
 
-def read_audio(path: str | Path, sample_rate: int) -> torch.Tensor:
+def read_audio(path: str | Path, sample_rate: int, min_samples: int = 1) -> torch.Tensor:
     """Mono float32 waveform (L,) at ``sample_rate``: a ``.wav`` file, or the first audio
-    track of a video container."""
+    track of a video container. A damaged ``.wav`` (:func:`wave_problem`) or fewer than
+    ``min_samples`` samples raise ValueError naming the file."""
     path = Path(path)
     if path.suffix.lower() in WAVE_SUFFIXES:
+        problem = wave_problem(path, sample_rate, min_samples)
+        if problem is not None:
+            raise ValueError(f"{path} {problem}")
         wave = load_audio(str(path), sample_rate)
     else:
         wave = _read_audio_track(path, sample_rate)
     if wave.numel() == 0:
         raise ValueError(f"{path} holds no audio samples")
+    if wave.numel() < min_samples:
+        raise ValueError(f"{path} holds {wave.numel()} audio samples at {sample_rate} Hz, fewer than {min_samples}")
     return wave
+
+
+def wave_problem(path: str | Path, sample_rate: int, min_samples: int = 1) -> str | None:
+    """What makes the ``.wav`` file at ``path`` unusable, or None: it is empty, not
+    RIFF/WAVE, truncated (its header declares more audio than the file holds), or shorter
+    than ``min_samples`` samples at ``sample_rate``. Reads the header only; the answer
+    reads after the path ("x.wav is empty")."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty"
+    with open(path, "rb") as file:
+        head = file.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:] != b"WAVE":
+            return "is not a RIFF/WAVE file"
+        while True:
+            chunk = file.read(8)
+            if len(chunk) < 8:
+                return "has no audio data (no data chunk)"
+            kind, length = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if kind == b"data":
+                break
+            file.seek(length + length % 2, os.SEEK_CUR)  # chunks are padded to an even size
+        present = size - file.tell()
+    # RF64 files and streaming writers may declare 0xFFFFFFFF: "up to the end of the file".
+    if length != 0xFFFFFFFF and length > present:
+        return f"is truncated: its header declares {length} bytes of audio, {present} are present"
+    try:
+        import soundfile
+    except ImportError as error:
+        raise ImportError("reading .wav files needs soundfile: pip install soundfile "
+                          "(part of fastfusion[corpora])") from error
+    try:
+        info = soundfile.info(str(path))
+    except RuntimeError as error:  # soundfile.LibsndfileError
+        return f"cannot be decoded ({error})"
+    if info.frames * sample_rate < min_samples * info.samplerate:
+        return (f"holds {info.frames} samples at {info.samplerate} Hz ({1000 * info.frames / info.samplerate:.0f} ms), "
+                f"fewer than {min_samples} at {sample_rate} Hz ({1000 * min_samples / sample_rate:.0f} ms)")
+    return None
 
 
 def _read_audio_track(path: Path, sample_rate: int) -> torch.Tensor:

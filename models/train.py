@@ -12,6 +12,12 @@ of it, and DistributedDataParallel averages the gradients, so a step is the same
 whatever N is (exactly so for models without dropout or batch norm, whose statistics are
 per process). Evaluation runs on rank 0 over the whole test set. Checkpoints hold plain
 state dicts and are read back with ``torch.load(weights_only=True)``.
+
+Arguments are checked before any data is loaded: a bad number, device or backend, an
+output path that cannot be written, or a ``--resume`` file that is no checkpoint or was
+saved with other settings is a usage error (exit code 2) naming the flag and file.
+Recordings whose ``.wav`` is damaged are skipped with a warning and counted in the output
+(``skipped_files``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -36,6 +43,7 @@ import fastfusion
 
 from . import corpora, metrics, seed_zoo
 from .data import CLASS_NAMES, train_test_split
+from .mosei import MODALITIES as MOSEI_MODALITIES
 from .zoo import MODEL_NAMES, SIZES, build_model, data_config
 
 TASKS = ("classification", "regression")
@@ -58,11 +66,17 @@ class Distributed:
         return self.rank == 0
 
 
+def resolve_device(device: str) -> str:
+    """``device``, with "auto" made cuda where CUDA is available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def init_distributed(device: str = "auto") -> Distributed:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE > 1):
     NCCL with one GPU per process on CUDA, gloo on CPU. A single process needs no group."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Distributed(device=torch.device(device))
@@ -225,11 +239,37 @@ def save_checkpoint(
     os.replace(partial, path)
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "torch_rng")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The state :func:`save_checkpoint` wrote at ``path``; ValueError naming the file and
+    what is wrong when it is no such checkpoint. Only tensors and plain containers are
+    unpickled (weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not a checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load fails in many ways (zip, pickle, EOF); each means the same here
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a checkpoint of models.train: it lacks {', '.join(map(repr, missing))}")
+    return state
+
+
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Restore model (and optimizer) state in place; returns the checkpoint's epoch, config
-    and RNG state. Only tensors and plain containers are unpickled (weights_only)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    and RNG state (:func:`read_checkpoint`). ValueError naming the file when its weights do
+    not fit ``model``."""
+    state = read_checkpoint(path)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError) as error:  # torch's and fastfusion's messages name keys and shapes, not the file
+        raise ValueError(f"{path} does not fit this model: {error}") from error
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return state
@@ -310,6 +350,82 @@ def _mean_over_processes(value: float, dist: Distributed) -> float:
     return t.item() / dist.world_size
 
 
+def _checked(convert: Callable[[str], float], accept: Callable[[float], bool], requirement: str):
+    """An argparse ``type``: ``convert`` the text, and refuse what ``accept`` rejects, so that
+    a bad value is a usage error naming its flag rather than a traceback minutes later."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+            good = accept(value)
+        except ValueError:
+            good = False
+        if not good:
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text!r}")
+        return value
+
+    return parse
+
+
+# Comparisons with nan are false, so nan fails every one of these.
+positive_int = _checked(int, lambda v: v > 0, "must be a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "must be a non-negative integer")
+positive_float = _checked(float, lambda v: 0 < v < math.inf, "must be a positive finite number")
+non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "must be a finite number >= 0")
+probability = _checked(float, lambda v: 0 <= v < 1, "must lie in [0, 1)")
+seed_value = _checked(int, lambda v: 0 <= v < 2**32, "must be an integer in [0, 2**32)")  # numpy's seed range
+
+
+def device_name(text: str) -> str:
+    """An argparse ``type`` for --device: auto, or a cpu or cuda device that this machine has."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} asks for CUDA, which this machine or torch build lacks")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be created (where missing) and written in, or None.
+    Creates nothing: a run refused for another argument leaves no trace."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+# What a checkpoint's state is of: the model's architecture and weights (decision fusion's
+# fixed weights are a buffer), and the optimizer's kind and hyperparameters (its state
+# dict carries lr and weight decay, which would silently replace the new ones).
+RESUME_MUST_MATCH = ("model", "size", "data", "task", "fusion_weights", "learn_weights", "optimizer", "lr",
+                     "weight_decay")
+
+
+def _resume_mismatches(stored: dict, args: argparse.Namespace) -> list[str]:
+    """Each argument of RESUME_MUST_MATCH that differs from the checkpoint's config, with
+    both values. Checkpoints without a config (``fit(config=None)``) have nothing to compare."""
+
+    def shown(value) -> str:
+        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    # The task as it will run: --task, else the data's own (load_data's Data.task).
+    wanted = {**vars(args), "task": args.task or ("regression" if args.data == "mosei" else "classification")}
+    return [f"--{key.replace('_', '-')} {shown(wanted[key])} (the checkpoint has {shown(stored[key])})"
+            for key in RESUME_MUST_MATCH if key in stored and stored[key] != wanted[key]]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -323,23 +439,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", choices=TASKS, default=None,
                    help="default: the data's own (mosei: regression, else classification); "
                         "regression: lmf_lstm / tfn_lstm (and decision_fusion on mosei)")
-    p.add_argument("--fusion-weights", type=float, nargs="+", default=None,
+    p.add_argument("--fusion-weights", type=non_negative_float, nargs="+", default=None,
                    help="decision_fusion: one weight per modality (audio video [text]), e.g. 0.55 0.38 0.07")
     p.add_argument("--learn-weights", action="store_true",
                    help="decision_fusion: learn the weights (softmax-parametrised), starting from --fusion-weights")
-    p.add_argument("--num-train", type=int, default=2048)
-    p.add_argument("--num-test", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=32, help="global batch, split across processes")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--num-train", type=positive_int, default=2048)
+    p.add_argument("--num-test", type=positive_int, default=512)
+    p.add_argument("--epochs", type=positive_int, default=15)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="global batch, split across processes")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--dropout", type=float, default=None, help="override every dropout probability")
-    p.add_argument("--seed", type=int, default=0, help="seeds the model, the data order and the dataset")
+    p.add_argument("--dropout", type=probability, default=None, help="override every dropout probability")
+    p.add_argument("--seed", type=seed_value, default=0, help="seeds the model, the data order and the dataset")
     p.add_argument("--backend", choices=("auto", "eager", "torch", "triton", "cpp", "cuda"), default="auto",
                    help="fastfusion backend; eager is the plain-PyTorch reference")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes rendering clips (for --size paper)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu or cuda")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="DataLoader processes rendering clips (for --size paper)")
     p.add_argument("--checkpoint", type=Path, default=None, help="save here after every epoch")
     p.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
     p.add_argument("--out-dir", type=Path, default=None, help="write metrics.json (and confusion.png) here")
@@ -357,6 +474,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--data {args.data} has emotion classes only, no sentiment to regress")
     if args.task == "regression" and args.data == "synthetic" and args.model not in MODEL_NAMES:
         p.error(f"--model {args.model} is a classifier on --data synthetic")
+    if (args.fusion_weights is not None or args.learn_weights) and args.model != "decision_fusion":
+        p.error(f"--fusion-weights and --learn-weights set decision_fusion's weights; --model {args.model} has none")
+    if args.fusion_weights is not None:
+        modalities = MOSEI_MODALITIES if args.data == "mosei" else AV_INPUTS
+        if len(args.fusion_weights) != len(modalities):
+            p.error(f"--fusion-weights takes one weight per modality ({' '.join(modalities)}): "
+                    f"{len(modalities)} values, got {len(args.fusion_weights)}")
+        if not any(args.fusion_weights):
+            p.error("--fusion-weights are all 0; at least one must be positive")
+        if args.learn_weights and 0 in args.fusion_weights:
+            p.error("--learn-weights starts from --fusion-weights, which must then all be positive "
+                    "(the softmax never reaches 0)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # as init_distributed reads it
+    if args.batch_size % world_size:
+        p.error(f"--batch-size {args.batch_size} is the global batch: it must be a multiple of the number of "
+                f"processes ({world_size})")
+    # Where the run will write, checked now rather than at the first save or after the last epoch.
+    if args.checkpoint is not None and args.checkpoint.is_dir():
+        p.error(f"--checkpoint {args.checkpoint} is a directory; name the file to save to")
+    directories = [  # (flag, its value, the directory it writes in)
+        ("--out-dir", args.out_dir, args.out_dir),
+        ("--checkpoint", args.checkpoint, None if args.checkpoint is None else args.checkpoint.parent),
+        ("--cache-dir", args.cache_dir, None if args.cache_dir in ("auto", "none") else Path(args.cache_dir)),
+    ]
+    for flag, value, directory in directories:
+        problem = None if directory is None else _unwritable(directory)
+        if problem is not None:
+            p.error(f"{flag} {value}: {problem}")
+    if args.resume is not None:
+        try:
+            state = read_checkpoint(args.resume)
+        except ValueError as error:
+            p.error(f"--resume {error}")
+        done = state["epoch"] + 1
+        if done > args.epochs:
+            p.error(f"--epochs {args.epochs}: --resume {args.resume} has already trained {done} epochs")
+        mismatches = _resume_mismatches(state.get("config", {}), args)
+        if mismatches:
+            p.error(f"--resume {args.resume} was saved with other settings, which its state holds; "
+                    "resume with the checkpoint's values or start afresh:\n  " + "\n  ".join(mismatches))
+    # Last, as asking about "cpp" may build the C++ extension (once); "torch" runs everywhere.
+    if args.backend not in ("auto", "eager", "torch"):
+        device_type = torch.device(resolve_device(args.device)).type
+        available = fastfusion.available_backends(device_type)
+        if args.backend not in available:
+            hint = " (python -m fastfusion._extension says why it does not build)" if args.backend == "cpp" else ""
+            p.error(f"--backend {args.backend} is not available on {device_type} here{hint}; "
+                    f"choose from auto, eager, {', '.join(available)}")
     return args
 
 
@@ -370,6 +535,7 @@ class Data:
     class_names: tuple[str, ...]
     inputs: tuple[str, ...]
     task: str
+    skipped: tuple[tuple[Path, str], ...] = ()  # (file, problem) of each recording left out
 
 
 def load_data(args: argparse.Namespace) -> Data:
@@ -381,7 +547,7 @@ def load_data(args: argparse.Namespace) -> Data:
     corpus = corpora.build_corpus(args.data, args.root, features=seed_zoo.features_for(args.model),
                                   config=data_config(args.size), seed=args.seed,
                                   cache_dir=None if args.cache_dir == "none" else args.cache_dir)
-    return Data(corpus.train, corpus.test, corpus.class_names, corpus.modalities, corpus.task)
+    return Data(corpus.train, corpus.test, corpus.class_names, corpus.modalities, corpus.task, corpus.skipped)
 
 
 def make_model(args: argparse.Namespace, data: Data, task: str) -> nn.Module:
@@ -429,9 +595,10 @@ def _run(args: argparse.Namespace, dist: Distributed) -> dict:
         return {}
     test_metrics = evaluate(model, data.test, task, device=dist.device, inputs=data.inputs,
                             num_classes=len(data.class_names))
-    results = {"config": config, "backend": args.backend, "test": test_metrics}
+    results = {"config": config, "backend": args.backend, "test": test_metrics, "skipped_files": len(data.skipped),
+               "skipped": [{"file": str(path), "reason": problem} for path, problem in data.skipped]}
     shown = {k: round(v, 4) for k, v in results["test"].items() if isinstance(v, float)}
-    print(json.dumps({"model": args.model, "test": shown}))
+    print(json.dumps({"model": args.model, "test": shown, "skipped_files": results["skipped_files"]}))
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
