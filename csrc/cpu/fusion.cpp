@@ -1,7 +1,8 @@
 // Tensor fusion (TFN), low-rank fusion (LMF) and factorized bilinear pooling (MFB); the math
 // is in fastfusion/ops/{tensor_fusion,low_rank_fusion,factorized_bilinear}.py.
 //
-// Their FLOPs are GEMMs, which go to ATen (MKL / oneDNN pick the vector ISA at run time).
+// Their FLOPs are GEMMs, which go to ATen's BLAS through tiled_mm (gemm.h: the same bits for
+// any thread count, float32 sums accurate over long reductions).
 // What is written here is everything around them: the structure that lets TFN avoid the
 // outer product, and the elementwise epilogues fused into one pass per row.
 #include "common.h"
