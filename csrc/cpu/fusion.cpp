@@ -1,10 +1,12 @@
 // Tensor fusion (TFN), low-rank fusion (LMF) and factorized bilinear pooling (MFB); the math
 // is in fastfusion/ops/{tensor_fusion,low_rank_fusion,factorized_bilinear}.py.
 //
-// Their FLOPs are GEMMs, which go to ATen (MKL / oneDNN pick the vector ISA at run time).
+// Their FLOPs are GEMMs, which go to ATen's BLAS through tiled_mm (gemm.h: the same bits for
+// any thread count, float32 sums accurate over long reductions).
 // What is written here is everything around them: the structure that lets TFN avoid the
 // outer product, and the elementwise epilogues fused into one pass per row.
 #include "common.h"
+#include "gemm.h"
 
 #include <torch/library.h>
 
@@ -145,7 +147,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> tensor_fusion(at::TensorList xs_
       const auto a = group_outer<T>(xs, mods, 0, k, b0, b1, PA);
       const auto u = group_outer<T>(xs, mods, k, M, b0, b1, PB);
       auto Y = save_residuals ? saved_y.narrow(0, b0, b1 - b0) : at::empty({b1 - b0, H * PA}, options_of(type));
-      at::mm_out(Y, u, w2.t());
+      tiled_mm_out(Y, u, w2.t());
       const T* ap = a.template const_data_ptr<T>();
       const T* yp = Y.template const_data_ptr<T>();
       const T* bp = bias.template const_data_ptr<T>();
@@ -200,12 +202,9 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
             for (int64_t pa = 0; pa < PA; ++pa) gyp[(r * H + j) * PA + pa] = gj * ap[r * PA + pa];
           }
       });
-      if (b0 == 0)
-        at::mm_out(grad_w2, gy.t(), u);
-      else
-        grad_w2.addmm_(gy.t(), u);
-      const auto du = at::mm(gy, w2);  // (rows, PB)
-      const auto Y = saved ? residuals[0].narrow(0, b0, rows) : at::mm(u, w2.t());
+      tiled_mm_out(grad_w2, gy.t(), u, /*accumulate=*/b0 > 0);
+      const auto du = tiled_mm(gy, w2);  // (rows, PB)
+      const auto Y = saved ? residuals[0].narrow(0, b0, rows) : tiled_mm(u, w2.t());
       const T* yp = Y.template const_data_ptr<T>();
       const T* dup = du.template const_data_ptr<T>();
 
@@ -259,7 +258,7 @@ at::Tensor with_one(const at::Tensor& x) {
 // x~_m W_m for every modality, from x~_m = with_one(x_m): (B, r * h) each.
 std::vector<at::Tensor> projections(const std::vector<at::Tensor>& xs_one, const std::vector<at::Tensor>& flat) {
   std::vector<at::Tensor> proj;
-  for (size_t m = 0; m < xs_one.size(); ++m) proj.push_back(at::mm(xs_one[m], flat[m]));
+  for (size_t m = 0; m < xs_one.size(); ++m) proj.push_back(tiled_mm(xs_one[m], flat[m]));
   return proj;
 }
 
@@ -364,8 +363,8 @@ std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::
   std::vector<at::Tensor> grad_xs, grad_factors;
   for (int64_t m = 0; m < M; ++m) {
     const int64_t n = xs[m].size(1);
-    grad_xs.push_back(at::mm(grad_proj[m], flat[m].narrow(0, 1, n).t()).to(xs_in[m].scalar_type()));
-    const auto grad_flat = at::mm(xs_one[m].t(), grad_proj[m]);  // (n + 1, R * H)
+    grad_xs.push_back(tiled_mm(grad_proj[m], flat[m].narrow(0, 1, n).t()).to(xs_in[m].scalar_type()));
+    const auto grad_flat = tiled_mm(xs_one[m].t(), grad_proj[m]);  // (n + 1, R * H)
     grad_factors.push_back(
         grad_flat.view({n + 1, R, H}).permute({1, 0, 2}).contiguous().to(factors_in[m].scalar_type()));
   }
@@ -383,7 +382,8 @@ std::vector<at::Tensor> low_rank_fusion_backward(const at::Tensor& grad_in, at::
 // buffers, as autograd still holds them) and ends with the four weight/input GEMMs.
 
 at::Tensor project(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  return bias.defined() ? at::addmm(bias, x, weight.t()) : at::mm(x, weight.t());
+  auto out = tiled_mm(x, weight.t());
+  return bias.defined() ? out.add_(bias) : out;
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> factorized_bilinear(
@@ -483,9 +483,9 @@ std::vector<at::Tensor> factorized_bilinear_backward(const at::Tensor& grad_in, 
     column_sums(gc, B, E, gby.template mutable_data_ptr<T>());
   });
   const auto dt = x_in.scalar_type();
-  return {at::mm(grad_px, wx).to(dt),          at::mm(grad_py, wy).to(dt),
-          at::mm(grad_px.t(), x).to(wx_in.scalar_type()), gbx.to(wx_in.scalar_type()),
-          at::mm(grad_py.t(), y).to(wy_in.scalar_type()), gby.to(wy_in.scalar_type())};
+  return {tiled_mm(grad_px, wx).to(dt),          tiled_mm(grad_py, wy).to(dt),
+          tiled_mm(grad_px.t(), x).to(wx_in.scalar_type()), gbx.to(wx_in.scalar_type()),
+          tiled_mm(grad_py.t(), y).to(wy_in.scalar_type()), gby.to(wy_in.scalar_type())};
 }
 
 }  // namespace
