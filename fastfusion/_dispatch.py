@@ -21,6 +21,9 @@ that list as its second argument, empty when the forward did not save (it then r
 Which residuals, in which shapes, is part of each op's contract, so its fake kernel knows
 them. Other kernels recompute, as fused GPU kernels prefer, and never see residuals.
 
+On the meta device every backend that has the op resolves as asked (its fake kernels give the
+shapes; nothing runs), and "auto" to "torch".
+
 Precedence: the ``backend=`` argument of a call, then the innermost ``fastfusion.backend``
 context, then ``fastfusion.set_backend``, then the ``FASTFUSION_BACKEND`` environment
 variable (read at import), then ``"auto"``.
@@ -214,6 +217,10 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
     if name == "eager":
         return name
     kernels = _KERNELS[op]
+    if device_type == "meta" and name in kernels:
+        # Meta tensors hold no data: the custom ops run their fake kernels on them, whatever the
+        # backend, so any backend of the op gives the shapes, and nothing is built or launched.
+        return name
     if name == "auto":
         for candidate in _AUTO_PREFERENCE.get(device_type, _DEFAULT_PREFERENCE):
             if candidate in kernels and _runs_on(kernels[candidate], device_type) and _usable_for_auto(candidate):

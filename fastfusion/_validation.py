@@ -10,10 +10,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _is_compiling() -> bool:
+def _reads_values(t: torch.Tensor) -> bool:
     # Value checks read tensor data (a host sync and, under torch.compile, a graph break);
-    # while compiling they are skipped and the shape/dtype/device checks still run.
-    return torch.compiler.is_compiling()
+    # while compiling they are skipped, and so they are on the meta device, which holds no
+    # data. The shape/dtype/device checks still run.
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
 def check_tensor(name: str, t, *, min_ndim: int = 1) -> torch.Tensor:
@@ -74,7 +75,7 @@ def check_hash(name: str, hash, in_dim: int, out_dim: int, ref: torch.Tensor, *,
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {hash.dtype}")
     check_shape(name, hash, (in_dim,))
     check_like(name, hash, "the input", ref, dtype=False)
-    if values and not _is_compiling():
+    if values and _reads_values(hash):
         low, high = torch.aminmax(hash)
         if low.item() < 0 or high.item() >= out_dim:
             raise ValueError(
@@ -90,7 +91,7 @@ def check_sign(name: str, sign, in_dim: int, ref: torch.Tensor, *, values: bool 
         raise TypeError(f"{name} must be an integer or floating tensor of +1/-1, got {sign.dtype}")
     check_shape(name, sign, (in_dim,))
     check_like(name, sign, "the input", ref, dtype=False)
-    if values and not _is_compiling() and not bool((sign.abs() == 1).all()):
+    if values and _reads_values(sign) and not bool((sign.abs() == 1).all()):
         raise ValueError(f"{name} values must all be +1 or -1")
 
 

@@ -1,5 +1,5 @@
 """Bad input, for every op and every backend on the CPU (Triton under its interpreter, see
-conftest.py): rows whose squares overflow, rows holding inf or NaN.
+conftest.py): rows whose squares overflow, rows holding inf or NaN, meta tensors.
 
 The rules:
 - signed sqrt + L2, alone and as the epilogue of compact and factorized bilinear pooling, gives
@@ -7,6 +7,8 @@ The rules:
   squares of the signed roots may overflow; the norm is taken of s / max|s|), forward and
   backward. A row holding +-inf or NaN comes out all NaN, and so does its gradient.
 - Elsewhere NaN reaches exactly the outputs and gradients that it reaches in the reference.
+- Meta tensors: every function and module gives outputs, and gradients, of the right shape and
+  dtype on "meta", whatever the backend; nothing reads values.
 """
 
 from __future__ import annotations
@@ -297,17 +299,34 @@ CASES = {
     "count_sketch": count_sketch_case,
     "tensor_sketch": tensor_sketch_case,
     "compact_bilinear": compact_bilinear_case,
+    "compact_bilinear pooled": lambda *a: compact_bilinear_case(*a, pool="mean"),
     "signed_sqrt_l2": signed_sqrt_l2_case,
     "factorized_bilinear": factorized_bilinear_case,
     "low_rank_fusion": low_rank_fusion_case,
     "tensor_fusion": tensor_fusion_case,
 }
 
+# name -> (factory, input feature sizes); pooling modules take (B, T, n) inputs.
+MODULES = {
+    "cbp": (lambda: ff.CompactBilinearPooling([5, 4], D), (5, 4)),
+    "cbp pooled": (lambda: ff.CompactBilinearPooling([5, 4], D, pool="mean"), (5, 4)),
+    "cbgp": (lambda: ff.GatedCompactBilinearPooling([5, 4], D), (5, 4)),
+    "cbgp pooled": (lambda: ff.GatedCompactBilinearPooling([5, 4], D, pool="sum"), (5, 4)),
+    "mfb training": (lambda: ff.FactorizedBilinearPooling([5, 4], 3, factor=2).train(), (5, 4)),
+    "lmf": (lambda: ff.LowRankFusion([5, 4], 3, rank=2), (5, 4)),
+    "tfn": (lambda: ff.TensorFusion([5, 4], 3), (5, 4)),
+}
+
+
+def _module_lead(name, batch):
+    return (batch, 3) if "pooled" in name else (batch,)
+
+
 # --------------------------------------------------------------------------- NaN elsewhere
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [c for c in CASES if c != "compact_bilinear pooled"])
 def test_nan_reaches_what_it_reaches_in_the_reference(gen, backend, case):
     fn, leaves, _ = CASES[case](gen, (3,), F32, "cpu")
     with torch.no_grad():
@@ -320,3 +339,38 @@ def test_nan_reaches_what_it_reaches_in_the_reference(gen, backend, case):
         what = "output" if i == 0 else f"grad of leaf {i - 1}"
         assert torch.equal(t.isnan(), r.isnan()), f"{what}: NaN pattern"
         assert torch.equal(t.isfinite(), r.isfinite()), f"{what}: finite pattern"
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device="meta")
+
+
+@pytest.mark.parametrize("backend", ("auto",) + BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_functions_on_meta_give_shapes(gen, backend, case):
+    fn, leaves, _ = CASES[case](gen, (2, 3), F32, "cpu")
+    cotangent = torch.ones(fn(leaves, "torch").shape)
+    expected, expected_grads = _output_and_grads(lambda t: fn(t, "torch"), leaves, cotangent)
+    fn, meta_leaves, _ = CASES[case](gen, (2, 3), F32, "meta")
+    out, grads = _output_and_grads(lambda t: fn(t, backend), meta_leaves, torch.empty(expected.shape, device="meta"))
+    assert out.device.type == "meta" and out.shape == expected.shape and out.dtype == F32
+    for g, e in zip(grads, expected_grads):
+        assert g.device.type == "meta" and g.shape == e.shape and g.dtype == e.dtype
+
+
+@pytest.mark.parametrize("backend", ("auto",) + BACKENDS)
+@pytest.mark.parametrize("name", MODULES)
+def test_modules_on_meta_give_shapes(gen, backend, name):
+    factory, dims = MODULES[name]
+    module = factory().to("meta")
+    xs = [torch.empty(*_module_lead(name, 2), n, device="meta", requires_grad=True) for n in dims]
+    with ff.backend(backend):
+        out = module(*xs)
+    assert out.device.type == "meta" and out.shape == _module_lead(name, 2)[:1] + (module.out_dim,)
+    params = list(module.parameters())
+    grads = torch.autograd.grad(out, xs + params, torch.empty(out.shape, device="meta"))
+    for g, t in zip(grads, xs + params):
+        assert g.device.type == "meta" and g.shape == t.shape
