@@ -17,14 +17,19 @@ def _reads_values(t: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
-def check_tensor(name: str, t, *, min_ndim: int = 1) -> torch.Tensor:
+def check_tensor(name: str, t, *, min_ndim: int = 1, batched: bool = False) -> torch.Tensor:
+    """A floating tensor of at least ``min_ndim`` dimensions, none of them empty; with
+    ``batched`` the dimensions before the last are batch dimensions, which may be empty (the
+    result is then empty too, as with torch ops), and only the last (feature) one may not."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
     if t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
+    if batched and t.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last (feature) dimension, got shape {tuple(t.shape)}")
+    if not batched and t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     return t
 
@@ -102,10 +107,11 @@ def check_eps(name: str, eps) -> float:
 
 
 def check_modality_tensors(name: str, xs, *, min_ndim: int = 1) -> list[torch.Tensor]:
-    """A list of >= 2 floating tensors (..., n_m) sharing device, dtype and leading shape."""
+    """A list of >= 2 floating tensors (..., n_m) sharing device, dtype and leading shape
+    (batch dimensions, which may be empty)."""
     xs = check_modalities(name, xs)
     for m, x in enumerate(xs):
-        check_tensor(f"{name}[{m}]", x, min_ndim=min_ndim)
+        check_tensor(f"{name}[{m}]", x, min_ndim=min_ndim, batched=True)
         if m:
             check_like(f"{name}[{m}]", x, f"{name}[0]", xs[0])
             if x.shape[:-1] != xs[0].shape[:-1]:

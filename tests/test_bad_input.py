@@ -1,5 +1,6 @@
 """Bad input, for every op and every backend on the CPU (Triton under its interpreter, see
-conftest.py): rows whose squares overflow, rows holding inf or NaN, meta tensors.
+conftest.py): rows whose squares overflow, rows holding inf or NaN, meta tensors, empty
+batches.
 
 The rules:
 - signed sqrt + L2, alone and as the epilogue of compact and factorized bilinear pooling, gives
@@ -9,6 +10,11 @@ The rules:
 - Elsewhere NaN reaches exactly the outputs and gradients that it reaches in the reference.
 - Meta tensors: every function and module gives outputs, and gradients, of the right shape and
   dtype on "meta", whatever the backend; nothing reads values.
+- Empty leading dimensions (B = 0, or any other): empty outputs of the right shape and, under
+  autograd, gradients of the right shapes, zeros for the parameters, in every backend; no C++
+  or Triton kernel runs. Pooling over an empty dimension gives the sum's zeros or the mean's
+  NaN, as torch.sum and torch.mean do. An empty feature dimension (or parameter) is an error
+  naming the argument.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import pytest
 import torch
 
 import fastfusion as ff
+from fastfusion import _dispatch
 from helpers import F64, assert_rel_close, randn, random_hashes_signs
 from oracles import explicit_tensor_sketch, mfb_oracle, signed_sqrt_l2_oracle
 
 F32 = torch.float32
 BACKENDS = ("eager",) + ff.available_backends("cpu")
+COMPILED = tuple(b for b in BACKENDS if b in ("cpp", "triton"))
 EPS = 1e-12
 # Multiplying by a power of two is exact: the references see rows scaled down by it, where
 # nothing can overflow, with eps scaled alike, which leaves the output unchanged.
@@ -305,6 +313,17 @@ CASES = {
     "low_rank_fusion": low_rank_fusion_case,
     "tensor_fusion": tensor_fusion_case,
 }
+# The op of each case, as the kernel table names it.
+OPS = {
+    "count_sketch": "count_sketch",
+    "tensor_sketch": "compact_bilinear",
+    "compact_bilinear": "compact_bilinear",
+    "compact_bilinear pooled": "compact_bilinear",
+    "signed_sqrt_l2": "signed_sqrt_l2",
+    "factorized_bilinear": "factorized_bilinear",
+    "low_rank_fusion": "low_rank_fusion",
+    "tensor_fusion": "tensor_fusion",
+}
 
 # name -> (factory, input feature sizes); pooling modules take (B, T, n) inputs.
 MODULES = {
@@ -374,3 +393,106 @@ def test_modules_on_meta_give_shapes(gen, backend, name):
     grads = torch.autograd.grad(out, xs + params, torch.empty(out.shape, device="meta"))
     for g, t in zip(grads, xs + params):
         assert g.device.type == "meta" and g.shape == t.shape
+
+
+# --------------------------------------------------------------------------- empty batches
+
+EMPTY_LEADS = [(0,), (0, 3), (2, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", EMPTY_LEADS, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_empty_batches_give_empty_outputs_and_zero_parameter_gradients(gen, backend, lead, case):
+    if case == "compact_bilinear pooled" and lead[-1] == 0:
+        pytest.skip("pooling over an empty dimension has a non-empty output: tested below")
+    fn, leaves, per_sample = CASES[case](gen, lead, F32, "cpu")
+    out_lead = lead[:-1] if case == "compact_bilinear pooled" else lead
+    out = fn([t.detach().requires_grad_(True) for t in leaves], backend)
+    assert out.shape[:-1] == out_lead and out.numel() == 0 and out.dtype == F32
+    out, grads = _output_and_grads(lambda t: fn(t, backend), leaves, torch.empty(out.shape))
+    for i, (g, t) in enumerate(zip(grads, leaves)):
+        assert g.shape == t.shape and g.dtype == t.dtype, f"grad of leaf {i}"
+        if i >= per_sample:
+            assert torch.equal(g, torch.zeros_like(t)), f"grad of parameter {i}: an empty batch contributes 0"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+def test_pooling_over_an_empty_dimension_is_the_sum_or_mean_of_nothing(gen, backend, pool):
+    # As torch.sum and torch.mean of nothing: 0 (its signed sqrt + L2 is 0 too), or NaN.
+    fn, leaves, _ = compact_bilinear_case(gen, (2, 0), F64, "cpu", pool=pool)
+    out, grads = _output_and_grads(lambda t: fn(t, backend), leaves, randn(gen, 2, D))
+    assert out.shape == (2, D)
+    if pool == "sum":
+        assert torch.equal(out, torch.zeros(2, D, dtype=F64)) and torch.equal(grads[2], torch.zeros(2, D, dtype=F64))
+    else:
+        assert out.isnan().all() and grads[2].isnan().all()
+    assert grads[0].shape == (2, 0, 5) and grads[1].shape == (2, 0, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", MODULES)
+def test_modules_take_empty_batches(gen, backend, name):
+    factory, dims = MODULES[name]
+    module = factory()
+    xs = [torch.randn(*_module_lead(name, 0), n, requires_grad=True) for n in dims]
+    with ff.backend(backend):
+        out = module(*xs)
+    assert out.shape == (0, module.out_dim)
+    params = list(module.parameters())
+    grads = torch.autograd.grad(out, xs + params, torch.empty(out.shape))
+    for g, t in zip(grads, xs + params):
+        assert g.shape == t.shape
+    assert all(torch.equal(g, torch.zeros_like(p)) for g, p in zip(grads[len(xs) :], params))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("case", CASES)
+def test_empty_batches_launch_no_compiled_kernel(gen, monkeypatch, backend, case):
+    def refuse(*args):
+        raise AssertionError(f"a {backend} kernel was launched on an empty batch")
+
+    op = OPS[case]
+    kernel = _dispatch._KERNELS[op][backend]
+    refusing = _dispatch.Kernel(refuse, refuse, kernel.device_types, kernel.saves_residuals)
+    monkeypatch.setitem(_dispatch._KERNELS[op], backend, refusing)
+    fn, leaves, _ = CASES[case](gen, (0, 3), F32, "cpu")
+    out, _ = _output_and_grads(lambda t: fn(t, backend), leaves, torch.empty(fn(leaves, backend).shape))
+    assert out.numel() == 0
+
+
+EMPTY_FEATURES = {
+    "count_sketch x": (lambda a: ff.count_sketch(a.x[:, :0], a.h[:0], a.s[:0], D), r"\bx\b"),
+    "signed_sqrt_l2 z": (lambda a: ff.signed_sqrt_l2(a.x[:, :0]), r"\bz\b"),
+    "compact_bilinear xs[1]": (
+        lambda a: ff.compact_bilinear([a.x, a.y[:, :0]], [a.h, a.h[:0]], [a.s, a.s[:0]], D), r"xs\[1\]"
+    ),
+    "compact_bilinear gate": (
+        lambda a: ff.compact_bilinear([a.x, a.y], [a.h, a.h], [a.s, a.s], D, gate=a.x[:, :0]), "gate"
+    ),
+    "factorized_bilinear y": (
+        lambda a: ff.factorized_bilinear(a.x, a.y[:, :0], a.w, None, a.w[:, :0], None, 2), r"\by\b"
+    ),
+    "factorized_bilinear weight_x": (
+        lambda a: ff.factorized_bilinear(a.x, a.y, a.w[:0], None, a.w[:0], None, 2), "weight_x"
+    ),
+    "low_rank_fusion weights": (
+        lambda a: ff.low_rank_fusion([a.x, a.y], [a.f[:0], a.f[:0]], a.x[:1, :0], a.x[0, :3]), "weights"
+    ),
+    "tensor_fusion weight": (lambda a: ff.tensor_fusion([a.x, a.y], a.w[:0, :0], None), "weight"),
+}
+
+
+class _Args:
+    def __init__(self, gen):
+        self.x, self.y = randn(gen, 2, 4), randn(gen, 2, 4)
+        (self.h,), (self.s,) = random_hashes_signs(gen, [4], D)
+        self.w, self.f = randn(gen, 4, 4), randn(gen, 2, 5, 3)
+
+
+@pytest.mark.parametrize("case", EMPTY_FEATURES)
+def test_empty_features_and_parameters_are_errors_naming_the_argument(gen, case):
+    call, name = EMPTY_FEATURES[case]
+    with pytest.raises(ValueError, match=name):
+        call(_Args(gen))
