@@ -21,6 +21,14 @@ that list as its second argument, empty when the forward did not save (it then r
 Which residuals, in which shapes, is part of each op's contract, so its fake kernel knows
 them. Other kernels recompute, as fused GPU kernels prefer, and never see residuals.
 
+On the meta device every backend that has the op resolves as asked (its fake kernels give the
+shapes; nothing runs), and "auto" to "torch".
+
+Empty batches (an empty leading dimension of the inputs) have nothing to compute: whatever the
+backend, they run the "torch" kernels (:func:`backend_for`), whose PyTorch ops give empty
+results and zero gradients for the parameters, so no C++ or Triton kernel is ever launched on
+an empty grid. "eager" stays "eager".
+
 Precedence: the ``backend=`` argument of a call, then the innermost ``fastfusion.backend``
 context, then ``fastfusion.set_backend``, then the ``FASTFUSION_BACKEND`` environment
 variable (read at import), then ``"auto"``.
@@ -214,6 +222,10 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
     if name == "eager":
         return name
     kernels = _KERNELS[op]
+    if device_type == "meta" and name in kernels:
+        # Meta tensors hold no data: the custom ops run their fake kernels on them, whatever the
+        # backend, so any backend of the op gives the shapes, and nothing is built or launched.
+        return name
     if name == "auto":
         for candidate in _AUTO_PREFERENCE.get(device_type, _DEFAULT_PREFERENCE):
             if candidate in kernels and _runs_on(kernels[candidate], device_type) and _usable_for_auto(candidate):
@@ -228,6 +240,14 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
     if reason:
         raise BackendUnavailableError(f"fastfusion backend {name!r} was requested but is unavailable: {reason}")
     return name
+
+
+def backend_for(op: str, batch: torch.Tensor, backend: str | None) -> str:
+    """The backend that a public function runs ``op`` with: the call's ``backend`` argument (or
+    the one in force) resolved for the device of ``batch``, the op's first batched input, and
+    "torch" instead of a compiled backend when that batch is empty (module docstring)."""
+    name = resolve_backend(op, batch.device.type, requested_backend(backend))
+    return "torch" if batch.numel() == 0 and name != "eager" else name
 
 
 def selected_backend(op: str, device: str | torch.device = "cpu", backend: str | None = None) -> str:

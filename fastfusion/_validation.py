@@ -10,20 +10,26 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _is_compiling() -> bool:
+def _reads_values(t: torch.Tensor) -> bool:
     # Value checks read tensor data (a host sync and, under torch.compile, a graph break);
-    # while compiling they are skipped and the shape/dtype/device checks still run.
-    return torch.compiler.is_compiling()
+    # while compiling they are skipped, and so they are on the meta device, which holds no
+    # data. The shape/dtype/device checks still run.
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
-def check_tensor(name: str, t, *, min_ndim: int = 1) -> torch.Tensor:
+def check_tensor(name: str, t, *, min_ndim: int = 1, batched: bool = False) -> torch.Tensor:
+    """A floating tensor of at least ``min_ndim`` dimensions, none of them empty; with
+    ``batched`` the dimensions before the last are batch dimensions, which may be empty (the
+    result is then empty too, as with torch ops), and only the last (feature) one may not."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
     if t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
-    if t.numel() == 0:
+    if batched and t.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last (feature) dimension, got shape {tuple(t.shape)}")
+    if not batched and t.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     return t
 
@@ -74,7 +80,7 @@ def check_hash(name: str, hash, in_dim: int, out_dim: int, ref: torch.Tensor, *,
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {hash.dtype}")
     check_shape(name, hash, (in_dim,))
     check_like(name, hash, "the input", ref, dtype=False)
-    if values and not _is_compiling():
+    if values and _reads_values(hash):
         low, high = torch.aminmax(hash)
         if low.item() < 0 or high.item() >= out_dim:
             raise ValueError(
@@ -90,7 +96,7 @@ def check_sign(name: str, sign, in_dim: int, ref: torch.Tensor, *, values: bool 
         raise TypeError(f"{name} must be an integer or floating tensor of +1/-1, got {sign.dtype}")
     check_shape(name, sign, (in_dim,))
     check_like(name, sign, "the input", ref, dtype=False)
-    if values and not _is_compiling() and not bool((sign.abs() == 1).all()):
+    if values and _reads_values(sign) and not bool((sign.abs() == 1).all()):
         raise ValueError(f"{name} values must all be +1 or -1")
 
 
@@ -101,10 +107,11 @@ def check_eps(name: str, eps) -> float:
 
 
 def check_modality_tensors(name: str, xs, *, min_ndim: int = 1) -> list[torch.Tensor]:
-    """A list of >= 2 floating tensors (..., n_m) sharing device, dtype and leading shape."""
+    """A list of >= 2 floating tensors (..., n_m) sharing device, dtype and leading shape
+    (batch dimensions, which may be empty)."""
     xs = check_modalities(name, xs)
     for m, x in enumerate(xs):
-        check_tensor(f"{name}[{m}]", x, min_ndim=min_ndim)
+        check_tensor(f"{name}[{m}]", x, min_ndim=min_ndim, batched=True)
         if m:
             check_like(f"{name}[{m}]", x, f"{name}[0]", xs[0])
             if x.shape[:-1] != xs[0].shape[:-1]:

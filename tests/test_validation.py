@@ -79,7 +79,7 @@ CASES = {
     "cs x not a tensor": (lambda a: cs(a, x=a["x"].tolist()), TypeError, r"\bx\b"),
     "cs x integer": (lambda a: cs(a, x=a["x"].long()), TypeError, r"\bx\b"),
     "cs x 0-dim": (lambda a: cs(a, x=torch.tensor(1.0, dtype=torch.float64)), ValueError, r"\bx\b"),
-    "cs x empty": (lambda a: cs(a, x=a["x"][:0]), ValueError, r"\bx\b"),
+    "cs x no features": (lambda a: cs(a, x=a["x"][..., :0], hash=a["h0"][:0], sign=a["s0"][:0]), ValueError, r"\bx\b"),
     "cs hash not a tensor": (lambda a: cs(a, hash=a["h0"].tolist()), TypeError, "hash"),
     "cs hash float": (lambda a: cs(a, hash=a["h0"].double()), TypeError, "hash"),
     "cs hash too short": (lambda a: cs(a, hash=a["h0"][:-1]), ValueError, "hash"),

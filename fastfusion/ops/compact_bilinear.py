@@ -23,6 +23,7 @@ unpooled calls use T = 1. Inputs in float16/bfloat16 are transformed in float32.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -44,10 +45,21 @@ from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, sign
 POOL_MODES = ("sum", "mean")
 
 
+def _transform(fft, t: torch.Tensor, n: int) -> torch.Tensor:
+    """``fft`` (torch.fft.rfft or irfft) of length n over the last dimension. MKL, behind
+    torch.fft on the CPU, rejects an empty batch ("Inconsistent configuration parameters"), so
+    an empty one is transformed as a single row of zeros, then dropped: the empty result,
+    still on autograd's graph."""
+    if t.numel():
+        return fft(t, n=n)
+    row = fft(torch.cat([t.reshape(0, t.shape[-1]), t.new_zeros(1, t.shape[-1])]), n=n)
+    return row[:0].reshape(t.shape[:-1] + row.shape[-1:])
+
+
 def _spectra(xs, hashes, signs, out_dim: int, work: torch.dtype) -> list[torch.Tensor]:
     """rfft of each modality's count sketch: (B, T, n_m) -> (B, T, out_dim // 2 + 1)."""
     return [
-        torch.fft.rfft(count_sketch_reference(x.to(work), h, s, out_dim), n=out_dim)
+        _transform(torch.fft.rfft, count_sketch_reference(x.to(work), h, s, out_dim), out_dim)
         for x, h, s in zip(xs, hashes, signs)
     ]
 
@@ -57,7 +69,7 @@ def _pooled_sketch(spectra: list[torch.Tensor], out_dim: int, mean: bool) -> tor
     pooled = product(spectra).sum(1)
     if mean:
         pooled = pooled / spectra[0].shape[1]
-    return torch.fft.irfft(pooled, n=out_dim)
+    return _transform(torch.fft.irfft, pooled, out_dim)
 
 
 def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float) -> torch.Tensor:
@@ -91,12 +103,12 @@ def _backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize
             g = g * gate.to(work)
     if mean:
         g = g / xs[0].shape[1]
-    g_hat = torch.fft.rfft(g, n=out_dim).unsqueeze(1)
+    g_hat = _transform(torch.fft.rfft, g, out_dim).unsqueeze(1)
     grads = []
     for k, (x, h, s) in enumerate(zip(xs, hashes, signs)):
         others = product([f for m, f in enumerate(spectra) if m != k])
         # conj_physical, not the lazy conj: AOT-compiled graphs drop the lazy conjugate bit.
-        grad_sketch = torch.fft.irfft(g_hat * others.conj_physical(), n=out_dim)
+        grad_sketch = _transform(torch.fft.irfft, g_hat * others.conj_physical(), out_dim)
         grads.append(count_sketch_backward_reference(grad_sketch, h, s).to(x.dtype))
     return grads + grads_gate
 
@@ -210,7 +222,7 @@ def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, check_v
         if pool_dim == len(lead):
             raise ValueError("pool_dim must not be the last (feature) dimension of xs")
     if gate is not None:
-        check_tensor("gate", gate)
+        check_tensor("gate", gate, batched=True)
         out_lead = lead if pool_dim is None else lead[:pool_dim] + lead[pool_dim + 1 :]
         check_shape("gate", gate, tuple(out_lead) + (out_dim,))
         check_like("gate", gate, "xs[0]", xs[0], dtype=False)
@@ -218,11 +230,13 @@ def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, check_v
 
 
 def _canonical(xs, pool_dim):
-    """Move the pooled dimension next to the features and flatten the rest: (B, T, n_m)."""
+    """Move the pooled dimension next to the features and flatten the rest: (B, T, n_m). (B is
+    given, not -1, which an empty T would leave undetermined.)"""
     if pool_dim is None:
         return [x.reshape(-1, 1, x.shape[-1]) for x in xs], xs[0].shape[:-1]
     moved = [x.movedim(pool_dim, -2) for x in xs]
-    return [x.reshape(-1, x.shape[-2], x.shape[-1]) for x in moved], moved[0].shape[:-2]
+    lead = moved[0].shape[:-2]
+    return [x.reshape(math.prod(lead), x.shape[-2], x.shape[-1]) for x in moved], lead
 
 
 def sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, *, check_values=True):
@@ -242,7 +256,7 @@ def sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize,
             )
     if gate is not None:
         gate = gate.to(xs[0].dtype)
-    name = _dispatch.resolve_backend("compact_bilinear", device_type, _dispatch.requested_backend(backend))
+    name = _dispatch.backend_for("compact_bilinear", xs[0], backend)
     canonical, out_lead = _canonical(xs, pool_dim)
     mean = pool == "mean"
     flat_gate = None if gate is None else gate.reshape(-1, out_dim)

@@ -90,10 +90,10 @@ def count_sketch(
     x: (..., n) floating; hash: (n,) int32/int64 with values in [0, out_dim);
     sign: (n,) of +1/-1 (any integer or floating dtype). Returns (..., out_dim) in x's dtype.
     """
-    check_tensor("x", x)
+    check_tensor("x", x, batched=True)
     out_dim = check_positive_int("out_dim", out_dim)
     check_sketch_args("", x, hash, sign, out_dim)
-    name = _dispatch.resolve_backend("count_sketch", x.device.type, _dispatch.requested_backend(backend))
+    name = _dispatch.backend_for("count_sketch", x, backend)
     if name == "eager":
         return count_sketch_reference(x, hash, sign, out_dim)
     return _count_sketch_op(x, hash, sign, out_dim, name)

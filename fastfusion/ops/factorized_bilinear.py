@@ -170,8 +170,8 @@ def factorized_bilinear(
     weight_y: (o*factor, n_y); biases (o*factor,) or None; dropout_mask: (..., o*factor)
     or None. Returns (..., o) in x's dtype (under autocast, the autocast dtype).
     """
-    check_tensor("x", x)
-    check_tensor("y", y)
+    check_tensor("x", x, batched=True)
+    check_tensor("y", y, batched=True)
     factor = check_positive_int("factor", factor)
     eps = check_eps("eps", eps)
     check_like("y", y, "x", x)
@@ -192,7 +192,7 @@ def factorized_bilinear(
             check_shape(name, t, (hidden,))
             check_like(name, t, "x", x)
     if dropout_mask is not None:
-        check_tensor("dropout_mask", dropout_mask)
+        check_tensor("dropout_mask", dropout_mask, batched=True)
         check_shape("dropout_mask", dropout_mask, tuple(x.shape[:-1]) + (hidden,))
         check_like("dropout_mask", dropout_mask, "x", x, dtype=False)
     lowered = autocast_dtype(x.device.type)
@@ -204,7 +204,7 @@ def factorized_bilinear(
             )
     if dropout_mask is not None:
         dropout_mask = flatten_leading(dropout_mask.to(x.dtype))
-    name = _dispatch.resolve_backend("factorized_bilinear", x.device.type, _dispatch.requested_backend(backend))
+    name = _dispatch.backend_for("factorized_bilinear", x, backend)
     args = (flatten_leading(x), flatten_leading(y), weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
     if name == "eager":
         out = _forward(*args)

@@ -130,7 +130,7 @@ def low_rank_fusion(xs, factors, weights, bias, *, backend: str | None = None) -
     if lowered is not None:
         with torch.autocast(xs[0].device.type, enabled=False):
             return low_rank_fusion(cast_all(xs, lowered), cast_all(factors, lowered), weights.to(lowered), bias.to(lowered), backend=backend)
-    name = _dispatch.resolve_backend("low_rank_fusion", xs[0].device.type, _dispatch.requested_backend(backend))
+    name = _dispatch.backend_for("low_rank_fusion", xs[0], backend)
     args = ([flatten_leading(x) for x in xs], factors, weights.reshape(rank), bias.reshape(hidden))
     if name == "eager":
         out = _forward(*args)

@@ -97,9 +97,9 @@ def signed_sqrt_l2(z: torch.Tensor, eps: float = DEFAULT_EPS, *, backend: str | 
     z: (..., d) floating tensor. Returns (..., d) in z's dtype. See the module docstring
     for the math and the gradient at z == 0.
     """
-    check_tensor("z", z)
+    check_tensor("z", z, batched=True)
     eps = check_eps("eps", eps)
-    name = _dispatch.resolve_backend("signed_sqrt_l2", z.device.type, _dispatch.requested_backend(backend))
+    name = _dispatch.backend_for("signed_sqrt_l2", z, backend)
     if name == "eager":
         return signed_sqrt_l2_reference(z, eps)
     return _signed_sqrt_l2_op(z, eps, name)

@@ -149,7 +149,7 @@ def tensor_fusion(xs, weight, bias, *, backend: str | None = None) -> torch.Tens
         with torch.autocast(xs[0].device.type, enabled=False):
             weight, bias = cast_all((weight, bias), lowered)
             return tensor_fusion(cast_all(xs, lowered), weight, bias, backend=backend)
-    name = _dispatch.resolve_backend("tensor_fusion", xs[0].device.type, _dispatch.requested_backend(backend))
+    name = _dispatch.backend_for("tensor_fusion", xs[0], backend)
     args = ([flatten_leading(x) for x in xs], weight, bias)
     if name == "eager":
         out = _forward(*args)

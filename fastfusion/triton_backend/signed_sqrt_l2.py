@@ -132,8 +132,9 @@ def _epilogue_backward_kernel(
             s, root = _signed_root(v, eps)
             # Below eps the denominator is the constant eps: only the direct term remains.
             grad_s = tl.where(norm < eps, g / eps, (g - (s / denom) * radial) / denom)
-            # d sqrt(|v| + eps) / dv is finite (root >= sqrt(eps)) and sign(v)^2 zeroes it at 0.
-            g = tl.where(v != 0, grad_s / (2 * root), 0.0)
+            # d sqrt(|v| + eps) / dv is finite (root >= sqrt(eps)) and sign(v)^2 zeroes it at 0:
+            # grad_s times 0 there, not 0, so that a NaN row is NaN there too, as in the reference.
+            g = tl.where(v != 0, grad_s / (2 * root), grad_s * 0.0)
         if HAS_GATE:
             tl.store(grad_gate_ptr + row * stride_grad_gate_row + cols, (g * z).to(grad_gate_ptr.dtype.element_ty), mask=mask)
             g = g * gate
