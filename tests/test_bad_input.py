@@ -400,12 +400,18 @@ def test_modules_on_meta_give_shapes(gen, backend, name):
 EMPTY_LEADS = [(0,), (0, 3), (2, 0)]
 
 
+# Pooling over an empty dimension has a non-empty output: the next test covers it.
+EMPTY_BATCH_CASES = [
+    pytest.param(case, lead, id=f"{case}-{lead}")
+    for case in CASES
+    for lead in EMPTY_LEADS
+    if not (case == "compact_bilinear pooled" and lead[-1] == 0)
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("lead", EMPTY_LEADS, ids=str)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case, lead", EMPTY_BATCH_CASES)
 def test_empty_batches_give_empty_outputs_and_zero_parameter_gradients(gen, backend, lead, case):
-    if case == "compact_bilinear pooled" and lead[-1] == 0:
-        pytest.skip("pooling over an empty dimension has a non-empty output: tested below")
     fn, leaves, per_sample = CASES[case](gen, lead, F32, "cpu")
     out_lead = lead[:-1] if case == "compact_bilinear pooled" else lead
     out = fn([t.detach().requires_grad_(True) for t in leaves], backend)
