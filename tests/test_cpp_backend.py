@@ -229,6 +229,24 @@ def test_other_dtypes_are_rejected_by_name():
         torch.ops.fastfusion_cpu.signed_sqrt_l2(x, 1e-12)
 
 
+def test_direct_call_without_positions_is_an_error_not_a_crash():
+    # The fastfusion:: ops hand empty inputs to the "torch" kernels; the C++ kernel called
+    # directly with T = 0 divided by zero (SIGFPE). In a child process, so a crash is reported.
+    code = (
+        "import torch, fastfusion._extension as e\n"
+        "assert e.unavailable_reason() is None\n"
+        "xs = [torch.randn(2, 0, 5), torch.randn(2, 0, 4)]\n"
+        "hashes, signs = [torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.long)], [torch.ones(5), torch.ones(4)]\n"
+        "try:\n"
+        "    torch.ops.fastfusion_cpu.compact_bilinear(xs, hashes, signs, 8, False, None, True, 1e-12, False)\n"
+        "except RuntimeError as err:\n"
+        "    print('raised:', err)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-500:]}"
+    assert "raised:" in result.stdout and "got T = 0" in result.stdout
+
+
 # The weight gradients are reductions over the batch: the cases include outputs small next to
 # the batch (6 x 64 over B = 300, LMF's 13 x 128 over B = 700), which a multithreaded BLAS
 # splits across threads on some CPUs (MKL on AMD), and B = 1, whose GEMMs are row vectors.

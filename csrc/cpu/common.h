@@ -16,7 +16,25 @@
 #include <sys/mman.h>
 #endif
 
+// MKL's per-thread override of its thread count. Where MKL splits one call (a long transform,
+// a GEMM with a long reduction) across its threads, its rounding changes with the thread
+// count; the kernels supply the parallelism themselves and run each MKL call on one thread.
+// MKL_Set_Num_Threads_Local is the C entry point (mkl_set_num_threads_local in mkl_service.h
+// is a macro for it; the lower-case symbol is the Fortran one, which takes a pointer). It is a
+// weak reference, so builds of torch without MKL still load, with nothing to limit.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace fastfusion {
+
+// MKL runs on the calling thread alone while this lives.
+class OneMklThread {
+  int saved_ = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+
+ public:
+  ~OneMklThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved_);
+  }
+};
 
 // float32 and float64 are computed in their own precision. float16 and bfloat16 are
 // computed in float32 and the results cast back: the conversion is cheap next to the

@@ -5,8 +5,8 @@
 // the order of the sum, so its bits, depend on the thread count. MKL does so on AMD CPUs for
 // small outputs over long K, e.g. LMF's factor gradient (13 x 128 over K = 700, the batch).
 // Here the output is cut into tiles whose sizes depend on the shapes alone; threads share the
-// tiles, and each tile calls the BLAS on one thread (MKL_Set_Num_Threads_Local where MKL is the
-// BLAS, as in the x86 wheels; ATen's own GEMM runs on one thread inside a parallel region).
+// tiles, and each tile calls the BLAS on one thread (OneMklThread where MKL is the BLAS, as
+// in the x86 wheels; ATen's own GEMM runs on one thread inside a parallel region).
 //
 // Accuracy. A BLAS kernel may accumulate along K in float32 in one running sum: MKL's AMD path
 // gave TFN's input gradient (K = h * P_A = 16384) an error 12x PyTorch's own. So float32
@@ -18,27 +18,12 @@
 
 #include "common.h"
 
-// MKL's C entry point (mkl_set_num_threads_local in mkl.h is a macro for it; the lower-case
-// symbol is the Fortran one, which takes a pointer).
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
 namespace fastfusion {
 namespace gemm_detail {
 
 constexpr int64_t kTileRows = 128;
 constexpr int64_t kTileCols = 256;  // a float32 tile plus its double sum: 384 KB, in L2
 constexpr int64_t kDepth = 128;
-
-// MKL on the calling thread only, for the lifetime of the guard.
-struct OneBlasThread {
-  int previous = 0;
-  OneBlasThread() {
-    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~OneBlasThread() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
-  }
-};
 
 // out (m, n) = [out +] a (m, K) @ b (K, n), on this thread.
 template <typename T>
@@ -83,7 +68,7 @@ inline void tiled_mm_out(const at::Tensor& out, const at::Tensor& a, const at::T
   const int64_t row_tiles = (M + kTileRows - 1) / kTileRows, col_tiles = (N + kTileCols - 1) / kTileCols;
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "tiled_mm_out", [&] {
     parallel_tasks(row_tiles * col_tiles, [&](int64_t t0, int64_t t1) {
-      const OneBlasThread one_thread;
+      const OneMklThread one_thread;
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t i0 = (t / col_tiles) * kTileRows, j0 = (t % col_tiles) * kTileCols;
         const int64_t rows = std::min(kTileRows, M - i0), cols = std::min(kTileCols, N - j0);

@@ -101,23 +101,9 @@ at::Tensor count_sketch_backward(const at::Tensor& grad_in, const at::Tensor& ha
   return dx.to(grad_in.scalar_type());
 }
 
-// MKL may split one long transform across its threads, which changes its rounding with the
-// thread count (ATen does not limit it). The tasks already supply the parallelism, so every
-// FFT call runs on one MKL thread and the results are identical for any thread count.
-// MKL_Set_Num_Threads_Local (mkl_set_num_threads_local in mkl_service.h; the lower-case
-// symbol is the Fortran entry, which takes a pointer) is MKL's per-thread override. It is a
-// weak reference so that builds of torch without MKL (whose pocketfft path only parallelises
-// over the batch) still load.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-class OneThreadFFT {
-  int saved_ = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-
- public:
-  ~OneThreadFFT() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved_);
-  }
-};
+// MKL may split one long transform across its threads (ATen does not limit it). The tasks
+// already supply the parallelism, so every FFT call runs on one MKL thread (OneMklThread) and
+// the results are identical for any thread count.
 
 // How the batch is cut into tasks; a function of the shapes only (see the file comment).
 struct Tiling {
@@ -151,6 +137,10 @@ struct Problem {
                 "fastfusion cpp backend: compact_bilinear needs as many hashes and signs as inputs (>= 2)");
     B = xs[0].size(0);
     positions = xs[0].size(1);
+    // The tiling divides by T. Empty inputs never reach a compiled kernel through the
+    // fastfusion:: ops (the dispatcher hands them to the "torch" kernels); a direct call says so.
+    TORCH_CHECK(positions > 0, "fastfusion cpp backend: compact_bilinear needs at least one position, got T = 0; "
+                "call it through fastfusion.compact_bilinear, which handles empty inputs");
     for (size_t m = 0; m < xs.size(); ++m) hashings.emplace_back(hashes[m], signs[m], xs[m].size(2), d);
   }
 
@@ -170,7 +160,7 @@ struct Problem {
         for (int64_t t = 0; t < tp; ++t)
           hashings[m].sketch(row(m, s0 + s, t0 + t), sp + (m * R + s * tp + t) * d, d);
     auto F = at::empty({M, R, K}, at::TensorOptions().dtype(c10::toComplexType(type)));
-    const OneThreadFFT one_thread;
+    const OneMklThread one_thread;
     RealFFT<T>(d).forward(sp, F.template mutable_data_ptr<Complex<T>>(), M * R);
     return F;
   }
@@ -223,7 +213,7 @@ struct Problem {
     // The inverse transform's 1/d, and 1/T for "mean".
     pooled.mul_(1.0 / (static_cast<double>(d) * (mean ? positions : 1)));
     auto z = at::empty({S, d}, at::TensorOptions().dtype(type));
-    const OneThreadFFT one_thread;
+    const OneMklThread one_thread;
     RealFFT<T>(d).inverse(pp, z.template mutable_data_ptr<T>(), S);
     return z;
   }
@@ -342,7 +332,7 @@ std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at:
           const T* gr = grad.const_data_ptr<T>() + s0 * out_dim;
           for (int64_t j = 0; j < S * out_dim; ++j) g2p[j] = gr[j] * scale;
         }
-        const OneThreadFFT one_thread;
+        const OneMklThread one_thread;
         const RealFFT<T> fft(out_dim);  // this thread's transforms
         auto G = at::empty({S, K}, at::TensorOptions().dtype(c10::toComplexType(type)));
         const Complex<T>* gh = G.template const_data_ptr<Complex<T>>();
