@@ -263,6 +263,9 @@ DETERMINISM = {
     "low_rank_fusion B=1": lambda g: low_rank_fusion_case(g, B=1, dims=(300, 200), rank=4, hidden=32),
     "tensor_fusion": lambda g: tensor_fusion_case(g, B=200, dims=(8, 6, 10), hidden=32),
     "tensor_fusion B=1": lambda g: tensor_fusion_case(g, B=1, dims=(40, 60), hidden=64),
+    # Small batches too: these gave other bits with 2 threads on an AMD EPYC before tiled_mm.
+    "factorized_bilinear B=7": lambda g: factorized_bilinear_case(g, B=7, nx=217, ny=15, o=34, k=2),
+    "tensor_fusion B=5": lambda g: tensor_fusion_case(g, B=5, dims=(2, 15, 2), hidden=51),
 }
 
 

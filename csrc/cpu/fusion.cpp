@@ -203,7 +203,8 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
           }
       });
       tiled_mm_out(grad_w2, gy.t(), u, /*accumulate=*/b0 > 0);
-      const auto du = tiled_mm(gy, w2);  // (rows, PB)
+      // Reduces over h * P_A terms where the reference reduces over h: summed in double blocks.
+      const auto du = tiled_mm(gy, w2, Sum::kDoubleBlocks);  // (rows, PB)
       const auto Y = saved ? residuals[0].narrow(0, b0, rows) : tiled_mm(u, w2.t());
       const T* yp = Y.template const_data_ptr<T>();
       const T* dup = du.template const_data_ptr<T>();
