@@ -101,11 +101,9 @@ at::Tensor count_sketch_backward(const at::Tensor& grad_in, const at::Tensor& ha
   return dx.to(grad_in.scalar_type());
 }
 
-// MKL may split one long transform across its threads (ATen does not limit it). The tasks
-// already supply the parallelism, so every FFT call runs on one MKL thread (OneMklThread) and
-// the results are identical for any thread count.
-
-// How the batch is cut into tasks; a function of the shapes only (see the file comment).
+// How the batch is cut into tasks; a function of the shapes only (see the file comment). The
+// tasks supply the parallelism, so every FFT call runs on one MKL thread (OneMklThread): MKL
+// would otherwise split a long transform across its threads and round by the thread count.
 struct Tiling {
   int64_t samples;    // per task
   int64_t positions;  // per FFT call within a task
