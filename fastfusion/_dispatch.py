@@ -22,7 +22,9 @@ Which residuals, in which shapes, is part of each op's contract, so its fake ker
 them. Other kernels recompute, as fused GPU kernels prefer, and never see residuals.
 
 On the meta device every backend that has the op resolves as asked (its fake kernels give the
-shapes; nothing runs), and "auto" to "torch".
+shapes; nothing runs), and "auto" to "torch". Inside :func:`meta_stands_for` meta tensors
+count as another device type instead, for tools that trace what a call would do on a device
+this machine lacks (benchmarks.roofline).
 
 Empty batches (an empty leading dimension of the inputs) have nothing to compute: whatever the
 backend, they run the "torch" kernels (:func:`backend_for`), whose PyTorch ops give empty
@@ -191,6 +193,27 @@ def _env_backend() -> str:
 class _State:
     default = _env_backend()
     stack: list[str] = []
+    meta_stands_for: str | None = None
+
+
+@contextlib.contextmanager
+def meta_stands_for(device_type: str) -> Iterator[None]:
+    """Context manager: meta tensors count as ``device_type`` tensors (:func:`device_type`), so
+    backends resolve, "auto" included, and value checks run as they would there. The caller
+    must intercept the reads of values (``aten._local_scalar_dense``), which meta tensors
+    cannot give, e.g. with a TorchDispatchMode."""
+    previous, _State.meta_stands_for = _State.meta_stands_for, device_type
+    try:
+        yield
+    finally:
+        _State.meta_stands_for = previous
+
+
+def device_type(t: torch.Tensor) -> str:
+    """The device type that selects kernels and checks for ``t``: its own, except for meta
+    tensors inside :func:`meta_stands_for`."""
+    kind = t.device.type
+    return _State.meta_stands_for if kind == "meta" and _State.meta_stands_for else kind
 
 
 def set_backend(name: str) -> None:
@@ -246,7 +269,7 @@ def backend_for(op: str, batch: torch.Tensor, backend: str | None) -> str:
     """The backend that a public function runs ``op`` with: the call's ``backend`` argument (or
     the one in force) resolved for the device of ``batch``, the op's first batched input, and
     "torch" instead of a compiled backend when that batch is empty (module docstring)."""
-    name = resolve_backend(op, batch.device.type, requested_backend(backend))
+    name = resolve_backend(op, device_type(batch), requested_backend(backend))
     return "torch" if batch.numel() == 0 and name != "eager" else name
 
 

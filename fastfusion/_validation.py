@@ -6,6 +6,8 @@ from typing import Sequence
 
 import torch
 
+from ._dispatch import device_type
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -13,8 +15,8 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def _reads_values(t: torch.Tensor) -> bool:
     # Value checks read tensor data (a host sync and, under torch.compile, a graph break);
     # while compiling they are skipped, and so they are on the meta device, which holds no
-    # data. The shape/dtype/device checks still run.
-    return not torch.compiler.is_compiling() and t.device.type != "meta"
+    # data (unless they stand for another device's). The shape/dtype/device checks still run.
+    return not torch.compiler.is_compiling() and device_type(t) != "meta"
 
 
 def check_tensor(name: str, t, *, min_ndim: int = 1, batched: bool = False) -> torch.Tensor:

@@ -207,3 +207,13 @@ def test_environment_variable_with_unavailable_backend_raises_on_call(env_result
     returncode, stdout, stderr = env_results[UNAVAILABLE_ON_CPU[-1]]
     assert returncode == 0, stderr
     assert stdout.split() == ["raised", "True"]
+
+
+def test_meta_stands_for_another_device_type():
+    x = torch.empty(3, 5, device="meta")
+    assert ff._dispatch.backend_for("count_sketch", x, "auto") == "torch"
+    with ff._dispatch.meta_stands_for("cuda"):
+        assert ff._dispatch.device_type(x) == "cuda"
+        assert ff._dispatch.backend_for("count_sketch", x, "auto") == ff.selected_backend("count_sketch", "cuda")
+        assert ff._dispatch.device_type(torch.empty(1)) == "cpu"  # real tensors keep their device
+    assert ff._dispatch.device_type(x) == "meta"

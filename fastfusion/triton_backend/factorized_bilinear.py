@@ -189,7 +189,7 @@ def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, nor
         return _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype, normalize, eps)
     # z stays float32 so the normalisation sees it unrounded.
     z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
-    return _dispatch.run_forward("signed_sqrt_l2", _normaliser(z.device.type), z, eps).to(x.dtype)
+    return _dispatch.run_forward("signed_sqrt_l2", _normaliser(_dispatch.device_type(z)), z, eps).to(x.dtype)
 
 
 def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
@@ -197,7 +197,7 @@ def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_ma
         return _reference._backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
     if normalize:
         z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
-        grad = _dispatch.run_backward("signed_sqrt_l2", _normaliser(z.device.type), grad.float(), z, eps)
+        grad = _dispatch.run_backward("signed_sqrt_l2", _normaliser(_dispatch.device_type(z)), grad.float(), z, eps)
     grad_px = torch.empty((x.shape[0], weight_x.shape[0]), dtype=x.dtype, device=x.device)
     grad_py = torch.empty_like(grad_px)
     _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, grad, (grad_px, grad_py))
