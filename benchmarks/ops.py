@@ -52,8 +52,11 @@ class Case:
         return functools.partial(self.apply, op_function, self.buffers)
 
 
-def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
-    # Drawn on the CPU so that every device benchmarks the same numbers.
+def _randn(gen: torch.Generator | None, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    # Drawn on the CPU so that every device benchmarks the same numbers; without a generator,
+    # for a meta case, only the shape exists.
+    if gen is None:
+        return torch.empty(shape, dtype=torch.float64, device="meta")
     return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
 
 
@@ -66,6 +69,9 @@ def _sketch_buffers(in_dims, out_dim):
 def _count_sketch_variants(hash: torch.Tensor, sign: torch.Tensor, out_dim: int, dtype: torch.dtype) -> dict:
     """The plain-PyTorch ways to count-sketch, each with the reference's signature."""
     n = hash.numel()
+    if hash.device.type == "meta":  # sparse tensors have no meta kernels: the dense ways only
+        sketch = torch.empty(n, out_dim, dtype=dtype, device="meta")
+        return {"index_add": reference.count_sketch_reference, "dense_mm": lambda x, hash, sign, out_dim: x @ sketch}
     rows = torch.arange(n, device=hash.device)
     # (d, n) so that the sparse operand comes first, the layout torch.sparse.mm differentiates.
     sketch_t = torch.sparse_coo_tensor(
@@ -171,8 +177,11 @@ _KERNELS: dict[str, tuple[Callable, Callable, Callable]] = {
 
 
 def make_case(kernel: str, sizes: dict, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Case:
+    """The case on ``device``; on "meta" its floating inputs hold no values (the hashes and
+    signs do, drawn as on any device, then moved)."""
     build, ref, fused = _KERNELS[kernel]
-    args, buffers, apply = build(sizes, torch.Generator().manual_seed(seed))
+    gen = None if device.type == "meta" else torch.Generator().manual_seed(seed)
+    args, buffers, apply = build(sizes, gen)
     args = tuple(a.to(device=device, dtype=dtype).requires_grad_() for a in args)
     buffers = tuple(b.to(device) for b in buffers)
     variants = {"reference": ref}

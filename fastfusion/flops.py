@@ -52,7 +52,7 @@ with _jit_deprecation_silenced():
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import conv_flop_jit, get_shape
 
-__all__ = ["count_flops", "count_flops_by_kind"]
+__all__ = ["count_flops", "count_flops_by_kind", "fft_flops"]
 
 Handle = Callable[[list, list], Counter]
 
@@ -61,7 +61,8 @@ def _numel(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
-def _fft_flops(batch: int, length: int, complex_input: bool) -> int:
+def fft_flops(batch: int, length: int, complex_input: bool) -> int:
+    """FLOPs of ``batch`` transforms of ``length`` points by the convention above."""
     per_transform = (5.0 if complex_input else 2.5) * length * math.log2(length) if length > 1 else 0.0
     return round(batch * per_transform)
 
@@ -119,7 +120,7 @@ def _fft(real_data: bool, half_spectrum_input: bool) -> Handle:
         n, dim = inputs[1].toIValue(), inputs[2].toIValue()
         if n is None:
             n = 2 * (shape[dim] - 1) if half_spectrum_input else shape[dim]
-        return Counter(fft=_fft_flops(_numel(shape) // shape[dim], n, complex_input=not real_data))
+        return Counter(fft=fft_flops(_numel(shape) // shape[dim], n, complex_input=not real_data))
 
     return handle
 
@@ -142,8 +143,8 @@ def _ff_compact_bilinear(inputs, outputs):
     batch, positions = xs[0][0], xs[0][1]
     return Counter(
         scatter_add=sum(_numel(x) for x in xs),
-        fft=len(xs) * _fft_flops(batch * positions, out_dim, complex_input=False)
-        + _fft_flops(batch, out_dim, complex_input=False),
+        fft=len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)
+        + fft_flops(batch, out_dim, complex_input=False),
     )
 
 
