@@ -487,6 +487,10 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
         "",
         *(f"- {k}: {v}." for k, v in head["assumptions"].items()),
         "",
+        *summary(rows),
+        "",
+        "All providers:",
+        "",
         "| kernel | dtype | mode | provider | launches | syncs | H2D | GB | GFLOP | model ms | worst-config ms "
         "| vs eager | vs compile | extra MiB | note |",
         "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
@@ -510,6 +514,26 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
                 f"| {sum(k['flops'].values()) / 1e9:.4g} | {k['ms']:.3g} | {k['bound']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Modelled milliseconds per provider, one line per kernel, dtype and mode."""
+    lines = [
+        "| kernel | dtype | mode | eager ms | compile ms (estimate) | fastfusion ms | floor ms | fastfusion vs eager "
+        "| vs compile | fastfusion launches / syncs / H2D |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["dtype"], r["mode"]), {})[r["provider"]] = r
+    for (kernel, dtype, mode), g in groups.items():
+        ff = g["fastfusion"]
+        lines.append(
+            f"| {kernel} | {dtype} | {mode} | {g['eager']['model_ms']:.3g} | {g['compile']['model_ms']:.3g} | "
+            f"{ff['model_ms']:.3g} | {g['floor']['model_ms']:.3g} | {ff['vs_eager']:.2f}x | {ff['vs_compile']:.2f}x | "
+            f"{ff['launches']} / {ff['syncs']} / {ff['host_copies']} |"
+        )
+    return lines
 
 
 def plot(head: dict, rows: list[dict], path: Path) -> None:
@@ -588,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--gpu", choices=sorted(GPUS), help="default: the --measured run's GPU, else h100")
-    add("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16"), default=["float32", "bfloat16"])
+    add("--dtypes", "--dtype", nargs="+", choices=("float32", "float16", "bfloat16"), default=["float32", "bfloat16"])
     add("--ops", nargs="+", choices=KERNELS, default=list(KERNELS), metavar="KERNEL", help=f"of {', '.join(KERNELS)}")
     add("--measured", type=Path, help="a benchmarks.run JSON from a GPU: report the model's error per kernel")
     add("--out-dir", type=Path, default=RESULTS_DIR)

@@ -1,0 +1,145 @@
+"""The GPU cost model (benchmarks.trace, benchmarks.roofline) against hand counts.
+
+Shapes here are tiny and the tensors meta: nothing runs, so the sizes can be chosen for easy
+arithmetic. In this process TRITON_INTERPRET=1 (conftest), so each autotuned kernel offers
+only its first config; the end-to-end test runs the CLI in a process without it, as a user
+would, where every config is costed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("fvcore")
+from benchmarks import ops, roofline, trace  # noqa: E402
+from benchmarks.shapes import KERNELS, SHAPE_SETS  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+H100 = roofline.GPUS["h100"]
+
+
+def _trace(kernel, sizes, provider, mode="forward", dtype=torch.float32):
+    case, grad_out = trace.meta_case(kernel, sizes, dtype)
+    fn = trace.provider_fns(case, provider)
+    fn = fn["triton"] if provider == "fastfusion" else fn.get("reference", next(iter(fn.values())))
+    return trace.trace_call(fn, case, mode, grad_out)
+
+
+def _launches(t):
+    return [e for e in t.events if isinstance(e, trace.TritonLaunch)]
+
+
+def test_epilogue_launch_moves_its_input_and_output_once():
+    t = _trace("signed_sqrt_l2", dict(B=6, d=40), "fastfusion")
+    (launch,) = _launches(t)
+    assert launch.kernel == "signed_sqrt_l2._epilogue_forward_kernel"
+    assert launch.grids == [(6, 1, 1)]  # one program per row
+    (cost,) = roofline.triton_costs(launch)
+    assert cost.bytes == 2 * 6 * 40 * 4 and cost.flops == {}
+    # The call holds its output and nothing else.
+    assert t.peak_bytes == t.returned_bytes == 6 * 40 * 4 and t.extra_bytes == 0
+
+
+def test_compile_estimate_fuses_the_reference_into_one_pass():
+    t = _trace("signed_sqrt_l2", dict(B=6, d=40), "eager")
+    eager = roofline.eager_estimate(t, H100)
+    fused = roofline.compile_estimate(t, H100)
+    assert len(fused.kernels) == 1 and fused.bytes == 2 * 6 * 40 * 4
+    assert len(eager.kernels) > 5 and eager.bytes > 4 * fused.bytes  # the chain of pointwise ops
+
+
+def test_tensor_fusion_forward_flops_follow_the_program_tiles():
+    t = _trace("tfn", dict(B=5, n=(2, 3, 4), h=6), "fastfusion")
+    (launch,) = [x for x in _launches(t) if x.kernel == "tensor_fusion._forward_kernel"]
+    (config,) = launch.configs  # the interpreter's only config: BLOCK_B=32, BLOCK_H=64, BLOCK_K=32
+    assert (config.kwargs["BLOCK_B"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_K"]) == (32, 64, 32)
+    (cost,) = roofline.triton_costs(launch)
+    # P = 3 * 4 * 5 = 60: one program, two K chunks of a 32 x 32 @ 32 x 64 float32 dot.
+    assert cost.flops == {"fp32": 1 * 2 * (2 * 32 * 32 * 64)}
+
+
+def test_low_rank_fusion_reads_the_modality_table_copied_from_the_host():
+    t = _trace("lmf", dict(B=5, n=(2, 3, 4), rank=2, h=6), "fastfusion", dtype=torch.bfloat16)
+    (launch,) = [x for x in _launches(t) if x.kernel == "low_rank_fusion._forward_kernel"]
+    assert roofline._modality_dims(launch.args) == [3, 4, 5]
+    (cost,) = roofline.triton_costs(launch)
+    # One (32 x 32) program, per rank and modality a projection padded to BLOCK_K = 32.
+    assert cost.flops == {"bf16": 2 * 3 * (2 * 32 * 32 * 32)}
+
+
+def test_host_syncs_and_copies_are_counted():
+    case, grad_out = trace.meta_case("signed_sqrt_l2", dict(B=2, d=3), torch.float32)
+
+    def syncing(z):
+        scale = z.abs().amax().item()  # one sync
+        return z * scale + torch.tensor([1.0, 2.0, 3.0], device=z.device)  # one copy
+
+    t = trace.trace_call(syncing, case, "forward", grad_out)
+    assert sum(isinstance(e, trace.HostSync) for e in t.events) == 1
+    copies = [e for e in t.events if isinstance(e, trace.HostCopy)]
+    assert [c.nbytes for c in copies] == [3 * 4]
+
+
+def test_eager_contractions_count_two_flops_per_multiply_add():
+    sizes = dict(B=3, n=(4, 5), o=2, k=3)
+    t = _trace("mfb", sizes, "eager")
+    flops = sum(e.flops for e in t.events if isinstance(e, trace.AtenCall) and e.kind == "contraction")
+    assert flops == 2 * 3 * (2 * 3) * (4 + 5)  # the two projections x W_x^T and y W_y^T
+
+
+def test_gathers_cost_the_sectors_they_touch():
+    # 4096 random picks among 1024 sectors touch nearly all of them; 8 picks touch 8 sectors.
+    assert roofline._sectors_touched(32 * 1024, 4096) == pytest.approx(32 * 1024 * (1 - math.exp(-4)), abs=32)
+    assert roofline._sectors_touched(32 * 1024, 8) == pytest.approx(8 * 32, rel=0.01)
+
+
+def test_every_triton_launch_has_a_flop_formula_and_none_is_stale():
+    launched = set()
+    for kernel in KERNELS:
+        for mode in ops.MODES:
+            for dtype in (torch.float32, torch.bfloat16):
+                for launch in _launches(_trace(kernel, SHAPE_SETS["tiny"][kernel], "fastfusion", mode, dtype)):
+                    roofline.triton_costs(launch)  # raises for a kernel without a formula
+                    launched.add(launch.kernel)
+    assert set(roofline.TRITON_FLOPS) == launched
+
+
+def test_cli_writes_the_model_and_its_error_against_measurements(tmp_path):
+    """Every config costed (no interpreter), JSON + markdown + plot, and --measured's ratio."""
+    sizes = SHAPE_SETS["cuda"]["tfn"]
+    measured_rows = [
+        {"kernel": "tfn", "dtype": "bfloat16", "mode": mode, "provider": provider, "sizes": sizes, "p50_ms": 2.0}
+        for mode in ops.MODES for provider in ("eager", "compile", "triton")
+    ]
+    measured = tmp_path / "gpu-run.json"
+    measured.write_text(json.dumps({"header": {"device": "NVIDIA H200", "git_commit": "x"}, "rows": measured_rows}))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.roofline", "--ops", "tfn", "--dtypes", "bfloat16",
+         "--measured", str(measured), "--out-dir", str(tmp_path)],
+        cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300,
+    )
+    data = json.loads((tmp_path / "roofline-h200.json").read_text())  # the GPU named by the measurement
+    assert data["header"]["gpu"] == "h200" and "MODEL" in data["header"]["what"]
+    rows = data["rows"]
+    assert {(r["mode"], r["provider"]) for r in rows} == {
+        (m, p) for m in ops.MODES for p in ("floor", "eager", "compile", "fastfusion")
+    }
+    fused = next(r for r in rows if r["provider"] == "fastfusion" and r["mode"] == "forward")
+    assert fused["worst_ms"] > fused["model_ms"]  # five configs costed, not the interpreter's one
+    assert "(not measured)" in (tmp_path / "roofline-h200.md").read_text().splitlines()[0]
+    assert (tmp_path / "roofline-h200.png").stat().st_size > 0
+    vs = (tmp_path / "roofline-h200-vs-gpu-run.md").read_text()
+    model_ms = {(r["mode"], r["provider"]): r["model_ms"] for r in rows}
+    for mode in ops.MODES:
+        assert f"| tfn | bfloat16 | {mode} | fastfusion | {model_ms[(mode, 'fastfusion')]:.3g} | 2 | " \
+               f"{model_ms[(mode, 'fastfusion')] / 2:.2f} |" in vs
