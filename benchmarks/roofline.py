@@ -48,7 +48,7 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 from unittest import mock
 
 import torch
@@ -399,7 +399,7 @@ def floor_estimate(case: ops.Case, output: torch.Tensor, eager_forward: trace.Tr
 
 
 @contextlib.contextmanager
-def _as_dynamo_traces() -> Iterable[None]:
+def _as_dynamo_traces() -> Iterator[None]:
     # What Dynamo traces of the reference: value checks skip themselves while compiling.
     with mock.patch("torch.compiler.is_compiling", return_value=True):
         yield

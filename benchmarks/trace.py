@@ -1,6 +1,7 @@
 """Trace what one benchmark case does on a GPU, on a machine without one.
 
-    trace_case(case, provider, mode) -> Trace
+    case, grad_out = meta_case(kernel, sizes, dtype)
+    trace_call(provider_fns(case, provider)[variant], case, mode, grad_out) -> Trace
 
 The case's tensors are meta tensors (no data, any size), and they stand for CUDA tensors
 (:func:`fastfusion._dispatch.meta_stands_for`): backends resolve as on CUDA, so "fastfusion"
@@ -41,7 +42,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import KernelInterface
 
-import fastfusion
 import fastfusion.triton_backend  # noqa: F401  (registers the Triton kernels for CUDA)
 from fastfusion import _dispatch
 from fastfusion.flops import fft_flops
