@@ -38,6 +38,8 @@ _FROM_HOST_DATA = (torch.tensor, torch.as_tensor, torch.asarray)
 if "triton" not in _dispatch.available_backends("cuda"):
     pytest.skip("the triton backend is not registered (needs CUDA or TRITON_INTERPRET=1)", allow_module_level=True)
 
+from fastfusion.triton_backend import _fusion  # noqa: E402
+
 
 class _Copies(TorchFunctionMode):
     """Sees ``torch.tensor(data, device=...)`` and kin, which copy host data to a device."""
@@ -123,6 +125,18 @@ def _tensor_sketch(batch):
     return lambda: ff.tensor_sketch(xs, hashes, signs, D), xs
 
 
+def _low_rank_fusion(batch):
+    xs = [_leaf(batch, 5), _leaf(batch, 4), _leaf(batch, 3)]
+    factors = [_leaf(2, 6, 7), _leaf(2, 5, 7), _leaf(2, 4, 7)]
+    weights, bias = _leaf(1, 2), _leaf(1, 7)
+    return lambda: ff.low_rank_fusion(xs, factors, weights, bias), [*xs, *factors, weights, bias]
+
+
+def _tensor_fusion(batch):
+    xs, weight, bias = [_leaf(batch, 5), _leaf(batch, 4)], _leaf(7, 30), _leaf(7)
+    return lambda: ff.tensor_fusion(xs, weight, bias), [*xs, weight, bias]
+
+
 def _factorized_bilinear(normalize):
     def case(batch):
         x, y, wx, wy, bx = _leaf(batch, 5), _leaf(batch, 4), _leaf(6, 5), _leaf(6, 4), _leaf(6)
@@ -135,10 +149,13 @@ CASES = {
     "count_sketch": _count_sketch,
     "compact_bilinear": _compact_bilinear,
     "tensor_sketch": _tensor_sketch,
+    "low_rank_fusion": _low_rank_fusion,
+    "tensor_fusion": _tensor_fusion,
     "factorized_bilinear": _factorized_bilinear(True),
     "factorized_bilinear unnormalized": _factorized_bilinear(False),
 }
 READS_VALUES = ("count_sketch", "compact_bilinear", "tensor_sketch")
+BUILDS_TABLES = ("low_rank_fusion", "tensor_fusion")
 
 
 def _step(call, leaves) -> None:
@@ -177,10 +194,15 @@ def test_second_call_makes_no_host_sync_or_copy(launches, case):
     assert second.syncs == [] and second.copies == []
 
 
-@pytest.mark.parametrize("case", READS_VALUES)
+@pytest.mark.parametrize("case", READS_VALUES + BUILDS_TABLES)
 def test_without_the_caches_every_call_syncs_or_copies(launches, monkeypatch, case):
     # The control: what the probe sees when nothing is cached, as before the caches existed.
     monkeypatch.setattr(_tensor_cache.TensorCache, "get", lambda self, tensors, compute, extra=None: compute())
+    monkeypatch.setattr(_fusion, "_modality_layout", _fusion._modality_layout.__wrapped__)
     call, leaves = CASES[case](3)
     _probe(call, leaves)
-    assert _probe(call, leaves).syncs
+    second = _probe(call, leaves)
+    if case in READS_VALUES:
+        assert second.syncs
+    else:
+        assert second.copies == ["tensor(..., device=meta)"] * 2  # forward and backward

@@ -176,6 +176,10 @@ def _grad_factors_kernel(
 
 
 def _pack(xs, factors):
+    # The factors are concatenated on every call: a device-to-device copy of the parameters
+    # (rank * S * h values, no sync), which lets one pointer serve any number of modalities.
+    # Reading them in place would need one pointer argument per modality (a fixed maximum M)
+    # or a device table of their addresses, a host-to-device copy whenever they move.
     packed, table, offsets, _ = pack_with_ones(xs)
     return packed, table, offsets, torch.cat(factors, dim=1)
 
