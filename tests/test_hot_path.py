@@ -206,3 +206,28 @@ def test_without_the_caches_every_call_syncs_or_copies(launches, monkeypatch, ca
         assert second.syncs
     else:
         assert second.copies == ["tensor(..., device=meta)"] * 2  # forward and backward
+
+
+def _autotune_keys(launches) -> list[tuple]:
+    """The autotuner's key of every autotuned launch (the values of its ``key`` arguments)."""
+    keys = []
+    for kernel, args, kwargs in launches:
+        if isinstance(kernel, triton.runtime.autotuner.Autotuner):
+            named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+            keys.append((kernel, tuple(named[name] for name in kernel.keys)))
+    return keys
+
+
+@pytest.mark.parametrize(
+    "case", ["low_rank_fusion", "tensor_fusion", "factorized_bilinear", "factorized_bilinear unnormalized"]
+)
+def test_autotune_keys_bucket_the_batch(launches, case):
+    keys = {}
+    for batch in (5, 7, 8, 9):
+        launches.clear()
+        _probe(*CASES[case](batch))  # runs the triton backend's launches, recorded
+        keys[batch] = _autotune_keys(launches)
+    assert keys[5], "no autotuned kernel ran"
+    assert keys[5] == keys[7] == keys[8], "batches of one power-of-two bucket must share their tunings"
+    # Every autotuned kernel keys on the bucket: the next bucket changes every key.
+    assert all(k9 != k5 for k9, k5 in zip(keys[9], keys[5]))

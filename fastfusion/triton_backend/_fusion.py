@@ -30,6 +30,16 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     return configs[:1] if _INTERPRET else configs
 
 
+def batch_bucket(batch: int) -> int:
+    """The autotuning key for a batch size: the next power of two. Every autotuned kernel takes
+    it as an extra argument, ``B_BUCKET``, keyed on instead of B, so a training loop's ragged
+    last batch (or a varying inference batch) reuses the tuning of its bucket instead of
+    benchmarking every config again; the best tiles change with the batch's scale, not with
+    each size. The kernels never read it, and it is excluded from specialisation
+    (``do_not_specialize``), so its values compile nothing new."""
+    return triton.next_power_of_2(batch)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for tl.dot; it only changes float32 operands."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
