@@ -17,7 +17,6 @@ The second call of every public function, forward and backward, must make neithe
 
 from __future__ import annotations
 
-import collections
 import contextlib
 
 import pytest
