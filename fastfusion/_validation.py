@@ -7,9 +7,26 @@ from typing import Sequence
 import torch
 
 from ._dispatch import device_type
+from ._tensor_cache import TensorCache
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+# What the value checks read, once per version of each hash/sign tensor (TensorCache): a
+# module's buffers, or a caller's tensors passed on every step, are read on the first call and
+# not again until written to, so later calls make no host sync (on CUDA each read is a
+# device-to-host sync). The caches apply on every device: one behaviour to reason about and
+# test, and on the CPU they still save a pass over the tensor. They hold facts independent of
+# the call (a hash's range, not whether it fits one out_dim), so each call still compares them
+# with its own arguments, and a bad value raises on every call that sees it.
+_HASH_RANGES: TensorCache[tuple[int, int]] = TensorCache()
+_SIGNS_UNIT: TensorCache[bool] = TensorCache()
+
+
+def _hash_range(hash: torch.Tensor) -> tuple[int, int]:
+    low, high = torch.aminmax(hash)
+    return low.item(), high.item()
 
 
 def _reads_values(t: torch.Tensor) -> bool:
@@ -75,7 +92,8 @@ def check_same_count(name: str, items, ref_name: str, count: int) -> list:
 
 def check_hash(name: str, hash, in_dim: int, out_dim: int, ref: torch.Tensor, *, values: bool = True) -> None:
     """``hash`` maps ``in_dim`` inputs to buckets in [0, out_dim); ``values=False`` skips
-    reading the values (for buffers already checked)."""
+    reading the values (for buffers already checked). The values are read once per version
+    of ``hash`` (``_HASH_RANGES``)."""
     if not isinstance(hash, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(hash).__name__}")
     if hash.dtype not in INDEX_DTYPES:
@@ -83,11 +101,9 @@ def check_hash(name: str, hash, in_dim: int, out_dim: int, ref: torch.Tensor, *,
     check_shape(name, hash, (in_dim,))
     check_like(name, hash, "the input", ref, dtype=False)
     if values and _reads_values(hash):
-        low, high = torch.aminmax(hash)
-        if low.item() < 0 or high.item() >= out_dim:
-            raise ValueError(
-                f"{name} values must lie in [0, out_dim={out_dim}), got range [{low.item()}, {high.item()}]"
-            )
+        low, high = _HASH_RANGES.get((hash,), lambda: _hash_range(hash))
+        if low < 0 or high >= out_dim:
+            raise ValueError(f"{name} values must lie in [0, out_dim={out_dim}), got range [{low}, {high}]")
 
 
 def check_sign(name: str, sign, in_dim: int, ref: torch.Tensor, *, values: bool = True) -> None:
@@ -98,7 +114,7 @@ def check_sign(name: str, sign, in_dim: int, ref: torch.Tensor, *, values: bool 
         raise TypeError(f"{name} must be an integer or floating tensor of +1/-1, got {sign.dtype}")
     check_shape(name, sign, (in_dim,))
     check_like(name, sign, "the input", ref, dtype=False)
-    if values and _reads_values(sign) and not bool((sign.abs() == 1).all()):
+    if values and _reads_values(sign) and not _SIGNS_UNIT.get((sign,), lambda: bool((sign.abs() == 1).all())):
         raise ValueError(f"{name} values must all be +1 or -1")
 
 

@@ -119,6 +119,19 @@ def test_inverse_table_follows_in_place_hash_changes():
     assert triton_count_sketch.inverse_table(hash, sign, 17) is table
 
 
+def test_count_sketch_takes_inference_tensors():
+    # Inference tensors have no version counter, so their inverse table is rebuilt on every
+    # call: a write inside inference mode, invisible to any counter, is still seen.
+    with torch.inference_mode():
+        (hash,), (sign,) = sketch_params([29], 17)
+    x = torch.randn(2, 29, device=DEVICE)
+    for _ in range(2):
+        expected = count_sketch(x.double(), hash, sign, 17, backend="eager")
+        assert rel_err(count_sketch(x, hash, sign, 17, backend="triton"), expected) < 1e-6
+        with torch.inference_mode():
+            hash.copy_(torch.randint(0, 17, (29,), device=DEVICE))
+
+
 def test_count_sketch_gradcheck_float64():
     (hash,), (sign,) = sketch_params([23], 9)
     x = torch.randn(2, 23, device=DEVICE, dtype=torch.float64, requires_grad=True)

@@ -7,6 +7,7 @@ The "meta" device stands in for a second device on a CPU-only machine.
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastfusion as ff
 from helpers import randn, random_hashes_signs
@@ -212,3 +213,99 @@ def test_checks_do_not_depend_on_backend(a, backend):
         ff.tensor_fusion([a["x"], a["y"].float()], a["tfn_weight"], None, backend=backend)
     with pytest.raises(ValueError, match="weight_x"):
         ff.factorized_bilinear(a["x"], a["y"], a["wx"], None, a["wy"], None, 4, backend=backend)
+
+
+# ---- values are read once per version of a hash/sign tensor, and a bad value is still caught
+
+HASH_ERROR = r"hash values must lie in \[0, out_dim=9\), got range"
+
+
+def _spoil_in_place(t, bad):
+    t[0] = bad
+
+
+def _spoil_through_a_view(t, bad):
+    t[1:3].fill_(bad)
+
+
+def _spoil_by_data_swap(t, bad):
+    t.data = torch.full_like(t, bad)
+
+
+SPOILS = [_spoil_in_place, _spoil_through_a_view, _spoil_by_data_swap]
+
+
+@pytest.mark.parametrize("spoil", SPOILS, ids=lambda f: f.__name__[len("_spoil_") :])
+def test_hash_spoiled_after_a_good_call_is_caught(a, spoil):
+    hash = a["h0"].clone()
+    cs(a, hash=hash)
+    spoil(hash, D)
+    for _ in range(2):  # on the first call that sees it, and on every later one
+        with pytest.raises(ValueError, match=HASH_ERROR + r" \[\d+, 9\]"):
+            cs(a, hash=hash)
+
+
+@pytest.mark.parametrize("spoil", SPOILS, ids=lambda f: f.__name__[len("_spoil_") :])
+def test_sign_spoiled_after_a_good_call_is_caught(a, spoil):
+    sign = a["s0"].clone()
+    cs(a, sign=sign)
+    spoil(sign, 0)
+    with pytest.raises(ValueError, match=r"sign values must all be \+1 or -1"):
+        cs(a, sign=sign)
+
+
+def test_spoiled_modality_is_named(a):
+    hashes, signs = [a["h0"], a["h1"].clone()], [a["s0"], a["s1"].clone()]
+    cbp(a, hashes=hashes, signs=signs)
+    hashes[1][0] = -1
+    with pytest.raises(ValueError, match=r"hash\[1\] values must lie in \[0, out_dim=9\), got range \[-1, "):
+        cbp(a, hashes=hashes, signs=signs)
+    hashes[1][0] = 0
+    signs[1][2] = 3
+    with pytest.raises(ValueError, match=r"sign\[1\] values must all be"):
+        ff.tensor_sketch([a["x"], a["y"]], hashes, signs, D)
+
+
+def test_a_checked_hash_meets_each_call_s_out_dim(a):
+    # What is kept is the hash's range, not a verdict for one out_dim.
+    hash = torch.arange(7) % 5
+    cs(a, hash=hash, out_dim=5)
+    with pytest.raises(ValueError, match=r"hash values must lie in \[0, out_dim=4\), got range \[0, 4\]"):
+        cs(a, hash=hash, out_dim=4)
+
+
+def test_inference_hash_spoiled_in_inference_mode_is_caught(a):
+    # No version counter records writes to inference tensors: their values are read every call.
+    with torch.inference_mode():
+        hash = a["h0"].clone()
+    cs(a, hash=hash)
+    with torch.inference_mode():
+        hash[0] = D
+    with pytest.raises(ValueError, match=HASH_ERROR):
+        cs(a, hash=hash)
+
+
+class _ValueReads(TorchDispatchMode):
+    """Counts reads of tensor values to the host (on CUDA, each a device-to-host sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_values_are_read_once_per_version_on_the_cpu_too(a):
+    # The cache applies on every device; tests/test_hot_path.py checks the CUDA path.
+    hash, sign = a["h0"].clone(), a["s0"].clone()
+    counts = []
+    for write in (None, None, hash.neg_, None, sign.neg_, None):
+        if write is not None:
+            write()
+            write()  # back to valid values, but a new version
+        with _ValueReads() as reads:
+            cs(a, hash=hash, sign=sign)
+        counts.append(reads.count > 0)
+    assert counts == [True, False, True, False, True, False]

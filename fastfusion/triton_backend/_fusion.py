@@ -10,6 +10,7 @@ dtype rather than a speed path.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -29,30 +30,51 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
     return configs[:1] if _INTERPRET else configs
 
 
+def batch_bucket(batch: int) -> int:
+    """The autotuning key for a batch size: the next power of two. Every autotuned kernel takes
+    it as an extra argument, ``B_BUCKET``, keyed on instead of B, so a training loop's ragged
+    last batch (or a varying inference batch) reuses the tuning of its bucket instead of
+    benchmarking every config again; the best tiles change with the batch's scale, not with
+    each size. The kernels never read it, and it is excluded from specialisation
+    (``do_not_specialize``), so its values compile nothing new."""
+    return triton.next_power_of_2(batch)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for tl.dot; it only changes float32 operands."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def pack_with_ones(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
-    """All modalities with their constant prepended, [1, x_0, 1, x_1, ...], as one contiguous
-    (B, S) tensor, S = sum_m (n_m + 1), so one pointer serves any number of modalities.
-
-    Also returns an int32 device table of (column offset, n_m + 1, stride in the flattened
-    outer product = prod_{l > m} (n_l + 1)) per modality, the column offsets as a list (no
-    device sync to read them), and the outer product's length P.
-    The copy is O(B * S), the size of the inputs, and makes strided inputs contiguous.
-    """
-    ones = xs[0].new_ones(xs[0].shape[0], 1)
-    packed = torch.cat([t for x in xs for t in (ones, x)], dim=1)
-    dims = [x.shape[1] + 1 for x in xs]
+@functools.cache
+def _modality_layout(dims: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """The table, column offsets and P of :func:`pack_with_ones` for modalities of sizes
+    ``dims`` (n_m + 1 each). Cached per (dims, device), so only the first call with a layout
+    copies its table to the device: later calls make no host-to-device copy, and a CUDA graph
+    captured after a warm-up call replays with a table that lives as long as the process
+    (hence no eviction: a model has a handful of layouts, each a few bytes)."""
     strides, size = [], 1
     for d in reversed(dims):
         strides.insert(0, size)
         size *= d
-    offsets = [sum(dims[:m]) for m in range(len(dims))]
+    offsets = tuple(sum(dims[:m]) for m in range(len(dims)))
     table = [v for row in zip(offsets, dims, strides) for v in row]
-    return packed, torch.tensor(table, dtype=torch.int32, device=packed.device), offsets, size
+    return torch.tensor(table, dtype=torch.int32, device=device), offsets, size
+
+
+def pack_with_ones(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...], int]:
+    """All modalities with their constant prepended, [1, x_0, 1, x_1, ...], as one contiguous
+    (B, S) tensor, S = sum_m (n_m + 1), so one pointer serves any number of modalities.
+
+    Also returns an int32 device table of (column offset, n_m + 1, stride in the flattened
+    outer product = prod_{l > m} (n_l + 1)) per modality, the column offsets as a tuple (no
+    device sync to read them), and the outer product's length P. The table is cached
+    (:func:`_modality_layout`): do not write to it.
+    The copy is O(B * S), the size of the inputs, and makes strided inputs contiguous.
+    """
+    ones = xs[0].new_ones(xs[0].shape[0], 1)
+    packed = torch.cat([t for x in xs for t in (ones, x)], dim=1)
+    table, offsets, size = _modality_layout(tuple(x.shape[1] + 1 for x in xs), packed.device)
+    return packed, table, offsets, size
 
 
 @triton.jit

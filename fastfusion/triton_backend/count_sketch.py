@@ -6,21 +6,21 @@ The inverse (CSR) table of a hash h: [n] -> [d] is
     offsets (d + 1,) int32   inputs of bucket j are perm[offsets[j] : offsets[j + 1]]
     perm    (n,)     int32   input indices sorted by bucket (stable: ascending within a bucket)
     sign    (n,)     float32 the signs in perm's order
-It is built with torch ops (argsort, bincount, cumsum; no host sync) and cached per (hash,
-sign) tensor pair, so a module's buffers are inverted once, not per call (``inverse_table``).
+It is built with torch ops (argsort, an integer scatter-add, cumsum; no host sync) and cached
+per (hash, sign) tensor pair, so a module's buffers are inverted once, not per call
+(``inverse_table``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import weakref
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _dispatch
+from .._tensor_cache import TensorCache
 from . import DEVICE_TYPES
 
 _BLOCK_ROWS = 8
@@ -40,25 +40,9 @@ class InverseTable:
     sign: torch.Tensor
 
 
-@dataclasses.dataclass(frozen=True)
-class _CacheEntry:
-    refs: tuple[weakref.ref, weakref.ref]
-    state: tuple[int, int, int, int]
-    table: InverseTable
-
-
-# Keyed by (id(hash), id(sign), out_dim). An entry is valid only while the very tensors it was
-# built from are alive (weakrefs; the death of either evicts it, so a recycled id or address
-# never meets a stale table) and unmodified (data_ptr catches `.data` swaps, _version catches
-# in-place writes). Writes through `.data` aliases bypass the version counter and go unseen,
-# as they do for autograd.
-_TABLES: dict[tuple, _CacheEntry] = {}
-
-
-def _evict(key, ref) -> None:
-    entry = _TABLES.get(key)
-    if entry is not None and ref in entry.refs:
-        del _TABLES[key]
+# The inverse of a module's hash/sign buffers is built once, not per call; see TensorCache for
+# when an entry is rebuilt.
+_TABLES: TensorCache[InverseTable] = TensorCache()
 
 
 def _build_inverse_table(hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -> InverseTable:
@@ -74,15 +58,7 @@ def _build_inverse_table(hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -
 
 def inverse_table(hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -> InverseTable:
     """The CSR inverse of ``hash`` with ``sign`` folded in, cached while both tensors live unchanged."""
-    key = (id(hash), id(sign), out_dim)
-    state = (hash.data_ptr(), hash._version, sign.data_ptr(), sign._version)
-    entry = _TABLES.get(key)
-    if entry is not None and entry.refs[0]() is hash and entry.refs[1]() is sign and entry.state == state:
-        return entry.table
-    table = _build_inverse_table(hash, sign, out_dim)
-    evict = functools.partial(_evict, key)
-    _TABLES[key] = _CacheEntry((weakref.ref(hash, evict), weakref.ref(sign, evict)), state, table)
-    return table
+    return _TABLES.get((hash, sign), lambda: _build_inverse_table(hash, sign, out_dim), out_dim)
 
 
 @triton.jit

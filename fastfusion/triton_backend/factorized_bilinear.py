@@ -37,7 +37,7 @@ import triton.language as tl
 from .. import _dispatch
 from ..ops import factorized_bilinear as _reference
 from . import DEVICE_TYPES
-from ._fusion import KERNEL_DTYPES, autotune_configs, dot_precision, matmul_tile
+from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile
 from .signed_sqrt_l2 import _accumulate_norm, _finish_norm, _signed_root
 
 # Largest o whose rows one program holds for the fused normalisation: a (16, 1024) float32
@@ -59,10 +59,10 @@ def _projection(a_ptr, stride_ab, stride_an, w_ptr, stride_wo, stride_wn, bias_p
     return proj
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B_BUCKET"])
 def _kernel(
     x_ptr, y_ptr, wx_ptr, bx_ptr, wy_ptr, by_ptr, mask_ptr, z_ptr, gpx_ptr, gpy_ptr,
-    B, O, FACTOR, NX, NY,
+    B, B_BUCKET, O, FACTOR, NX, NY,
     stride_xb, stride_xn, stride_yb, stride_yn, stride_wxo, stride_wxn, stride_wyo, stride_wyn,
     stride_mb, stride_mo, stride_zb, stride_zo, stride_gb, eps,
     HAS_BX: tl.constexpr, HAS_BY: tl.constexpr, HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -108,7 +108,7 @@ def _kernel(
         tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-_KEY = ["B", "O", "FACTOR", "NX", "NY", "BACKWARD"]
+_KEY = ["B_BUCKET", "O", "FACTOR", "NX", "NY", "BACKWARD"]
 
 _tiled_kernel = triton.autotune(
     configs=autotune_configs([
@@ -164,7 +164,7 @@ def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, g
     kernel[grid](
         x, y, weight_x, bias_x if bias_x is not None else weight_x,
         weight_y, bias_y if bias_y is not None else weight_y, mask, z, gpx, gpy,
-        B, O, factor, x.shape[1], y.shape[1],
+        B, batch_bucket(B), O, factor, x.shape[1], y.shape[1],
         *x.stride(), *y.stride(), *weight_x.stride(), *weight_y.stride(),
         *mask.stride(), *z.stride(), gpx.stride(0), eps,
         HAS_BX=bias_x is not None, HAS_BY=bias_y is not None, HAS_MASK=dropout_mask is not None,

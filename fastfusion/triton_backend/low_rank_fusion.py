@@ -35,7 +35,7 @@ import triton.language as tl
 from .. import _dispatch
 from ..ops import low_rank_fusion as _reference
 from . import DEVICE_TYPES
-from ._fusion import KERNEL_DTYPES, autotune_configs, dot, dot_precision, matmul_tile, pack_with_ones
+from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile, pack_with_ones
 
 _CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w)
@@ -60,11 +60,11 @@ def _projection(
                        rows, cols, row_mask, col_mask, offset, offset + dim, PRECISION, BLOCK_K)
 
 
-@triton.autotune(configs=_CONFIGS, key=["B", "H", "S", "R"])
-@triton.jit
+@triton.autotune(configs=_CONFIGS, key=["B_BUCKET", "H", "S", "R"])
+@triton.jit(do_not_specialize=["B_BUCKET"])
 def _forward_kernel(
     xt_ptr, table_ptr, f_ptr, weights_ptr, bias_ptr, out_ptr,
-    B, H, S, R, num_modalities,
+    B, B_BUCKET, H, S, R, num_modalities,
     stride_xb, stride_fr, stride_fs, stride_fh, stride_w, stride_ob,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -101,11 +101,11 @@ def _grad_proj_tile(
     return others, own
 
 
-@triton.autotune(configs=_BACKWARD_CONFIGS, key=["own_m", "B", "H", "S", "R"])
-@triton.jit
+@triton.autotune(configs=_BACKWARD_CONFIGS, key=["own_m", "B_BUCKET", "H", "S", "R"])
+@triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_x_kernel(
     xt_ptr, table_ptr, f_ptr, weights_ptr, g_ptr, gx_ptr, gw_rows_ptr,
-    own_m, B, H, S, R, num_modalities,
+    own_m, B, B_BUCKET, H, S, R, num_modalities,
     stride_xb, stride_fr, stride_fs, stride_fh, stride_w, stride_gb, stride_gh,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -143,11 +143,11 @@ def _grad_x_kernel(
     tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-@triton.autotune(configs=_BACKWARD_CONFIGS, key=["own_m", "B", "H", "S", "R"])
-@triton.jit
+@triton.autotune(configs=_BACKWARD_CONFIGS, key=["own_m", "B_BUCKET", "H", "S", "R"])
+@triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_factors_kernel(
     xt_ptr, table_ptr, f_ptr, weights_ptr, g_ptr, gf_ptr,
-    own_m, B, H, S, R, num_modalities,
+    own_m, B, B_BUCKET, H, S, R, num_modalities,
     stride_xb, stride_fr, stride_fs, stride_fh, stride_w, stride_gb, stride_gh,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -176,6 +176,10 @@ def _grad_factors_kernel(
 
 
 def _pack(xs, factors):
+    # The factors are concatenated on every call: a device-to-device copy of the parameters
+    # (rank * S * h values, no sync), which lets one pointer serve any number of modalities.
+    # Reading them in place would need one pointer argument per modality (a fixed maximum M)
+    # or a device table of their addresses, a host-to-device copy whenever they move.
     packed, table, offsets, _ = pack_with_ones(xs)
     return packed, table, offsets, torch.cat(factors, dim=1)
 
@@ -189,7 +193,7 @@ def _forward(xs, factors, weights, bias):
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
     _forward_kernel[grid](
         packed, table, packed_factors, weights, bias, out,
-        B, H, S, R, len(xs),
+        B, batch_bucket(B), H, S, R, len(xs),
         packed.stride(0), *packed_factors.stride(), weights.stride(0), out.stride(0),
         PRECISION=dot_precision(bias.dtype),
     )
@@ -202,6 +206,7 @@ def _backward(grad, xs, factors, weights, bias):
     packed, table, _, packed_factors = _pack(xs, factors)
     (B, S), (R, _, H) = packed.shape, packed_factors.shape
     grad_weight_rows = torch.empty((B, R), dtype=torch.float32, device=grad.device)
+    bucket = batch_bucket(B)
     strides = (packed.stride(0), *packed_factors.stride(), weights.stride(0), grad.stride(0), grad.stride(1))
     # One launch per modality and gradient: each output is its own tensor (a custom op's
     # outputs may not alias), and M is a handful.
@@ -211,11 +216,11 @@ def _backward(grad, xs, factors, weights, bias):
         grad_x = torch.empty((B, n), dtype=grad.dtype, device=grad.device)
         grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), max(1, triton.cdiv(n, meta["BLOCK_N"])))  # noqa: E731
         _grad_x_kernel[grid](packed, table, packed_factors, weights, grad, grad_x, grad_weight_rows,
-                             m, B, H, S, R, len(xs), *strides, PRECISION=dot_precision(bias.dtype))
+                             m, B, bucket, H, S, R, len(xs), *strides, PRECISION=dot_precision(bias.dtype))
         grad_factor = torch.empty((R, n + 1, H), dtype=packed_factors.dtype, device=grad.device)
         grid = lambda meta: (triton.cdiv(n + 1, meta["BLOCK_N"]), triton.cdiv(H, meta["BLOCK_H"]), R)  # noqa: E731
         _grad_factors_kernel[grid](packed, table, packed_factors, weights, grad, grad_factor,
-                                   m, B, H, S, R, len(xs), *strides, PRECISION=dot_precision(bias.dtype))
+                                   m, B, bucket, H, S, R, len(xs), *strides, PRECISION=dot_precision(bias.dtype))
         grad_xs.append(grad_x)
         grad_factors.append(grad_factor)
     return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]

@@ -29,7 +29,7 @@ import triton.language as tl
 from .. import _dispatch
 from ..ops import tensor_fusion as _reference
 from . import DEVICE_TYPES
-from ._fusion import KERNEL_DTYPES, autotune_configs, dot, dot_precision, matmul_tile, pack_with_ones
+from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile, pack_with_ones
 
 MAX_MODALITY_DIM = 1023
 
@@ -56,11 +56,11 @@ def _configs(names):
     return autotune_configs([triton.Config(dict(zip(names, s[:3])), num_warps=s[3]) for s in sizes])
 
 
-@triton.autotune(configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_K")), key=["B", "H", "P"])
-@triton.jit
+@triton.autotune(configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_K")), key=["B_BUCKET", "H", "P"])
+@triton.jit(do_not_specialize=["B_BUCKET"])
 def _forward_kernel(
     xt_ptr, table_ptr, w_ptr, bias_ptr, out_ptr,
-    B, H, P, num_modalities,
+    B, B_BUCKET, H, P, num_modalities,
     stride_xb, stride_wh, stride_wk, stride_ob,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -82,11 +82,11 @@ def _forward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_configs(("BLOCK_H", "BLOCK_K", "BLOCK_B")), key=["B", "H", "P"])
-@triton.jit
+@triton.autotune(configs=_configs(("BLOCK_H", "BLOCK_K", "BLOCK_B")), key=["B_BUCKET", "H", "P"])
+@triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_weight_kernel(
     xt_ptr, table_ptr, g_ptr, gw_ptr,
-    B, H, P, num_modalities,
+    B, B_BUCKET, H, P, num_modalities,
     stride_xb, stride_gb, stride_gh, stride_gwh,
     PRECISION: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -106,11 +106,11 @@ def _grad_weight_kernel(
     tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=col_mask[:, None] & k_mask[None, :])
 
 
-@triton.autotune(configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_K")), key=["B", "H", "P", "D_PAD"])
-@triton.jit
+@triton.autotune(configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_K")), key=["B_BUCKET", "H", "P", "D_PAD"])
+@triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_input_kernel(
     xt_ptr, table_ptr, g_ptr, w_ptr, gxt_ptr,
-    B, H, P, num_modalities,
+    B, B_BUCKET, H, P, num_modalities,
     stride_xb, stride_gb, stride_gh, stride_wh, stride_wk, stride_gxb,
     PRECISION: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -157,7 +157,7 @@ def _forward(xs, weight, bias):
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
     _forward_kernel[grid](
         packed, table, weight, bias if bias is not None else weight, out,
-        B, H, P, len(xs),
+        B, batch_bucket(B), H, P, len(xs),
         packed.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, PRECISION=dot_precision(weight.dtype),
     )
@@ -175,7 +175,7 @@ def _backward(grad, xs, weight, bias):
     grid = lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), triton.cdiv(P, meta["BLOCK_K"]))  # noqa: E731
     _grad_weight_kernel[grid](
         packed, table, grad, grad_weight,
-        B, H, P, len(xs),
+        B, batch_bucket(B), H, P, len(xs),
         packed.stride(0), grad.stride(0), grad.stride(1), grad_weight.stride(0),
         PRECISION=precision,
     )
@@ -183,7 +183,7 @@ def _backward(grad, xs, weight, bias):
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), len(xs))  # noqa: E731
     _grad_input_kernel[grid](
         packed, table, grad, weight, grad_packed,
-        B, H, P, len(xs),
+        B, batch_bucket(B), H, P, len(xs),
         packed.stride(0), grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1), grad_packed.stride(0),
         PRECISION=precision, D_PAD=max(16, triton.next_power_of_2(max(x.shape[1] for x in xs) + 1)),
     )
