@@ -103,6 +103,9 @@ ASSUMPTIONS = {
     "compile": "an optimistic ESTIMATE of Inductor: pointwise/reduction/indexing chains fused into one kernel, "
     "contractions, FFTs, sorts and complex-valued ops separate",
     "autotune": "fastfusion uses the config of least modelled time; worst_ms is the worst config's",
+    "floor": "the op's minimum traffic (benchmarks.ops.min_bytes: every input read once, the output and every input "
+    "gradient written once) and its contraction and FFT FLOPs, in one launch; a provider whose gathers read only "
+    "part of a tensor can come in under it",
 }
 
 _DOT_UNIT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -194,11 +197,13 @@ def _pad(a: int, b: int) -> int:
 
 
 def _modality_dims(args: dict) -> list[int]:
-    """n_m + 1 per modality, from the (offset, dim, stride) table that pack_with_ones copies
-    to the device (its values travel with the trace)."""
+    """n_m + 1 per modality, from the (offset, dim, stride) table of the modality layout,
+    whose values the trace remembers from its copy to the device (once per layout)."""
     table = args["table_ptr"].values
     if table is None:
-        raise ValueError("the modality table's values are unknown: it was not copied from the host in the trace")
+        raise ValueError(
+            "the modality table's values are unknown: it was copied to the device outside benchmarks.trace"
+        )
     return list(table[1::3])
 
 

@@ -146,6 +146,7 @@ class TritonLaunch:
     args: dict[str, Any]  # every argument by name: Buffer for tensors, else its value
     configs: list[triton.Config | None]  # what autotuning chooses among (pruned); [None]: not autotuned
     grids: list[tuple[int, ...]]  # the grid of each config
+    autotune_key: tuple | None  # the values of the autotuner's key arguments; None: not autotuned
 
 
 @dataclasses.dataclass
@@ -190,6 +191,19 @@ def _moved_bytes(t: torch.Tensor) -> int:
     return min(span, t.numel() * (size if inner <= 1 else min(32, inner * size)))
 
 
+# The values of small device tensors copied from the host while a Recorder was active, by the
+# id of their storage while it lives: tables that kernels read (modality sizes) and that the
+# library may cache across calls, and so across traces.
+_HOST_VALUES: dict[int, tuple] = {}
+
+
+def _remember_values(device_tensor: torch.Tensor, host: torch.Tensor) -> None:
+    storage = device_tensor.untyped_storage()
+    if id(storage) not in _HOST_VALUES:
+        weakref.finalize(storage, _HOST_VALUES.pop, id(storage), None)
+    _HOST_VALUES[id(storage)] = tuple(host.flatten().tolist())
+
+
 class _Storages:
     """Names every storage a trace meets (ids of freed storages are reused, names never), and
     counts the bytes held by those created while ``tracking``, and their peak."""
@@ -197,7 +211,6 @@ class _Storages:
     def __init__(self):
         self.names: dict[int, int] = {}  # id of a live storage -> its name
         self.count = 0
-        self.values: dict[int, tuple] = {}  # by name: the values of tensors copied from the host
         self.created: set[int] = set()  # names of the live storages created while tracking
         self.live = self.peak = 0
         self.tracking = False
@@ -224,27 +237,31 @@ class _Storages:
     def buffer(self, t: torch.Tensor) -> Buffer:
         name = self.name(t)
         return Buffer(tuple(t.shape), tuple(t.stride()), t.dtype, t.storage_offset(), name,
-                      _moved_bytes(t), self.values.get(name))
+                      _moved_bytes(t), _HOST_VALUES.get(id(t.untyped_storage())))
 
 
 class _HostTensors(TorchFunctionMode):
-    """``torch.tensor(data, device=...)`` made on the host, then copied: the dispatch mode below
-    sees the copy from a CPU tensor, and so records it and the values."""
+    """``torch.tensor(data, device=...)`` and kin made on the host, then copied: dispatch modes
+    do not see them build a device tensor from host data, but the recorder below sees the
+    copy from a CPU tensor, and so records it and the values."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
-        if func in (torch.tensor, torch.as_tensor) and device is not None and torch.device(device).type != "cpu":
+        from_host = func in (torch.tensor, torch.as_tensor, torch.asarray)
+        if from_host and device is not None and torch.device(device).type != "cpu":
             return func(*args, **(kwargs | {"device": "cpu"})).to(device)
         return func(*args, **kwargs)
 
 
-class _Recorder(TorchDispatchMode):
+class Recorder(TorchDispatchMode):
+    """Records into ``events`` while ``recording`` (see :func:`recording`)."""
+
     def __init__(self):
         super().__init__()
         self.events: list[Event] = []
         self.storages = _Storages()
-        self.recording = False
+        self.recording = True
 
     def record(self, event: Event) -> None:
         if self.recording:
@@ -269,7 +286,7 @@ class _Recorder(TorchDispatchMode):
         if host and any(t.device.type != "cpu" for t in outputs):
             self.record(HostCopy(sum(t.nbytes for t in host)))
             if len(host) == 1 and len(outputs) == 1 and host[0].numel() <= 1024:
-                self.storages.values[self.storages.name(outputs[0])] = tuple(host[0].flatten().tolist())
+                _remember_values(outputs[0], host[0])
         mutated = [
             a for a, arg in zip(args, func._schema.arguments)
             if isinstance(a, torch.Tensor) and arg.alias_info is not None and arg.alias_info.is_write
@@ -288,7 +305,7 @@ def _kernel_name(fn) -> str:
 
 
 @contextlib.contextmanager
-def _intercepted_launches(recorder: _Recorder) -> Iterator[None]:
+def _intercepted_launches(recorder: Recorder) -> Iterator[None]:
     """``kernel[grid](...)`` records a TritonLaunch instead of compiling and running."""
 
     def getitem(self, grid):
@@ -296,8 +313,10 @@ def _intercepted_launches(recorder: _Recorder) -> Iterator[None]:
             jit = self.fn if isinstance(self, Autotuner) else self
             named = dict(zip(jit.arg_names, args)) | kwargs
             configs: list[triton.Config | None] = [None]
+            key = None
             if isinstance(self, Autotuner):
                 configs = self.configs
+                key = tuple(named[name] for name in self.keys)
                 if self.early_config_prune:
                     configs = self.early_config_prune(configs, dict(zip(jit.arg_names, args)), **kwargs)
             grids = []
@@ -308,7 +327,7 @@ def _intercepted_launches(recorder: _Recorder) -> Iterator[None]:
             recorder.record(TritonLaunch(
                 _kernel_name(jit), jit,
                 {k: recorder.storages.buffer(v) if isinstance(v, torch.Tensor) else v for k, v in named.items()},
-                list(configs), grids,
+                list(configs), grids, key,
             ))
 
         return launch
@@ -334,12 +353,21 @@ def provider_fns(case: ops.Case, provider: str) -> dict[str, Callable]:
     raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
 
 
+@contextlib.contextmanager
+def recording() -> Iterator[Recorder]:
+    """Context manager: calls inside, on meta tensors, run as on CUDA (module docstring) and
+    what they would do there is recorded in the recorder's ``events``."""
+    recorder = Recorder()
+    with _dispatch.meta_stands_for("cuda"), _intercepted_launches(recorder), _HostTensors(), recorder:
+        yield recorder
+
+
 def trace_call(fn: Callable, case: ops.Case, mode: str, grad_out: torch.Tensor) -> Trace:
     """Trace the second of two calls of ``ops.runner(case, fn, mode, grad_out)``."""
     run = ops.runner(case, fn, mode, grad_out)
-    recorder = _Recorder()
-    storages = recorder.storages
-    with _dispatch.meta_stands_for("cuda"), _intercepted_launches(recorder), _HostTensors(), recorder:
+    with recording() as recorder:
+        storages = recorder.storages
+        recorder.recording = False
         run()
         recorder.recording = storages.tracking = True
         results = run()

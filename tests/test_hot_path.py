@@ -1,99 +1,35 @@
 """What a repeated call costs the host on CUDA, checked on this machine with meta tensors that
-stand for CUDA tensors (``fastfusion._dispatch.meta_stands_for``): backends resolve as on CUDA
-("auto" picks "triton") and the value checks run.
+stand for CUDA tensors: ``benchmarks.trace.recording`` runs the Triton backend's real Python
+code on them ("auto" picks "triton", the value checks run), records every Triton launch
+instead of running it, and records what would stall or copy on CUDA:
 
-:class:`HotPath` runs the Triton backend's real Python code on those meta tensors (the custom
-ops would otherwise run their fake kernels), with every Triton launch recorded instead of run,
-and counts what would stall or copy on CUDA:
-
-- host syncs: reads of a tensor value to the host (``aten._local_scalar_dense``, behind
-  ``.item()``, ``bool()`` and ``int()`` of a tensor), answered here since meta tensors hold no
-  data;
-- host-to-device copies: a host (CPU) tensor given to any aten op, or ``torch.tensor`` and
-  its kin building a device tensor from host data (that copy is invisible to dispatch modes).
+- host syncs: reads of a tensor value to the host (``.item()``, ``bool()`` of a tensor),
+  answered there since meta tensors hold no data;
+- host-to-device copies: a host (CPU) tensor given to an op that makes a device tensor,
+  ``torch.tensor(data, device=...)`` and its kin included.
 
 The second call of every public function, forward and backward, must make neither.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 triton = pytest.importorskip("triton", reason="the triton backend needs the triton package")
+pytest.importorskip("fvcore")  # benchmarks.trace counts FLOPs with fastfusion.flops
 
 import fastfusion as ff  # noqa: E402
 from fastfusion import _dispatch, _tensor_cache  # noqa: E402
 
-META = "meta"
-D = 8  # sketch length
-_HOST_SYNCS = {"_local_scalar_dense", "item", "is_nonzero"}
-_FROM_HOST_DATA = (torch.tensor, torch.as_tensor, torch.asarray)
-
 if "triton" not in _dispatch.available_backends("cuda"):
     pytest.skip("the triton backend is not registered (needs CUDA or TRITON_INTERPRET=1)", allow_module_level=True)
 
+from benchmarks import trace  # noqa: E402
 from fastfusion.triton_backend import _fusion  # noqa: E402
 
-
-class _Copies(TorchFunctionMode):
-    """Sees ``torch.tensor(data, device=...)`` and kin, which copy host data to a device."""
-
-    def __init__(self, found: list[str]):
-        super().__init__()
-        self.found = found
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _FROM_HOST_DATA and torch.device(kwargs.get("device") or "cpu").type != "cpu":
-            self.found.append(f"{func.__name__}(..., device={kwargs['device']})")
-        return func(*args, **kwargs)
-
-
-class HotPath(TorchDispatchMode):
-    """Records host syncs and host-to-device copies (module docstring) while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs: list[str] = []
-        self.copies: list[str] = []
-        self._functions = _Copies(self.copies)
-
-    @contextlib.contextmanager
-    def active(self):
-        with self._functions, self:
-            yield self
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "fastfusion":
-            # The backend's real implementation, not the fake kernel; inside it this mode (and
-            # the function mode, which a custom op call leaves) must see every op.
-            with self, self._functions:
-                return torch._library.custom_ops.OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in leaves):
-            self.copies.append(str(func))
-        if func.overloadpacket.__name__ in _HOST_SYNCS:
-            self.syncs.append(str(func))
-            return True if args[0].dtype == torch.bool else 0
-        return func(*args, **kwargs)
-
-
-@pytest.fixture
-def launches(monkeypatch) -> list[tuple]:
-    """Every Triton launch, as (kernel, args, kwargs), recorded instead of run."""
-    recorded = []
-
-    def launcher(kernel, grid):
-        return lambda *args, **kwargs: recorded.append((kernel, args, kwargs))
-
-    monkeypatch.setattr(triton.runtime.jit.KernelInterface, "__getitem__", launcher)
-    return recorded
+META = "meta"
+D = 8  # sketch length
 
 
 def _leaf(*shape):
@@ -163,38 +99,47 @@ def _step(call, leaves) -> None:
     torch.autograd.grad(out, leaves, torch.ones_like(out))
 
 
-def _probe(call, leaves) -> HotPath:
-    with _dispatch.meta_stands_for("cuda"), HotPath().active() as probe:
+class _Probe:
+    """What one step recorded, by kind."""
+
+    def __init__(self, events):
+        self.syncs = [e for e in events if isinstance(e, trace.HostSync)]
+        self.copies = [e for e in events if isinstance(e, trace.HostCopy)]
+        self.launches = [e for e in events if isinstance(e, trace.TritonLaunch)]
+
+
+def _probe(call, leaves) -> _Probe:
+    with trace.recording() as recorder:
         _step(call, leaves)
-    return probe
+    return _Probe(recorder.events)
 
 
 def test_the_probe_sees_syncs_and_copies():
     x = torch.ones(3, device=META)
-    with _dispatch.meta_stands_for("cuda"), HotPath().active() as probe:
+    with trace.recording() as recorder:
         x.sum().item()
         bool((x > 0).all())
         torch.ones(2).to(META)
         torch.tensor([1, 2], device=META)
+    probe = _Probe(recorder.events)
     assert len(probe.syncs) == 2
-    assert probe.copies == ["aten._to_copy.default", "tensor(..., device=meta)"]
+    assert [c.nbytes for c in probe.copies] == [2 * 4, 2 * 8]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_second_call_makes_no_host_sync_or_copy(launches, case):
+def test_second_call_makes_no_host_sync_or_copy(case):
     call, leaves = CASES[case](3)
     first = _probe(call, leaves)
-    assert launches, "the triton backend did not run"
+    assert first.launches, "the triton backend did not run"
     if case in READS_VALUES:
         assert first.syncs, "the first call checks the values: the probe must see those reads"
-    launches.clear()
     second = _probe(call, leaves)
-    assert launches, "the triton backend did not run"
+    assert second.launches, "the triton backend did not run"
     assert second.syncs == [] and second.copies == []
 
 
 @pytest.mark.parametrize("case", READS_VALUES + BUILDS_TABLES)
-def test_without_the_caches_every_call_syncs_or_copies(launches, monkeypatch, case):
+def test_without_the_caches_every_call_syncs_or_copies(monkeypatch, case):
     # The control: what the probe sees when nothing is cached, as before the caches existed.
     monkeypatch.setattr(_tensor_cache.TensorCache, "get", lambda self, tensors, compute, extra=None: compute())
     monkeypatch.setattr(_fusion, "_modality_layout", _fusion._modality_layout.__wrapped__)
@@ -204,28 +149,17 @@ def test_without_the_caches_every_call_syncs_or_copies(launches, monkeypatch, ca
     if case in READS_VALUES:
         assert second.syncs
     else:
-        assert second.copies == ["tensor(..., device=meta)"] * 2  # forward and backward
-
-
-def _autotune_keys(launches) -> list[tuple]:
-    """The autotuner's key of every autotuned launch (the values of its ``key`` arguments)."""
-    keys = []
-    for kernel, args, kwargs in launches:
-        if isinstance(kernel, triton.runtime.autotuner.Autotuner):
-            named = {**dict(zip(kernel.arg_names, args)), **kwargs}
-            keys.append((kernel, tuple(named[name] for name in kernel.keys)))
-    return keys
+        assert len(second.copies) == 2  # the modality table, forward and backward
 
 
 @pytest.mark.parametrize(
     "case", ["low_rank_fusion", "tensor_fusion", "factorized_bilinear", "factorized_bilinear unnormalized"]
 )
-def test_autotune_keys_bucket_the_batch(launches, case):
+def test_autotune_keys_bucket_the_batch(case):
     keys = {}
     for batch in (5, 7, 8, 9):
-        launches.clear()
-        _probe(*CASES[case](batch))  # runs the triton backend's launches, recorded
-        keys[batch] = _autotune_keys(launches)
+        launches = _probe(*CASES[case](batch)).launches  # the triton backend's launches, recorded
+        keys[batch] = [(x.kernel, x.autotune_key) for x in launches if x.autotune_key is not None]
     assert keys[5], "no autotuned kernel ran"
     assert keys[5] == keys[7] == keys[8], "batches of one power-of-two bucket must share their tunings"
     # Every autotuned kernel keys on the bucket: the next bucket changes every key.
