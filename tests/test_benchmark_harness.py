@@ -11,7 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("fvcore")
-from benchmarks import ops, run, timing  # noqa: E402
+from benchmarks import ops, run, summary, timing  # noqa: E402
 from benchmarks.shapes import KERNELS, SHAPE_SETS  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -132,6 +132,19 @@ def test_commit_of_a_copy_without_git_comes_from_the_environment(tmp_path, monke
     assert run._git_commit() == "unknown"
     monkeypatch.setenv("FASTFUSION_GIT_COMMIT", "abc123")
     assert run._git_commit() == "abc123"
+
+
+def test_summary_table_takes_missing_baselines_and_several_dtypes(report):
+    _, data = report
+    # A compile provider that failed everywhere, and the same rows again in a second dtype.
+    rows = [r | ({"error": "boom", "p50_ms": None} if r["provider"] == "compile" else {}) for r in data["rows"]]
+    rows = [r | {"speedup_vs_compile": None} for r in rows]
+    rows += [r | {"dtype": "bfloat16"} for r in rows]
+    table = summary.summary_table({"header": data["header"] | {"dtypes": ["float32", "bfloat16"]}, "rows": rows})
+    for kernel in KERNELS:
+        for dtype in ("float32", "bfloat16"):
+            line = next(x for x in table.splitlines() if x.startswith(f"| {kernel} {dtype} | forward |"))
+            assert "x (torch) | – |" in line, line
 
 
 def test_every_available_provider_is_offered():
