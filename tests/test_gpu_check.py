@@ -20,7 +20,7 @@ import pytest
 from benchmarks import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["benchmarks/gpu_check.sh", "benchmarks/gpu_wheels.sh"]
+SCRIPTS = ["benchmarks/gpu_check.sh", "benchmarks/gpu_wheels.sh", "benchmarks/compat_check.sh"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
