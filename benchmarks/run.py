@@ -87,12 +87,18 @@ def _device_name(device: torch.device) -> str:
 
 
 def _git_commit() -> str:
+    """HEAD, with "-dirty" when tracked files changed. A copy of the tree without git (as on a
+    GPU machine) has none: then FASTFUSION_GIT_COMMIT, set by whoever copied it, else "unknown"."""
+
     def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        except OSError:  # no git installed
+            return subprocess.CompletedProcess(args, 1, "", "")
 
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
-        return "unknown"
+        return os.environ.get("FASTFUSION_GIT_COMMIT") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     return head.stdout.strip() + ("-dirty" if dirty else "")
 
@@ -251,22 +257,28 @@ def run_benchmarks(
     budget_s: float,
     compile_backend: str = "inductor",
     progress: bool = True,
-) -> list[dict]:
+) -> tuple[list[dict], bool]:
+    """The rows, and whether the run was interrupted (Ctrl-C, or SIGINT from a time limit such as
+    gpu_check.sh's): the rows measured by then are kept, so a run cut short still reports them."""
     from tqdm import tqdm
 
     rows = []
-    with tqdm(total=len(kernels) * len(dtypes) * len(ops.MODES), disable=not progress, file=sys.stderr) as bar:
-        for kernel in kernels:
-            for dtype_name in dtypes:
-                bar.set_postfix_str(f"{kernel} {dtype_name}")
-                for group in _case_groups(
-                    kernel, SHAPE_SETS[shape_set][kernel], dtype_name, device, providers,
-                    budget_s=budget_s, compile_backend=compile_backend,
-                ):
-                    rows += group
-                    bar.update()
-                _release(device)  # this shape's tensors and compiled graphs, before the next
-    return rows
+    try:
+        with tqdm(total=len(kernels) * len(dtypes) * len(ops.MODES), disable=not progress, file=sys.stderr) as bar:
+            for kernel in kernels:
+                for dtype_name in dtypes:
+                    bar.set_postfix_str(f"{kernel} {dtype_name}")
+                    for group in _case_groups(
+                        kernel, SHAPE_SETS[shape_set][kernel], dtype_name, device, providers,
+                        budget_s=budget_s, compile_backend=compile_backend,
+                    ):
+                        rows += group
+                        bar.update()
+                    _release(device)  # this shape's tensors and compiled graphs, before the next
+    except KeyboardInterrupt:
+        print(f"interrupted: keeping the {len(rows)} rows measured so far", file=sys.stderr)
+        return rows, True
+    return rows, False
 
 
 def _speedups(group: list[dict]) -> None:
@@ -285,6 +297,12 @@ def _fmt(value: Any, spec: str, suffix: str = "") -> str:
 
 def _sizes(sizes: dict) -> str:
     return ", ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in sizes.items())
+
+
+def _interrupted_note(head: dict) -> list[str]:
+    if not head.get("interrupted"):  # absent from files written before runs could be interrupted
+        return []
+    return ["**Interrupted** before the end: the rows below are those measured by then.", ""]
 
 
 def _busy_warning(head: dict) -> list[str]:
@@ -309,6 +327,7 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
         f"copy bandwidth {head['copy_bandwidth_gb_per_s']:.1f} GB/s · load average {load['start']:.1f} at start, "
         f"{load['end']:.1f} at end · data: `{data_file}`",
         "",
+        *_interrupted_note(head),
         *_busy_warning(head),
         "| kernel | sizes |",
         "|---|---|",
@@ -342,7 +361,7 @@ def plot(head: dict, rows: list[dict], path: Path) -> None:
 
     providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "eager"]
     groups = list(dict.fromkeys((r["kernel"], r["dtype"]) for r in rows))
-    width = 0.8 / len(providers)
+    width = 0.8 / max(1, len(providers))  # an interrupted run may have no rows at all
     size = (max(8.0, 0.5 * len(groups) * len(providers)), 9)
     fig, axes = plt.subplots(len(ops.MODES), 1, figsize=size, squeeze=False)
     for ax, mode in zip(axes[:, 0], ops.MODES):
@@ -356,7 +375,8 @@ def plot(head: dict, rows: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(groups)), [k if len(head["dtypes"]) == 1 else f"{k}\n{d}" for k, d in groups])
         ax.set_ylabel("speedup vs eager (median)")
         ax.set_title(mode)
-        ax.legend(fontsize="small")
+        if providers:
+            ax.legend(fontsize="small")
     fig.suptitle(f"fastfusion, {head['device']}, shape set {head['shape_set']}, commit {head['git_commit'][:12]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -410,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     head = header(device, shape_set, args.ops, dtypes, providers, command)
     # Copies before and after the kernels; the faster is the device's (less disturbed) bandwidth.
     copies = [timing.copy_bandwidth(device, COPY_BUDGET_S)]
-    rows = run_benchmarks(
+    rows, head["interrupted"] = run_benchmarks(
         device, shape_set, args.ops, dtypes, providers, budget_s=budget_s,
         compile_backend=args.compile_backend, progress=not args.tiny,
     )

@@ -28,19 +28,31 @@ def summary_table(results: dict) -> str:
         "| kernel | mode | eager | compile | " + " | ".join(backends) + " | best backend vs eager | vs compile | extra MiB eager → best |",
         "|---|---|" + "--:|" * (2 + len(backends)) + "--:|--:|---|",
     ]
-    for kernel in dict.fromkeys(r["kernel"] for r in rows):
+    several_dtypes = len(header["dtypes"]) > 1
+    for kernel, dtype in dict.fromkeys((r["kernel"], r["dtype"]) for r in rows):
+        label = f"{kernel} {dtype}" if several_dtypes else kernel
         for mode in MODES:
-            by_provider = {r["provider"]: r for r in rows if r["kernel"] == kernel and r["mode"] == mode}
+            by_provider = {
+                r["provider"]: r for r in rows if r["kernel"] == kernel and r["dtype"] == dtype and r["mode"] == mode
+            }
             if "eager" not in by_provider:
                 continue
-            best = min((by_provider[b] for b in backends if b in by_provider), key=lambda r: r["p50_ms"])
             times = " | ".join(f"{by_provider[p]['p50_ms']:.3g}" if p in by_provider else "–" for p in ("eager", "compile", *backends))
+            ran = [by_provider[b] for b in backends if b in by_provider]
+            if not ran:  # every backend failed on this case: their errors are in the JSON
+                lines.append(f"| {label} | {mode} | {times} | – | – | – |")
+                continue
+            best = min(ran, key=lambda r: r["p50_ms"])
             memory = f"{by_provider['eager']['extra_mem_bytes'] / 2**20:.3g} → {best['extra_mem_bytes'] / 2**20:.3g}"
             lines.append(
-                f"| {kernel} | {mode} | {times} | {best['speedup_vs_eager']:.2f}x ({best['provider']}) | "
-                f"{best['speedup_vs_compile']:.2f}x | {memory} |"
+                f"| {label} | {mode} | {times} | {_speedup(best['speedup_vs_eager'])} ({best['provider']}) | "
+                f"{_speedup(best['speedup_vs_compile'])} | {memory} |"
             )
     return "\n".join(lines)
+
+
+def _speedup(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}x"  # None: that baseline failed, or was not run
 
 
 def main(argv=None) -> None:

@@ -1,24 +1,61 @@
-"""Utilities shared by the test files: error metrics, seeded input builders, and the
-comparisons of backends and of precisions. The expected values themselves come from
-oracles.py; nothing here computes one with fastfusion."""
+"""Utilities shared by the test files: the device each backend is tested on, error metrics,
+seeded input builders, and the comparisons of backends and of precisions. The expected values
+themselves come from oracles.py; nothing here computes one with fastfusion."""
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import pytest
 import torch
 
 F64 = torch.float64
 LAYOUTS = ("contiguous", "strided", "transposed")
 
 
+# --------------------------------------------------------------------------- devices
+
+# The one choice of device for the tests of the "triton" backend. Its kernels are GPU kernels:
+# on a machine with CUDA they are tested there, compiled, and without one on the CPU under
+# Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 from this), so that a GPU run checks
+# exactly the cases that CI checks. Every other backend is tested on the CPU: the C++ kernels are
+# CPU kernels, and "torch" and "eager" are the references the others are held to.
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CPU = torch.device("cpu")
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device that tests of ``backend`` put their tensors on."""
+    return TRITON_DEVICE if backend == "triton" else CPU
+
+
+def skip_module_unless_triton_runs() -> None:
+    """Skip the calling test module, visibly, when the "triton" backend cannot run on
+    TRITON_DEVICE: Triton is not installed, or there is no GPU and TRITON_INTERPRET is not 1."""
+    import fastfusion  # see backends_under_test
+
+    if "triton" not in fastfusion.available_backends(TRITON_DEVICE.type):
+        why = "Triton is missing, or there is no GPU and TRITON_INTERPRET != 1"
+        pytest.skip(f"the triton backend does not run on {TRITON_DEVICE.type} here: {why}", allow_module_level=True)
+
+
+def backends_under_test() -> tuple[str, ...]:
+    """The backend "eager" and every concrete backend that runs on its :func:`backend_device` here."""
+    # Imported here, not at the top: conftest.py imports this module to decide TRITON_INTERPRET,
+    # which must be set before fastfusion (and so Triton) is first imported.
+    import fastfusion
+
+    runnable = (b for b in fastfusion.available_backends() if b in fastfusion.available_backends(backend_device(b).type))
+    return ("eager", *runnable)
+
+
 # --------------------------------------------------------------------------- metrics
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected||, computed in float64."""
-    a = actual.detach().to(F64)
-    b = expected.detach().to(F64)
+    """||actual - expected|| / ||expected||, computed in float64 on the CPU (either may live on a GPU)."""
+    a = actual.detach().to(CPU, F64)
+    b = expected.detach().to(CPU, F64)
     denom = torch.linalg.vector_norm(b)
     assert denom > 0, "the expected tensor is all zeros: a relative error means nothing"
     return (torch.linalg.vector_norm(a - b) / denom).item()

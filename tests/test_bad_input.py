@@ -1,6 +1,6 @@
-"""Bad input, for every op and every backend on the CPU (Triton under its interpreter, see
-conftest.py): rows whose squares overflow, rows holding inf or NaN, meta tensors, empty
-batches.
+"""Bad input, for every op and every backend, each on its test device (helpers.backend_device:
+Triton on CUDA when present, else under its interpreter on the CPU): rows whose squares
+overflow, rows holding inf or NaN, meta tensors, empty batches.
 
 The rules:
 - signed sqrt + L2, alone and as the epilogue of compact and factorized bilinear pooling, gives
@@ -26,11 +26,11 @@ import torch
 
 import fastfusion as ff
 from fastfusion import _dispatch
-from helpers import F64, assert_rel_close, randn, random_hashes_signs
+from helpers import F64, assert_rel_close, backend_device, backends_under_test, randn, random_hashes_signs
 from oracles import explicit_tensor_sketch, mfb_oracle, signed_sqrt_l2_oracle
 
 F32 = torch.float32
-BACKENDS = ("eager",) + ff.available_backends("cpu")
+BACKENDS = backends_under_test()
 COMPILED = tuple(b for b in BACKENDS if b in ("cpp", "triton"))
 EPS = 1e-12
 # Multiplying by a power of two is exact: the references see rows scaled down by it, where
@@ -41,10 +41,12 @@ SCALE = 2.0**-600
 TOL = {F64: (1e-14, 1e-13), F32: (1e-6, 1e-5)}
 
 
-def _output_and_grads(fn, leaves, cotangent):
-    leaves = [t.detach().requires_grad_(True) for t in leaves]
+def _output_and_grads(fn, leaves, cotangent, device=None):
+    """fn(leaves) and the gradients of <output, cotangent> w.r.t. every leaf, on ``device``
+    (default: where the leaves are)."""
+    leaves = [t.detach().to(device).requires_grad_(True) for t in leaves]
     out = fn(leaves)
-    return out, torch.autograd.grad(out, leaves, cotangent.to(out.dtype))
+    return out, torch.autograd.grad(out, leaves, cotangent.to(out.device, out.dtype))
 
 
 def _assert_matches(out, grads, expected, expected_grads, dtype):
@@ -83,7 +85,8 @@ def test_signed_sqrt_l2_rows_near_the_maximum(gen, backend, dtype):
     z = z.to(dtype)
     assert _overflows(z, dtype)[:2].all()
     cotangent = randn(gen, 3, 8)
-    out, grads = _output_and_grads(lambda t: ff.signed_sqrt_l2(t[0], EPS, backend=backend), [z], cotangent)
+    device = backend_device(backend)
+    out, grads = _output_and_grads(lambda t: ff.signed_sqrt_l2(t[0], EPS, backend=backend), [z], cotangent, device)
     # Reference: the same rows scaled down; the output is unchanged and the gradient scales back.
     _, (grad_mid,) = _output_and_grads(
         lambda t: ff.signed_sqrt_l2(t[0], EPS * SCALE, backend="eager"), [z.double() * SCALE], cotangent
@@ -91,7 +94,7 @@ def test_signed_sqrt_l2_rows_near_the_maximum(gen, backend, dtype):
     expected = signed_sqrt_l2_oracle(z.double() * SCALE, EPS * SCALE)
     _assert_matches(out, grads, expected, [grad_mid * SCALE], dtype)
     if dtype == F64:
-        assert torch.allclose(out[0], torch.full((8,), 8**-0.5, dtype=F64), rtol=1e-15, atol=0)
+        assert torch.allclose(out[0].cpu(), torch.full((8,), 8**-0.5, dtype=F64), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -102,6 +105,7 @@ def test_gated_compact_bilinear_rows_near_the_maximum(gen, backend, dtype):
     # Sketches of size 5 from modalities of 3 and 4 with these hashes reach every bucket: no
     # exact zero of the sketch, whose FFT round-off the signed root would turn into noise.
     dims, d = (3, 4), 5
+    device = backend_device(backend)
     hashes = [torch.arange(n) % d for n in dims]
     _, signs = random_hashes_signs(gen, dims, d)
     # Inputs of about max^(1/4), so that the sketch and the gate that brings each of its
@@ -113,13 +117,15 @@ def test_gated_compact_bilinear_rows_near_the_maximum(gen, backend, dtype):
     assert _overflows(z, dtype).all()
     cotangent = randn(gen, 2, d)
 
-    def fn(eps, be):
-        return lambda t: ff.compact_bilinear(t[:2], hashes, signs, d, gate=t[2], eps=eps, backend=be)
+    on_device = [h.to(device) for h in hashes], [s.to(device) for s in signs]
 
-    out, grads = _output_and_grads(fn(EPS, backend), xs + [gate], cotangent)
+    def fn(eps, be):
+        return lambda t: ff.compact_bilinear(t[:2], *on_device, d, gate=t[2], eps=eps, backend=be)
+
+    out, grads = _output_and_grads(fn(EPS, backend), xs + [gate], cotangent, device)
     # The gate scaled down by SCALE scales z alike: the inputs' gradients are unchanged.
     mid = [x.double() for x in xs] + [gate.double() * SCALE]
-    _, grads_mid = _output_and_grads(fn(EPS * SCALE, "eager"), mid, cotangent)
+    _, grads_mid = _output_and_grads(fn(EPS * SCALE, "eager"), mid, cotangent, device)
     expected = signed_sqrt_l2_oracle(z * SCALE, EPS * SCALE)
     _assert_matches(out, grads, expected, [grads_mid[0], grads_mid[1], grads_mid[2] * SCALE], dtype)
 
@@ -151,7 +157,7 @@ def test_factorized_bilinear_rows_near_the_maximum(gen, backend, dtype):
     def fn(eps, be):
         return lambda t: ff.factorized_bilinear(t[0], t[1], t[2], None, t[3], None, 1, eps=eps, backend=be)
 
-    out, grads = _output_and_grads(fn(EPS, backend), [x_big, y_big, wx, wy], cotangent)
+    out, grads = _output_and_grads(fn(EPS, backend), [x_big, y_big, wx, wy], cotangent, backend_device(backend))
     # x and y scaled by sqrt(SCALE) each scale z by SCALE.
     mid = [x_big.double() * SCALE**0.5, y_big.double() * SCALE**0.5, wx.double(), wy.double()]
     _, grads_mid = _output_and_grads(fn(EPS * SCALE, "eager"), mid, cotangent)
@@ -177,7 +183,9 @@ def test_signed_sqrt_l2_rows_with_inf_or_nan_are_nan(gen, backend, dtype):
     z[1, 1], z[2, 5], z[3, 2] = math.inf, -math.inf, math.nan
     z = z.to(dtype)
     cotangent = randn(gen, 4, 7)
-    out, (grad,) = _output_and_grads(lambda t: ff.signed_sqrt_l2(t[0], backend=backend), [z], cotangent)
+    out, (grad,) = _output_and_grads(
+        lambda t: ff.signed_sqrt_l2(t[0], backend=backend), [z], cotangent, backend_device(backend)
+    )
     _assert_rows_nan(out, (1, 2, 3), "output")
     _assert_rows_nan(grad, (1, 2, 3), "gradient")
     _, (grad_ref,) = _output_and_grads(
@@ -186,25 +194,28 @@ def test_signed_sqrt_l2_rows_with_inf_or_nan_are_nan(gen, backend, dtype):
     _assert_matches(out[:1], [grad[:1]], signed_sqrt_l2_oracle(z[:1]), [grad_ref], dtype)
 
 
-def _cbp_with_bad_rows(gen, dtype, gated):
-    (h0, h1), (s0, s1) = random_hashes_signs(gen, [5, 4], 7)
+def _cbp_with_bad_rows(gen, dtype, device, gated):
+    hashes, signs = random_hashes_signs(gen, [5, 4], 7)
+    hashes, signs = [h.to(device) for h in hashes], [s.to(device) for s in signs]
     leaves = [randn(gen, 3, 5, dtype=dtype), randn(gen, 3, 4, dtype=dtype)]
     if gated:
         leaves.append((torch.rand(3, 7, generator=gen) + 0.5).to(dtype))
+    leaves = [t.to(device) for t in leaves]
     with torch.no_grad():
         leaves[0][1, 2] = math.nan
         leaves[1][2, 0] = math.inf
 
     def fn(t, be):
         gate = t[2] if gated else None
-        return ff.compact_bilinear(t[:2], [h0, h1], [s0, s1], 7, gate=gate, normalize=True, backend=be)
+        return ff.compact_bilinear(t[:2], hashes, signs, 7, gate=gate, normalize=True, backend=be)
 
     return fn, leaves, len(leaves)
 
 
-def _mfb_with_bad_rows(gen, dtype, _):
+def _mfb_with_bad_rows(gen, dtype, device):
     leaves = [randn(gen, 3, 5, dtype=dtype), randn(gen, 3, 4, dtype=dtype)]
     leaves += [randn(gen, *shape, dtype=dtype) for shape in [(6, 5), (6,), (6, 4), (6,)]]
+    leaves = [t.to(device) for t in leaves]
     with torch.no_grad():
         leaves[0][1, 2] = math.nan
         leaves[1][2, 0] = -math.inf
@@ -218,12 +229,12 @@ def _mfb_with_bad_rows(gen, dtype, _):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [F64, F32])
 @pytest.mark.parametrize(
-    "make", [lambda g, d: _cbp_with_bad_rows(g, d, False), lambda g, d: _cbp_with_bad_rows(g, d, True),
-             lambda g, d: _mfb_with_bad_rows(g, d, None)], ids=["cbp", "cbgp", "mfb"],
+    "make", [lambda *a: _cbp_with_bad_rows(*a, gated=False), lambda *a: _cbp_with_bad_rows(*a, gated=True),
+             _mfb_with_bad_rows], ids=["cbp", "cbgp", "mfb"],
 )  # fmt: skip
 def test_normalised_poolings_turn_inf_and_nan_rows_into_nan(gen, backend, dtype, make):
     # Sample 1 holds a NaN, sample 2 an inf: both come out all NaN, sample 0 untouched.
-    fn, leaves, per_sample = make(gen, dtype)
+    fn, leaves, per_sample = make(gen, dtype, backend_device(backend))
     out, grads = _output_and_grads(lambda t: fn(t, backend), leaves, randn(gen, 3, fn(leaves, "eager").shape[-1]))
     _assert_rows_nan(out, (1, 2), "output")
     for i, g in enumerate(grads[:per_sample]):
@@ -347,7 +358,7 @@ def _module_lead(name, batch):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
 @pytest.mark.parametrize("case", [c for c in CASES if c != "compact_bilinear pooled"])
 def test_nan_reaches_what_it_reaches_in_the_reference(gen, backend, case):
-    fn, leaves, _ = CASES[case](gen, (3,), F32, "cpu")
+    fn, leaves, _ = CASES[case](gen, (3,), F32, backend_device(backend))
     with torch.no_grad():
         leaves[0][1, 2] = math.nan
     cotangent = randn(gen, *fn(leaves, "eager").shape)
@@ -412,7 +423,7 @@ EMPTY_BATCH_CASES = [
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case, lead", EMPTY_BATCH_CASES)
 def test_empty_batches_give_empty_outputs_and_zero_parameter_gradients(gen, backend, lead, case):
-    fn, leaves, per_sample = CASES[case](gen, lead, F32, "cpu")
+    fn, leaves, per_sample = CASES[case](gen, lead, F32, backend_device(backend))
     out_lead = lead[:-1] if case == "compact_bilinear pooled" else lead
     out = fn([t.detach().requires_grad_(True) for t in leaves], backend)
     assert out.shape[:-1] == out_lead and out.numel() == 0 and out.dtype == F32
@@ -427,11 +438,12 @@ def test_empty_batches_give_empty_outputs_and_zero_parameter_gradients(gen, back
 @pytest.mark.parametrize("pool", ["sum", "mean"])
 def test_pooling_over_an_empty_dimension_is_the_sum_or_mean_of_nothing(gen, backend, pool):
     # As torch.sum and torch.mean of nothing: 0 (its signed sqrt + L2 is 0 too), or NaN.
-    fn, leaves, _ = compact_bilinear_case(gen, (2, 0), F64, "cpu", pool=pool)
+    fn, leaves, _ = compact_bilinear_case(gen, (2, 0), F64, backend_device(backend), pool=pool)
     out, grads = _output_and_grads(lambda t: fn(t, backend), leaves, randn(gen, 2, D))
     assert out.shape == (2, D)
     if pool == "sum":
-        assert torch.equal(out, torch.zeros(2, D, dtype=F64)) and torch.equal(grads[2], torch.zeros(2, D, dtype=F64))
+        zeros = torch.zeros(2, D, dtype=F64, device=out.device)
+        assert torch.equal(out, zeros) and torch.equal(grads[2], zeros)
     else:
         assert out.isnan().all() and grads[2].isnan().all()
     assert grads[0].shape == (2, 0, 5) and grads[1].shape == (2, 0, 4)
@@ -441,13 +453,14 @@ def test_pooling_over_an_empty_dimension_is_the_sum_or_mean_of_nothing(gen, back
 @pytest.mark.parametrize("name", MODULES)
 def test_modules_take_empty_batches(gen, backend, name):
     factory, dims = MODULES[name]
-    module = factory()
-    xs = [torch.randn(*_module_lead(name, 0), n, requires_grad=True) for n in dims]
+    device = backend_device(backend)
+    module = factory().to(device)
+    xs = [torch.randn(*_module_lead(name, 0), n, device=device, requires_grad=True) for n in dims]
     with ff.backend(backend):
         out = module(*xs)
     assert out.shape == (0, module.out_dim)
     params = list(module.parameters())
-    grads = torch.autograd.grad(out, xs + params, torch.empty(out.shape))
+    grads = torch.autograd.grad(out, xs + params, torch.empty(out.shape, device=device))
     for g, t in zip(grads, xs + params):
         assert g.shape == t.shape
     assert all(torch.equal(g, torch.zeros_like(p)) for g, p in zip(grads[len(xs) :], params))
@@ -463,7 +476,7 @@ def test_empty_batches_launch_no_compiled_kernel(gen, monkeypatch, backend, case
     kernel = _dispatch._KERNELS[op][backend]
     refusing = _dispatch.Kernel(refuse, refuse, kernel.device_types, kernel.saves_residuals)
     monkeypatch.setitem(_dispatch._KERNELS[op], backend, refusing)
-    fn, leaves, _ = CASES[case](gen, (0, 3), F32, "cpu")
+    fn, leaves, _ = CASES[case](gen, (0, 3), F32, backend_device(backend))
     out, _ = _output_and_grads(lambda t: fn(t, backend), leaves, torch.empty(fn(leaves, backend).shape))
     assert out.numel() == 0
 

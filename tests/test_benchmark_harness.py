@@ -11,7 +11,7 @@ import pytest
 import torch
 
 pytest.importorskip("fvcore")
-from benchmarks import ops, run, timing  # noqa: E402
+from benchmarks import ops, run, summary, timing  # noqa: E402
 from benchmarks.shapes import KERNELS, SHAPE_SETS  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -39,6 +39,7 @@ def test_header_names_device_versions_commit_date_and_command(report):
     assert head["command"].startswith("python -m benchmarks.run") and "--tiny" in head["command"]
     assert head["shape_set"] == "tiny"
     assert head["shapes"] == json.loads(json.dumps({k: SHAPE_SETS["tiny"][k] for k in KERNELS}))
+    assert head["interrupted"] is False
     assert head["copy_bandwidth_bytes"] == 64 * 2**20
     assert head["copy_bandwidth_gb_per_s"] == max(head["copy_bandwidth_runs_gb_per_s"]) > 0
     assert set(head["conventions"]) >= {"time", "peak_mem_bytes", "extra_mem_bytes", "rel_err", "flops", "bytes", "frac_copy_bw"}
@@ -104,6 +105,46 @@ def test_a_failing_provider_is_recorded_not_fatal(tmp_path):
             assert all(r[f] is None for f in run.MEASURED_FIELDS)
         else:
             assert r["error"] is None and r["speedup_vs_compile"] is None and r["p50_ms"] > 0
+
+
+@pytest.mark.parametrize("stop_at, kept", [("count_sketch", set()), ("signed_sqrt_l2", {"count_sketch"})])
+def test_an_interrupted_run_writes_the_rows_measured_so_far(tmp_path, monkeypatch, stop_at, kept):
+    # gpu_check.sh stops a run at its time limit with SIGINT, which Python raises as KeyboardInterrupt.
+    groups = run._case_groups
+
+    def interrupted_at(kernel, *args, **kwargs):
+        if kernel == stop_at:
+            raise KeyboardInterrupt
+        yield from groups(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(run, "_case_groups", interrupted_at)
+    paths = run.main([*FAST, "--ops", "count_sketch", "signed_sqrt_l2", "--out-dir", str(tmp_path)])
+    data = json.loads(paths["json"].read_text())
+    assert data["header"]["interrupted"] is True
+    assert {r["kernel"] for r in data["rows"]} == kept
+    assert "**Interrupted**" in paths["md"].read_text()
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_commit_of_a_copy_without_git_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "REPO", tmp_path)  # not a git checkout
+    monkeypatch.delenv("FASTFUSION_GIT_COMMIT", raising=False)
+    assert run._git_commit() == "unknown"
+    monkeypatch.setenv("FASTFUSION_GIT_COMMIT", "abc123")
+    assert run._git_commit() == "abc123"
+
+
+def test_summary_table_takes_missing_baselines_and_several_dtypes(report):
+    _, data = report
+    # A compile provider that failed everywhere, and the same rows again in a second dtype.
+    rows = [r | ({"error": "boom", "p50_ms": None} if r["provider"] == "compile" else {}) for r in data["rows"]]
+    rows = [r | {"speedup_vs_compile": None} for r in rows]
+    rows += [r | {"dtype": "bfloat16"} for r in rows]
+    table = summary.summary_table({"header": data["header"] | {"dtypes": ["float32", "bfloat16"]}, "rows": rows})
+    for kernel in KERNELS:
+        for dtype in ("float32", "bfloat16"):
+            line = next(x for x in table.splitlines() if x.startswith(f"| {kernel} {dtype} | forward |"))
+            assert "x (torch) | – |" in line, line
 
 
 def test_every_available_provider_is_offered():

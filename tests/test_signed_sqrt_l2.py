@@ -8,7 +8,16 @@ import pytest
 import torch
 
 import fastfusion as ff
-from helpers import LAYOUTS, assert_backends_agree, assert_rel_close, away_from_zero, assert_low_precision, randn
+from helpers import (
+    LAYOUTS,
+    assert_backends_agree,
+    assert_low_precision,
+    assert_rel_close,
+    away_from_zero,
+    backend_device,
+    backends_under_test,
+    randn,
+)
 from oracles import signed_sqrt_l2_oracle
 
 BACKENDS = ("torch", "eager")
@@ -121,9 +130,9 @@ def test_low_precision(gen, dtype):
         assert err_torch <= 1.5 * floor, (name, err_torch, floor)
 
 
-@pytest.mark.parametrize("backend", ("eager",) + ff.available_backends("cpu"))
+@pytest.mark.parametrize("backend", backends_under_test())
 def test_nan_stays_in_its_row_and_huge_rows_stay_unit(backend):
-    z = torch.randn(3, 1029, requires_grad=True)
+    z = torch.randn(3, 1029, device=backend_device(backend), requires_grad=True)
     with torch.no_grad():
         z[1, 1000] = float("nan")  # in the second block: a NaN must survive the block reduction
         z[2] = 3e38  # the squares overflow float32 unless the norm rescales

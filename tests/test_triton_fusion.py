@@ -1,27 +1,23 @@
 """The "triton" backend of low_rank_fusion, factorized_bilinear and tensor_fusion.
 
-Runs on CUDA when present, else on the CPU under TRITON_INTERPRET=1. Every output and
-gradient is compared with the float64 reference; in a dtype the kernel's error (relative
-norm, vs float64) must be at most twice the eager reference's own error in that dtype,
-plus 4 unit roundoffs of the dtype: some results are one number or a short sum with
+Runs on helpers.TRITON_DEVICE: CUDA when present, else the CPU under TRITON_INTERPRET=1.
+Every output and gradient is compared with the float64 reference; in a dtype the kernel's
+error (relative norm, vs float64) must be at most twice the eager reference's own error in
+that dtype, plus 4 unit roundoffs of the dtype: some results are one number or a short sum with
 cancellation (grad_weights at rank 1), whose error in any summation order is a few ulps,
 so the ratio of two such errors is noise.
 """
 
-import os
-
 import pytest
 import torch
+from helpers import TRITON_DEVICE as DEVICE
+from helpers import rel_err, skip_module_unless_triton_runs
 
-pytest.importorskip("triton", reason="the triton backend needs the triton package")
-
-if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-    pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+skip_module_unless_triton_runs()
 
 import fastfusion  # noqa: E402
 from fastfusion import factorized_bilinear, low_rank_fusion, tensor_fusion  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -31,10 +27,6 @@ def _seed():
     # 2x rule compares two rounding errors, so an unlucky draw near an ill-conditioned
     # point (signed sqrt near 0) could flip it; a fixed draw keeps CI reproducible.
     torch.manual_seed(0)
-
-
-def _rel(a, ref):
-    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def _run(fn, tensors, grad_out):
@@ -60,7 +52,7 @@ def _check(op, tensors, dtype, *, noncontiguous=False):
     floor = 4 * torch.finfo(dtype).eps
     for i, (got, base, ref) in enumerate(zip(triton, eager, exact)):
         assert got.dtype == dtype and got.shape == ref.shape and got.is_contiguous()
-        err, base_err = _rel(got, ref), _rel(base, ref)
+        err, base_err = rel_err(got, ref), rel_err(base, ref)
         assert err <= 2 * base_err + floor, f"result {i}: error {err:.3e}, eager {base_err:.3e} in {dtype}"
 
 
@@ -225,7 +217,7 @@ def test_autocast_bfloat16(index):
     module = module.to(DEVICE)
     xs = [torch.randn(5, n, device=DEVICE) for n in module.in_dims[:M]]
     with fastfusion.backend("triton"):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             out = module(*xs)
         out.float().sum().backward()
         reference = module.to(torch.bfloat16)(*[x.bfloat16() for x in xs])

@@ -1,37 +1,28 @@
 """The Triton count sketch, compact bilinear pooling and signed sqrt + L2 kernels against the
 float64 reference: outputs and every gradient.
 
-Runs on CUDA when present, else on the CPU under Triton's interpreter (TRITON_INTERPRET=1,
-which must be set before fastfusion is imported): shapes are tiny and odd on purpose (odd d,
-n not a multiple of any block, B = 1, T = 1).
+Runs on helpers.TRITON_DEVICE: CUDA when present, else the CPU under Triton's interpreter
+(conftest.py sets TRITON_INTERPRET=1 before fastfusion is imported). Shapes are tiny and odd on
+purpose (odd d, n not a multiple of any block, B = 1, T = 1).
 """
-
-import os
 
 import pytest
 import torch
+from helpers import TRITON_DEVICE as DEVICE
+from helpers import rel_err, skip_module_unless_triton_runs
 
-pytest.importorskip("triton", reason="the Triton backend needs the triton package")
-
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before fastfusion is imported", allow_module_level=True)
+skip_module_unless_triton_runs()
 
 import fastfusion  # noqa: E402
 from fastfusion import _dispatch, compact_bilinear, count_sketch, draw_hashes_and_signs, signed_sqrt_l2  # noqa: E402
 from fastfusion.triton_backend import count_sketch as triton_count_sketch  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)  # fresh inputs per check, reproducible per test
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return ((actual.double() - expected).norm() / expected.norm()).item()
 
 
 def sketch_params(in_dims, out_dim, seed=0, sign_dtype=torch.int8):
@@ -222,7 +213,7 @@ def test_compact_bilinear_gradcheck_float64(pool, gate, normalize):
 
 def test_compact_bilinear_autocast():
     fn, inputs = cbp_case((37, 29), 31, 2, 3, pool="sum", gate=True, normalize=True)
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out = fn(*inputs, backend="triton")
     assert out.dtype == torch.float32
     assert rel_err(out, fn(*[t.double() for t in inputs], backend="eager")) < 1e-5
@@ -246,7 +237,7 @@ def test_compiled_module_with_triton_backend():
         assert rel_err(g, r) < 1e-5
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="'auto' prefers Triton only on CUDA")
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="'auto' prefers Triton only on CUDA")
 @pytest.mark.parametrize("op", ["count_sketch", "compact_bilinear", "signed_sqrt_l2"])
 def test_auto_resolves_to_triton_on_cuda(op):
     assert _dispatch.resolve_backend(op, "cuda", "auto") == "triton"
