@@ -14,7 +14,7 @@
 - ``check-wheels``: every requirement of every wheel in DIR (for CPython 3.12 on Linux, extras
   left out) is another wheel in DIR or a package that the GPU image already has.
 - ``summary``: the markdown summary that gpu_check.sh prints last: versions, the status and
-  time of each step, and the benchmark table.
+  time of each step, the benchmark table and, when the roofline model ran, its error per kernel.
 
 Nothing here imports fastfusion; torch and triton only inside the subcommands that need them.
 """
@@ -172,7 +172,7 @@ def _read_steps(path: Path) -> list[list[str]]:
     return [line.split("\t", 3) for line in path.read_text().splitlines() if line.strip()]
 
 
-def summary(steps_file: Path, versions_file: Path, results: Path) -> str:
+def summary(steps_file: Path, versions_file: Path, results: Path, roofline: Path | None = None) -> str:
     lines = ["# fastfusion GPU check", ""]
     if versions_file.exists():
         lines += [f"- {key}: {value}" for key, value in json.loads(versions_file.read_text()).items()]
@@ -184,6 +184,9 @@ def summary(steps_file: Path, versions_file: Path, results: Path) -> str:
         from .summary import summary_table
 
         lines += ["", f"Benchmarks (`{bench[-1].name}`):", "", summary_table(json.loads(bench[-1].read_text()))]
+    # benchmarks.roofline --measured: the model beside these measurements, its error per kernel.
+    for comparison in sorted(roofline.glob("roofline-*-vs-*.md")) if roofline else []:
+        lines += ["", comparison.read_text().replace("# ", "## ", 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -202,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=Path, required=True)
     p.add_argument("--versions", type=Path, required=True)
     p.add_argument("--results", type=Path, required=True)
+    p.add_argument("--roofline", type=Path, help="benchmarks.roofline's output folder, if it ran")
     args = parser.parse_args(argv)
 
     if args.command == "versions":
@@ -220,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(wheels)} wheels in {args.wheel_dir}: " + ", ".join(w.name for w in wheels))
         print("\n".join(problems) or "every requirement is carried or already in the GPU image")
         return 1 if problems or not wheels else 0
-    text = summary(args.steps, args.versions, args.results)
+    text = summary(args.steps, args.versions, args.results, args.roofline)
     (args.results / "summary.md").write_text(text)
     print(text)
     return 0

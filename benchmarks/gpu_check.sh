@@ -18,7 +18,8 @@
 #   bench     python -m benchmarks.run --device cuda (options below);
 #   roofline  python -m benchmarks.roofline --gpu h100|h200 --measured <bench JSON>; its
 #             failure is recorded, not fatal to the rest;
-#   summary   summary.md: versions, steps, the benchmark table; printed last.
+#   summary   summary.md: versions, steps, the benchmark table, the model's error per kernel;
+#             printed last.
 #
 # Results go to $OUT when set (the device tool brings that folder back: at most 8 files, so
 # everything fits in 7: summary.md, gpu_check.log, tests.log, bench/ with the JSON, markdown and
@@ -219,7 +220,8 @@ elif [[ -z $GPU ]]; then
         *H100*) GPU=h100 ;;
     esac
 fi
-# The roofline is someone else's model under construction: its failure is reported, not fatal.
+# The model of the same shapes, and its error per kernel against this run (in the summary);
+# a failure of the model is reported, not fatal to the check of the kernels.
 if [[ -z $MEASURED ]]; then
     OPTIONAL=1 skipped roofline "no benchmark JSON to compare with"
 elif [[ -z $GPU ]]; then
@@ -234,7 +236,7 @@ fi
 
 # --- summary ---------------------------------------------------------------------------------
 timeout 20 "$PYTHON" -m benchmarks.gpu_check summary --steps "$STEPS" --versions "$VERSIONS" --results "$RESULTS" \
-    2>&1 | tee -a "$LOG"
+    --roofline "$WORK/roofline" 2>&1 | tee -a "$LOG"
 [[ ${PIPESTATUS[0]} == 0 ]] || FAILED=1
 rm -rf "$WORK"
 exit "$FAILED"

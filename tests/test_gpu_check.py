@@ -118,7 +118,8 @@ def test_dry_run_runs_every_step_and_brings_back_what_the_device_tool_can(tree_c
     for name in ("wheels", "install", "versions", "tests", "bench"):
         assert found[name][0] == "ok", (name, found[name])
     assert re.search(r"\b1 passed\b", found["tests"][1]), found["tests"]
-    assert "roofline" in found  # run or failed, never fatal: someone else's model
+    assert found["roofline"][0] == "ok", found["roofline"]
+    assert "# Roofline model vs measurement" in summary  # the model's error per kernel, in the summary
     assert f"- commit: {COMMIT}" in summary and f"- fastfusion: {tree_copy / 'fastfusion'}" in summary
 
     (measured,) = (out / "bench").glob("*.json")
