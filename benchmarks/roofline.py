@@ -421,7 +421,8 @@ def model_case(kernel: str, sizes: dict, dtype: torch.dtype, gpu: GPU) -> list[d
         eager[best].variant = best if len(eager) > 1 else None
         with _as_dynamo_traces():
             compiled = compile_estimate(trace.trace_call(case.bind(case.reference), case, mode, grad_out), gpu)
-        fused = fastfusion_estimate(trace.trace_call(trace.provider_fns(case, "fastfusion")["triton"], case, mode, grad_out), gpu)
+        triton_fn = trace.provider_fns(case, "fastfusion")["triton"]
+        fused = fastfusion_estimate(trace.trace_call(triton_fn, case, mode, grad_out), gpu)
         forward = trace.trace_call(case.bind(case.reference), case, "forward", grad_out)
         floor = floor_estimate(case, grad_out, forward, mode)
         estimates = {"floor": floor, "eager": eager[best], "compile": compiled, "fastfusion": fused}
@@ -508,15 +509,18 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
             f"{_fmt(r['worst_ms'], '.3g')} | {r['vs_eager']:.2f}x | {r['vs_compile']:.2f}x | {_fmt(extra, '.0f')} | "
             f"{r['note'] or ''} |"
         )
-    lines += ["", "fastfusion's launches (best config), per kernel, dtype and mode:", "",
-              "| kernel | dtype | mode | launch | config | GB | GFLOP | model ms | bound |", "|---|---|---|---|---|--:|--:|--:|---|"]
+    lines += [
+        "", "fastfusion's launches (best config), per kernel, dtype and mode:", "",
+        "| kernel | dtype | mode | launch | config | GB | GFLOP | model ms | bound |",
+        "|---|---|---|---|---|--:|--:|--:|---|",
+    ]
     for r in rows:
         if r["provider"] != "fastfusion":
             continue
         for k in r["kernels"]:
             lines.append(
-                f"| {r['kernel']} | {r['dtype']} | {r['mode']} | {k['name']} | {k['config'] or ''} | {k['bytes'] / 1e9:.3g} "
-                f"| {sum(k['flops'].values()) / 1e9:.4g} | {k['ms']:.3g} | {k['bound']} |"
+                f"| {r['kernel']} | {r['dtype']} | {r['mode']} | {k['name']} | {k['config'] or ''} | "
+                f"{k['bytes'] / 1e9:.3g} | {sum(k['flops'].values()) / 1e9:.4g} | {k['ms']:.3g} | {k['bound']} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -550,7 +554,8 @@ def plot(head: dict, rows: list[dict], path: Path) -> None:
     providers = ("compile", "fastfusion", "floor")
     groups = list(dict.fromkeys((r["kernel"], r["dtype"]) for r in rows))
     width = 0.8 / len(providers)
-    fig, axes = plt.subplots(len(ops.MODES), 1, figsize=(max(8.0, 0.6 * len(groups) * len(providers)), 9), squeeze=False)
+    size = (max(8.0, 0.6 * len(groups) * len(providers)), 9)
+    fig, axes = plt.subplots(len(ops.MODES), 1, figsize=size, squeeze=False)
     for ax, mode in zip(axes[:, 0], ops.MODES):
         speedup = {(r["kernel"], r["dtype"], r["provider"]): r["vs_eager"] for r in rows if r["mode"] == mode}
         for i, provider in enumerate(providers):
@@ -584,8 +589,11 @@ def compare(rows: list[dict], measured: dict) -> list[dict]:
     for r in rows:
         m = by_key.get((r["kernel"], r["dtype"], r["mode"], r["provider"], json.dumps(r["sizes"])))
         if m is not None:
-            out.append({"kernel": r["kernel"], "dtype": r["dtype"], "mode": r["mode"], "provider": r["provider"],
-                        "model_ms": r["model_ms"], "measured_ms": m["p50_ms"], "model_over_measured": r["model_ms"] / m["p50_ms"]})
+            out.append({
+                "kernel": r["kernel"], "dtype": r["dtype"], "mode": r["mode"], "provider": r["provider"],
+                "model_ms": r["model_ms"], "measured_ms": m["p50_ms"],
+                "model_over_measured": r["model_ms"] / m["p50_ms"],
+            })
     return out
 
 
@@ -634,7 +642,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     rows = run_model(GPUS[gpu_key], args.ops, [getattr(torch, d) for d in args.dtypes])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"roofline-{gpu_key}"
-    paths = {"json": args.out_dir / f"{stem}.json", "md": args.out_dir / f"{stem}.md", "png": args.out_dir / f"{stem}.png"}
+    paths = {suffix: args.out_dir / f"{stem}.{suffix}" for suffix in ("json", "md", "png")}
     paths["json"].write_text(json.dumps({"header": head, "rows": rows}, indent=1) + "\n")
     paths["md"].write_text(markdown(head, rows, paths["json"].name))
     plot(head, rows, paths["png"])

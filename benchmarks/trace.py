@@ -146,6 +146,7 @@ class TritonLaunch:
     args: dict[str, Any]  # every argument by name: Buffer for tensors, else its value
     configs: list[triton.Config | None]  # what autotuning chooses among (pruned); [None]: not autotuned
     grids: list[tuple[int, ...]]  # the grid of each config
+    all_configs: list[triton.Config | None]  # the autotuner's whole list, before its prune function
     autotune_key: tuple | None  # the values of the autotuner's key arguments; None: not autotuned
 
 
@@ -313,9 +314,10 @@ def _intercepted_launches(recorder: Recorder) -> Iterator[None]:
             jit = self.fn if isinstance(self, Autotuner) else self
             named = dict(zip(jit.arg_names, args)) | kwargs
             configs: list[triton.Config | None] = [None]
+            all_configs = configs
             key = None
             if isinstance(self, Autotuner):
-                configs = self.configs
+                configs = all_configs = self.configs
                 key = tuple(named[name] for name in self.keys)
                 if self.early_config_prune:
                     configs = self.early_config_prune(configs, dict(zip(jit.arg_names, args)), **kwargs)
@@ -327,7 +329,7 @@ def _intercepted_launches(recorder: Recorder) -> Iterator[None]:
             recorder.record(TritonLaunch(
                 _kernel_name(jit), jit,
                 {k: recorder.storages.buffer(v) if isinstance(v, torch.Tensor) else v for k, v in named.items()},
-                list(configs), grids, key,
+                list(configs), grids, list(all_configs), key,
             ))
 
         return launch

@@ -137,7 +137,7 @@ def test_factorized_bilinear(B, nx, ny, o, k, has_bias, has_mask, normalize, dty
     _check(op, tensors, dtype, noncontiguous=B > 1)
 
 
-# o = 1100 is past the whole-row limit (1024): z is written and normalised by a second kernel.
+# o = 1100 is past the whole-row limit (_MAX_ROW_O): z is written and normalised by a second kernel.
 MFB_NORMALIZE_CASES = [(3, 4, 3, 24, 2), (2, 3, 2, 1100, 1)]  # (B, n_x, n_y, o, k)
 MFB_NORMALIZE_IDS = ["whole-rows", "two-pass"]
 

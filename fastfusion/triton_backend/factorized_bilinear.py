@@ -40,11 +40,13 @@ from . import DEVICE_TYPES
 from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile
 from .signed_sqrt_l2 import _accumulate_norm, _finish_norm, _signed_root
 
-# Largest o whose rows one program holds for the fused normalisation: a (16, 1024) float32
-# tile is 64 registers per thread at 8 warps, and the kernel keeps three (z, proj_x, proj_y).
-_MAX_ROW_O = 1024
-# Row-path tiles larger than this spill registers whatever the warp count; see _fits.
-_MAX_ROW_TILE = 16 * _MAX_ROW_O
+# Largest o whose rows one program holds for the fused normalisation. The kernel keeps three
+# (BLOCK_B, BLOCK_O) float32 tiles (z, proj_x, proj_y), and for sm_90 every row config spills
+# registers at o = 1024 in every dtype, and at o = 512 in float32
+# (python -m benchmarks.compile_report); at 256 a config fits in every dtype.
+_MAX_ROW_O = 256
+# Elements of each row-path tile per thread beyond which float32 spills (sm_90); see _fits.
+_MAX_ROW_ELEMENTS_PER_THREAD = 16
 
 
 @triton.jit
@@ -113,7 +115,11 @@ _KEY = ["B_BUCKET", "O", "FACTOR", "NX", "NY", "BACKWARD"]
 _tiled_kernel = triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_B": b, "BLOCK_O": o, "BLOCK_N": n}, num_warps=w)
-        for b, o, n, w in [(32, 32, 32, 4), (64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 64, 8)]
+        # Each compiles without register spills for sm_90 in every dtype, forward and backward,
+        # at the benchmark's GPU shape, with Triton 3.6's and 3.9's ptxas (python -m
+        # benchmarks.compile_report); larger tiles, and 64 x 64 at 8 warps, spill in float32
+        # (whose dots run on CUDA cores) or in the backward mode.
+        for b, o, n, w in [(32, 32, 32, 4), (64, 32, 32, 4), (32, 128, 32, 8), (128, 32, 32, 8)]
     ]),
     key=_KEY,
 )(_kernel)
@@ -124,9 +130,10 @@ _SHARED_MEMORY_BUDGET = 200 * 1024
 
 
 def _fits(configs, named_args, **kwargs):
-    """Row-path configs whose register tile and pipelined shared-memory tiles fit: each of
-    the num_stages - 1 buffers holds an x tile and a (BLOCK_N, BLOCK_O) weight tile, which
-    in float32 at o = 1024 and BLOCK_N = 32 is already 130 KiB."""
+    """Row-path configs whose register tiles and pipelined shared-memory tiles fit: at most
+    ``_MAX_ROW_ELEMENTS_PER_THREAD`` elements of each (BLOCK_B, BLOCK_O) tile per thread,
+    and each of the num_stages - 1 buffers holds an x tile and a (BLOCK_N, BLOCK_O) weight
+    tile."""
     itemsize = named_args["x_ptr"].element_size()
 
     def shared_memory(c):
@@ -135,7 +142,8 @@ def _fits(configs, named_args, **kwargs):
 
     return [
         c for c in configs
-        if c.kwargs["BLOCK_B"] * kwargs["BLOCK_O"] <= _MAX_ROW_TILE and shared_memory(c) <= _SHARED_MEMORY_BUDGET
+        if c.kwargs["BLOCK_B"] * kwargs["BLOCK_O"] <= _MAX_ROW_ELEMENTS_PER_THREAD * 32 * c.num_warps
+        and shared_memory(c) <= _SHARED_MEMORY_BUDGET
     ]
 
 
@@ -144,7 +152,7 @@ def _fits(configs, named_args, **kwargs):
 _row_kernel = triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_B": b, "BLOCK_N": n}, num_warps=w)
-        for b, n, w in [(16, 16, 4), (16, 32, 4), (16, 32, 8), (16, 32, 16), (32, 32, 8), (64, 32, 8)]
+        for b, n, w in [(16, 32, 8), (16, 16, 4), (16, 32, 4), (16, 32, 16), (32, 32, 8), (64, 32, 8)]
     ]),
     key=_KEY,
     prune_configs_by={"early_config_prune": _fits},
