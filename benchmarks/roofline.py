@@ -125,6 +125,7 @@ class Cost:
     bytes: int
     flops: dict[str, int]  # by unit
     config: str | None = None
+    candidates: int = 1  # configs it was chosen among
 
     def seconds(self, gpu: GPU) -> float:
         return max(self.bytes / gpu.bandwidth, sum(f / gpu.peaks[u] for u, f in self.flops.items()))
@@ -382,7 +383,7 @@ def fastfusion_estimate(t: trace.Trace, gpu: GPU) -> Estimate:
             worst.append(best[-1])
         elif isinstance(e, TritonLaunch):
             costs = triton_costs(e)
-            best.append(min(costs, key=lambda c: c.seconds(gpu)))
+            best.append(dataclasses.replace(min(costs, key=lambda c: c.seconds(gpu)), candidates=len(costs)))
             worst.append(max(costs, key=lambda c: c.seconds(gpu)))
     estimate = Estimate(best, syncs, copies, t.extra_bytes)
     estimate.worst_s = Estimate(worst, syncs, copies, None).seconds(gpu)
@@ -437,8 +438,8 @@ def model_case(kernel: str, sizes: dict, dtype: torch.dtype, gpu: GPU) -> list[d
                 "vs_eager": eager_s / s, "vs_compile": compile_s / s,
                 "extra_mem_bytes": est.extra_bytes, "note": _note(provider, est),
                 "kernels": [
-                    {"name": k.name, "config": k.config, "bytes": k.bytes, "flops": k.flops,
-                     "ms": k.seconds(gpu) * 1e3, "bound": k.bound(gpu)}
+                    {"name": k.name, "config": k.config, "candidates": k.candidates, "bytes": k.bytes,
+                     "flops": k.flops, "ms": k.seconds(gpu) * 1e3, "bound": k.bound(gpu)}
                     for k in est.kernels
                 ],
             })

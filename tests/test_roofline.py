@@ -135,7 +135,9 @@ def test_cli_writes_the_model_and_its_error_against_measurements(tmp_path):
         (m, p) for m in ops.MODES for p in ("floor", "eager", "compile", "fastfusion")
     }
     fused = next(r for r in rows if r["provider"] == "fastfusion" and r["mode"] == "forward")
-    assert fused["worst_ms"] > fused["model_ms"]  # five configs costed, not the interpreter's one
+    (launch,) = [k for k in fused["kernels"] if k["name"] == "tensor_fusion._forward_kernel"]
+    assert launch["candidates"] > 1  # every config costed, not the interpreter's one
+    assert fused["worst_ms"] >= fused["model_ms"]
     assert "(not measured)" in (tmp_path / "roofline-h200.md").read_text().splitlines()[0]
     assert (tmp_path / "roofline-h200.png").stat().st_size > 0
     vs = (tmp_path / "roofline-h200-vs-gpu-run.md").read_text()
