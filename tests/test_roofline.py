@@ -60,11 +60,11 @@ def test_compile_estimate_fuses_the_reference_into_one_pass():
 def test_tensor_fusion_forward_flops_follow_the_program_tiles():
     t = _trace("tfn", dict(B=5, n=(2, 3, 4), h=6), "fastfusion")
     (launch,) = [x for x in _launches(t) if x.kernel == "tensor_fusion._forward_kernel"]
-    (config,) = launch.configs  # the interpreter's only config: BLOCK_B=32, BLOCK_H=64, BLOCK_K=32
-    assert (config.kwargs["BLOCK_B"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_K"]) == (32, 64, 32)
+    (config,) = launch.configs  # the interpreter's only config: BLOCK_B=64, BLOCK_H=64, BLOCK_K=32
+    assert (config.kwargs["BLOCK_B"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_K"]) == (64, 64, 32)
     (cost,) = roofline.triton_costs(launch)
-    # P = 3 * 4 * 5 = 60: one program, two K chunks of a 32 x 32 @ 32 x 64 float32 dot.
-    assert cost.flops == {"fp32": 1 * 2 * (2 * 32 * 32 * 64)}
+    # P = 3 * 4 * 5 = 60: one program, two K chunks of a 64 x 32 @ 32 x 64 float32 dot.
+    assert cost.flops == {"fp32": 1 * 2 * (2 * 64 * 32 * 64)}
 
 
 def test_low_rank_fusion_reads_the_modality_table_copied_from_the_host():
