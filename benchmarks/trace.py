@@ -128,15 +128,18 @@ class AtenCall:
 
     @property
     def launches(self) -> bool:
-        view = self.op.is_view or torch.Tag.inplace_view in self.op.tags  # e.g. detach_
-        return not (view or self.op.overloadpacket in _ALLOCATIONS or self.aliases_only)
+        # By what the op did, not by its schema: reshape, contiguous and to are alias-annotated
+        # but copy when they must. detach_ and kin change metadata in place.
+        if self.op.overloadpacket in _ALLOCATIONS or torch.Tag.inplace_view in self.op.tags:
+            return False
+        return not self.aliases_only
 
     @property
     def aliases_only(self) -> bool:
-        # e.g. x.to(x.dtype), reshape of a contiguous tensor: returns its input, moves nothing
-        mutated = self.op._schema.is_mutable
+        """Whether the op returned views of its inputs and wrote nothing (views, x.to(x.dtype),
+        reshape of a contiguous tensor): it moves nothing."""
         read = {b.storage for b in self.reads}
-        return not mutated and bool(self.writes) and all(b.storage in read for b in self.writes)
+        return not self.op._schema.is_mutable and bool(self.writes) and all(b.storage in read for b in self.writes)
 
 
 @dataclasses.dataclass

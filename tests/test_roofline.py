@@ -8,6 +8,7 @@ would, where every config is costed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -145,3 +146,18 @@ def test_cli_writes_the_model_and_its_error_against_measurements(tmp_path):
     for mode in ops.MODES:
         assert f"| tfn | bfloat16 | {mode} | fastfusion | {model_ms[(mode, 'fastfusion')]:.3g} | 2 | " \
                f"{model_ms[(mode, 'fastfusion')] / 2:.2f} |" in vs
+
+
+def test_alias_annotated_ops_count_when_they_copy():
+    # Below autograd (inside the custom ops the trace expands) reshape and to reach the
+    # recorder whole; their schemas say they may alias, but whether they copied decides.
+    def call(op, read, written):
+        buffer = trace.Buffer((4,), (1,), torch.float32, 0, read, 16)
+        return trace.AtenCall(op, [buffer], [dataclasses.replace(buffer, storage=written)])
+
+    aten = torch.ops.aten
+    for op in (aten.to.dtype, aten.reshape.default, aten.contiguous.default):
+        assert call(op, 0, 1).launches  # a new storage: it copied
+        assert not call(op, 0, 0).launches  # its input returned: nothing moved
+    assert not call(aten.view.default, 0, 0).launches
+    assert call(aten.mul_.Tensor, 0, 0).launches  # in place, but a kernel
