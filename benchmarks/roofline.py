@@ -221,18 +221,6 @@ def _lmf_forward(args, c, programs):
     return {_dot_unit(args, "xt_ptr"): programs * args["R"] * _lmf_projections(args, c)}
 
 
-def _lmf_grad_x(args, c, programs):
-    h_blocks = _cdiv(args["H"], c["BLOCK_H"])
-    per_tile = _lmf_projections(args, c) + 2 * c["BLOCK_B"] * c["BLOCK_H"] * c["BLOCK_N"]
-    return {_dot_unit(args, "xt_ptr"): programs * args["R"] * h_blocks * per_tile}
-
-
-def _lmf_grad_factors(args, c, programs):
-    b_blocks = _cdiv(args["B"], c["BLOCK_B"])
-    per_tile = _lmf_projections(args, c) + 2 * c["BLOCK_N"] * c["BLOCK_B"] * c["BLOCK_H"]
-    return {_dot_unit(args, "xt_ptr"): programs * b_blocks * per_tile}
-
-
 def _mfb(args, c, programs):
     per_factor = 2 * c["BLOCK_B"] * c["BLOCK_O"] * (_pad(args["NX"], c["BLOCK_N"]) + _pad(args["NY"], c["BLOCK_N"]))
     return {_dot_unit(args, "x_ptr"): programs * args["FACTOR"] * per_factor}
@@ -273,8 +261,7 @@ TRITON_FLOPS: dict[str, Callable[[dict, dict, int], dict[str, int]]] = {
     "compact_bilinear._product_pool_kernel": _no_dots,
     "compact_bilinear._adjoint_product_kernel": _no_dots,
     "low_rank_fusion._forward_kernel": _lmf_forward,
-    "low_rank_fusion._grad_x_kernel": _lmf_grad_x,
-    "low_rank_fusion._grad_factors_kernel": _lmf_grad_factors,
+    "low_rank_fusion._grad_proj_kernel": _no_dots,
     "factorized_bilinear._kernel": _mfb,
     "tensor_fusion._forward_kernel": _tfn_forward,
     "tensor_fusion._grad_weight_kernel": _tfn_grad_weight,

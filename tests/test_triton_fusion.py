@@ -96,7 +96,8 @@ LMF_CASES = [  # (B, dims, rank, h)
     (1, (3, 4), 1, 5),
     (5, (5, 2, 6), 3, 7),
     (5, (33, 2), 2, 17),
-    (37, (3, 33), 2, 40),  # several B, h and n blocks: the backward's in-program reductions
+    (37, (3, 33), 2, 40),  # several B, h and K blocks of the forward, B blocks of the backward
+    (5, (2, 3, 4, 2), 2, 130),  # four modalities; several h blocks of the backward's grad_proj kernel
 ]
 
 

@@ -1,27 +1,30 @@
 """Triton low-rank multimodal fusion (LMF): out = sum_r w_r prod_m (x~_m W_m[r]) + b.
 
-Inputs are packed with their constants, [1, x_0, 1, x_1, ...] (:func:`pack_with_ones`),
-and the factors concatenated along their input axis into one (rank, S, h) tensor, so one
-kernel serves any number of modalities; x~_m W_m[r] is then a matmul over the packed
-columns of modality m, whose constant row needs no special case.
-
 - forward, fully fused: grid (B blocks, h blocks); for every rank and modality the
   projection tile is a tensor-core matmul, multiplied across modalities and rank-reduced
-  with w_r in float32 registers. Nothing of size (M, rank, B, h) exists in memory.
-- backward, fully fused but for the bias: grad_proj[m, r] = w_r * g * prod_{l != m} (x~_l W_l[r])
-  is formed tile by tile in registers, rounded to the input dtype and at once contracted on
-  the tensor cores; nothing of size (M, rank, B, h) exists in memory. Two kernels per
-  modality m, each owning its output tile and looping over its reduction axis, so no
-  atomics and a deterministic result:
-  - grad_x: grid (B blocks, n_m blocks), loops over ranks and h blocks; contracts with
-    W_m[r, 1:]. The m = 0 launch also writes the per-row sums of g * prod_m (x~_m W_m[r])
-    that give grad_weights.
-  - grad_factors: grid (n_m + 1 blocks, h blocks, rank), loops over B blocks; contracts
-    with x~_m, whose constant column gives the constant row.
-  Like flash-attention's backward this trades memory for recomputation: every program
-  recomputes the projections it needs, about cdiv(n_m, BLOCK_N) + cdiv(n_m + 1, BLOCK_N)
-  times the forward's projection work for modality m, which is small for LMF's
-  modality sizes (sub-network outputs of tens to hundreds). grad_bias is grad.sum(0).
+  with w_r in float32 registers. Nothing of size (M, rank, B, h) exists in memory. Inputs
+  are packed with their constants, [1, x_0, 1, x_1, ...] (:func:`pack_with_ones`), and the
+  factors concatenated along their input axis into one (rank, S, h) tensor, so one kernel
+  serves any number of modalities; x~_m W_m[r] is then a matmul over the packed columns of
+  modality m, whose constant row needs no special case.
+- backward, each product formed once: with P_m = x~_m W_m as (B, rank*h), column r*h + j
+  holding (x~_m W_m[r])[:, j], and grad_proj[m] = w_r * g * prod_{l != m} P_l (B, rank*h),
+  1. P_m: one cuBLAS GEMM per modality, x_m (B, n_m) @ W_m[:, 1:] as (n_m, rank*h), the
+     constant row W_m[:, 0] added as addmm's bias rather than materialising [1, x_m];
+  2. one pointwise Triton kernel, grid (B blocks, rank), reads g, w and every P_m and writes
+     grad_proj[m] for every m, rounded to the input dtype as the reference's grad_proj is,
+     and the per-row sums sum_h g * prod_m P_m[r] that give grad_weights (products in float32
+     registers);
+  3. per modality, grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, rank*h))^T, one GEMM, and
+     grad_W_m[r] = x~_m^T grad_proj[m][:, r], one batched GEMM over the ranks written in
+     place into the (rank, n_m + 1, h) result, its constant row the column sums of
+     grad_proj[m]. grad_bias is grad.sum(0).
+  Memory: P and grad_proj are materialised, 2 * M * B * rank * h values in the input dtype
+  (50 MB in bfloat16 at B = 4096, M = 3, rank = 8, h = 256), plus one parameter-sized copy
+  of the factors in the (n_m + 1, rank*h) layout. Fusing the gradients instead, as the
+  forward is, makes every gradient program recompute the projections it needs: several
+  times the forward's FLOPs, which the roofline model put (before this design) at 0.05x eager in float32 and
+  0.17x in bfloat16 at the GPU shape, against GEMMs that form each product once.
 
 dtypes: see :mod:`._fusion`.
 """
@@ -35,7 +38,7 @@ import triton.language as tl
 from .. import _dispatch
 from ..ops import low_rank_fusion as _reference
 from . import DEVICE_TYPES
-from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile, pack_with_ones
+from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile, pack_with_ones
 
 # Every config compiles without register spills for sm_90 in every dtype at the benchmark's
 # GPU shape, with Triton 3.6's and 3.9's ptxas (python -m benchmarks.compile_report); 64 x 64
@@ -44,11 +47,11 @@ _CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w)
     for b, h, k, w in [(32, 32, 32, 4), (32, 64, 32, 4), (64, 32, 32, 4), (64, 64, 32, 8), (64, 128, 32, 16)]
 ])
-# BLOCK_N tiles the gradients' input axis (n_m, or n_m + 1 for the factors). Spill-free as
-# above in every modality's launch; (32, 32, 32, 32) spills in some of them at 4 and 8 warps.
-_BACKWARD_CONFIGS = autotune_configs([
-    triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w)
-    for b, h, k, n, w in [(32, 64, 32, 32, 4), (64, 32, 32, 32, 8), (32, 64, 32, 64, 8), (64, 64, 32, 64, 8)]
+# The backward's pointwise kernel, (rows, h) tiles: spill-free as above; 64 x 64 at 4 warps
+# spills in float32 with Triton 3.6's ptxas.
+_GRAD_PROJ_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_B": b, "BLOCK_H": h}, num_warps=w)
+    for b, h, w in [(32, 128, 4), (64, 64, 8), (64, 128, 8), (128, 64, 8)]
 ])
 
 
@@ -87,96 +90,43 @@ def _forward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
-def _grad_proj_tile(
-    xt_ptr, stride_xb, table_ptr, f_ptr, stride_fr, stride_fs, stride_fh, g_ptr, stride_gb, stride_gh,
-    own_m, r, num_modalities, rows, cols, row_mask, col_mask, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """g * prod_{l != own_m} x~_l W_l[r] and x~_own_m W_own_m[r] on (rows, cols), float32:
-    grad_proj[own_m, r] is w_r times the first, and the sum of their product gives grad_w[r]."""
-    g_ptrs = g_ptr + rows.to(tl.int64)[:, None] * stride_gb + cols[None, :] * stride_gh
-    others = tl.load(g_ptrs, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-    own = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
-    for m in range(num_modalities):
-        proj = _projection(xt_ptr, stride_xb, table_ptr, f_ptr, stride_fr, stride_fs, stride_fh,
-                           m, r, rows, cols, row_mask, col_mask, PRECISION, BLOCK_K)
-        others *= tl.where(m == own_m, 1.0, proj)
-        own = tl.where(m == own_m, proj, own)
-    return others, own
-
-
-@triton.autotune(configs=_BACKWARD_CONFIGS, key=["own_m", "B_BUCKET", "H", "S", "R"])
+@triton.autotune(configs=_GRAD_PROJ_CONFIGS, key=["B_BUCKET", "H", "R", "num_modalities"])
 @triton.jit(do_not_specialize=["B_BUCKET"])
-def _grad_x_kernel(
-    xt_ptr, table_ptr, f_ptr, weights_ptr, g_ptr, gx_ptr, gw_rows_ptr,
-    own_m, B, B_BUCKET, H, S, R, num_modalities,
-    stride_xb, stride_fr, stride_fs, stride_fh, stride_w, stride_gb, stride_gh,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _grad_proj_kernel(
+    p_ptr, g_ptr, weights_ptr, gp_ptr, gw_rows_ptr,
+    B, B_BUCKET, H, R, num_modalities,
+    stride_pm, stride_pb, stride_gb, stride_gh, stride_w,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """grad_x_m[rows, n] = sum_r sum_h grad_proj[m, r][rows, h] W_m[r, 1 + n, h] for one block
-    of n, with grad_proj formed tile by tile in registers. The program walks every rank and
-    h block itself, so the reduction needs no atomics and is deterministic."""
+    """From the projections P (M, B, R*H), column r*H + h holding x~_m W_m[r] at h, and g (B, H):
+    grad_proj[m][:, r*H + h] = w_r * g[:, h] * prod_{l != m} P_l[:, r*H + h] for every m, into
+    gp (M, B, R*H) in its dtype, and gw_rows[b, r] = sum_h g[b, h] * prod_m P_m[b, r*H + h]
+    (float32), whose column sums are grad_weights. Grid (B blocks, R): a program walks every
+    h block of its rank, so the row sums need no atomics and are deterministic. Products are
+    formed in float32 registers; NaN and inf propagate as in the reference."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offset = tl.load(table_ptr + 3 * own_m)
-    n = tl.load(table_ptr + 3 * own_m + 1) - 1  # this modality's n_m
-    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, n_mask = rows < B, ns < n
-    # Packed column offset + 1 + n holds x_m[:, n]; offset itself is the constant 1.
-    f_cols = f_ptr + (offset + 1 + ns)[None, :] * stride_fs
-    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    for r in range(R):
-        weight = tl.load(weights_ptr + r * stride_w).to(tl.float32)
-        row_sums = tl.zeros((BLOCK_B,), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            cols = h0 + tl.arange(0, BLOCK_H)
-            col_mask = cols < H
-            others, own = _grad_proj_tile(xt_ptr, stride_xb, table_ptr, f_ptr, stride_fr, stride_fs, stride_fh,
-                                          g_ptr, stride_gb, stride_gh, own_m, r, num_modalities,
-                                          rows, cols, row_mask, col_mask, PRECISION, BLOCK_K)
-            row_sums += tl.sum(others * own, axis=1)
-            w_t = tl.load(f_cols + r * stride_fr + cols[:, None] * stride_fh,
-                          mask=col_mask[:, None] & n_mask[None, :], other=0.0)
-            # grad_proj is rounded to the input dtype for the tensor-core product, as a
-            # materialised grad_proj in that dtype would be.
-            acc = dot((weight * others).to(w_t.dtype), w_t, acc, PRECISION)
-        # grad_w is independent of the modality and of n: one program column writes it.
-        if (own_m == 0) & (tl.program_id(1) == 0):
-            tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
-    gx = gx_ptr + rows.to(tl.int64)[:, None] * n + ns[None, :]
-    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
-
-
-@triton.autotune(configs=_BACKWARD_CONFIGS, key=["own_m", "B_BUCKET", "H", "S", "R"])
-@triton.jit(do_not_specialize=["B_BUCKET"])
-def _grad_factors_kernel(
-    xt_ptr, table_ptr, f_ptr, weights_ptr, g_ptr, gf_ptr,
-    own_m, B, B_BUCKET, H, S, R, num_modalities,
-    stride_xb, stride_fr, stride_fs, stride_fh, stride_w, stride_gb, stride_gh,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """grad_W_m[r, k, cols] = sum_b x~_m[b, k] grad_proj[m, r][b, cols] for one block of k
-    (the constant row k = 0 included), walking every B block in the program: no atomics."""
-    ks = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    r = tl.program_id(2)
-    offset = tl.load(table_ptr + 3 * own_m)
-    dim = tl.load(table_ptr + 3 * own_m + 1)
-    k_mask, col_mask = ks < dim, cols < H
+    r = tl.program_id(1)
+    row_mask = rows < B
     weight = tl.load(weights_ptr + r * stride_w).to(tl.float32)
-    acc = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        rows = b0 + tl.arange(0, BLOCK_B)
-        row_mask = rows < B
-        others, _ = _grad_proj_tile(xt_ptr, stride_xb, table_ptr, f_ptr, stride_fr, stride_fs, stride_fh,
-                                    g_ptr, stride_gb, stride_gh, own_m, r, num_modalities,
-                                    rows, cols, row_mask, col_mask, PRECISION, BLOCK_K)
-        x_t = tl.load(xt_ptr + rows.to(tl.int64)[None, :] * stride_xb + (offset + ks)[:, None],
-                      mask=k_mask[:, None] & row_mask[None, :], other=0.0)
-        acc = dot(x_t, (weight * others).to(x_t.dtype), acc, PRECISION)
-    gf = gf_ptr + (r * dim + ks).to(tl.int64)[:, None] * H + cols[None, :]
-    tl.store(gf, acc.to(gf_ptr.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
+    row_sums = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        mask = row_mask[:, None] & (cols < H)[None, :]
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gb + cols[None, :] * stride_gh,
+                    mask=mask, other=0.0).to(tl.float32)
+        offsets = rows.to(tl.int64)[:, None] * stride_pb + (r * H + cols)[None, :]
+        fused = g
+        for m in range(num_modalities):
+            fused *= tl.load(p_ptr + m * stride_pm + offsets, mask=mask, other=0.0).to(tl.float32)
+        row_sums += tl.sum(fused, axis=1)
+        # M - 1 loads per modality rather than dividing the full product by P_m, which a zero
+        # projection would turn into NaN; the re-reads of this tile hit the caches.
+        for m in range(num_modalities):
+            others = weight * g
+            for l in range(num_modalities):
+                others *= tl.load(p_ptr + l * stride_pm + offsets, mask=mask & (l != m), other=1.0).to(tl.float32)
+            tl.store(gp_ptr + m * stride_pm + offsets, others.to(gp_ptr.dtype.element_ty), mask=mask)
+    tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
 
 
 def _pack(xs, factors):
@@ -207,25 +157,34 @@ def _forward(xs, factors, weights, bias):
 def _backward(grad, xs, factors, weights, bias):
     if bias.dtype not in KERNEL_DTYPES:
         return _reference._backward(grad, xs, factors, weights, bias)
-    packed, table, _, packed_factors = _pack(xs, factors)
-    (B, S), (R, _, H) = packed.shape, packed_factors.shape
+    (B, H), R, M = grad.shape, weights.shape[0], len(xs)
+    # Every factor laid out as (n_m + 1, R*H), column r*H + h: one copy (parameter-sized) for
+    # all modalities, after which each one's constant row and W_m[:, 1:] are plain matrices.
+    flat = torch.cat([w.permute(1, 0, 2) for w in factors]).view(-1, R * H)
+    flat = flat.split([x.shape[1] + 1 for x in xs])
+    # P_m = x_m W_m[:, 1:] + W_m[:, 0], all ranks in one GEMM per modality; the constant row
+    # is addmm's bias rather than a materialised [1, x_m].
+    projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
+    for m, x in enumerate(xs):
+        torch.addmm(flat[m][0], x, flat[m][1:], out=projections[m])
+    grad_proj = torch.empty_like(projections)
     grad_weight_rows = torch.empty((B, R), dtype=torch.float32, device=grad.device)
-    bucket = batch_bucket(B)
-    strides = (packed.stride(0), *packed_factors.stride(), weights.stride(0), grad.stride(0), grad.stride(1))
-    # One launch per modality and gradient: each output is its own tensor (a custom op's
-    # outputs may not alias), and M is a handful.
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), R)  # noqa: E731
+    _grad_proj_kernel[grid](projections, grad, weights, grad_proj, grad_weight_rows,
+                            B, batch_bucket(B), H, R, M,
+                            projections.stride(0), projections.stride(1), grad.stride(0), grad.stride(1),
+                            weights.stride(0))
     grad_xs, grad_factors = [], []
     for m, x in enumerate(xs):
-        n = x.shape[1]
-        grad_x = torch.empty((B, n), dtype=grad.dtype, device=grad.device)
-        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), max(1, triton.cdiv(n, meta["BLOCK_N"])))  # noqa: E731
-        _grad_x_kernel[grid](packed, table, packed_factors, weights, grad, grad_x, grad_weight_rows,
-                             m, B, bucket, H, S, R, len(xs), *strides, PRECISION=dot_precision(bias.dtype))
-        grad_factor = torch.empty((R, n + 1, H), dtype=packed_factors.dtype, device=grad.device)
-        grid = lambda meta: (triton.cdiv(n + 1, meta["BLOCK_N"]), triton.cdiv(H, meta["BLOCK_H"]), R)  # noqa: E731
-        _grad_factors_kernel[grid](packed, table, packed_factors, weights, grad, grad_factor,
-                                   m, B, bucket, H, S, R, len(xs), *strides, PRECISION=dot_precision(bias.dtype))
-        grad_xs.append(grad_x)
+        # grad_x_m = grad_proj[m] (B, R*H) @ (W_m[:, 1:] as (n_m, R*H))^T.
+        grad_xs.append(torch.mm(grad_proj[m], flat[m][1:].t()))
+        # grad_W_m[r] = x~_m^T grad_proj[m][:, r], written in place into the (R, n_m + 1, h)
+        # result: the constant row is grad_proj's column sums, the rest one batched GEMM whose
+        # x_m^T operand is broadcast over the ranks (batch stride 0, not copied).
+        per_rank = grad_proj[m].view(B, R, H).transpose(0, 1)
+        grad_factor = torch.empty((R, x.shape[1] + 1, H), dtype=grad.dtype, device=grad.device)
+        torch.sum(per_rank, dim=1, out=grad_factor[:, 0])
+        torch.bmm(x.t().expand(R, -1, -1), per_rank, out=grad_factor[:, 1:])
         grad_factors.append(grad_factor)
     return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]
 
