@@ -174,6 +174,35 @@ def test_factorized_bilinear_huge_row_stays_unit_norm(o):
     torch.testing.assert_close(out, torch.full_like(out, o**-0.5))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "B,nx,ny,o,k,normalize",
+    [(3, 4, 3, 5, 3, False), (3, 4, 3, 24, 2, True), (2, 3, 2, 300, 1, True)],  # o = 300 > _MAX_ROW_O
+    ids=["unnormalized", "whole-rows", "two-pass"],
+)
+def test_factorized_bilinear_residuals(B, nx, ny, o, k, normalize, dtype):
+    # The forward saves the projections (the op's contract), and the backward from them
+    # matches the backward that recomputes them (the kernels' result without residuals).
+    x, y = _randn(B, nx).to(DEVICE, dtype), _randn(B, ny).to(DEVICE, dtype)
+    wx, wy, bx, by = (_randn(*s).to(DEVICE, dtype) for s in ((o * k, nx), (o * k, ny), (o * k,), (o * k,)))
+    mask = ((torch.rand(B, o * k) > 0.3) / 0.7).to(DEVICE, dtype)
+    args = (x, y, wx, bx, wy, by, k, mask, normalize, 1e-12)
+    out, residuals = torch.ops.fastfusion.factorized_bilinear(*args, True, "triton")
+    out_unsaved, none = torch.ops.fastfusion.factorized_bilinear(*args, False, "triton")
+    assert none == [] and torch.equal(out, out_unsaved)
+    wide = torch.float32 if dtype == torch.bfloat16 else dtype
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    expected = [torch.nn.functional.linear(a.to(wide), w.to(wide), b.to(wide)) for a, w, b in ((x, wx, bx), (y, wy, by))]
+    for got, ref in zip(residuals, expected, strict=True):
+        assert got.dtype == wide and got.shape == (B, o * k)
+        torch.testing.assert_close(got, ref, **tol)
+    grad = _randn(*out.shape).to(DEVICE, dtype)
+    saved = torch.ops.fastfusion.factorized_bilinear_backward(grad, residuals, *args, "triton")
+    recomputed = torch.ops.fastfusion.factorized_bilinear_backward(grad, [], *args, "triton")
+    for a, b in zip(saved, recomputed, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
 # ---- float64, torch.compile, autocast --------------------------------------------------
 
 def _modules():

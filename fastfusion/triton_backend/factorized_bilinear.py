@@ -1,25 +1,36 @@
 """Triton factorized bilinear pooling (MFB): z_j = sum_{i<k} (x W_x + b_x)_{jk+i} (y W_y + b_y)_{jk+i}
 (times the dropout mask), then signed sqrt and L2 normalisation when ``normalize``.
 
-One kernel, two modes. For each i < k it computes both projections of the columns j*k + i
+``_kernel`` has two modes (and two pointwise kernels serve the backward from saved
+projections). For each i < k it computes both projections of the columns j*k + i
 (a strided set of W rows, so the group sum is a plain register add) as tensor-core matmuls
 with the biases in the epilogue.
 
-- forward: multiplies, masks and sums the k products into z in float32 registers; the
-  (B, o*k) expansion never exists. With ``normalize`` and o <= ``_MAX_ROW_O`` the grid is
-  (B blocks,) and one program holds whole rows of z (BLOCK_O >= o), so the signed sqrt and
-  the row's L2 norm (overflow-safe, NaN-propagating, as the reference) are computed in
-  registers and the kernel stores the final output: z never reaches memory. Otherwise the
-  grid is (B blocks, o blocks).
+- forward: multiplies, masks and sums the k products into z in float32 registers. With
+  ``normalize`` and o <= ``_MAX_ROW_O`` the grid is (B blocks,) and one program holds whole
+  rows of z (BLOCK_O >= o), so the signed sqrt and the row's L2 norm (overflow-safe,
+  NaN-propagating, as the reference) are computed in registers and the kernel stores the
+  final output: z never reaches memory. Otherwise the grid is (B blocks, o blocks).
+- forward, saving residuals (autograd records the call): the kernel also stores each
+  projection tile as it computes it, the op's two (B, o*k) residuals in float32 for half
+  inputs. Without them the (B, o*k) expansion never exists.
 - forward, normalize with o > ``_MAX_ROW_O``: a row no longer fits one program's
   registers, and the norm spans every o block, so z is written in float32 and normalised
   by the ``signed_sqrt_l2`` op's own kernel (the best backend registered for the device),
   which reads each row twice, the second time from L2.
-- backward, fused part: the same projections are recomputed and the kernel writes
-  grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x, (B, o*k).
-- backward, not fused: with ``normalize`` z is recomputed in float32 by the forward kernel
-  and the normalisation's gradient taken by the ``signed_sqrt_l2`` op; grad_x, grad_y,
-  grad_W and grad_b come from grad_proj by torch matmuls and sums (cuBLAS).
+- backward from the residuals: no projection is recomputed. With ``normalize``,
+  ``_pool_kernel`` sums the saved products into z in float32 (a pass over the residuals)
+  and the ``signed_sqrt_l2`` op takes the normalisation's gradient; ``_grad_proj_kernel``
+  writes grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x,
+  (B, o*k); grad_x, grad_y, grad_W and grad_b come from them by torch matmuls and sums
+  (cuBLAS).
+- backward without residuals (the forward did not save them): ``_kernel`` in backward mode
+  recomputes the projections and writes the same grad_proj; with ``normalize`` z is first
+  recomputed by the forward mode.
+
+Saving costs 2 B o k elements of writes in the forward (the kernel is compute-bound at the
+benchmark shape) and saves the backward the projections' 2 B o k (n_x + n_y) FLOPs, twice
+with ``normalize``.
 
 The whole-row path trades parallelism for the fusion: it launches cdiv(B, BLOCK_B) programs
 instead of that times cdiv(o, BLOCK_O), with the same weight traffic (every B block reads
@@ -36,6 +47,7 @@ import triton.language as tl
 
 from .. import _dispatch
 from ..ops import factorized_bilinear as _reference
+from ..ops._common import compute_dtype
 from . import DEVICE_TYPES
 from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile
 from .signed_sqrt_l2 import _accumulate_norm, _finish_norm, _signed_root
@@ -63,13 +75,15 @@ def _projection(a_ptr, stride_ab, stride_an, w_ptr, stride_wo, stride_wn, bias_p
 
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _kernel(
-    x_ptr, y_ptr, wx_ptr, bx_ptr, wy_ptr, by_ptr, mask_ptr, z_ptr, gpx_ptr, gpy_ptr,
+    x_ptr, y_ptr, wx_ptr, bx_ptr, wy_ptr, by_ptr, mask_ptr, z_ptr, ex_ptr, ey_ptr,
     B, B_BUCKET, O, FACTOR, NX, NY,
     stride_xb, stride_xn, stride_yb, stride_yn, stride_wxo, stride_wxn, stride_wyo, stride_wyn,
-    stride_mb, stride_mo, stride_zb, stride_zo, stride_gb, eps,
+    stride_mb, stride_mo, stride_zb, stride_zo, stride_eb, eps,
     HAS_BX: tl.constexpr, HAS_BY: tl.constexpr, HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
+    SAVE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """ex_ptr, ey_ptr: (B, o*k) outputs with row stride stride_eb, the projections in forward
+    mode with SAVE, their gradients in backward mode; unused otherwise."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     groups = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     row_mask, group_mask = rows < B, groups < O
@@ -85,6 +99,10 @@ def _kernel(
                          rows, cols, row_mask, group_mask, HAS_BX, PRECISION, BLOCK_N)
         py = _projection(y_ptr, stride_yb, stride_yn, wy_ptr, stride_wyo, stride_wyn, by_ptr, NY,
                          rows, cols, row_mask, group_mask, HAS_BY, PRECISION, BLOCK_N)
+        offsets = rows.to(tl.int64)[:, None] * stride_eb + cols[None, :]
+        if SAVE:
+            tl.store(ex_ptr + offsets, px.to(ex_ptr.dtype.element_ty), mask=mask)
+            tl.store(ey_ptr + offsets, py.to(ey_ptr.dtype.element_ty), mask=mask)
         if HAS_MASK:
             m_ptrs = mask_ptr + rows.to(tl.int64)[:, None] * stride_mb + cols[None, :] * stride_mo
             keep = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -92,9 +110,8 @@ def _kernel(
             keep = 1.0
         if BACKWARD:
             g = grad_z * keep
-            offsets = rows.to(tl.int64)[:, None] * stride_gb + cols[None, :]
-            tl.store(gpx_ptr + offsets, (g * py).to(gpx_ptr.dtype.element_ty), mask=mask)
-            tl.store(gpy_ptr + offsets, (g * px).to(gpy_ptr.dtype.element_ty), mask=mask)
+            tl.store(ex_ptr + offsets, (g * py).to(ex_ptr.dtype.element_ty), mask=mask)
+            tl.store(ey_ptr + offsets, (g * px).to(ey_ptr.dtype.element_ty), mask=mask)
         else:
             z += px * py * keep
     if not BACKWARD:
@@ -110,17 +127,18 @@ def _kernel(
         tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-_KEY = ["B_BUCKET", "O", "FACTOR", "NX", "NY", "BACKWARD"]
+_KEY = ["B_BUCKET", "O", "FACTOR", "NX", "NY", "BACKWARD", "SAVE"]
 
 _tiled_kernel = triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_B": b, "BLOCK_O": o, "BLOCK_N": n}, num_warps=w)
-        # Each compiles without register spills for sm_90 in every dtype, forward and backward,
-        # at the benchmark's GPU shape, with Triton 3.6's and 3.9's ptxas (python -m
-        # benchmarks.compile_report); larger tiles, and 64 x 64 with BLOCK_N = 32 (or at 4
-        # warps), spill with one ptxas or the other in float32 (whose dots run on CUDA cores)
-        # or in the backward mode.
-        for b, o, n, w in [(32, 32, 32, 4), (64, 32, 32, 4), (64, 64, 16, 8), (128, 32, 32, 8)]
+        # Each compiles without register spills for sm_90 in every dtype and mode (forward,
+        # forward saving the projections, backward) at the benchmark's GPU shape, with
+        # Triton 3.6's and 3.9's ptxas (python -m benchmarks.compile_report); larger tiles,
+        # and 64 x 64 with BLOCK_N = 32 (or at 4 warps), spill with one ptxas or the other in
+        # float32 (whose dots run on CUDA cores) or in the backward mode, and 32 x 32 with
+        # BLOCK_N = 32 in float32 when saving the projections.
+        for b, o, n, w in [(32, 32, 16, 4), (64, 32, 32, 4), (64, 64, 16, 8), (128, 32, 32, 8)]
     ]),
     key=_KEY,
 )(_kernel)
@@ -160,57 +178,162 @@ _row_kernel = triton.autotune(
 )(_kernel)
 
 
-def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, grad_proj=None, normalize=False, eps=0.0):
+# Tiles of the pointwise backward kernels: 16 float32 elements per thread at 8 warps, each row
+# a contiguous run of columns.
+_POINTWISE_BLOCK_B, _POINTWISE_BLOCK_C, _POINTWISE_WARPS = 16, 256, 8
+
+
+@triton.jit
+def _pool_kernel(
+    px_ptr, py_ptr, mask_ptr, z_ptr, B, O, FACTOR,
+    stride_pb, stride_pc, stride_mb, stride_mo, stride_zb,
+    HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """z[b, j] = sum_{i<k} (proj_x * proj_y * mask)[b, j*k + i] in float32, from the saved
+    (B, o*k) projections; z is (B, o), contiguous rows of stride stride_zb."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    groups = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask = (rows < B)[:, None] & (groups < O)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    z = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+    # The k passes read a program's columns with stride k, all within the same cache lines:
+    # memory serves each byte about once, L1 the other passes.
+    for i in range(FACTOR):
+        cols = groups[None, :] * FACTOR + i
+        px = tl.load(px_ptr + rows64 * stride_pb + cols * stride_pc, mask=mask, other=0.0).to(tl.float32)
+        py = tl.load(py_ptr + rows64 * stride_pb + cols * stride_pc, mask=mask, other=0.0).to(tl.float32)
+        e = px * py
+        if HAS_MASK:
+            e *= tl.load(mask_ptr + rows64 * stride_mb + cols * stride_mo, mask=mask, other=0.0).to(tl.float32)
+        z += e
+    tl.store(z_ptr + rows64 * stride_zb + groups[None, :], z, mask=mask)
+
+
+@triton.jit
+def _grad_proj_kernel(
+    g_ptr, px_ptr, py_ptr, mask_ptr, gpx_ptr, gpy_ptr, B, C, FACTOR,
+    stride_gb, stride_go, stride_pb, stride_pc, stride_mb, stride_mo, stride_eb,
+    HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad_proj_x = g_z[c // k] * mask * proj_y and grad_proj_y = g_z[c // k] * mask * proj_x
+    for each column c < C = o*k, from the saved (B, o*k) projections; g_z is (B, o). The
+    outputs are contiguous rows of stride stride_eb."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < B)[:, None] & (cols < C)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    # Each g_z entry is read by k adjacent columns: one load from memory, the others hit L1.
+    g = tl.load(g_ptr + rows64 * stride_gb + (cols // FACTOR)[None, :] * stride_go, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        g *= tl.load(mask_ptr + rows64 * stride_mb + cols[None, :] * stride_mo, mask=mask, other=0.0).to(tl.float32)
+    px = tl.load(px_ptr + rows64 * stride_pb + cols[None, :] * stride_pc, mask=mask, other=0.0).to(tl.float32)
+    py = tl.load(py_ptr + rows64 * stride_pb + cols[None, :] * stride_pc, mask=mask, other=0.0).to(tl.float32)
+    offsets = rows64 * stride_eb + cols[None, :]
+    tl.store(gpx_ptr + offsets, (g * py).to(gpx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gpy_ptr + offsets, (g * px).to(gpy_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, expanded=None, backward=False,
+            normalize=False, eps=0.0):
     """Forward mode writes z, signed-sqrt-L2-normalised if ``normalize`` (then o must be at
-    most ``_MAX_ROW_O``); backward mode (``grad_proj`` given) reads the gradient of z from
-    ``z`` and writes the two projections' gradients into ``grad_proj``."""
+    most ``_MAX_ROW_O``), and the two projections into ``expanded`` when given; backward mode
+    reads the gradient of z from ``z`` and writes the two projections' gradients into
+    ``expanded``."""
     B, O = z.shape
     mask = dropout_mask if dropout_mask is not None else z
-    gpx, gpy = grad_proj if grad_proj is not None else (z, z)
+    ex, ey = expanded if expanded is not None else (z, z)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(O, meta["BLOCK_O"]))  # noqa: E731
     # tl.dot needs every tile dimension >= 16.
     kernel, whole_rows = (_row_kernel, {"BLOCK_O": max(16, triton.next_power_of_2(O))}) if normalize else (_tiled_kernel, {})
     kernel[grid](
         x, y, weight_x, bias_x if bias_x is not None else weight_x,
-        weight_y, bias_y if bias_y is not None else weight_y, mask, z, gpx, gpy,
+        weight_y, bias_y if bias_y is not None else weight_y, mask, z, ex, ey,
         B, batch_bucket(B), O, factor, x.shape[1], y.shape[1],
         *x.stride(), *y.stride(), *weight_x.stride(), *weight_y.stride(),
-        *mask.stride(), *z.stride(), gpx.stride(0), eps,
+        *mask.stride(), *z.stride(), ex.stride(0), eps,
         HAS_BX=bias_x is not None, HAS_BY=bias_y is not None, HAS_MASK=dropout_mask is not None,
-        BACKWARD=grad_proj is not None, NORMALIZE=normalize, PRECISION=dot_precision(x.dtype), **whole_rows,
+        BACKWARD=backward, NORMALIZE=normalize, SAVE=expanded is not None and not backward,
+        PRECISION=dot_precision(x.dtype), **whole_rows,
     )
 
 
-def _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, dtype, normalize=False, eps=0.0):
+def _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, dtype, projections=None, normalize=False,
+            eps=0.0):
     z = torch.empty((x.shape[0], weight_x.shape[0] // factor), dtype=dtype, device=x.device)
-    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, normalize=normalize, eps=eps)
+    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, projections, normalize=normalize, eps=eps)
     return z
+
+
+def _pooled_from(proj_x, proj_y, factor, dropout_mask):
+    """z (B, o) in float32 from the saved projections."""
+    B, C = proj_x.shape
+    z = torch.empty((B, C // factor), dtype=torch.float32, device=proj_x.device)
+    mask = dropout_mask if dropout_mask is not None else proj_x
+    grid = (triton.cdiv(B, _POINTWISE_BLOCK_B), triton.cdiv(z.shape[1], _POINTWISE_BLOCK_C))
+    _pool_kernel[grid](
+        proj_x, proj_y, mask, z, B, z.shape[1], factor, *proj_x.stride(), *mask.stride(), z.stride(0),
+        HAS_MASK=dropout_mask is not None, BLOCK_B=_POINTWISE_BLOCK_B, BLOCK_O=_POINTWISE_BLOCK_C,
+        num_warps=_POINTWISE_WARPS,
+    )
+    return z
+
+
+def _grad_projections(grad, proj_x, proj_y, factor, dropout_mask, dtype):
+    """(grad_proj_x, grad_proj_y), each (B, o*k) in ``dtype``, from the saved projections."""
+    B, C = proj_x.shape
+    gpx = torch.empty((B, C), dtype=dtype, device=proj_x.device)
+    gpy = torch.empty_like(gpx)
+    mask = dropout_mask if dropout_mask is not None else proj_x
+    grid = (triton.cdiv(B, _POINTWISE_BLOCK_B), triton.cdiv(C, _POINTWISE_BLOCK_C))
+    _grad_proj_kernel[grid](
+        grad, proj_x, proj_y, mask, gpx, gpy, B, C, factor,
+        *grad.stride(), *proj_x.stride(), *mask.stride(), gpx.stride(0),
+        HAS_MASK=dropout_mask is not None, BLOCK_B=_POINTWISE_BLOCK_B, BLOCK_C=_POINTWISE_BLOCK_C,
+        num_warps=_POINTWISE_WARPS,
+    )
+    return gpx, gpy
 
 
 def _normaliser(device_type: str) -> str:
     return _dispatch.resolve_backend("signed_sqrt_l2", device_type, "auto")
 
 
-def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
+def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, save_residuals):
+    """(output, residuals): the residuals are the projections [x W_x^T + b_x, y W_y^T + b_y],
+    each (B, o*k) in compute_dtype(x.dtype), when ``save_residuals``, else []."""
     if x.dtype not in KERNEL_DTYPES:
-        return _reference._forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
+        return _reference._forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps), []
+    projections = None
+    if save_residuals:
+        shape = (x.shape[0], weight_x.shape[0])
+        projections = [torch.empty(shape, dtype=compute_dtype(x.dtype), device=x.device) for _ in range(2)]
+    residuals = projections if projections is not None else []
     if not normalize or weight_x.shape[0] // factor <= _MAX_ROW_O:
-        return _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype, normalize, eps)
+        z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype, projections, normalize, eps)
+        return z, residuals
     # z stays float32 so the normalisation sees it unrounded.
-    z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
-    return _dispatch.run_forward("signed_sqrt_l2", _normaliser(_dispatch.device_type(z)), z, eps).to(x.dtype)
+    z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32, projections)
+    return _dispatch.run_forward("signed_sqrt_l2", _normaliser(_dispatch.device_type(z)), z, eps).to(x.dtype), residuals
 
 
-def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
+def _backward(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
     if x.dtype not in KERNEL_DTYPES:
         return _reference._backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
     if normalize:
-        z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
+        if residuals:
+            z = _pooled_from(*residuals, factor, dropout_mask)
+        else:
+            z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
         grad = _dispatch.run_backward("signed_sqrt_l2", _normaliser(_dispatch.device_type(z)), grad.float(), z, eps)
-    grad_px = torch.empty((x.shape[0], weight_x.shape[0]), dtype=x.dtype, device=x.device)
-    grad_py = torch.empty_like(grad_px)
-    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, grad, (grad_px, grad_py))
+    if residuals:
+        grad_px, grad_py = _grad_projections(grad, *residuals, factor, dropout_mask, x.dtype)
+    else:
+        grad_px = torch.empty((x.shape[0], weight_x.shape[0]), dtype=x.dtype, device=x.device)
+        grad_py = torch.empty_like(grad_px)
+        _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, grad, (grad_px, grad_py), backward=True)
     return [grad_px @ weight_x, grad_py @ weight_y, grad_px.t() @ x, grad_px.sum(0), grad_py.t() @ y, grad_py.sum(0)]
 
 
-_dispatch.register_kernel("factorized_bilinear", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES)
+_dispatch.register_kernel(
+    "factorized_bilinear", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES, saves_residuals=True
+)
