@@ -237,14 +237,11 @@ def _tfn_grad_weight(args, c, programs):
 
 
 def _tfn_grad_input(args, c, programs):
-    chunks = programs * _cdiv(args["P"], c["BLOCK_K"])
-    g_w = chunks * 2 * c["BLOCK_B"] * c["BLOCK_K"] * _pad(args["H"], c["BLOCK_H"])
-    # The one-hot segment sum multiplies float32 tiles: the FMA units unless TF32 is on.
-    one_hot = chunks * 2 * c["BLOCK_B"] * c["BLOCK_K"] * args["D_PAD"]
-    units = {_dot_unit(args, "w_ptr"): g_w}
-    one_hot_unit = _unit(torch.float32, args["PRECISION"])
-    units[one_hot_unit] = units.get(one_hot_unit, 0) + one_hot
-    return units
+    # One (BLOCK_B, BLOCK_J) tile of g W per leading index a and chunk of the trailing
+    # modality's d_L = n_L + 1; the contractions with the factors are not dots.
+    last = _modality_dims(args)[-1]
+    tiles = programs * _cdiv(last, c["BLOCK_J"]) * (args["P"] // last)
+    return {_dot_unit(args, "w_ptr"): tiles * 2 * c["BLOCK_B"] * c["BLOCK_J"] * _pad(args["H"], c["BLOCK_H"])}
 
 
 def _no_dots(args, c, programs):

@@ -68,6 +68,17 @@ def test_tensor_fusion_forward_flops_follow_the_program_tiles():
     assert cost.flops == {"fp32": 1 * 2 * (2 * 64 * 32 * 64)}
 
 
+def test_tensor_fusion_grad_input_flops_are_one_g_w_tile_per_leading_index_and_j_chunk():
+    t = _trace("tfn", dict(B=5, n=(2, 3, 20), h=6), "fastfusion", mode="forward+backward")
+    (launch,) = [x for x in _launches(t) if x.kernel == "tensor_fusion._grad_input_kernel"]
+    (config,) = launch.configs  # the interpreter's only config: BLOCK_B=32, BLOCK_H=128, BLOCK_J=16
+    assert (config.kwargs["BLOCK_B"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_J"]) == (32, 128, 16)
+    (cost,) = roofline.triton_costs(launch)
+    # One program; d_L = 21 in two j chunks, 3 * 4 leading indices, a 32 x 128 @ 128 x 16 dot
+    # each (h = 6 padded to the h tile).
+    assert cost.flops == {"fp32": 2 * 12 * (2 * 32 * 16 * 128)}
+
+
 def test_low_rank_fusion_reads_the_modality_table_copied_from_the_host():
     t = _trace("lmf", dict(B=5, n=(2, 3, 4), rank=2, h=6), "fastfusion", dtype=torch.bfloat16)
     (launch,) = [x for x in _launches(t) if x.kernel == "low_rank_fusion._forward_kernel"]

@@ -66,6 +66,7 @@ TFN_CASES = [  # (B, dims, h, bias)
     (1, (3, 4), 5, True),
     (5, (5, 2, 6), 7, False),
     (5, (17, 2), 19, True),
+    (3, (2, 1, 20), 6, False),  # the trailing modality spans two of the dx kernel's j chunks
 ]
 
 
@@ -88,6 +89,12 @@ def test_tensor_fusion_rejects_huge_modality():
     xs = [torch.randn(1, 1100, device=DEVICE), torch.randn(1, 1, device=DEVICE)]
     with pytest.raises(ValueError, match="modality sizes up to"):
         tensor_fusion(xs, torch.randn(2, 1101 * 2, device=DEVICE), None, backend="triton")
+
+
+def test_tensor_fusion_rejects_wide_leading_modalities():
+    xs = [torch.randn(1, 600, device=DEVICE), torch.randn(1, 600, device=DEVICE), torch.randn(1, 1, device=DEVICE)]
+    with pytest.raises(ValueError, match="all modalities but the last"):
+        tensor_fusion(xs, torch.randn(1, 601 * 601 * 2, device=DEVICE), None, backend="triton")
 
 
 # ---- low-rank fusion -------------------------------------------------------------------

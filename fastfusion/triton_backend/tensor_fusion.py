@@ -8,15 +8,18 @@ i_m = (k // stride_m) % (n_m + 1), one gather per modality, multiplied in float3
 - forward: grid (B blocks, h blocks); for each chunk of k, outer tile @ W[:, k]^T on
   tensor cores, bias in the epilogue.
 - dW = g^T outer: grid (h blocks, k blocks), the same outer tile, reduced over B.
-- dx_m: grid (B blocks, M); for each chunk of k the (g W)[:, k] tile is computed by a
-  matmul over h, multiplied by the product of the other modalities' gathers, and
-  segment-summed by i_m(k) with a one-hot matmul (tensor cores, deterministic, no
-  atomics) into a (B block, n_m + 1) accumulator. Cost: (h + pow2(max n_m + 1)) per
-  (b, k) per modality, so M times the forward's matmul work plus the one-hot term.
+- dx_m, all M at once: grid (B blocks,). With the trailing modality L = M - 1 and the flat
+  index k = a * (n_L + 1) + i_L, each (B block, j chunk of i_L) tile of G = g W is formed
+  once per leading index a by a tensor-core matmul over h, and contracted in registers:
+  dx~_L gets G scaled by the leading factors' product, and each leading modality m gets the
+  row sum of G x~_L times the other leading factors, at its column i_m(a) (the
+  factorisation of the reference's einsums). Cost: the forward's matmul work, with i_L
+  padded to the j chunk, plus O(M^2) row operations per (b, a).
 - bias gradient: grad.sum(0) in PyTorch.
 
-Any number of modalities M >= 2. The dx kernel keeps a (B block, pow2(n_m + 1))
-accumulator, so modality sizes are limited to ``MAX_MODALITY_DIM``; larger ones raise.
+Any number of modalities M >= 2. Modality sizes are limited to ``MAX_MODALITY_DIM``, and
+the dx kernel keeps a (B block, pow2(sum_{m < L} (n_m + 1))) accumulator, so that sum is
+limited to ``MAX_LEADING_WIDTH``; larger ones raise.
 dtypes: see :mod:`._fusion`.
 """
 
@@ -32,6 +35,8 @@ from . import DEVICE_TYPES
 from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile, pack_with_ones
 
 MAX_MODALITY_DIM = 1023
+# The dx kernel accumulates all modalities but the last in one (BLOCK_B, pow2) register tile.
+MAX_LEADING_WIDTH = 1024
 
 
 @triton.jit
@@ -51,13 +56,23 @@ def _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, skip, rows, row_ma
     return tile
 
 
+@triton.jit
+def _leading_factor(x_rows, row_mask, table_ptr, m, k):
+    """(packed column of x~_m[:, i_m(k)], that column of the rows as float32 (BLOCK_B,))."""
+    dim = tl.load(table_ptr + 3 * m + 1)
+    column = tl.load(table_ptr + 3 * m) + (k // tl.load(table_ptr + 3 * m + 2)) % dim
+    return column, tl.load(x_rows + column, mask=row_mask, other=0.0).to(tl.float32)
+
+
 # Three block sizes (named per kernel) and the warp count. Every config compiles without
 # register spills for sm_90 in every dtype at the benchmark's GPU shape, with Triton 3.6's
 # and 3.9's ptxas (python -m benchmarks.compile_report).
 _SIZES = [(64, 64, 32, 8), (64, 128, 32, 8), (128, 128, 32, 8), (128, 64, 32, 8)]
-# The dx kernel also holds a (BLOCK_B, D_PAD) accumulator and runs its float32 one-hot
-# products on CUDA cores: the other tiles tried (up to 128 x 128 x 32, 4 to 16 warps) spill.
-_GRAD_INPUT_SIZES = [(32, 32, 32, 8), (32, 32, 16, 4), (64, 64, 16, 16)]
+# The dx kernel: (BLOCK_B, BLOCK_H, BLOCK_J, warps). BLOCK_J pads the trailing modality's
+# n + 1 (65 at the benchmark's shape: 16 wastes the least); BLOCK_B = 32 gives 128 programs
+# at B = 4096, about one per SM. It also holds a (BLOCK_B, LEAD_PAD) float32 accumulator:
+# smaller h tiles (32, 64 with BLOCK_J = 16) and 64 x 64 x 32 spill in float32.
+_GRAD_INPUT_SIZES = [(32, 128, 16, 4), (32, 128, 16, 8), (64, 128, 16, 8), (32, 64, 32, 4)]
 
 
 def _configs(names, sizes=_SIZES):
@@ -115,37 +130,66 @@ def _grad_weight_kernel(
 
 
 @triton.autotune(
-    configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_K"), _GRAD_INPUT_SIZES), key=["B_BUCKET", "H", "P", "D_PAD"]
+    configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_J"), _GRAD_INPUT_SIZES), key=["B_BUCKET", "H", "P", "LEAD_PAD"]
 )
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_input_kernel(
     xt_ptr, table_ptr, g_ptr, w_ptr, gxt_ptr,
     B, B_BUCKET, H, P, num_modalities,
     stride_xb, stride_gb, stride_gh, stride_wh, stride_wk, stride_gxb,
-    PRECISION: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, LEAD_PAD: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
+    """All M input gradients of a block of rows, from G = g W formed once.
+
+    With L = M - 1 the trailing modality, k = a * d_L + j (a the leading modalities' flat
+    index, j = i_L), c_a[b] = prod_{l < L} x~_l[b, i_l(a)] and c_a^m its factor without
+    modality m:
+        dx~_L[b, j]      = sum_a G[b, a d_L + j] c_a[b]
+        dx~_m[b, i_m(a)] += s_a[b] c_a^m[b],   s_a[b] = sum_j G[b, a d_L + j] x~_L[b, j]   (m < L)
+    The (BLOCK_B, BLOCK_J) tile of G is one tensor-core matmul over h; the rest are row
+    scalings and row sums on it. The leading modalities' gradients, columns [0, LEAD_PAD)
+    of the packed layout, accumulate across the j chunks in registers.
+    """
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    m = tl.program_id(1)
     row_mask = rows < B
-    offset = tl.load(table_ptr + 3 * m)
-    dim = tl.load(table_ptr + 3 * m + 1)
-    stride = tl.load(table_ptr + 3 * m + 2)
-    i = tl.arange(0, D_PAD)
-    acc = tl.zeros((BLOCK_B, D_PAD), dtype=tl.float32)
-    for k0 in range(0, P, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k < P
-        # (g W)[rows, k]; columns past P read W as 0, so they add nothing below.
-        gw = matmul_tile(g_ptr, stride_gb, stride_gh, w_ptr, stride_wh, stride_wk,
-                         rows, k, row_mask, k_mask, 0, H, PRECISION, BLOCK_H)
-        part = gw * _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, m, rows, row_mask, k, k_mask)
-        # In float32 whatever the input dtype: rounding part first would add an error of
-        # the dtype to every term of the segment sum.
-        one_hot = tl.where(((k // stride) % dim)[:, None] == i[None, :], 1.0, 0.0)
-        acc = dot(part, one_hot, acc, PRECISION)
-    out = gxt_ptr + rows.to(tl.int64)[:, None] * stride_gxb + offset + i[None, :]
-    tl.store(out, acc.to(gxt_ptr.dtype.element_ty), mask=row_mask[:, None] & (i < dim)[None, :])
+    x_rows = xt_ptr + rows.to(tl.int64) * stride_xb
+    out_rows = gxt_ptr + rows.to(tl.int64)[:, None] * stride_gxb
+    last = num_modalities - 1
+    last_offset = tl.load(table_ptr + 3 * last)  # = the leading modalities' packed width
+    last_dim = tl.load(table_ptr + 3 * last + 1)
+    lead = tl.arange(0, LEAD_PAD)
+    acc_lead = tl.zeros((BLOCK_B, LEAD_PAD), dtype=tl.float32)
+    for j0 in range(0, last_dim, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        j_mask = j < last_dim
+        # Columns past d_L read x~_L and W as 0, so they add nothing below.
+        x_last = tl.load(x_rows[:, None] + last_offset + j[None, :],
+                         mask=row_mask[:, None] & j_mask[None, :], other=0.0).to(tl.float32)
+        acc_last = tl.zeros((BLOCK_B, BLOCK_J), dtype=tl.float32)
+        for a in range(0, P // last_dim):
+            k0 = a * last_dim
+            gw = matmul_tile(g_ptr, stride_gb, stride_gh, w_ptr, stride_wh, stride_wk,
+                             rows, k0 + j, row_mask, j_mask, 0, H, PRECISION, BLOCK_H)
+            # In float32 whatever the input dtype: rounding first would add an error of the
+            # dtype to every term of the sums over a and j.
+            s = tl.sum(gw * x_last, axis=1)
+            c = tl.full((BLOCK_B,), 1.0, dtype=tl.float32)
+            for l in range(last):
+                c *= _leading_factor(x_rows, row_mask, table_ptr, l, k0)[1]
+            for m in range(last):
+                # c_a^m by its own product, not c_a / x~_m, which inputs equal to 0 break: M
+                # is small, and the row loads hit L1.
+                column, _ = _leading_factor(x_rows, row_mask, table_ptr, m, k0)
+                others = s
+                for l in range(last):
+                    others *= tl.where(l == m, 1.0, _leading_factor(x_rows, row_mask, table_ptr, l, k0)[1])
+                acc_lead += tl.where(lead[None, :] == column, others[:, None], 0.0)
+            acc_last += gw * c[:, None]
+        tl.store(out_rows + last_offset + j[None, :], acc_last.to(gxt_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & j_mask[None, :])
+    tl.store(out_rows + lead[None, :], acc_lead.to(gxt_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & (lead < last_offset)[None, :])
 
 
 def _check_supported(xs) -> None:
@@ -155,6 +199,17 @@ def _check_supported(xs) -> None:
             f"the triton tensor_fusion kernels support modality sizes up to {MAX_MODALITY_DIM}, "
             f"got {largest}; use backend='torch'"
         )
+    leading = sum(x.shape[1] + 1 for x in xs[:-1])
+    if leading > MAX_LEADING_WIDTH:
+        raise ValueError(
+            f"the triton tensor_fusion kernels support sum of (n_m + 1) over all modalities but the last "
+            f"up to {MAX_LEADING_WIDTH}, got {leading}; use backend='torch'"
+        )
+
+
+def _lead_pad(offsets) -> int:
+    """The dx kernel's accumulator width: the leading modalities' packed columns, pow2."""
+    return max(16, triton.next_power_of_2(offsets[-1]))
 
 
 def _forward(xs, weight, bias):
@@ -190,12 +245,12 @@ def _backward(grad, xs, weight, bias):
         PRECISION=precision,
     )
     grad_packed = torch.empty_like(packed)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), len(xs))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)  # noqa: E731
     _grad_input_kernel[grid](
         packed, table, grad, weight, grad_packed,
         B, batch_bucket(B), H, P, len(xs),
         packed.stride(0), grad.stride(0), grad.stride(1), weight.stride(0), weight.stride(1), grad_packed.stride(0),
-        PRECISION=precision, D_PAD=max(16, triton.next_power_of_2(max(x.shape[1] for x in xs) + 1)),
+        PRECISION=precision, LEAD_PAD=_lead_pad(offsets),
     )
     # Column 0 of each modality is the constant's gradient, which has no input. Copies, as
     # a custom op's outputs may not alias one another (views of a B = 1 buffer would).
