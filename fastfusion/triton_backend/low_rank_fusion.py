@@ -255,18 +255,17 @@ def _backward(grad, residuals, xs, factors, weights, bias):
                             B, batch_bucket(B), H, R, M,
                             stride_pm, R * H, grad_proj.stride(0), grad.stride(0), grad.stride(1),
                             weights.stride(0))
+    # [1, x_0, 1, x_1, ...] (B, S): its columns of modality m are x~_m, so the constant rows of
+    # grad_W come out of the same GEMM as the rest, not from M column sums of grad_proj.
+    packed, _, offsets, _ = pack_with_ones(xs)
     grad_xs, grad_factors = [], []
     for m, x in enumerate(xs):
         # grad_x_m = grad_proj[m] (B, R*H) @ (W_m[:, 1:] as (n_m, R*H))^T.
         grad_xs.append(torch.mm(grad_proj[m], flat[m][1:].t()))
-        # grad_W_m[r] = x~_m^T grad_proj[m][:, r], written in place into the (R, n_m + 1, h)
-        # result: the constant row is grad_proj's column sums, the rest one batched GEMM whose
-        # x_m^T operand is broadcast over the ranks (batch stride 0, not copied).
-        per_rank = grad_proj[m].view(B, R, H).transpose(0, 1)
-        grad_factor = torch.empty((R, x.shape[1] + 1, H), dtype=grad.dtype, device=grad.device)
-        torch.sum(per_rank, dim=1, out=grad_factor[:, 0])
-        torch.bmm(x.t().expand(R, -1, -1), per_rank, out=grad_factor[:, 1:])
-        grad_factors.append(grad_factor)
+        # grad_W_m[r] = x~_m^T grad_proj[m][:, r], one batched GEMM over the ranks whose x~_m^T
+        # operand is broadcast (batch stride 0, not copied).
+        xt = packed[:, offsets[m] : offsets[m] + x.shape[1] + 1]
+        grad_factors.append(torch.bmm(xt.t().expand(R, -1, -1), grad_proj[m].view(B, R, H).transpose(0, 1)))
     return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]
 
 
