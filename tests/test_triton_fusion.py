@@ -120,6 +120,32 @@ def test_low_rank_fusion(B, dims, rank, h, dtype):
     _check(op, tensors, dtype, noncontiguous=B > 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dims", [(3, 4), (2, 3, 4, 2, 3)], ids=["two", "five"])  # five > _MAX_SAVED
+def test_low_rank_fusion_residuals(dims, dtype):
+    # The forward saves the projections (the op's contract), and the backward from them
+    # matches the backward that recomputes them (the kernels' result without residuals).
+    B, rank, h = 6, 3, 10
+    xs = [_randn(B, n).to(DEVICE, dtype) for n in dims]
+    factors = [_randn(rank, n + 1, h).to(DEVICE, dtype) for n in dims]
+    args = (xs, factors, _randn(rank).to(DEVICE, dtype), _randn(h).to(DEVICE, dtype))
+    out, residuals = torch.ops.fastfusion.low_rank_fusion(*args, True, "triton")
+    out_unsaved, none = torch.ops.fastfusion.low_rank_fusion(*args, False, "triton")
+    assert none == [] and torch.equal(out, out_unsaved)
+    wide = torch.float32 if dtype == torch.bfloat16 else dtype
+    for got, x, w in zip(residuals, xs, factors, strict=True):
+        expected = (x.to(wide) @ w[:, 1:].to(wide) + w[:, :1].to(wide)).transpose(0, 1).reshape(B, rank * h)
+        assert got.dtype == wide and got.shape == (B, rank * h)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grad = _randn(*out.shape).to(DEVICE, dtype)
+    saved = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, *args, "triton")
+    recomputed = torch.ops.fastfusion.low_rank_fusion_backward(grad, [], *args, "triton")
+    # In bfloat16 the recomputed projections are rounded to bfloat16, the saved ones are not.
+    tol = 4 * torch.finfo(dtype).eps if dtype == torch.bfloat16 else 1e-6
+    for a, b in zip(saved, recomputed, strict=True):
+        assert rel_err(a, b) <= tol
+
+
 # ---- factorized bilinear pooling -------------------------------------------------------
 
 MFB_CASES = [  # (B, n_x, n_y, o, k, bias, dropout mask, normalize)
