@@ -58,32 +58,38 @@ def test_compile_estimate_fuses_the_reference_into_one_pass():
     assert len(eager.kernels) > 5 and eager.bytes > 4 * fused.bytes  # the chain of pointwise ops
 
 
-def test_tensor_fusion_forward_flops_follow_the_program_tiles():
-    t = _trace("tfn", dict(B=5, n=(2, 3, 4), h=6), "fastfusion")
-    (launch,) = [x for x in _launches(t) if x.kernel == "tensor_fusion._forward_kernel"]
-    (config,) = launch.configs  # the interpreter's only config: BLOCK_B=64, BLOCK_H=64, BLOCK_K=32
-    assert (config.kwargs["BLOCK_B"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_K"]) == (64, 64, 32)
+def _only_launch(name, kernel, sizes, mode="forward", dtype=torch.float32):
+    """The one launch of Triton kernel ``name``, its config (the interpreter's only one, a
+    dict of block sizes) and its cost."""
+    (launch,) = [x for x in _launches(_trace(kernel, sizes, "fastfusion", mode, dtype)) if x.kernel == name]
+    (config,) = launch.configs
     (cost,) = roofline.triton_costs(launch)
+    return launch, config.kwargs, cost
+
+
+def test_tensor_fusion_forward_flops_follow_the_program_tiles():
+    _, config, cost = _only_launch("tensor_fusion._forward_kernel", "tfn", dict(B=5, n=(2, 3, 4), h=6))
+    assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_K"]) == (64, 64, 32)
     # P = 3 * 4 * 5 = 60: one program, two K chunks of a 64 x 32 @ 32 x 64 float32 dot.
     assert cost.flops == {"fp32": 1 * 2 * (2 * 64 * 32 * 64)}
 
 
 def test_tensor_fusion_grad_input_flops_are_one_g_w_tile_per_leading_index_and_j_chunk():
-    t = _trace("tfn", dict(B=5, n=(2, 3, 20), h=6), "fastfusion", mode="forward+backward")
-    (launch,) = [x for x in _launches(t) if x.kernel == "tensor_fusion._grad_input_kernel"]
-    (config,) = launch.configs  # the interpreter's only config: BLOCK_B=32, BLOCK_H=128, BLOCK_J=16
-    assert (config.kwargs["BLOCK_B"], config.kwargs["BLOCK_H"], config.kwargs["BLOCK_J"]) == (32, 128, 16)
-    (cost,) = roofline.triton_costs(launch)
+    _, config, cost = _only_launch(
+        "tensor_fusion._grad_input_kernel", "tfn", dict(B=5, n=(2, 3, 20), h=6), mode="forward+backward"
+    )
+    assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_J"]) == (32, 128, 16)
     # One program; d_L = 21 in two j chunks, 3 * 4 leading indices, a 32 x 128 @ 128 x 16 dot
     # each (h = 6 padded to the h tile).
     assert cost.flops == {"fp32": 2 * 12 * (2 * 32 * 16 * 128)}
 
 
 def test_low_rank_fusion_reads_the_modality_table_copied_from_the_host():
-    t = _trace("lmf", dict(B=5, n=(2, 3, 4), rank=2, h=6), "fastfusion", dtype=torch.bfloat16)
-    (launch,) = [x for x in _launches(t) if x.kernel == "low_rank_fusion._forward_kernel"]
+    launch, config, cost = _only_launch(
+        "low_rank_fusion._forward_kernel", "lmf", dict(B=5, n=(2, 3, 4), rank=2, h=6), dtype=torch.bfloat16
+    )
     assert roofline._modality_dims(launch.args) == [3, 4, 5]
-    (cost,) = roofline.triton_costs(launch)
+    assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_K"]) == (32, 32, 32)
     # One (32 x 32) program, per rank and modality a projection padded to BLOCK_K = 32.
     assert cost.flops == {"bf16": 2 * 3 * (2 * 32 * 32 * 32)}
 
