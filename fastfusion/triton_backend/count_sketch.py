@@ -50,7 +50,8 @@ def _build_inverse_table(hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -
     perm = torch.argsort(hash, stable=True)
     # Bucket sizes by an integer scatter-add (exact, so deterministic) rather than bincount,
     # whose output length depends on the values: this builds on the meta device too.
-    counts = torch.zeros(out_dim, dtype=torch.int32, device=hash.device).index_add_(0, hash, torch.ones_like(hash, dtype=torch.int32))
+    ones = torch.ones_like(hash, dtype=torch.int32)
+    counts = torch.zeros(out_dim, dtype=torch.int32, device=hash.device).index_add_(0, hash, ones)
     offsets = torch.zeros(out_dim + 1, dtype=torch.int32, device=hash.device)
     offsets[1:] = counts.cumsum(0)
     return InverseTable(offsets, perm.to(torch.int32), sign[perm].to(torch.float32))

@@ -40,27 +40,28 @@ MAX_LEADING_WIDTH = 1024
 
 
 @triton.jit
-def _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, skip, rows, row_mask, k, k_mask):
-    """prod over modalities m != skip of x~_m[b, i_m(k)], float32, for b in rows and flat
-    indices k; positions outside the masks read 1 (the caller zeroes them elsewhere)."""
+def _packed_column(table_ptr, m, k):
+    """The packed column holding x~_m[:, i_m(k)] for flat outer-product index (or indices) k."""
+    return tl.load(table_ptr + 3 * m) + (k // tl.load(table_ptr + 3 * m + 2)) % tl.load(table_ptr + 3 * m + 1)
+
+
+@triton.jit
+def _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, rows, row_mask, k, k_mask):
+    """prod over modalities of x~_m[b, i_m(k)], float32, for b in rows and flat indices k;
+    positions outside the masks read 1 (the caller zeroes them elsewhere)."""
     tile = tl.full((rows.shape[0], k.shape[0]), 1.0, dtype=tl.float32)
     row_ptrs = xt_ptr + rows.to(tl.int64)[:, None] * stride_xb
     mask = row_mask[:, None] & k_mask[None, :]
     for m in range(num_modalities):
-        offset = tl.load(table_ptr + 3 * m)
-        dim = tl.load(table_ptr + 3 * m + 1)
-        stride = tl.load(table_ptr + 3 * m + 2)
-        column = offset + (k // stride) % dim
-        factor = tl.load(row_ptrs + column[None, :], mask=mask, other=1.0).to(tl.float32)
-        tile *= tl.where(m == skip, 1.0, factor)
+        column = _packed_column(table_ptr, m, k)
+        tile *= tl.load(row_ptrs + column[None, :], mask=mask, other=1.0).to(tl.float32)
     return tile
 
 
 @triton.jit
 def _leading_factor(x_rows, row_mask, table_ptr, m, k):
     """(packed column of x~_m[:, i_m(k)], that column of the rows as float32 (BLOCK_B,))."""
-    dim = tl.load(table_ptr + 3 * m + 1)
-    column = tl.load(table_ptr + 3 * m) + (k // tl.load(table_ptr + 3 * m + 2)) % dim
+    column = _packed_column(table_ptr, m, k)
     return column, tl.load(x_rows + column, mask=row_mask, other=0.0).to(tl.float32)
 
 
@@ -96,7 +97,7 @@ def _forward_kernel(
     for k0 in range(0, P, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_mask = k < P
-        outer = _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, -1, rows, row_mask, k, k_mask)
+        outer = _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, rows, row_mask, k, k_mask)
         w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
         acc = dot(outer.to(w.dtype), w, acc, PRECISION)
     if HAS_BIAS:
@@ -123,7 +124,7 @@ def _grad_weight_kernel(
         row_mask = rows < B
         g_ptrs = g_ptr + rows.to(tl.int64)[None, :] * stride_gb + cols[:, None] * stride_gh
         g = tl.load(g_ptrs, mask=col_mask[:, None] & row_mask[None, :], other=0.0)
-        outer = _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, -1, rows, row_mask, k, k_mask)
+        outer = _outer_tile(xt_ptr, stride_xb, table_ptr, num_modalities, rows, row_mask, k, k_mask)
         acc = dot(g, outer.to(g.dtype), acc, PRECISION)
     out = gw_ptr + cols.to(tl.int64)[:, None] * stride_gwh + k[None, :]
     tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=col_mask[:, None] & k_mask[None, :])
@@ -180,7 +181,7 @@ def _grad_input_kernel(
             for m in range(last):
                 # c_a^m by its own product, not c_a / x~_m, which inputs equal to 0 break: M
                 # is small, and the row loads hit L1.
-                column, _ = _leading_factor(x_rows, row_mask, table_ptr, m, k0)
+                column = _packed_column(table_ptr, m, k0)
                 others = s
                 for l in range(last):
                     others *= tl.where(l == m, 1.0, _leading_factor(x_rows, row_mask, table_ptr, l, k0)[1])
