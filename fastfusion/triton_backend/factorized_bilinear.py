@@ -16,11 +16,12 @@ with the biases in the epilogue.
   inputs. Without them the (B, o*k) expansion never exists.
 - forward, normalize with o > ``_MAX_ROW_O``: a row no longer fits one program's
   registers, and the norm spans every o block, so z is written in float32 and normalised
-  by the ``signed_sqrt_l2`` op's own kernel (the best backend registered for the device),
-  which reads each row twice, the second time from L2.
+  by the Triton ``signed_sqrt_l2`` epilogue kernel, which reads each row twice (the second
+  time from L2) and writes the output dtype: no separate cast.
 - backward from the residuals: no projection is recomputed. With ``normalize``,
   ``_pool_kernel`` sums the saved products into z in float32 (a pass over the residuals)
-  and the ``signed_sqrt_l2`` op takes the normalisation's gradient; ``_grad_proj_kernel``
+  and the ``signed_sqrt_l2`` epilogue's backward kernel takes the normalisation's gradient
+  (reading the output gradient in its own dtype); ``_grad_proj_kernel``
   writes grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x,
   (B, o*k); grad_x, grad_y, grad_W and grad_b come from them by torch matmuls and sums
   (cuBLAS).
@@ -50,7 +51,7 @@ from ..ops import factorized_bilinear as _reference
 from ..ops._common import compute_dtype
 from . import DEVICE_TYPES
 from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile
-from .signed_sqrt_l2 import _accumulate_norm, _finish_norm, _signed_root
+from .signed_sqrt_l2 import _accumulate_norm, _finish_norm, _signed_root, epilogue_backward, epilogue_forward
 
 # Largest o whose rows one program holds for the fused normalisation. The kernel keeps three
 # (BLOCK_B, BLOCK_O) float32 tiles (z, proj_x, proj_y), and for sm_90 every row config spills
@@ -294,10 +295,6 @@ def _grad_projections(grad, proj_x, proj_y, factor, dropout_mask, dtype):
     return gpx, gpy
 
 
-def _normaliser(device_type: str) -> str:
-    return _dispatch.resolve_backend("signed_sqrt_l2", device_type, "auto")
-
-
 def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, save_residuals):
     """(output, residuals): the residuals are the projections [x W_x^T + b_x, y W_y^T + b_y],
     each (B, o*k) in compute_dtype(x.dtype), when ``save_residuals``, else []."""
@@ -313,7 +310,7 @@ def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, nor
         return z, residuals
     # z stays float32 so the normalisation sees it unrounded.
     z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32, projections)
-    return _dispatch.run_forward("signed_sqrt_l2", _normaliser(_dispatch.device_type(z)), z, eps).to(x.dtype), residuals
+    return epilogue_forward(z, None, True, eps, x.dtype), residuals
 
 
 def _backward(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
@@ -324,7 +321,7 @@ def _backward(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor,
             z = _pooled_from(*residuals, factor, dropout_mask)
         else:
             z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
-        grad = _dispatch.run_backward("signed_sqrt_l2", _normaliser(_dispatch.device_type(z)), grad.float(), z, eps)
+        grad, _ = epilogue_backward(grad, z, None, True, eps, torch.float32)
     if residuals:
         grad_px, grad_py = _grad_projections(grad, *residuals, factor, dropout_mask, x.dtype)
     else:
