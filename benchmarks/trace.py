@@ -86,7 +86,7 @@ def _fft_length(func, args, kwargs, x: torch.Tensor, out: torch.Tensor) -> tuple
     name = func.overloadpacket.__name__
     if name.startswith("fft_"):
         dim = kwargs.get("dim", args[2] if len(args) > 2 else -1)
-        real_side = out if name in ("fft_irfft",) else x
+        real_side = out if name == "fft_irfft" else x
         length = real_side.shape[dim]
         return x.numel() // x.shape[dim], length
     dims = args[1]
