@@ -137,10 +137,14 @@ def _ff_count_sketch(inputs, outputs):
 
 
 def _ff_compact_bilinear(inputs, outputs):
-    # xs (B, T, n_m) -> count sketch and rfft per position and modality; the product is
-    # pooled over T in the frequency domain, so one irfft per sample.
-    xs, out_dim = _tensor_list(inputs[0]), inputs[3].toIValue()
+    # xs (B, T, n_m). FFT path: count sketch and rfft per position and modality, the product
+    # pooled over T in the frequency domain, one irfft per sample. Gram path: X^T Y per sample
+    # and the scatter of its n_1 n_2 entries.
+    xs, out_dim, algorithm = _tensor_list(inputs[0]), inputs[3].toIValue(), inputs[8].toIValue()
     batch, positions = xs[0][0], xs[0][1]
+    if algorithm == "gram":
+        (_, _, n1), (_, _, n2) = xs
+        return Counter(contraction=2 * batch * positions * n1 * n2, scatter_add=batch * n1 * n2)
     return Counter(
         scatter_add=sum(_numel(x) for x in xs),
         fft=len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ._validation import check_hash, check_positive_int, check_shape, check_sign
-from .ops.compact_bilinear import sketch_and_pool
+from .ops.compact_bilinear import ALGORITHMS, sketch_and_pool
 from .ops.factorized_bilinear import factorized_bilinear
 from .ops.signed_sqrt_l2 import DEFAULT_EPS
 from .ops.low_rank_fusion import low_rank_fusion
@@ -127,6 +127,7 @@ class CompactBilinearPooling(_FusionModule):
     position and the output is (..., out_dim); with pool "sum" or "mean" the inputs are
     (B, T, n_m) and T is pooled in the frequency domain, giving (B, out_dim). With
     ``normalize`` the output goes through signed square root and L2 normalisation.
+    ``algorithm`` ("auto", "fft" or "gram") is :func:`fastfusion.compact_bilinear`'s.
 
     A state_dict must match ``in_dims``, ``out_dim``, ``pool`` and ``normalize``. ``seed``
     only picks the hashes and signs drawn here, which a loaded state_dict replaces.
@@ -134,15 +135,27 @@ class CompactBilinearPooling(_FusionModule):
 
     _DEFINING = ("in_dims", "out_dim", "pool", "normalize")
 
-    def __init__(self, in_dims: Sequence[int], out_dim: int, *, pool: str | None = None, normalize: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        in_dims: Sequence[int],
+        out_dim: int,
+        *,
+        pool: str | None = None,
+        normalize: bool = True,
+        seed: int = 0,
+        algorithm: str = "auto",
+    ):
         super().__init__()
         self.in_dims = _check_in_dims(in_dims)
         self.out_dim = check_positive_int("out_dim", out_dim)
         if pool not in _POOLS:
             raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
+        if algorithm not in ALGORITHMS or (algorithm == "gram" and len(self.in_dims) != 2):
+            raise ValueError(f"algorithm must be one of {ALGORITHMS} ('gram' for 2 modalities), got {algorithm!r}")
         self.pool = pool
         self.normalize = normalize
         self.seed = seed
+        self.algorithm = algorithm
         for m, (hash, sign) in enumerate(draw_hashes_and_signs(self.in_dims, self.out_dim, seed)):
             self.register_buffer(f"hash_{m}", hash)
             self.register_buffer(f"sign_{m}", sign)
@@ -166,14 +179,17 @@ class CompactBilinearPooling(_FusionModule):
     def _sketch(self, xs, gate=None) -> torch.Tensor:
         return sketch_and_pool(
             list(xs), self.hashes, self.signs, self.out_dim, self._pool_dim(xs), self.pool or "sum",
-            gate, self.normalize, DEFAULT_EPS, None, check_values=False,
+            gate, self.normalize, DEFAULT_EPS, None, self.algorithm, check_values=False,
         )
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         return self._sketch(xs)
 
     def extra_repr(self) -> str:
-        return f"in_dims={self.in_dims}, out_dim={self.out_dim}, pool={self.pool}, normalize={self.normalize}, seed={self.seed}"
+        return (
+            f"in_dims={self.in_dims}, out_dim={self.out_dim}, pool={self.pool}, normalize={self.normalize}, "
+            f"seed={self.seed}, algorithm={self.algorithm}"
+        )
 
     def _check_loaded_tensor(self, label, name, value, current):
         # copy_ would turn a float or int16 hash, or a sign of 1.5, into a valid-looking
@@ -211,8 +227,9 @@ class GatedCompactBilinearPooling(CompactBilinearPooling):
         pool: str | None = None,
         normalize: bool = True,
         seed: int = 0,
+        algorithm: str = "auto",
     ):
-        super().__init__(in_dims, out_dim, pool=pool, normalize=normalize, seed=seed)
+        super().__init__(in_dims, out_dim, pool=pool, normalize=normalize, seed=seed, algorithm=algorithm)
         if gate not in self._GATES:
             raise ValueError(f"gate must be one of {self._GATES}, got {gate!r}")
         self.gate = gate

@@ -9,10 +9,10 @@ TORCH_LIBRARY(fastfusion_cpu, m) {
   m.def("count_sketch_backward(Tensor grad, Tensor hash, Tensor sign) -> Tensor");
   m.def(
       "compact_bilinear(Tensor[] xs, Tensor[] hashes, Tensor[] signs, int out_dim, bool mean, Tensor? gate, "
-      "bool normalize, float eps, bool save_residuals) -> (Tensor, Tensor[])");
+      "bool normalize, float eps, str algorithm, bool save_residuals) -> (Tensor, Tensor[])");
   m.def(
       "compact_bilinear_backward(Tensor grad, Tensor[] residuals, Tensor[] xs, Tensor[] hashes, Tensor[] signs, int out_dim, bool mean, "
-      "Tensor? gate, bool normalize, float eps) -> Tensor[]");
+      "Tensor? gate, bool normalize, float eps, str algorithm) -> Tensor[]");
   m.def("signed_sqrt_l2(Tensor z, float eps) -> Tensor");
   m.def("signed_sqrt_l2_backward(Tensor grad, Tensor z, float eps) -> Tensor");
   m.def(

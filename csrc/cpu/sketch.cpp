@@ -222,7 +222,9 @@ struct Problem {
 std::tuple<at::Tensor, std::vector<at::Tensor>> compact_bilinear(at::TensorList xs_in, at::TensorList hashes,
                                                                  at::TensorList signs, int64_t out_dim, bool mean,
                                                                  const std::optional<at::Tensor>& gate_in,
-                                                                 bool normalize, double eps, bool save_residuals) {
+                                                                 bool normalize, double eps, c10::string_view algorithm,
+                                                                 bool save_residuals) {
+  TORCH_CHECK(algorithm == "fft", "TODO(gram helper)");
   const auto type = compute_type(xs_in[0], "compact_bilinear");
   const int64_t B = xs_in[0].size(0), P = xs_in[0].size(1);
   auto out = at::empty({B, out_dim}, at::TensorOptions().dtype(type));
@@ -266,7 +268,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> compact_bilinear(at::TensorList 
 std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at::TensorList residuals,
                                                   at::TensorList xs_in, at::TensorList hashes, at::TensorList signs,
                                                   int64_t out_dim, bool mean, const std::optional<at::Tensor>& gate_in,
-                                                  bool normalize, double eps) {
+                                                  bool normalize, double eps, c10::string_view algorithm) {
+  TORCH_CHECK(algorithm == "fft", "TODO(gram helper)");
   const auto type = compute_type(xs_in[0], "compact_bilinear_backward");
   std::vector<at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES(type, "compact_bilinear_backward", [&] {

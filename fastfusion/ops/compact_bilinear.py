@@ -17,12 +17,27 @@ Compact bilinear pooling:  z = g * sum_t TS(x_1t, ..., x_Mt), with an optional g
 (CBGP, shape (..., d), e.g. softmax(W [pooled inputs] + b)), then signed sqrt and L2
 normalisation when ``normalize``.
 
+Two algorithms compute the pooled sketch of two modalities; they agree to rounding:
+
+- "fft": as above, M rffts per position, the spectra multiplied and summed over t, one irfft
+  per sample: about (M + 1) T d log2 d work and M T d intermediate values per sample.
+- "gram": pooling is linear, so sum_t TS(x_t, y_t) is the count sketch of the Gram matrix
+  G = X^T Y (X (T, n_1), Y (T, n_2)) with the combined hash (h_1(i) + h_2(j)) mod d and sign
+  s_1(i) s_2(j): an exact identity. One GEMM (2 T n_1 n_2 flops) and a scatter of n_1 n_2
+  values per sample; no per-position sketch or spectrum exists. Its backward gathers
+  dG_ij = s_1(i) s_2(j) dz_{(h_1(i) + h_2(j)) mod d} and forms dX = Y dG^T, dY = X dG.
+
+"auto" picks per call from the sizes (:func:`algorithm_costs`): the Gram path wins for long
+sequences of small features (spatial cells, frames), the FFT path for single vectors and wide
+features. Only two modalities have a Gram path.
+
 The custom op works on a canonical layout: every modality (B, T, n_m), output (B, d);
 unpooled calls use T = 1. Inputs in float16/bfloat16 are transformed in float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import List, Optional, Tuple
 
@@ -43,6 +58,66 @@ from .count_sketch import check_sketch_args, count_sketch_backward_reference, co
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
 POOL_MODES = ("sum", "mean")
+ALGORITHMS = ("auto", "gram", "fft")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Throughput:
+    """What a device does per second, for :func:`algorithm_costs`."""
+
+    gemm_flops: dict  # dtype -> dense matmul flop/s (2 per multiply-add)
+    scatter: float  # Gram entries added into (or gathered from) the d bins
+    fft_flops: float  # 2.5 N log2 N per real transform of length N
+    bandwidth: float  # bytes of memory traffic
+
+
+# cuda: an H100, derated from its datasheet (bf16 989, TF32 495, FP32 67 TFLOP/s, 3.35 TB/s)
+# to what large kernels reach; the Gram scatter is one red.global.add per entry into bins that
+# stay in L2. cpu: the C++ backend measured on 2 cores (AMD EPYC and Intel Xeon; see
+# benchmarks/results): MKL's SGEMM, the scatter loop, and fft.h's transforms with the sketch,
+# product and pooling around them.
+_THROUGHPUT = {
+    "cuda": _Throughput({torch.float64: 50e12, torch.float32: 50e12, "tf32": 350e12, torch.bfloat16: 600e12,
+                         torch.float16: 600e12}, scatter=250e9, fft_flops=40e12, bandwidth=2.8e12),
+    "cpu": _Throughput({torch.float64: 40e9, torch.float32: 80e9, torch.bfloat16: 80e9, torch.float16: 80e9},
+                       scatter=1.0e9, fft_flops=40e9, bandwidth=10e9),
+}
+
+
+def algorithm_costs(device_type: str, batch: int, positions: int, dims, out_dim: int, dtype: torch.dtype) -> dict:
+    """Modelled seconds of each algorithm for a call of this size: ``{"fft": s, "gram": s}``,
+    without "gram" unless there are two modalities. A model to rank the two (FLOPs and bytes of
+    each at a device's throughput), not a prediction of time; :func:`choose_algorithm` takes
+    the cheaper."""
+    rates = _THROUGHPUT.get(device_type, _THROUGHPUT["cpu"])
+    size = torch.empty((), dtype=dtype).element_size()
+    rows = batch * positions
+    transform = 2.5 * out_dim * math.log2(max(out_dim, 2)) / rates.fft_flops
+    # Per position and modality a sketch, its spectrum and the product pass: about five
+    # float32 passes over d values; per sample one inverse transform.
+    fft = rows * len(dims) * (transform + 5 * 4 * out_dim / rates.bandwidth) + batch * transform
+    costs = {"fft": fft}
+    if len(dims) == 2:
+        n1, n2 = dims
+        unit = "tf32" if dtype == torch.float32 and device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else dtype
+        gemm = 2 * rows * n1 * n2 / rates.gemm_flops[unit]
+        costs["gram"] = gemm + batch * n1 * n2 / rates.scatter + rows * (n1 + n2) * size / rates.bandwidth
+    return costs
+
+
+def choose_algorithm(algorithm: str, device_type: str, batch: int, positions: int, dims, out_dim: int, dtype) -> str:
+    """``algorithm`` resolved to "gram" or "fft": as asked, or for "auto" the cheaper by
+    :func:`algorithm_costs`. On CUDA the Gram path adds into its bins with atomics, whose order
+    varies, so under ``torch.use_deterministic_algorithms(True)`` "auto" takes the FFT path and
+    an explicit "gram" raises (or warns, with warn_only) as PyTorch's own such ops do."""
+    if algorithm == "auto":
+        if device_type == "cuda" and torch.are_deterministic_algorithms_enabled():
+            return "fft"
+        costs = algorithm_costs(device_type, batch, positions, dims, out_dim, dtype)
+        return min(costs, key=costs.get)
+    if algorithm == "gram" and device_type == "cuda":
+        torch._C._alert_not_deterministic("fastfusion.compact_bilinear with algorithm='gram' on CUDA")
+    return algorithm
 
 
 def _transform(fft, t: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,10 +147,32 @@ def _pooled_sketch(spectra: list[torch.Tensor], out_dim: int, mean: bool) -> tor
     return _transform(torch.fft.irfft, pooled, out_dim)
 
 
-def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float) -> torch.Tensor:
+def _combined_hash(hashes, signs, out_dim: int, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gram path's hash and sign of entry (i, j): (h_1(i) + h_2(j)) mod d and
+    s_1(i) s_2(j), each (n_1, n_2)."""
+    bins = (hashes[0].long()[:, None] + hashes[1].long()[None, :]) % out_dim
+    return bins, signs[0].to(work)[:, None] * signs[1].to(work)[None, :]
+
+
+def _gram_pooled_sketch(xs, hashes, signs, out_dim: int, mean: bool, work: torch.dtype) -> torch.Tensor:
+    """(B, T, n_1), (B, T, n_2) -> (B, d): the count sketch of each sample's X^T Y."""
+    x, y = (t.to(work) for t in xs)
+    bins, sign = _combined_hash(hashes, signs, out_dim, work)
+    gram = torch.bmm(x.transpose(1, 2), y) * sign
+    z = gram.new_zeros(gram.shape[0], out_dim).index_add(1, bins.flatten(), gram.flatten(1))
+    return z / x.shape[1] if mean else z
+
+
+def _pooled(xs, hashes, signs, out_dim: int, mean: bool, algorithm: str, work: torch.dtype) -> torch.Tensor:
+    if algorithm == "gram":
+        return _gram_pooled_sketch(xs, hashes, signs, out_dim, mean, work)
+    return _pooled_sketch(_spectra(xs, hashes, signs, out_dim, work), out_dim, mean)
+
+
+def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str) -> torch.Tensor:
     """Plain-PyTorch compact bilinear pooling on the canonical layout; differentiable."""
     work = compute_dtype(xs[0].dtype)
-    z = _pooled_sketch(_spectra(xs, hashes, signs, out_dim, work), out_dim, mean)
+    z = _pooled(xs, hashes, signs, out_dim, mean, algorithm, work)
     if gate is not None:
         z = z * gate.to(work)
     if normalize:
@@ -83,18 +180,24 @@ def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool,
     return z.to(xs[0].dtype)
 
 
-def _backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float) -> list[torch.Tensor]:
+def _backward(
+    grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str
+) -> list[torch.Tensor]:
     """Gradients w.r.t. each xs[m] (B, T, n_m), then w.r.t. gate if one was given.
 
-    The adjoint of circular convolution is circular correlation, so with F_m the spectra,
-    dC_k = IFFT( FFT(g) * conj(prod_{m != k} F_m) ), and dx_k is C_k's adjoint (a gather).
+    FFT path: the adjoint of circular convolution is circular correlation, so with F_m the
+    spectra, dC_k = IFFT( FFT(g) * conj(prod_{m != k} F_m) ), and dx_k is C_k's adjoint (a
+    gather). Gram path: see the module docstring.
     """
     work = compute_dtype(xs[0].dtype)
-    spectra = _spectra(xs, hashes, signs, out_dim, work)
+    spectra = None if algorithm == "gram" else _spectra(xs, hashes, signs, out_dim, work)
     g = grad.to(work)
     grads_gate = []
     if gate is not None or normalize:
-        z = _pooled_sketch(spectra, out_dim, mean)
+        if algorithm == "gram":
+            z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean, work)
+        else:
+            z = _pooled_sketch(spectra, out_dim, mean)
         gated = z if gate is None else z * gate.to(work)
         if normalize:
             g = signed_sqrt_l2_backward_reference(g, gated, eps)
@@ -103,6 +206,12 @@ def _backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize
             g = g * gate.to(work)
     if mean:
         g = g / xs[0].shape[1]
+    if algorithm == "gram":
+        bins, sign = _combined_hash(hashes, signs, out_dim, work)
+        grad_gram = g[:, bins] * sign  # (B, n_1, n_2)
+        x, y = (t.to(work) for t in xs)
+        dx, dy = torch.bmm(y, grad_gram.transpose(1, 2)), torch.bmm(x, grad_gram)
+        return [dx.to(xs[0].dtype), dy.to(xs[1].dtype)] + grads_gate
     g_hat = _transform(torch.fft.rfft, g, out_dim).unsqueeze(1)
     grads = []
     for k, (x, h, s) in enumerate(zip(xs, hashes, signs)):
@@ -113,9 +222,10 @@ def _backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize
     return grads + grads_gate
 
 
-# Residuals (backends that save them): the spectra rfft(C_m(x_m)) of every modality,
-# (B, T, d//2 + 1) complex, then, with a gate or normalisation, the pooled sketch z before the
-# gate (B, d); all in the compute dtype.
+# Residuals (backends that save them): on the FFT path the spectra rfft(C_m(x_m)) of every
+# modality, (B, T, d//2 + 1) complex; then, on either path, with a gate or normalisation, the
+# pooled sketch z before the gate (B, d); all in the compute dtype. ``algorithm`` is resolved:
+# "gram" or "fft".
 @torch.library.custom_op("fastfusion::compact_bilinear", mutates_args=())
 def _compact_bilinear_op(
     xs: List[torch.Tensor],
@@ -126,21 +236,23 @@ def _compact_bilinear_op(
     gate: Optional[torch.Tensor],
     normalize: bool,
     eps: float,
+    algorithm: str,
     save_residuals: bool,
     backend: str,
 ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     return _dispatch.run_forward_saving(
-        "compact_bilinear", backend, save_residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps
+        "compact_bilinear", backend, save_residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm
     )
 
 
 @_compact_bilinear_op.register_fake
-def _(xs, hashes, signs, out_dim, mean, gate, normalize, eps, save_residuals, backend):
+def _(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm, save_residuals, backend):
     batch, positions = xs[0].shape[:2]
     residuals = []
     if _dispatch.residuals_saved("compact_bilinear", backend, save_residuals):
         work = compute_dtype(xs[0].dtype)
-        residuals = [xs[0].new_empty((batch, positions, out_dim // 2 + 1), dtype=work.to_complex()) for _ in xs]
+        if algorithm == "fft":
+            residuals = [xs[0].new_empty((batch, positions, out_dim // 2 + 1), dtype=work.to_complex()) for _ in xs]
         if gate is not None or normalize:
             residuals.append(xs[0].new_empty((batch, out_dim), dtype=work))
     return xs[0].new_empty((batch, out_dim)), residuals
@@ -158,20 +270,21 @@ def _compact_bilinear_backward_op(
     gate: Optional[torch.Tensor],
     normalize: bool,
     eps: float,
+    algorithm: str,
     backend: str,
 ) -> List[torch.Tensor]:
     return _dispatch.run_backward_saving(
-        "compact_bilinear", backend, grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps
+        "compact_bilinear", backend, grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm
     )
 
 
 @_compact_bilinear_backward_op.register_fake
-def _(grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, backend):
+def _(grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm, backend):
     return [x.new_empty(x.shape) for x in xs] + ([] if gate is None else [gate.new_empty(gate.shape)])
 
 
 def _setup_context(ctx, inputs, output):
-    xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, _, ctx.backend = inputs
+    xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.algorithm, _, ctx.backend = inputs
     residuals = output[1]
     mark_residuals(ctx, residuals)
     ctx.num_modalities = len(xs)
@@ -182,16 +295,17 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad, _grad_residuals):
     m = ctx.num_modalities
     if grad is None:  # the output's gradient is undefined: so are the inputs'
-        return [None] * m, [None] * m, [None] * m, None, None, None, None, None, None, None
+        return [None] * m, [None] * m, [None] * m, None, None, None, None, None, None, None, None
     saved = ctx.saved_tensors
     xs, hashes, signs = list(saved[:m]), list(saved[m : 2 * m]), list(saved[2 * m : 3 * m])
     gate = saved[3 * m] if ctx.has_gate else None
     residuals = list(saved[3 * m + ctx.has_gate :])
     grads = _compact_bilinear_backward_op(
-        grad.contiguous(), residuals, xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.backend
+        grad.contiguous(), residuals, xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps,
+        ctx.algorithm, ctx.backend,
     )
     grad_gate = grads[m] if ctx.has_gate else None
-    return list(grads[:m]), [None] * m, [None] * m, None, None, grad_gate, None, None, None, None
+    return list(grads[:m]), [None] * m, [None] * m, None, None, grad_gate, None, None, None, None, None
 
 
 _compact_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -199,7 +313,7 @@ _compact_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_
 _dispatch.register_kernel("compact_bilinear", "torch", forward=_forward, backward=_backward)
 
 
-def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, check_values):
+def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, algorithm, check_values):
     """Validates the public arguments; returns (xs, hashes, signs, out_dim, pool_dim, eps)."""
     min_ndim = 1 if pool_dim is None else 2
     xs = check_modality_tensors("xs", xs, min_ndim=min_ndim)
@@ -209,6 +323,10 @@ def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, check_v
     eps = check_eps("eps", eps)
     if pool not in POOL_MODES:
         raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "gram" and len(xs) != 2:
+        raise ValueError(f"algorithm='gram' needs exactly 2 modalities, got {len(xs)}; use 'fft' or 'auto'")
     for m, x in enumerate(xs):
         check_sketch_args(f"[{m}]", x, hashes[m], signs[m], out_dim, values=check_values)
     lead = xs[0].shape[:-1]
@@ -239,11 +357,13 @@ def _canonical(xs, pool_dim):
     return [x.reshape(math.prod(lead), x.shape[-2], x.shape[-1]) for x in moved], lead
 
 
-def sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, *, check_values=True):
+def sketch_and_pool(
+    xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, algorithm="auto", *, check_values=True
+):
     """The body of :func:`compact_bilinear`; modules pass ``check_values=False`` for their
     hash/sign buffers, which were checked when built or loaded."""
     xs, hashes, signs, out_dim, pool_dim, eps = _check_inputs(
-        xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, check_values
+        xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, algorithm, check_values
     )
     device_type = xs[0].device.type
     if autocast_dtype(device_type) is not None:
@@ -252,7 +372,7 @@ def sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize,
             xs = [x.float() for x in xs]
             gate = None if gate is None else gate.float()
             return sketch_and_pool(
-                xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, check_values=False
+                xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, algorithm, check_values=False
             )
     if gate is not None:
         gate = gate.to(xs[0].dtype)
@@ -260,27 +380,37 @@ def sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize,
     canonical, out_lead = _canonical(xs, pool_dim)
     mean = pool == "mean"
     flat_gate = None if gate is None else gate.reshape(-1, out_dim)
+    batch, positions = canonical[0].shape[:2]
+    algorithm = choose_algorithm(
+        algorithm, _dispatch.device_type(xs[0]), batch, positions, [x.shape[-1] for x in xs], out_dim, xs[0].dtype
+    )
     if name == "eager":
-        out = _forward(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps)
+        out = _forward(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, algorithm)
     else:
         save = _dispatch.wants_residuals("compact_bilinear", name, *canonical, flat_gate)
-        out = _compact_bilinear_op(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, save, name)[0]
+        out = _compact_bilinear_op(
+            canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, algorithm, save, name
+        )[0]
     return out.reshape(tuple(out_lead) + (out_dim,))
 
 
-def tensor_sketch(xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", backend=None) -> torch.Tensor:
+def tensor_sketch(
+    xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", backend=None, algorithm="auto"
+) -> torch.Tensor:
     """N-modal tensor sketch, optionally pooled over one leading dimension.
 
     xs: list of M >= 2 floating tensors (..., n_m) sharing their leading shape and dtype;
     hashes[m]: (n_m,) int32/int64 in [0, out_dim); signs[m]: (n_m,) of +1/-1.
     Returns (..., out_dim), or with ``pool_dim`` set that dimension summed (pool="sum")
-    or averaged (pool="mean") away, in the frequency domain.
+    or averaged (pool="mean") away. ``algorithm``: "fft", "gram" (two modalities) or "auto",
+    which picks per call from the sizes (see the module docstring).
     """
-    return sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, None, False, DEFAULT_EPS, backend)
+    return sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, None, False, DEFAULT_EPS, backend, algorithm)
 
 
 def compact_bilinear(
-    xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", gate=None, normalize=True, eps=DEFAULT_EPS, backend=None
+    xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", gate=None, normalize=True, eps=DEFAULT_EPS, backend=None,
+    algorithm="auto",
 ) -> torch.Tensor:
     """Compact bilinear pooling (CBP); gated (CBGP) when ``gate`` is given.
 
@@ -288,18 +418,19 @@ def compact_bilinear(
     and multiplies the pooled sketch elementwise. With ``normalize`` the result goes
     through signed square root and L2 normalisation (see :func:`signed_sqrt_l2`).
     """
-    return sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend)
+    return sketch_and_pool(xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, algorithm)
 
 
 def tensor_sketch_reference(xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum") -> torch.Tensor:
-    """Plain-PyTorch :func:`tensor_sketch` (autograd, no custom op)."""
-    return tensor_sketch(xs, hashes, signs, out_dim, pool_dim=pool_dim, pool=pool, backend="eager")
+    """Plain-PyTorch :func:`tensor_sketch` by FFTs, as the papers state it (autograd, no custom op)."""
+    return tensor_sketch(xs, hashes, signs, out_dim, pool_dim=pool_dim, pool=pool, backend="eager", algorithm="fft")
 
 
 def compact_bilinear_reference(
     xs, hashes, signs, out_dim, *, pool_dim=None, pool="sum", gate=None, normalize=True, eps=DEFAULT_EPS
 ) -> torch.Tensor:
-    """Plain-PyTorch :func:`compact_bilinear` (autograd, no custom op)."""
+    """Plain-PyTorch :func:`compact_bilinear` by FFTs, as the papers state it (autograd, no custom op)."""
     return compact_bilinear(
-        xs, hashes, signs, out_dim, pool_dim=pool_dim, pool=pool, gate=gate, normalize=normalize, eps=eps, backend="eager"
+        xs, hashes, signs, out_dim, pool_dim=pool_dim, pool=pool, gate=gate, normalize=normalize, eps=eps,
+        backend="eager", algorithm="fft",
     )

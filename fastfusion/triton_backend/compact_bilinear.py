@@ -140,13 +140,19 @@ def _pooled_sketch(spectra: torch.Tensor, batch: int, out_dim: int, mean: bool) 
     return torch.fft.irfft(torch.view_as_complex(pooled), n=out_dim)
 
 
-def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float) -> torch.Tensor:
+def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str) -> torch.Tensor:
+    if algorithm == "gram":
+        raise NotImplementedError("TODO(gram helper)")
     work = compute_dtype(xs[0].dtype)
     z = _pooled_sketch(_spectra(xs, hashes, signs, out_dim, work), xs[0].shape[0], out_dim, mean)
     return epilogue_forward(z, gate, normalize, eps, xs[0].dtype)
 
 
-def _backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float) -> list[torch.Tensor]:
+def _backward(
+    grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str
+) -> list[torch.Tensor]:
+    if algorithm == "gram":
+        raise NotImplementedError("TODO(gram helper)")
     work = compute_dtype(xs[0].dtype)
     batch, positions = xs[0].shape[:2]
     spectra = _spectra(xs, hashes, signs, out_dim, work)
