@@ -16,11 +16,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import fastfusion as ff
+import fastfusion.ops.compact_bilinear as compact_bilinear_ops
+from fastfusion.ops.compact_bilinear import choose_algorithm
 from helpers import LAYOUTS, assert_backends_agree, assert_rel_close, assert_low_precision, randn, random_hashes_signs
 from oracles import explicit_tensor_sketch, signed_sqrt_l2_oracle
 
 BACKENDS = ("torch", "eager")
+ALGORITHMS = ("gram", "fft")  # of two modalities; "auto" picks one of them (tests at the end)
 
 
 def covering_hashes_signs(gen, in_dims, d):
@@ -89,16 +94,17 @@ def test_identity_any_shape(in_dims, d, lead, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("pool", ["sum", "mean"])
 @pytest.mark.parametrize(
     "lead, pool_dim",
     [((2, 5), 1), ((2, 5), -2), ((5, 2), 0), ((1, 3), 1), ((3, 4, 2), 1), ((3, 2, 4), -2), ((6,), 0)],
 )
-def test_pooling_equals_sum_of_per_position_sketches(gen, backend, pool, lead, pool_dim):
+def test_pooling_equals_sum_of_per_position_sketches(gen, backend, algorithm, pool, lead, pool_dim):
     in_dims, d = (5, 4), 9
     xs = modality_inputs(gen, lead, in_dims)
     hashes, signs = random_hashes_signs(gen, in_dims, d)
-    out = ff.tensor_sketch(xs, hashes, signs, d, pool_dim=pool_dim, pool=pool, backend=backend)
+    out = ff.tensor_sketch(xs, hashes, signs, d, pool_dim=pool_dim, pool=pool, backend=backend, algorithm=algorithm)
     per_position = explicit_tensor_sketch(xs, hashes, signs, d)  # lead + (d,)
     reduce = per_position.sum if pool == "sum" else per_position.mean
     assert_rel_close(out, reduce(dim=pool_dim), 1e-12)  # same number of dims as x
@@ -117,10 +123,11 @@ def test_pooling_three_modalities(gen, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("pool", [None, "sum", "mean"])
 @pytest.mark.parametrize("eps", [1e-12, 0.3])
-def test_compact_bilinear_is_gated_normalised_sketch(gen, backend, normalize, pool, eps):
+def test_compact_bilinear_is_gated_normalised_sketch(gen, backend, algorithm, normalize, pool, eps):
     in_dims, d = (6, 5), 11
     xs = modality_inputs(gen, (3, 4), in_dims)
     hashes, signs = covering_hashes_signs(gen, in_dims, d)
@@ -130,7 +137,9 @@ def test_compact_bilinear_is_gated_normalised_sketch(gen, backend, normalize, po
     pool_args = {} if pool is None else {"pool_dim": 1, "pool": pool}
     gate = torch.rand(sketch.shape, generator=gen, dtype=torch.float64) + 0.1
     for g in (None, gate):
-        out = ff.compact_bilinear(xs, hashes, signs, d, gate=g, normalize=normalize, eps=eps, backend=backend, **pool_args)
+        out = ff.compact_bilinear(
+            xs, hashes, signs, d, gate=g, normalize=normalize, eps=eps, backend=backend, algorithm=algorithm, **pool_args
+        )
         z = sketch if g is None else g * sketch
         assert_rel_close(out, signed_sqrt_l2_oracle(z, eps) if normalize else z, 1e-12, f"gate={g is not None}")
 
@@ -247,12 +256,20 @@ def draw_away_from_zero(gen, in_dims, d, lead, pool_dim, gated, threshold=0.05):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "in_dims, lead, pool",
-    [((4, 3), (2,), None), ((3, 4), (2, 3), "sum"), ((3, 2, 4), (1, 3), "mean"), ((3, 2, 2), (2,), None)],
+    "in_dims, lead, pool, algorithm",
+    [
+        ((4, 3), (2,), None, "fft"),
+        ((3, 4), (2, 3), "sum", "fft"),
+        ((3, 2, 4), (1, 3), "mean", "fft"),
+        ((3, 2, 2), (2,), None, "fft"),
+        ((4, 3), (2,), None, "gram"),
+        ((3, 4), (2, 3), "sum", "gram"),
+        ((2, 4), (1, 3), "mean", "gram"),
+    ],
 )
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_gradcheck(gen, backend, in_dims, lead, pool, gated, normalize):
+def test_gradcheck(gen, backend, in_dims, lead, pool, algorithm, gated, normalize):
     d = 5
     pool_dim = None if pool is None else 1
     xs, hashes, signs, gate = draw_away_from_zero(gen, in_dims, d, lead, pool_dim, gated)
@@ -261,17 +278,20 @@ def test_gradcheck(gen, backend, in_dims, lead, pool, gated, normalize):
 
     def fn(*leaves):
         g = leaves[len(in_dims)] if gated else None
-        return ff.compact_bilinear(list(leaves[: len(in_dims)]), hashes, signs, d, gate=g, normalize=normalize, backend=backend, **kwargs)
+        return ff.compact_bilinear(
+            list(leaves[: len(in_dims)]), hashes, signs, d, gate=g, normalize=normalize, backend=backend,
+            algorithm=algorithm, **kwargs,
+        )
 
     assert torch.autograd.gradcheck(fn, leaves)
 
 
-@pytest.mark.parametrize("in_dims", [(7, 5), (4, 3, 5)])
+@pytest.mark.parametrize("in_dims, algorithm", [((7, 5), "fft"), ((7, 5), "gram"), ((4, 3, 5), "fft")])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("pool", [None, "sum", "mean"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_torch_backend_gradients_equal_eager(gen, in_dims, batch, pool, gated, normalize):
+def test_torch_backend_gradients_equal_eager(gen, in_dims, algorithm, batch, pool, gated, normalize):
     d = 13
     lead = (batch, 4)
     xs = modality_inputs(gen, lead, in_dims, requires_grad=True)
@@ -282,7 +302,10 @@ def test_torch_backend_gradients_equal_eager(gen, in_dims, batch, pool, gated, n
     gate = torch.rand(out_lead + (d,), generator=gen, dtype=torch.float64).requires_grad_(gated)
     kwargs = {} if pool is None else {"pool_dim": 1, "pool": pool}
     assert_backends_agree(
-        lambda b: ff.compact_bilinear(xs, hashes, signs, d, gate=gate if gated else None, normalize=normalize, backend=b, **kwargs),
+        lambda b: ff.compact_bilinear(
+            xs, hashes, signs, d, gate=gate if gated else None, normalize=normalize, backend=b, algorithm=algorithm,
+            **kwargs,
+        ),
         xs + ([gate] if gated else []),
         gen,
     )
@@ -306,15 +329,18 @@ def test_torch_backend_gradients_equal_eager_pooling_leading_dim(gen, pool_dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("d", [24, 27])  # 27: half-precision FFTs (cuFFT) only take powers of two
-def test_low_precision(gen, dtype, normalize, d):
+def test_low_precision(gen, dtype, algorithm, normalize, d):
     in_dims = (16, 12)
     inputs = [randn(gen, 4, 3, n) for n in in_dims] + [torch.rand(4, d, generator=gen, dtype=torch.float64)]
     hashes, signs = random_hashes_signs(gen, in_dims, d)
 
     def fn(t, b):
-        return ff.compact_bilinear(t[:2], hashes, signs, d, pool_dim=1, gate=t[2], normalize=normalize, backend=b)
+        return ff.compact_bilinear(
+            t[:2], hashes, signs, d, pool_dim=1, gate=t[2], normalize=normalize, backend=b, algorithm=algorithm
+        )
 
     errors = assert_low_precision(fn, inputs, dtype, gen, cap=1e-2, grad_cap=1e-2)
     # Computed in float32 internally: little more error than rounding the exact output.
@@ -322,3 +348,115 @@ def test_low_precision(gen, dtype, normalize, d):
     # rounding of small sketch entries; the 2x rule above covers them.)
     err_torch, _, floor = errors["output"]
     assert err_torch <= 1.5 * floor, (err_torch, floor)
+
+
+# --------------------------------------------------------------------------- algorithm choice
+
+
+class RecordAlgorithms(TorchDispatchMode):
+    """Records the algorithm that each fastfusion::compact_bilinear call runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fastfusion.compact_bilinear.default:
+            self.seen.append(args[8])
+        return func(*args, **(kwargs or {}))
+
+
+# (device type, B, T, dims, d, dtype) -> what the cost model must pick: the Gram path for the
+# pooled sequences of benchmarks/shapes.py, the FFT path for single vectors and wide features.
+CHOICES = [
+    ("cuda", 32, 784, (512, 512), 8192, torch.float32, "gram"),
+    ("cuda", 32, 784, (512, 512), 8192, torch.bfloat16, "gram"),
+    ("cuda", 512, 1, (2048, 2048), 16384, torch.float32, "fft"),
+    ("cpu", 8, 49, (256, 256), 4096, torch.float32, "gram"),
+    ("cpu", 8, 196, (256, 256), 4096, torch.float32, "gram"),
+    ("cpu", 64, 1, (512, 1024), 8192, torch.float32, "fft"),
+    ("cpu", 8, 9, (512, 512), 8192, torch.float32, "fft"),
+    ("cpu", 8, 49, (256, 256, 64), 4096, torch.float32, "fft"),  # no Gram path for three modalities
+]
+
+
+@pytest.mark.parametrize("device_type, batch, positions, dims, d, dtype, expected", CHOICES)
+def test_auto_picks_the_cheaper_algorithm(device_type, batch, positions, dims, d, dtype, expected):
+    chosen = choose_algorithm("auto", device_type, batch, positions, dims, d, dtype)
+    assert chosen == expected, compact_bilinear_ops.algorithm_costs(device_type, batch, positions, dims, d, dtype)
+
+
+@pytest.mark.parametrize("algorithm", ["gram", "fft"])
+def test_explicit_algorithm_is_kept(algorithm):
+    assert choose_algorithm(algorithm, "cpu", 64, 1, (512, 1024), 8192, torch.float32) == algorithm
+    assert choose_algorithm(algorithm, "cpu", 8, 196, (256, 256), 4096, torch.float32) == algorithm
+
+
+@pytest.mark.parametrize(
+    "lead, in_dims, d, pool, expected",
+    [((4, 40), (24, 20), 512, "sum", "gram"), ((4,), (96, 80), 64, None, "fft"), ((4, 40), (6, 5, 4), 512, "mean", "fft")],
+)
+def test_calls_run_the_algorithm_auto_picks(gen, lead, in_dims, d, pool, expected):
+    # Checked at the op: the call runs what choose_algorithm said, for both of its answers.
+    xs = modality_inputs(gen, lead, in_dims)
+    hashes, signs = random_hashes_signs(gen, in_dims, d)
+    batch, positions = lead if pool else (lead[0], 1)
+    assert choose_algorithm("auto", "cpu", batch, positions, in_dims, d, torch.float64) == expected
+    pool_args = {} if pool is None else {"pool_dim": 1, "pool": pool}
+    with RecordAlgorithms() as recorded:
+        out = ff.tensor_sketch(xs, hashes, signs, d, backend="torch", **pool_args)
+    assert recorded.seen == [expected]
+    other = ff.tensor_sketch(xs, hashes, signs, d, backend="torch", algorithm="fft", **pool_args)
+    assert_rel_close(out, other, 1e-12)
+
+
+def test_cuda_gram_is_not_deterministic():
+    # The CUDA Gram kernel adds into its bins with atomics: under deterministic algorithms
+    # "auto" takes the FFT path, and asking for "gram" is PyTorch's nondeterminism alert.
+    sizes = (32, 784, (512, 512), 8192, torch.float32)
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert choose_algorithm("auto", "cuda", *sizes) == "fft"
+        assert choose_algorithm("auto", "cpu", *sizes) == "gram"  # the C++ kernel's order is fixed
+        with pytest.raises(RuntimeError, match="algorithm='gram'"):
+            choose_algorithm("gram", "cuda", *sizes)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="algorithm='gram'"):
+            assert choose_algorithm("gram", "cuda", *sizes) == "gram"
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+@pytest.mark.parametrize("bad", ["GRAM", "", None, 1])
+def test_bad_algorithm_names_the_argument(gen, bad):
+    xs = modality_inputs(gen, (2, 3), (4, 5))
+    hashes, signs = random_hashes_signs(gen, (4, 5), 8)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        ff.compact_bilinear(xs, hashes, signs, 8, pool_dim=1, algorithm=bad)
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        ff.CompactBilinearPooling((4, 5), 8, algorithm=bad)
+
+
+def test_gram_needs_two_modalities(gen):
+    in_dims = (4, 5, 3)
+    xs = modality_inputs(gen, (2, 3), in_dims)
+    hashes, signs = random_hashes_signs(gen, in_dims, 8)
+    with pytest.raises(ValueError, match="algorithm='gram' needs exactly 2 modalities, got 3"):
+        ff.tensor_sketch(xs, hashes, signs, 8, pool_dim=1, algorithm="gram")
+    with pytest.raises(ValueError, match="algorithm"):
+        ff.CompactBilinearPooling(in_dims, 8, algorithm="gram")
+
+
+@pytest.mark.parametrize("module", [ff.CompactBilinearPooling, ff.GatedCompactBilinearPooling])
+def test_modules_take_the_algorithm(gen, module):
+    in_dims, d = (6, 5), 16
+    xs = modality_inputs(gen, (3, 7), in_dims)
+    outs = {}
+    for algorithm in ("gram", "fft"):
+        m = module(in_dims, d, pool="mean", algorithm=algorithm).double()
+        assert f"algorithm={algorithm}" in repr(m)
+        with RecordAlgorithms() as recorded:
+            outs[algorithm] = m(*xs)
+        assert recorded.seen == [algorithm]
+    assert_rel_close(outs["gram"], outs["fft"], 1e-12)

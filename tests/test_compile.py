@@ -74,6 +74,10 @@ def functional_cases(gen):
             lambda x, y: ff.tensor_sketch([x, y], [h0, h1], [s0, s1], 7, pool_dim=1, pool="mean", backend="torch"),
             [randn(gen, 2, 3, 5, requires_grad=True), randn(gen, 2, 3, 4, requires_grad=True)],
         ),
+        "compact_bilinear_pooled_gram": (
+            lambda x, y: ff.compact_bilinear([x, y], [h0, h1], [s0, s1], 7, pool_dim=1, algorithm="gram", backend="torch"),
+            [randn(gen, 2, 3, 5, requires_grad=True), randn(gen, 2, 3, 4, requires_grad=True)],
+        ),
         "compact_bilinear_gated": (
             lambda x, y, g: ff.compact_bilinear([x, y], [h0, h1], [s0, s1], 7, gate=g, backend="torch"),
             [randn(gen, 3, 5, requires_grad=True), randn(gen, 3, 4, requires_grad=True), (torch.rand(3, 7, generator=gen, dtype=F64) + 0.5).requires_grad_()],
@@ -99,7 +103,7 @@ def functional_cases(gen):
 
 @pytest.mark.parametrize(
     "name",
-    ["count_sketch", "tensor_sketch_pooled", "compact_bilinear_gated", "signed_sqrt_l2", "factorized_bilinear", "low_rank_fusion", "tensor_fusion"],
+    ["count_sketch", "tensor_sketch_pooled", "compact_bilinear_pooled_gram", "compact_bilinear_gated", "signed_sqrt_l2", "factorized_bilinear", "low_rank_fusion", "tensor_fusion"],
 )
 def test_compiled_functional_op_matches_eager(gen, name):
     fn, inputs = functional_cases(gen)[name]
@@ -135,11 +139,18 @@ def opcheck_cases(gen):
     return {
         "count_sketch": (ops.count_sketch, (x, h0, s0, 7, "torch")),
         "count_sketch_backward": (ops.count_sketch_backward, (g7, h0, s0, "torch")),
-        "compact_bilinear": (ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, False, None, False, 1e-12, False, "torch")),
+        "compact_bilinear": (
+            ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, False, None, False, 1e-12, "fft", False, "torch")),
         "compact_bilinear_mean_gated": (
-            ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, True, gate, True, 1e-12, True, "torch")),
+            ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, True, gate, True, 1e-12, "fft", True, "torch")),
+        "compact_bilinear_gram_mean_gated": (
+            ops.compact_bilinear, ([xt, yt], [h0, h1], [s0, s1], 7, True, gate, True, 1e-12, "gram", True, "torch")),
         "compact_bilinear_backward": (
-            ops.compact_bilinear_backward, (g7, [], d([xt, yt]), [h0, h1], [s0, s1], 7, True, gate.detach(), True, 1e-12, "torch")),
+            ops.compact_bilinear_backward,
+            (g7, [], d([xt, yt]), [h0, h1], [s0, s1], 7, True, gate.detach(), True, 1e-12, "fft", "torch")),
+        "compact_bilinear_gram_backward": (
+            ops.compact_bilinear_backward,
+            (g7, [], d([xt, yt]), [h0, h1], [s0, s1], 7, False, gate.detach(), True, 1e-12, "gram", "torch")),
         "signed_sqrt_l2": (ops.signed_sqrt_l2, (x, 1e-12, "torch")),
         "signed_sqrt_l2_backward": (ops.signed_sqrt_l2_backward, (randn(gen, 3, 5), x.detach(), 1e-12, "torch")),
         "factorized_bilinear": (ops.factorized_bilinear, (x, y, wx, bx, wy, by, 3, mask, True, 1e-12, True, "torch")),
@@ -155,7 +166,8 @@ def opcheck_cases(gen):
 
 
 OPCHECK_CASES = [
-    "count_sketch", "count_sketch_backward", "compact_bilinear", "compact_bilinear_mean_gated", "compact_bilinear_backward",
+    "count_sketch", "count_sketch_backward", "compact_bilinear", "compact_bilinear_mean_gated",
+    "compact_bilinear_gram_mean_gated", "compact_bilinear_backward", "compact_bilinear_gram_backward",
     "signed_sqrt_l2", "signed_sqrt_l2_backward", "factorized_bilinear", "factorized_bilinear_no_bias",
     "factorized_bilinear_backward", "low_rank_fusion", "low_rank_fusion_backward", "tensor_fusion", "tensor_fusion_no_bias",
     "tensor_fusion_backward",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -115,8 +116,14 @@ def choose_algorithm(algorithm: str, device_type: str, batch: int, positions: in
             return "fft"
         costs = algorithm_costs(device_type, batch, positions, dims, out_dim, dtype)
         return min(costs, key=costs.get)
-    if algorithm == "gram" and device_type == "cuda":
-        torch._C._alert_not_deterministic("fastfusion.compact_bilinear with algorithm='gram' on CUDA")
+    if algorithm == "gram" and device_type == "cuda" and torch.are_deterministic_algorithms_enabled():
+        message = (
+            "compact_bilinear with algorithm='gram' on CUDA sums in an order that varies between runs, but "
+            "torch.use_deterministic_algorithms(True) is set: use algorithm='fft' (or 'auto', which does)"
+        )
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=4)
     return algorithm
 
 
