@@ -1,7 +1,7 @@
 """A roofline cost model of every benchmark kernel on a GPU, computed on any CPU: a MODEL, not
 a measurement.
 
-    python -m benchmarks.roofline [--gpu h100|h200|a100] [--dtypes float32 bfloat16 ...]
+    python -m benchmarks.roofline [--gpu h100|h200|a100] [--dtypes float32 tf32 bfloat16 ...]
                                   [--ops KERNEL ...] [--measured RESULTS.json] [--out-dir DIR]
 
 For each kernel of benchmarks/shapes.py at its GPU shape ("cuda" set), dtype and mode, it
@@ -397,8 +397,9 @@ def _as_dynamo_traces() -> Iterator[None]:
         yield
 
 
-def model_case(kernel: str, sizes: dict, dtype: torch.dtype, gpu: GPU) -> list[dict]:
-    """Rows for one kernel, shape and dtype: per mode, floor, eager, compile and fastfusion."""
+def model_case(kernel: str, sizes: dict, dtype: torch.dtype, gpu: GPU, label: str | None = None) -> list[dict]:
+    """Rows for one kernel, shape and dtype: per mode, floor, eager, compile and fastfusion;
+    ``label`` names the dtype in the rows (default: the dtype's name)."""
     case, grad_out = trace.meta_case(kernel, sizes, dtype)
     rows = []
     for mode in ops.MODES:
@@ -417,7 +418,7 @@ def model_case(kernel: str, sizes: dict, dtype: torch.dtype, gpu: GPU) -> list[d
         for provider, est in estimates.items():
             s = est.seconds(gpu)
             rows.append({
-                "kernel": kernel, "dtype": str(dtype).removeprefix("torch."), "mode": mode, "provider": provider,
+                "kernel": kernel, "dtype": label or str(dtype).removeprefix("torch."), "mode": mode, "provider": provider,
                 "sizes": sizes, "launches": len(est.kernels), "syncs": est.syncs, "host_copies": est.host_copies,
                 "bytes": est.bytes, "flops": est.flops, "model_ms": s * 1e3,
                 "worst_ms": None if est.worst_s is None else est.worst_s * 1e3,
@@ -440,11 +441,29 @@ def _note(provider: str, est: Estimate) -> str | None:
     return None
 
 
-def run_model(gpu: GPU, kernels: Sequence[str], dtypes: Sequence[torch.dtype]) -> list[dict]:
+# --dtypes: "tf32" is float32 with torch.backends.cuda.matmul.allow_tf32 set, which PyTorch's
+# matmuls, fastfusion's Triton dots and its algorithm choice all follow.
+DTYPES = ("float32", "tf32", "float16", "bfloat16")
+
+
+@contextlib.contextmanager
+def _allow_tf32(allowed: bool):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def run_model(gpu: GPU, kernels: Sequence[str], dtypes: Sequence[str]) -> list[dict]:
+    """Rows for every kernel and dtype name of DTYPES."""
     rows = []
     for kernel in kernels:
-        for dtype in dtypes:
-            rows += model_case(kernel, SHAPE_SETS["cuda"][kernel], dtype, gpu)
+        for name in dtypes:
+            with _allow_tf32(name == "tf32"):
+                dtype = torch.float32 if name == "tf32" else getattr(torch, name)
+                rows += model_case(kernel, SHAPE_SETS["cuda"][kernel], dtype, gpu, label=name)
     return rows
 
 
@@ -612,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--gpu", choices=sorted(GPUS), help="default: the --measured run's GPU, else h100")
-    add("--dtypes", "--dtype", nargs="+", choices=("float32", "float16", "bfloat16"), default=["float32", "bfloat16"])
+    add("--dtypes", "--dtype", nargs="+", choices=DTYPES, default=["float32", "tf32", "bfloat16"])
     add("--ops", nargs="+", choices=KERNELS, default=list(KERNELS), metavar="KERNEL", help=f"of {', '.join(KERNELS)}")
     add("--measured", type=Path, help="a benchmarks.run JSON from a GPU: report the model's error per kernel")
     add("--out-dir", type=Path, default=RESULTS_DIR)
@@ -626,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
     gpu_key = args.gpu or (measured and _gpu_from_device_name(measured["header"]["device"])) or "h100"
     command = shlex.join(["python", "-m", "benchmarks.roofline", *argv])
     head = header(gpu_key, args.ops, args.dtypes, command)
-    rows = run_model(GPUS[gpu_key], args.ops, [getattr(torch, d) for d in args.dtypes])
+    rows = run_model(GPUS[gpu_key], args.ops, args.dtypes)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"roofline-{gpu_key}"
     paths = {suffix: args.out_dir / f"{stem}.{suffix}" for suffix in ("json", "md", "png")}
