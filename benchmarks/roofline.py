@@ -260,7 +260,7 @@ TRITON_FLOPS: dict[str, Callable[[dict, dict, int], dict[str, int]]] = {
     "low_rank_fusion._forward_kernel": _lmf_forward,
     "low_rank_fusion._grad_proj_kernel": _no_dots,
     "factorized_bilinear._kernel": _mfb,
-    "factorized_bilinear._pool_kernel": _no_dots,
+    "factorized_bilinear._normalized_grad_proj_kernel": _no_dots,
     "factorized_bilinear._grad_proj_kernel": _no_dots,
     "tensor_fusion._forward_kernel": _tfn_forward,
     "tensor_fusion._grad_weight_kernel": _tfn_grad_weight,

@@ -18,13 +18,12 @@ with the biases in the epilogue.
   registers, and the norm spans every o block, so z is written in float32 and normalised
   by the Triton ``signed_sqrt_l2`` epilogue kernel, which reads each row twice (the second
   time from L2) and writes the output dtype: no separate cast.
-- backward from the residuals: no projection is recomputed. With ``normalize``,
-  ``_pool_kernel`` sums the saved products into z in float32 (a pass over the residuals)
-  and the ``signed_sqrt_l2`` epilogue's backward kernel takes the normalisation's gradient
-  (reading the output gradient in its own dtype); ``_grad_proj_kernel``
-  writes grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x,
-  (B, o*k); grad_x, grad_y, grad_W and grad_b come from them by torch matmuls and sums
-  (cuBLAS).
+- backward from the residuals: no projection is recomputed. One pointwise kernel writes
+  grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x, (B, o*k):
+  with ``normalize`` ``_normalized_grad_proj_kernel``, one program per row, pools z from the
+  saved products and takes the normalisation's gradient g_z in the same program (z and g_z
+  never reach memory), else ``_grad_proj_kernel`` reads g_z = the output's gradient.
+  grad_x, grad_y, grad_W and grad_b come from grad_proj by torch matmuls and sums (cuBLAS).
 - backward without residuals (the forward did not save them): ``_kernel`` in backward mode
   recomputes the projections and writes the same grad_proj; with ``normalize`` z is first
   recomputed by the forward mode.
@@ -51,7 +50,14 @@ from ..ops import factorized_bilinear as _reference
 from ..ops._common import compute_dtype
 from . import DEVICE_TYPES
 from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile
-from .signed_sqrt_l2 import _accumulate_norm, _finish_norm, _signed_root, epilogue_backward, epilogue_forward
+from .signed_sqrt_l2 import (
+    _accumulate_norm,
+    _finish_norm,
+    _signed_root,
+    epilogue_backward,
+    epilogue_forward,
+    normalized_grad,
+)
 
 # Largest o whose rows one program holds for the fused normalisation. The kernel keeps three
 # (BLOCK_B, BLOCK_O) float32 tiles (z, proj_x, proj_y), and for sm_90 every row config spills
@@ -182,32 +188,72 @@ _row_kernel = triton.autotune(
 # Tiles of the pointwise backward kernels: 16 float32 elements per thread at 8 warps, each row
 # a contiguous run of columns.
 _POINTWISE_BLOCK_B, _POINTWISE_BLOCK_C, _POINTWISE_WARPS = 16, 256, 8
+# Groups per step of the normalised backward's row loop: o = 1000 in four steps.
+_NORMALIZED_BLOCK_O = 256
 
 
 @triton.jit
-def _pool_kernel(
-    px_ptr, py_ptr, mask_ptr, z_ptr, B, O, FACTOR,
-    stride_pb, stride_pc, stride_mb, stride_mo, stride_zb,
-    HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr,
-):
-    """z[b, j] = sum_{i<k} (proj_x * proj_y * mask)[b, j*k + i] in float32, from the saved
-    (B, o*k) projections; z is (B, o), contiguous rows of stride stride_zb."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    groups = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask = (rows < B)[:, None] & (groups < O)[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    z = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
-    # The k passes read a program's columns with stride k, all within the same cache lines:
-    # memory serves each byte about once, L1 the other passes.
+def _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_pc, stride_mb, stride_mo,
+              HAS_MASK: tl.constexpr):
+    """z[row, groups] = sum_{i<k} (proj_x * proj_y * mask)[row, group*k + i] in float32."""
+    z = tl.zeros(groups.shape, dtype=tl.float32)
+    # The k passes read the columns with stride k, all within the same cache lines: memory
+    # serves each byte about once, L1 the other passes.
     for i in range(FACTOR):
-        cols = groups[None, :] * FACTOR + i
-        px = tl.load(px_ptr + rows64 * stride_pb + cols * stride_pc, mask=mask, other=0.0).to(tl.float32)
-        py = tl.load(py_ptr + rows64 * stride_pb + cols * stride_pc, mask=mask, other=0.0).to(tl.float32)
+        cols = groups * FACTOR + i
+        px = tl.load(px_ptr + row * stride_pb + cols * stride_pc, mask=group_mask, other=0.0).to(tl.float32)
+        py = tl.load(py_ptr + row * stride_pb + cols * stride_pc, mask=group_mask, other=0.0).to(tl.float32)
         e = px * py
         if HAS_MASK:
-            e *= tl.load(mask_ptr + rows64 * stride_mb + cols * stride_mo, mask=mask, other=0.0).to(tl.float32)
+            e *= tl.load(mask_ptr + row * stride_mb + cols * stride_mo, mask=group_mask, other=0.0).to(tl.float32)
         z += e
-    tl.store(z_ptr + rows64 * stride_zb + groups[None, :], z, mask=mask)
+    return z
+
+
+@triton.jit
+def _normalized_grad_proj_kernel(
+    g_ptr, px_ptr, py_ptr, mask_ptr, gpx_ptr, gpy_ptr, O, FACTOR, eps,
+    stride_gb, stride_go, stride_pb, stride_pc, stride_mb, stride_mo, stride_eb,
+    HAS_MASK: tl.constexpr, BLOCK_O: tl.constexpr,
+):
+    """The backward of the normalised output from the saved (B, o*k) projections, one program
+    per row: z pooled from them as the forward pools it, the gradient g_z of signed sqrt + L2
+    at z, then grad_proj_x = g_z[c // k] * mask * proj_y and grad_proj_y = g_z[c // k] * mask *
+    proj_x for every column c, into contiguous rows of stride stride_eb. The first pass over the
+    row reduces the norm and <g, s>; the second re-reads the row, which the first left in L2,
+    and writes: z and g_z never reach memory."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    sum_sq = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    dot = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    for start in range(0, O, BLOCK_O):
+        groups = start + tl.arange(0, BLOCK_O)
+        group_mask = groups < O
+        z = _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_pc, stride_mb,
+                      stride_mo, HAS_MASK)
+        g = tl.load(g_ptr + row * stride_gb + groups * stride_go, mask=group_mask, other=0.0).to(tl.float32)
+        s, _ = _signed_root(z, eps)
+        scale, sum_sq = _accumulate_norm(scale, sum_sq, s)
+        dot += g * s
+    norm = _finish_norm(scale, sum_sq)
+    denom = tl.where(norm < eps, eps, norm)  # not tl.maximum, which drops a NaN norm
+    radial = tl.sum(dot, axis=0) / denom
+    for start in range(0, O, BLOCK_O):
+        groups = start + tl.arange(0, BLOCK_O)
+        group_mask = groups < O
+        z = _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_pc, stride_mb,
+                      stride_mo, HAS_MASK)
+        g = tl.load(g_ptr + row * stride_gb + groups * stride_go, mask=group_mask, other=0.0).to(tl.float32)
+        grad_z = normalized_grad(g, z, norm, denom, radial, eps)
+        for i in range(FACTOR):
+            cols = groups * FACTOR + i
+            px = tl.load(px_ptr + row * stride_pb + cols * stride_pc, mask=group_mask, other=0.0).to(tl.float32)
+            py = tl.load(py_ptr + row * stride_pb + cols * stride_pc, mask=group_mask, other=0.0).to(tl.float32)
+            ge = grad_z
+            if HAS_MASK:
+                ge *= tl.load(mask_ptr + row * stride_mb + cols * stride_mo, mask=group_mask, other=0.0).to(tl.float32)
+            tl.store(gpx_ptr + row * stride_eb + cols, (ge * py).to(gpx_ptr.dtype.element_ty), mask=group_mask)
+            tl.store(gpy_ptr + row * stride_eb + cols, (ge * px).to(gpy_ptr.dtype.element_ty), mask=group_mask)
 
 
 @triton.jit
@@ -265,30 +311,23 @@ def _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, dtyp
     return z
 
 
-def _pooled_from(proj_x, proj_y, factor, dropout_mask):
-    """z (B, o) in float32 from the saved projections."""
-    B, C = proj_x.shape
-    z = torch.empty((B, C // factor), dtype=torch.float32, device=proj_x.device)
-    mask = dropout_mask if dropout_mask is not None else proj_x
-    grid = (triton.cdiv(B, _POINTWISE_BLOCK_B), triton.cdiv(z.shape[1], _POINTWISE_BLOCK_C))
-    _pool_kernel[grid](
-        proj_x, proj_y, mask, z, B, z.shape[1], factor, *proj_x.stride(), *mask.stride(), z.stride(0),
-        HAS_MASK=dropout_mask is not None, BLOCK_B=_POINTWISE_BLOCK_B, BLOCK_O=_POINTWISE_BLOCK_C,
-        num_warps=_POINTWISE_WARPS,
-    )
-    return z
-
-
-def _grad_projections(grad, proj_x, proj_y, factor, dropout_mask, dtype):
-    """(grad_proj_x, grad_proj_y), each (B, o*k) in ``dtype``, from the saved projections."""
+def _grad_projections(grad, proj_x, proj_y, factor, dropout_mask, dtype, normalize=False, eps=0.0):
+    """(grad_proj_x, grad_proj_y), each (B, o*k) in ``dtype``, from the saved projections and
+    the output's gradient: through the normalisation when ``normalize``, else z's gradient."""
     B, C = proj_x.shape
     gpx = torch.empty((B, C), dtype=dtype, device=proj_x.device)
     gpy = torch.empty_like(gpx)
     mask = dropout_mask if dropout_mask is not None else proj_x
+    strides = (*grad.stride(), *proj_x.stride(), *mask.stride(), gpx.stride(0))
+    if normalize:
+        _normalized_grad_proj_kernel[(B,)](
+            grad, proj_x, proj_y, mask, gpx, gpy, C // factor, factor, eps, *strides,
+            HAS_MASK=dropout_mask is not None, BLOCK_O=_NORMALIZED_BLOCK_O,
+        )
+        return gpx, gpy
     grid = (triton.cdiv(B, _POINTWISE_BLOCK_B), triton.cdiv(C, _POINTWISE_BLOCK_C))
     _grad_proj_kernel[grid](
-        grad, proj_x, proj_y, mask, gpx, gpy, B, C, factor,
-        *grad.stride(), *proj_x.stride(), *mask.stride(), gpx.stride(0),
+        grad, proj_x, proj_y, mask, gpx, gpy, B, C, factor, *strides,
         HAS_MASK=dropout_mask is not None, BLOCK_B=_POINTWISE_BLOCK_B, BLOCK_C=_POINTWISE_BLOCK_C,
         num_warps=_POINTWISE_WARPS,
     )
@@ -316,15 +355,12 @@ def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, nor
 def _backward(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
     if x.dtype not in KERNEL_DTYPES:
         return _reference._backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
-    if normalize:
-        if residuals:
-            z = _pooled_from(*residuals, factor, dropout_mask)
-        else:
-            z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
-        grad, _ = epilogue_backward(grad, z, None, True, eps, torch.float32)
     if residuals:
-        grad_px, grad_py = _grad_projections(grad, *residuals, factor, dropout_mask, x.dtype)
+        grad_px, grad_py = _grad_projections(grad, *residuals, factor, dropout_mask, x.dtype, normalize, eps)
     else:
+        if normalize:
+            z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
+            grad, _ = epilogue_backward(grad, z, None, True, eps, torch.float32)
         grad_px = torch.empty((x.shape[0], weight_x.shape[0]), dtype=x.dtype, device=x.device)
         grad_py = torch.empty_like(grad_px)
         _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, grad, (grad_px, grad_py), backward=True)

@@ -49,6 +49,18 @@ def _finish_norm(scale, sum_sq):
 
 
 @triton.jit
+def normalized_grad(g, v, norm, denom, radial, eps):
+    """The gradient reaching v through out = signed_sqrt(v) / denom, given the output gradient
+    g and the row's norm, denom = max(norm, eps) and radial = <g, out> (from a first pass)."""
+    s, root = _signed_root(v, eps)
+    # Below eps the denominator is the constant eps: only the direct term remains.
+    grad_s = tl.where(norm < eps, g / eps, (g - (s / denom) * radial) / denom)
+    # d sqrt(|v| + eps) / dv is finite (root >= sqrt(eps)) and sign(v)^2 zeroes it at 0:
+    # grad_s times 0 there, not 0, so that a NaN row is NaN there too, as in the reference.
+    return tl.where(v != 0, grad_s / (2 * root), grad_s * 0.0)
+
+
+@triton.jit
 def _gated(z_ptr, gate_ptr, row, cols, mask, stride_z_row, stride_z_col, stride_gate_row, stride_gate_col,
            HAS_GATE: tl.constexpr, ACC: tl.constexpr):
     z = tl.load(z_ptr + row * stride_z_row + cols * stride_z_col, mask=mask, other=0.0).to(ACC)
@@ -128,13 +140,7 @@ def _epilogue_backward_kernel(
                          stride_gate_row, stride_gate_col, HAS_GATE, ACC)
         g = tl.load(grad_ptr + row * stride_grad_row + cols * stride_grad_col, mask=mask, other=0.0).to(ACC)
         if NORMALIZE:
-            v = z * gate
-            s, root = _signed_root(v, eps)
-            # Below eps the denominator is the constant eps: only the direct term remains.
-            grad_s = tl.where(norm < eps, g / eps, (g - (s / denom) * radial) / denom)
-            # d sqrt(|v| + eps) / dv is finite (root >= sqrt(eps)) and sign(v)^2 zeroes it at 0:
-            # grad_s times 0 there, not 0, so that a NaN row is NaN there too, as in the reference.
-            g = tl.where(v != 0, grad_s / (2 * root), grad_s * 0.0)
+            g = normalized_grad(g, z * gate, norm, denom, radial, eps)
         if HAS_GATE:
             tl.store(grad_gate_ptr + row * stride_grad_gate_row + cols, (g * z).to(grad_gate_ptr.dtype.element_ty), mask=mask)
             g = g * gate
