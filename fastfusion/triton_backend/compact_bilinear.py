@@ -1,8 +1,33 @@
 """Triton compact bilinear pooling (tensor sketch, pooled over positions, gated, normalised).
 
-First version: fused Triton kernels around torch.fft (cuFFT on CUDA). On the canonical layout
-xs[m] (B, T, n_m) -> (B, d), with K = d // 2 + 1 and the work dtype float32 (float64 for
-float64 inputs; half inputs are transformed in float32):
+Two algorithms, as ops/compact_bilinear.py resolves ``algorithm`` ("gram" or "fft"); both on
+the canonical layout xs[m] (B, T, n_m) -> (B, d), both ending in the epilogue kernel of
+signed_sqrt_l2.py (z * gate, signed sqrt, L2 norm, cast: one program per row, two passes
+over the row) and its backward.
+
+Gram path (two modalities X (B, T, n1), Y (B, T, n2)): z_b = count sketch of G_b = X_b^T Y_b
+with hash (h1(i) + h2(j)) mod d and sign s1(i) s2(j).
+
+forward
+  1. _gram_sketch_kernel: one program per (sample, n1 tile, n2 tile); the G tile is a
+     tensor-core matmul over T in float32 registers, then signed (and / T for "mean") and
+     added into z (B, d) float32 with atomics
+  2. epilogue kernel                          z -> out
+backward
+  1-2. only with a gate or normalize: z as forward, epilogue backward kernel -> dz, dgate
+  3. _gram_adjoint_kernel, twice with the roles swapped: dX = Y dG^T, dY = X dG with
+     dG_ij = s1(i) s2(j) dz[(h1(i) + h2(j)) mod d] (/ T) gathered into register tiles; one
+     program per (sample, position tile, feature tile)
+
+What it materialises: z (B, d) (and dz in the backward) and the outputs; no per-position
+sketch, no spectrum and no (B, n1, n2) Gram matrix exists in memory. The atomics make z's
+summation order vary between runs (see ops.compact_bilinear.choose_algorithm). float64 runs
+the plain-PyTorch Gram kernels (tl.dot has no float64 form; see _fusion.py); float16 and
+bfloat16 dots accumulate in float32.
+
+FFT path (any number M of modalities): fused Triton kernels around torch.fft (cuFFT on CUDA),
+with K = d // 2 + 1 and the work dtype float32 (float64 for float64 inputs; half inputs are
+transformed in float32):
 
 forward
   1. gather sketch (one launch per modality)  xs[m] -> S (M, B*T, d)   read x once, write S
@@ -10,8 +35,7 @@ forward
   3. product-pool kernel                      F -> P (B, K): prod_m F_m summed (mean: / T)
                                               over t in registers
   4. torch.fft.irfft(P, n=d)                  -> z (B, d)
-  5. epilogue kernel (signed_sqrt_l2.py)      z * gate, signed sqrt, L2 norm, cast: one
-                                              program per row, two passes over the row
+  5. epilogue kernel                          z -> out
 backward (recomputes S and F rather than saving them: they are the large tensors)
   1-2. as forward                             S, F
   3-4. as forward, only with a gate or normalize: z (B, d)
@@ -22,11 +46,11 @@ backward (recomputes S and F rather than saving them: they are the large tensors
   8. torch.fft.irfft                          -> dS (M, B*T, d)
   9. gather adjoint (one launch per modality) dx_k[i] = s_k(i) dS_k[h_k(i)], cast to x's dtype
 
-What this version still materialises: the per-position sketches S (M*B*T*d work-dtype values)
-and spectra F (M*B*T*K complex), i.e. about 2 M B T d values; in the backward also dF and dS
-of the same size. For pooled sequences (T > 1) these per-position tensors dominate memory
-(the cbp_seq target wants them gone: an in-kernel DFT that pools spectra without writing
-them is the planned next step). Only P, z and the output are per sample.
+What the FFT path materialises: the per-position sketches S (M*B*T*d work-dtype values) and
+spectra F (M*B*T*K complex), i.e. about 2 M B T d values; in the backward also dF and dS of
+the same size. For pooled sequences (T > 1) these per-position tensors dominate memory, which
+is why "auto" takes the Gram path for long sequences of two modalities. Only P, z and the
+output are per sample.
 
 The FFTs are exact for any d (real transforms with n=d, odd d included); there is no size
 restriction beyond 32-bit column indices (n_m, d < 2**31).
@@ -201,10 +225,12 @@ def _gram_sketch_kernel(
 
 # The backward's tiles: (BLOCK_I own features, BLOCK_T positions) outputs, BLOCK_J of the
 # other modality's features per step. Each gathered dG entry serves 2 BLOCK_T dot FLOPs, so
-# BLOCK_T is kept large. Spill-free as _GRAM_CONFIGS.
+# BLOCK_T is kept large. Spill-free as _GRAM_CONFIGS; float32 (FMA dots, whose operand tiles
+# live in registers next to the gathered tile) spills at BLOCK_J = 64 with 128 x 128 or
+# 64 x 128 tiles, at 64 x 128 x 32 and at 128 x 128 x 32 with three stages.
 _GRAM_ADJOINT_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_I": i, "BLOCK_T": t, "BLOCK_J": j}, num_warps=w, num_stages=s)
-    for i, t, j, w, s in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)]
+    for i, t, j, w, s in [(128, 128, 32, 8, 2), (128, 128, 16, 8, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3)]
 ])
 
 
