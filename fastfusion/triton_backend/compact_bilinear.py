@@ -170,15 +170,17 @@ def _pooled_sketch(spectra: torch.Tensor, batch: int, out_dim: int, mean: bool) 
 
 @triton.jit
 def _bins(h_rows, h_cols, D):
-    """(h_rows[:, None] + h_cols[None, :]) mod D for hashes in [0, D), without a modulo and
-    without int32 overflow for any D < 2**31: h_r - (D - h_c) lies in (-D, D)."""
-    bins = h_rows[:, None] - (D - h_cols)[None, :]
+    """(h_rows[:, None] + h_cols[None, :]) mod D for hashes in [0, D), without a modulo, in
+    int32 whatever the hashes' dtype (int64 indices would double the tile's registers) and
+    without overflow for any D < 2**31: h_r - (D - h_c) lies in (-D, D)."""
+    bins = h_rows.to(tl.int32)[:, None] - (D - h_cols.to(tl.int32))[None, :]
     return tl.where(bins < 0, bins + D, bins)
 
 
 # Configs for sm_90: tiles of >= 64 rows (a warp group's wgmma M per 4 warps) for the bfloat16
-# and float16 dots. Every config compiles without register spills in every dtype at the
-# benchmark's GPU shape (python -m benchmarks.compile_report --ops cbp_seq).
+# and float16 dots; at the benchmark's GPU shape (B = 32, n = 512) 128 x 128 tiles make
+# 32 x 4 x 4 = 512 programs for an H100's 132 SMs. Every config compiles without register
+# spills in every dtype there (python -m benchmarks.compile_report --ops cbp_seq).
 _GRAM_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_I": i, "BLOCK_J": j, "BLOCK_T": t}, num_warps=w, num_stages=s)
     for i, j, t, w, s in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)]
