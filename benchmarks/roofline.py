@@ -244,6 +244,17 @@ def _tfn_grad_input(args, c, programs):
     return {_dot_unit(args, "w_ptr"): tiles * 2 * c["BLOCK_B"] * c["BLOCK_J"] * _pad(args["H"], c["BLOCK_H"])}
 
 
+def _gram_sketch(args, c, programs):
+    # One (BLOCK_I, BLOCK_J) tile of X_b^T Y_b per program, over T padded to BLOCK_T steps.
+    return {_dot_unit(args, "x_ptr"): programs * 2 * c["BLOCK_I"] * c["BLOCK_J"] * _pad(args["T"], c["BLOCK_T"])}
+
+
+def _gram_adjoint(args, c, programs):
+    # One (BLOCK_I, BLOCK_T) output tile per program, over the other modality's features
+    # padded to BLOCK_J steps.
+    return {_dot_unit(args, "other_ptr"): programs * 2 * c["BLOCK_I"] * c["BLOCK_T"] * _pad(args["N_OTHER"], c["BLOCK_J"])}
+
+
 def _no_dots(args, c, programs):
     return {}
 
@@ -257,6 +268,8 @@ TRITON_FLOPS: dict[str, Callable[[dict, dict, int], dict[str, int]]] = {
     "signed_sqrt_l2._epilogue_backward_kernel": _no_dots,
     "compact_bilinear._product_pool_kernel": _no_dots,
     "compact_bilinear._adjoint_product_kernel": _no_dots,
+    "compact_bilinear._gram_sketch_kernel": _gram_sketch,
+    "compact_bilinear._gram_adjoint_kernel": _gram_adjoint,
     "low_rank_fusion._forward_kernel": _lmf_forward,
     "low_rank_fusion._grad_proj_kernel": _no_dots,
     "factorized_bilinear._kernel": _mfb,

@@ -9,6 +9,7 @@ would, where every config is costed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -121,11 +122,13 @@ def test_gathers_cost_the_sectors_they_touch():
 
 
 def test_every_triton_launch_has_a_flop_formula_and_none_is_stale():
+    # Both sets: compact bilinear pooling's algorithm="auto" takes the FFT path at the tiny
+    # sizes and the Gram path at cbp_seq's GPU sizes.
     launched = set()
-    for kernel in KERNELS:
+    for kernel, shape_set in itertools.product(KERNELS, ("tiny", "cuda")):
         for mode in ops.MODES:
             for dtype in (torch.float32, torch.bfloat16):
-                for launch in _launches(_trace(kernel, SHAPE_SETS["tiny"][kernel], "fastfusion", mode, dtype)):
+                for launch in _launches(_trace(kernel, SHAPE_SETS[shape_set][kernel], "fastfusion", mode, dtype)):
                     roofline.triton_costs(launch)  # raises for a kernel without a formula
                     launched.add(launch.kernel)
     assert set(roofline.TRITON_FLOPS) == launched

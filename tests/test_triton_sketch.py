@@ -14,7 +14,14 @@ from helpers import rel_err, skip_module_unless_triton_runs
 skip_module_unless_triton_runs()
 
 import fastfusion  # noqa: E402
-from fastfusion import _dispatch, compact_bilinear, count_sketch, draw_hashes_and_signs, signed_sqrt_l2  # noqa: E402
+from fastfusion import (  # noqa: E402
+    _dispatch,
+    compact_bilinear,
+    count_sketch,
+    draw_hashes_and_signs,
+    signed_sqrt_l2,
+    tensor_sketch,
+)
 from fastfusion.triton_backend import count_sketch as triton_count_sketch  # noqa: E402
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -148,8 +155,11 @@ def test_signed_sqrt_l2_non_contiguous_and_gradcheck():
 
 # ---------------------------------------------------------------------- compact bilinear pooling
 
-def cbp_case(in_dims, out_dim, batch, positions, *, pool, gate, normalize, non_contiguous=False):
-    """(fn, inputs): fn(*xs, [gate], backend) -> compact bilinear output."""
+def cbp_case(in_dims, out_dim, batch, positions, *, pool, gate, normalize, non_contiguous=False, algorithm="fft"):
+    """(fn, inputs): fn(*xs, [gate], backend) -> compact bilinear output. Triton runs
+    ``algorithm``; so does eager in lower precisions (PyTorch's own error, for
+    check_against_float64's rule, of the same algorithm), while the float64 reference is the
+    FFTs as the papers state them."""
     hashes, signs = sketch_params(in_dims, out_dim)
     if non_contiguous:  # (B, T, n) views of (n, T, B) storage, and a transposed gate
         xs = [torch.randn(n, positions, batch, device=DEVICE).permute(2, 1, 0) for n in in_dims]
@@ -167,6 +177,7 @@ def cbp_case(in_dims, out_dim, batch, positions, *, pool, gate, normalize, non_c
         return compact_bilinear(
             list(args[:m]), hashes, signs, out_dim, pool_dim=None if pool is None else 1, pool=pool or "sum",
             gate=args[m] if gate else None, normalize=normalize, backend=backend,
+            algorithm="fft" if backend == "eager" and args[0].dtype == torch.float64 else algorithm,
         )
 
     return fn, inputs
@@ -235,6 +246,55 @@ def test_compiled_module_with_triton_backend():
     assert rel_err(out, ref) < 1e-5
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-5
+
+
+# The Gram path (two modalities): forward and backward kernels tile (i, j, t) and (i, t, j)
+# in blocks of 32 to 128 (the interpreter runs the first config, 128 x 128 x 32), so n = 130,
+# 131 and T = 150 need several tiles in every dimension with ragged last ones; d = 31 and 97
+# make many (i, j) share a bin.
+GRAM_CASES = [
+    # in_dims, out_dim, B, T, pool, gate, normalize
+    ((130, 131), 97, 2, 150, "mean", True, True),
+    ((130, 67), 97, 1, 70, "sum", False, False),  # tensor_sketch
+    ((37, 29), 31, 3, 1, None, False, True),
+    ((37, 29), 33, 2, 5, "sum", True, False),
+    ((29, 37), 31, 2, 5, "mean", False, True),
+]
+
+
+@pytest.mark.parametrize("in_dims, out_dim, batch, positions, pool, gate, normalize", GRAM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compact_bilinear_gram_matches_reference(in_dims, out_dim, batch, positions, pool, gate, normalize, dtype):
+    fn, inputs = cbp_case(in_dims, out_dim, batch, positions, pool=pool, gate=gate, normalize=normalize, algorithm="gram")
+    check_against_float64(fn, inputs, dtype)
+
+
+def test_compact_bilinear_gram_non_contiguous():
+    fn, inputs = cbp_case((130, 21), 25, 2, 40, pool="mean", gate=True, normalize=True, non_contiguous=True,
+                          algorithm="gram")
+    assert not any(t.is_contiguous() for t in inputs)
+    check_against_float64(fn, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("pool, gate, normalize", [("mean", True, True), ("sum", False, False)])
+def test_compact_bilinear_gram_half(dtype, pool, gate, normalize):
+    fn, inputs = cbp_case((130, 67), 97, 2, 70, pool=pool, gate=gate, normalize=normalize, algorithm="gram")
+    check_against_float64(fn, inputs, dtype)
+
+
+def test_compact_bilinear_gram_propagates_nan_only_where_it_lands():
+    # A NaN in x[0, t, i] reaches exactly the bins (h1(i) + h2(j)) mod d of sample 0: the Gram
+    # path is a count sketch, not a transform that spreads it over every bin.
+    hashes, signs = sketch_params((37, 29), 97)
+    x, y = torch.randn(2, 3, 37, device=DEVICE), torch.randn(2, 3, 29, device=DEVICE)
+    x[0, 1, 5] = float("nan")
+    out = tensor_sketch([x, y], hashes, signs, 97, pool_dim=1, backend="triton", algorithm="gram")
+    nan_bins = torch.zeros(97, dtype=torch.bool, device=DEVICE)
+    nan_bins[(hashes[0][5] + hashes[1]) % 97] = True
+    assert torch.equal(out.isnan(), torch.stack([nan_bins, torch.zeros_like(nan_bins)]))
+    reference = tensor_sketch([x.double(), y.double()], hashes, signs, 97, pool_dim=1, backend="eager", algorithm="gram")
+    assert rel_err(out[~out.isnan()], reference[~out.isnan()]) < 1e-6
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="'auto' prefers Triton only on CUDA")

@@ -1,8 +1,33 @@
 """Triton compact bilinear pooling (tensor sketch, pooled over positions, gated, normalised).
 
-First version: fused Triton kernels around torch.fft (cuFFT on CUDA). On the canonical layout
-xs[m] (B, T, n_m) -> (B, d), with K = d // 2 + 1 and the work dtype float32 (float64 for
-float64 inputs; half inputs are transformed in float32):
+Two algorithms, as ops/compact_bilinear.py resolves ``algorithm`` ("gram" or "fft"); both on
+the canonical layout xs[m] (B, T, n_m) -> (B, d), both ending in the epilogue kernel of
+signed_sqrt_l2.py (z * gate, signed sqrt, L2 norm, cast: one program per row, two passes
+over the row) and its backward.
+
+Gram path (two modalities X (B, T, n1), Y (B, T, n2)): z_b = count sketch of G_b = X_b^T Y_b
+with hash (h1(i) + h2(j)) mod d and sign s1(i) s2(j).
+
+forward
+  1. _gram_sketch_kernel: one program per (sample, n1 tile, n2 tile); the G tile is a
+     tensor-core matmul over T in float32 registers, then signed (and / T for "mean") and
+     added into z (B, d) float32 with atomics
+  2. epilogue kernel                          z -> out
+backward
+  1-2. only with a gate or normalize: z as forward, epilogue backward kernel -> dz, dgate
+  3. _gram_adjoint_kernel, twice with the roles swapped: dX = Y dG^T, dY = X dG with
+     dG_ij = s1(i) s2(j) dz[(h1(i) + h2(j)) mod d] (/ T) gathered into register tiles; one
+     program per (sample, position tile, feature tile)
+
+What it materialises: z (B, d) (and dz in the backward) and the outputs; no per-position
+sketch, no spectrum and no (B, n1, n2) Gram matrix exists in memory. The atomics make z's
+summation order vary between runs (see ops.compact_bilinear.choose_algorithm). float64 runs
+the plain-PyTorch Gram kernels (tl.dot has no float64 form; see _fusion.py); float16 and
+bfloat16 dots accumulate in float32.
+
+FFT path (any number M of modalities): fused Triton kernels around torch.fft (cuFFT on CUDA),
+with K = d // 2 + 1 and the work dtype float32 (float64 for float64 inputs; half inputs are
+transformed in float32):
 
 forward
   1. gather sketch (one launch per modality)  xs[m] -> S (M, B*T, d)   read x once, write S
@@ -10,8 +35,7 @@ forward
   3. product-pool kernel                      F -> P (B, K): prod_m F_m summed (mean: / T)
                                               over t in registers
   4. torch.fft.irfft(P, n=d)                  -> z (B, d)
-  5. epilogue kernel (signed_sqrt_l2.py)      z * gate, signed sqrt, L2 norm, cast: one
-                                              program per row, two passes over the row
+  5. epilogue kernel                          z -> out
 backward (recomputes S and F rather than saving them: they are the large tensors)
   1-2. as forward                             S, F
   3-4. as forward, only with a gate or normalize: z (B, d)
@@ -22,11 +46,11 @@ backward (recomputes S and F rather than saving them: they are the large tensors
   8. torch.fft.irfft                          -> dS (M, B*T, d)
   9. gather adjoint (one launch per modality) dx_k[i] = s_k(i) dS_k[h_k(i)], cast to x's dtype
 
-What this version still materialises: the per-position sketches S (M*B*T*d work-dtype values)
-and spectra F (M*B*T*K complex), i.e. about 2 M B T d values; in the backward also dF and dS
-of the same size. For pooled sequences (T > 1) these per-position tensors dominate memory
-(the cbp_seq target wants them gone: an in-kernel DFT that pools spectra without writing
-them is the planned next step). Only P, z and the output are per sample.
+What the FFT path materialises: the per-position sketches S (M*B*T*d work-dtype values) and
+spectra F (M*B*T*K complex), i.e. about 2 M B T d values; in the backward also dF and dS of
+the same size. For pooled sequences (T > 1) these per-position tensors dominate memory, which
+is why "auto" takes the Gram path for long sequences of two modalities. Only P, z and the
+output are per sample.
 
 The FFTs are exact for any d (real transforms with n=d, odd d included); there is no size
 restriction beyond 32-bit column indices (n_m, d < 2**31).
@@ -39,8 +63,10 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
+from ..ops import compact_bilinear as _reference
 from ..ops._common import compute_dtype
 from . import DEVICE_TYPES
+from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile
 from .count_sketch import adjoint_into, inverse_table, sketch_into
 from .signed_sqrt_l2 import epilogue_backward, epilogue_forward
 
@@ -139,20 +165,191 @@ def _pooled_sketch(spectra: torch.Tensor, batch: int, out_dim: int, mean: bool) 
     )
     return torch.fft.irfft(torch.view_as_complex(pooled), n=out_dim)
 
+# ---------------------------------------------------------------------------- Gram path
+
+
+@triton.jit
+def _bins(h_rows, h_cols, D):
+    """(h_rows[:, None] + h_cols[None, :]) mod D for hashes in [0, D), without a modulo, in
+    int32 whatever the hashes' dtype (int64 indices would double the tile's registers) and
+    without overflow for any D < 2**31: h_r - (D - h_c) lies in (-D, D)."""
+    bins = h_rows.to(tl.int32)[:, None] - (D - h_cols.to(tl.int32))[None, :]
+    return tl.where(bins < 0, bins + D, bins)
+
+
+# Configs for sm_90: tiles of >= 64 rows (a warp group's wgmma M per 4 warps) for the bfloat16
+# and float16 dots; at the benchmark's GPU shape (B = 32, n = 512) 128 x 128 tiles make
+# 32 x 4 x 4 = 512 programs for an H100's 132 SMs. Every config compiles without register
+# spills in every dtype there (python -m benchmarks.compile_report --ops cbp_seq).
+_GRAM_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_I": i, "BLOCK_J": j, "BLOCK_T": t}, num_warps=w, num_stages=s)
+    for i, j, t, w, s in [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3)]
+])
+
+
+@triton.autotune(configs=_GRAM_CONFIGS, key=["B_BUCKET", "T", "N1", "N2", "D", "MEAN"], reset_to_zero=["z_ptr"])
+@triton.jit(do_not_specialize=["B_BUCKET"])
+def _gram_sketch_kernel(
+    x_ptr, y_ptr, h1_ptr, s1_ptr, h2_ptr, s2_ptr, z_ptr,
+    B_BUCKET, T, N1, N2, D,
+    stride_xb, stride_xt, stride_xn, stride_yb, stride_yt, stride_yn,
+    stride_h1, stride_s1, stride_h2, stride_s2, stride_zb,
+    MEAN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """z[b, (h1(i) + h2(j)) mod D] += s1(i) s2(j) G[b, i, j] (/ T), G_b = X_b^T Y_b, for this
+    program's (sample b, i tile, j tile); x (B, T, N1), y (B, T, N2), z (B, D) float32, zeroed.
+    One program per (b, i tile, j tile), the tiles of a sample adjacent in launch order, so
+    that they run together and share X_b, Y_b and z_b in L2."""
+    pid = tl.program_id(0)
+    tiles_i = tl.cdiv(N1, BLOCK_I)
+    tiles = tiles_i * tl.cdiv(N2, BLOCK_J)
+    b = (pid // tiles).to(tl.int64)
+    i = (pid % tiles) % tiles_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    j = (pid % tiles) // tiles_i * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i, mask_j = i < N1, j < N2
+    # G_b[i, j] = (X_b^T)[i, :] Y_b[:, j], summed over t in BLOCK_T steps.
+    gram = matmul_tile(x_ptr + b * stride_xb, stride_xn, stride_xt, y_ptr + b * stride_yb, stride_yt, stride_yn,
+                       i, j, mask_i, mask_j, 0, T, PRECISION, BLOCK_T)
+    h1 = tl.load(h1_ptr + i * stride_h1, mask=mask_i, other=0)
+    h2 = tl.load(h2_ptr + j * stride_h2, mask=mask_j, other=0)
+    s1 = tl.load(s1_ptr + i * stride_s1, mask=mask_i, other=0).to(tl.float32)
+    s2 = tl.load(s2_ptr + j * stride_s2, mask=mask_j, other=0).to(tl.float32)
+    value = gram * (s1[:, None] * s2[None, :])
+    if MEAN:
+        value = value / T
+    # Atomics: the order in which the n1 n2 entries reach each bin varies from run to run, so
+    # z does too, in its last bits; hence ops.compact_bilinear.choose_algorithm's alert under
+    # torch.use_deterministic_algorithms. The bins of one sample (D floats) stay in L2.
+    tl.atomic_add(z_ptr + b * stride_zb + _bins(h1, h2, D), value,
+                  mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
+
+
+# The backward's tiles: (BLOCK_I own features, BLOCK_T positions) outputs, BLOCK_J of the
+# other modality's features per step. Each gathered dG entry serves 2 BLOCK_T dot FLOPs, so
+# BLOCK_T is kept large. Spill-free as _GRAM_CONFIGS; float32 (FMA dots, whose operand tiles
+# live in registers next to the gathered tile) spills at BLOCK_J = 64 with 128 x 128 or
+# 64 x 128 tiles, at 64 x 128 x 32 and at 128 x 128 x 32 with three stages.
+_GRAM_ADJOINT_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_I": i, "BLOCK_T": t, "BLOCK_J": j}, num_warps=w, num_stages=s)
+    for i, t, j, w, s in [(128, 128, 32, 8, 2), (128, 128, 16, 8, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3)]
+])
+
+
+@triton.autotune(configs=_GRAM_ADJOINT_CONFIGS, key=["B_BUCKET", "T", "N_OWN", "N_OTHER", "D", "MEAN"])
+@triton.jit(do_not_specialize=["B_BUCKET"])
+def _gram_adjoint_kernel(
+    other_ptr, h_own_ptr, s_own_ptr, h_other_ptr, s_other_ptr, dz_ptr, out_ptr,
+    B_BUCKET, T, N_OWN, N_OTHER, D,
+    stride_ob, stride_ot, stride_on, stride_h_own, stride_s_own, stride_h_other, stride_s_other,
+    stride_dzb, stride_dzd, stride_outb, stride_outt, stride_outn,
+    MEAN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """out[b, t, i] = sum_j other[b, t, j] dG[b, i, j] (/ T), dG[b, i, j] = s_own(i) s_other(j)
+    dz[b, (h_own(i) + h_other(j)) mod D]: the gradient of the Gram forward w.r.t. one modality
+    (own, N_OWN features) given the other (B, T, N_OTHER). One program per (sample, t tile,
+    i tile). dG exists only as register tiles gathered from dz (D values per sample, in L1/L2);
+    each is rounded to the other operand's dtype for the dot, as a half-precision GEMM's
+    backward rounds its incoming gradient. The sign s_own(i) and 1/T are applied once per
+    output, not per gathered entry."""
+    pid = tl.program_id(0)
+    tiles_i = tl.cdiv(N_OWN, BLOCK_I)
+    tiles = tiles_i * tl.cdiv(T, BLOCK_T)
+    b = (pid // tiles).to(tl.int64)
+    i = (pid % tiles) % tiles_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    t = (pid % tiles) // tiles_i * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_i, mask_t = i < N_OWN, t < T
+    h_own = tl.load(h_own_ptr + i * stride_h_own, mask=mask_i, other=0)
+    dz_row = dz_ptr + b * stride_dzb
+    other_rows = other_ptr + b * stride_ob + t.to(tl.int64)[None, :] * stride_ot
+    # out^T (BLOCK_I, BLOCK_T) = dG (BLOCK_I, BLOCK_J) @ other^T (BLOCK_J, BLOCK_T): the gathered
+    # operand comes first, where an MMA can take it from registers.
+    acc = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
+    for j0 in range(0, N_OTHER, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        mask_j = j < N_OTHER
+        h_other = tl.load(h_other_ptr + j * stride_h_other, mask=mask_j, other=0)
+        s_other = tl.load(s_other_ptr + j * stride_s_other, mask=mask_j, other=0).to(tl.float32)
+        # Masked columns read 0, not a dz entry that may be inf or NaN (0 * NaN would leak).
+        bins = _bins(h_own, h_other, D)
+        grad_gram = tl.load(dz_row + bins * stride_dzd, mask=mask_j[None, :], other=0.0).to(tl.float32) * s_other[None, :]
+        other_t = tl.load(other_rows + j[:, None] * stride_on, mask=mask_j[:, None] & mask_t[None, :], other=0.0)
+        acc = dot(grad_gram.to(other_t.dtype), other_t, acc, PRECISION)
+    s_own = tl.load(s_own_ptr + i * stride_s_own, mask=mask_i, other=0).to(tl.float32)
+    acc = acc * s_own[:, None]
+    if MEAN:
+        acc = acc / T  # the integer T, as the FFT path divides
+    out = out_ptr + b * stride_outb + t.to(tl.int64)[None, :] * stride_outt + i[:, None] * stride_outn
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_t[None, :])
+
+
+def _gram_pooled_sketch(xs, hashes, signs, out_dim: int, mean: bool) -> torch.Tensor:
+    """(B, T, n1), (B, T, n2) -> z (B, d) float32: the count sketch of each sample's X^T Y."""
+    (x, y), (h1, h2), (s1, s2) = xs, hashes, signs
+    (batch, positions, n1), n2 = x.shape, y.shape[2]
+    z = torch.zeros((batch, out_dim), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (batch * triton.cdiv(n1, meta["BLOCK_I"]) * triton.cdiv(n2, meta["BLOCK_J"]),)  # noqa: E731
+    _gram_sketch_kernel[grid](
+        x, y, h1, s1, h2, s2, z,
+        batch_bucket(batch), positions, n1, n2, out_dim,
+        *x.stride(), *y.stride(), h1.stride(0), s1.stride(0), h2.stride(0), s2.stride(0), z.stride(0),
+        MEAN=mean, PRECISION=dot_precision(x.dtype),
+    )
+    return z
+
+
+def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torch.Tensor:
+    """The gradient w.r.t. x (B, T, n_own), modality ``own`` of the two, given the other
+    modality's input ``other`` and grad_z (B, d): x's shape and dtype, contiguous."""
+    (batch, positions, n_own), n_other = x.shape, other.shape[2]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h_own, s_own, h_other, s_other = hashes[own], signs[own], hashes[1 - own], signs[1 - own]
+    grid = lambda meta: (batch * triton.cdiv(n_own, meta["BLOCK_I"]) * triton.cdiv(positions, meta["BLOCK_T"]),)  # noqa: E731
+    _gram_adjoint_kernel[grid](
+        other, h_own, s_own, h_other, s_other, grad_z, out,
+        batch_bucket(batch), positions, n_own, n_other, grad_z.shape[1],
+        *other.stride(), h_own.stride(0), s_own.stride(0), h_other.stride(0), s_other.stride(0),
+        *grad_z.stride(), *out.stride(),
+        MEAN=mean, PRECISION=dot_precision(x.dtype),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- dispatch
+
 
 def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str) -> torch.Tensor:
     if algorithm == "gram":
-        raise NotImplementedError("TODO(gram helper)")
+        if xs[0].dtype not in KERNEL_DTYPES:  # float64: tl.dot has no float64 form (see _fusion)
+            return _reference._forward(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm)
+        z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
+        return epilogue_forward(z, gate, normalize, eps, xs[0].dtype)
     work = compute_dtype(xs[0].dtype)
     z = _pooled_sketch(_spectra(xs, hashes, signs, out_dim, work), xs[0].shape[0], out_dim, mean)
     return epilogue_forward(z, gate, normalize, eps, xs[0].dtype)
+
+
+def _gram_backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float):
+    """[dx, dy] (+ [dgate]): z recomputed only for the epilogue's backward, then one adjoint
+    launch per modality, roles swapped."""
+    if xs[0].dtype not in KERNEL_DTYPES:
+        return _reference._backward(grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps, "gram")
+    grads_gate = []
+    if gate is not None or normalize:
+        z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
+        grad, grad_gate = epilogue_backward(grad, z, gate, normalize, eps, z.dtype)
+        if grad_gate is not None:
+            grads_gate = [grad_gate]
+    x, y = xs
+    return [_gram_adjoint(grad, x, 0, hashes, signs, y, mean), _gram_adjoint(grad, y, 1, hashes, signs, x, mean)] + grads_gate
 
 
 def _backward(
     grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str
 ) -> list[torch.Tensor]:
     if algorithm == "gram":
-        raise NotImplementedError("TODO(gram helper)")
+        return _gram_backward(grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps)
     work = compute_dtype(xs[0].dtype)
     batch, positions = xs[0].shape[:2]
     spectra = _spectra(xs, hashes, signs, out_dim, work)
