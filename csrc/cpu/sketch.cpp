@@ -238,8 +238,11 @@ struct Problem {
   // The Gram path (two modalities; see the file comment). Entry (i, k) of sample b's Gram
   // matrix G = X_b^T Y_b is added into bin h_0(i) + h_1(k) (mod d) with sign s_0(i) s_1(k).
 
-  // The pooled sketch z (B, d) of the whole batch, "mean" applied.
-  at::Tensor gram_pooled_sketch() const {
+  // The pooled sketch z (B, d) of the whole batch, "mean" applied. finish(b, z_b) is called
+  // once z's row b is complete, in the same parallel region (each region costs a wake-up of
+  // every thread: the epilogue gets none of its own).
+  template <typename Finish>
+  at::Tensor gram_pooled_sketch(const Finish& finish) const {
     const Hashing<T>& rows = hashings[0];
     const Hashing<T>& cols = hashings[1];
     const int64_t n1 = rows.size(), n2 = cols.size();
@@ -273,13 +276,15 @@ struct Problem {
     });
     auto z = at::empty({B, d}, at::TensorOptions().dtype(type));
     T* zp = z.template mutable_data_ptr<T>();
-    parallel_rows(B, split.parts * d, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
+    parallel_rows(B, (split.parts + 6) * d, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
         for (int64_t k = 0; k < d; ++k) {
           double sum = 0;
           for (int64_t part = 0; part < split.parts; ++part) sum += bins[(b * split.parts + part) * d + k];
           zp[b * d + k] = static_cast<T>(mean ? sum / positions : sum);
         }
+        finish(b, zp + b * d);
+      }
     });
     return z;
   }
@@ -396,13 +401,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> compact_bilinear(at::TensorList 
     const Problem<T> problem(xs_in, hashes, signs, out_dim, mean, type);
     const at::Tensor gate = gate_in ? prepared(*gate_in, type) : at::Tensor();
     if (gram) {
-      // z is computed whole (B d values, the output's size), then finished row by row.
-      const auto z = problem.gram_pooled_sketch();
-      const T* zp = z.template const_data_ptr<T>();
-      parallel_rows(B, 4 * out_dim, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b)
-          finish_row(zp + b * out_dim, row_or_null<T>(gate, b, out_dim), out.mutable_data_ptr<T>() + b * out_dim,
-                     out_dim, normalize, eps);
+      const auto z = problem.gram_pooled_sketch([&](int64_t b, const T* zb) {
+        finish_row(zb, row_or_null<T>(gate, b, out_dim), out.mutable_data_ptr<T>() + b * out_dim, out_dim, normalize,
+                   eps);
       });
       if (save_z) residuals.push_back(z);
       return;
@@ -455,17 +456,23 @@ std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at:
     at::Tensor grad_gate = gate.defined() ? at::empty_like(gate) : at::Tensor();
     T* dgp = gate.defined() ? grad_gate.mutable_data_ptr<T>() : nullptr;
     if (gram) {
-      const at::Tensor z = !needs_z ? at::Tensor() : saved ? residuals[0] : problem.gram_pooled_sketch();
       auto dz = at::empty({problem.B, out_dim}, grad.options());
       // "mean": the reference divides the gradient by T before the Gram matrix's.
       const T scale = static_cast<T>(1.0 / (mean ? P : 1));
-      parallel_rows(problem.B, 6 * out_dim, [&](int64_t b0, int64_t b1) {
-        std::vector<T> scratch(out_dim);
-        for (int64_t b = b0; b < b1; ++b)
-          finish_row_backward(grad.const_data_ptr<T>() + b * out_dim, row_or_null<T>(z, b, out_dim),
-                              row_or_null<T>(gate, b, out_dim), dz.mutable_data_ptr<T>() + b * out_dim,
-                              dgp ? dgp + b * out_dim : nullptr, scratch.data(), out_dim, normalize, eps, scale);
-      });
+      const auto finish = [&](int64_t b, const T* zb) {
+        std::vector<T> scratch(gate.defined() && normalize ? out_dim : 0);  // a row's work dwarfs the allocation
+        finish_row_backward(grad.const_data_ptr<T>() + b * out_dim, zb, row_or_null<T>(gate, b, out_dim),
+                            dz.mutable_data_ptr<T>() + b * out_dim, dgp ? dgp + b * out_dim : nullptr, scratch.data(),
+                            out_dim, normalize, eps, scale);
+      };
+      if (needs_z && !saved) {
+        problem.gram_pooled_sketch(finish);
+      } else {
+        const at::Tensor z = saved ? residuals[0] : at::Tensor();
+        parallel_rows(problem.B, 6 * out_dim, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b) finish(b, row_or_null<T>(z, b, out_dim));
+        });
+      }
       problem.gram_backward(dz, grads);
     } else {
       const Tiling tiling(M, P, out_dim);
