@@ -5,7 +5,10 @@
 // row: no atomics, a fixed summation order (ascending input index), and for d >> n cheaper
 // than the branchy bucket-by-bucket gather a GPU needs.
 //
-// Compact bilinear pooling works on tasks of whole samples (a fixed number, chosen from the
+// Compact bilinear pooling has two algorithms ("fft" and "gram", chosen in Python) that share
+// the epilogue (finish_row, finish_row_backward: gate, signed sqrt + L2, and their gradients).
+//
+// FFT path. It works on tasks of whole samples (a fixed number, chosen from the
 // shapes alone so that the result cannot depend on the thread count). A task sketches its
 // positions into a buffer of about 256 KB (so that it stays in L2), transforms it with one
 // batched real FFT, multiplies and pools the spectra over positions, and runs one inverse FFT
@@ -17,6 +20,22 @@
 // The transforms are fft.h's: with MKL they cost ~6 us per 8192-point row and nothing per
 // call. Smaller buffers measured faster down to 256 KB (~2.5-4 MB before, when ATen's ~85 us
 // per call had to be amortised; that is still the cost without MKL: ~10 us per row at 256 KB).
+//
+// Gram path (two modalities). Pooling is linear, so the pooled sketch of sample b is the count
+// sketch of its Gram matrix G = X_b^T Y_b (n1 x n2) with bin h1(i) + h2(j) (mod d) and sign
+// s1(i) s2(j). Tasks (GramSplit, from the shapes alone) are runs of rows i of one sample: at
+// least 16 of them where the rows allow, so small batches use up to 16 threads. A task
+// computes its rows' G a block of ~2^16 values at a time (one GEMM on one MKL thread, the
+// block staying in L2) and scatters each block, in ascending (i, j), into bins of its own in
+// double; the bins of a sample's tasks are then summed in task order, and the row finished
+// in the same pass. So no (B, n1, n2) tensor exists, only one block per thread, and the bits
+// do not depend on the thread count. The only residual is z (B, d), when there is a gate or
+// normalisation. The backward turns dout into dz with the FFT path's epilogue code, then
+// dX_b = Y_b dG_b^T and dY_b = X_b dG_b with dG_b(i, j) = s1(i) s2(j) dz_b[h1(i) + h2(j)]:
+// dX is cut along i and dY along j, each block of dG gathered and multiplied by one GEMM
+// into the gradient's own columns, so every gradient entry is one GEMM's and nothing is
+// summed across tasks, at the price of gathering dG twice. The reductions are the reference Gram kernel's own (T for G, n2 for dX, n1 for
+// dY), each in one BLAS call.
 #include "common.h"
 #include "fft.h"
 
