@@ -43,6 +43,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <limits>
 
 namespace fastfusion {
@@ -150,7 +151,7 @@ struct GramSplit {
   GramSplit(int64_t batch, int64_t n, int64_t n_other) {
     parts = std::clamp<int64_t>((kTasks + batch - 1) / batch, 1, std::max<int64_t>(1, n / kMinRows));
     rows = std::max<int64_t>(1, (n + parts - 1) / parts);
-    parts = (n + rows - 1) / rows;  // no empty part (none at all for n = 0)
+    parts = std::max<int64_t>(1, (n + rows - 1) / rows);  // no empty part, except the one for n = 0
     block = std::clamp<int64_t>(kBlockValues / std::max<int64_t>(1, n_other), 1, rows);
   }
 };
@@ -270,8 +271,11 @@ struct Problem {
   }
 
   // The pooled sketch z (B, d) of the whole batch, "mean" applied. finish(b, z_b) is called
-  // once z's row b is complete, in the same parallel region (each region costs a wake-up of
-  // every thread: the epilogue gets none of its own).
+  // once z's row b is complete, in the same parallel region: the last of a sample's tasks to
+  // finish sums the sample's bins (in task order, so whichever thread it is, the bits are the
+  // same) and finishes the row. One region, as on the FFT path: each costs a wake-up of every
+  // thread, milliseconds on a loaded machine where a thread spins while another waits for a
+  // core.
   template <typename Finish>
   at::Tensor gram_pooled_sketch(const Finish& finish) const {
     const Hashing<T>& rows = hashings[0];
@@ -281,6 +285,10 @@ struct Problem {
     // Each task's bins, in double: a bin sums about n1 n2 / d entries, more than any sum of
     // the FFT path, and a double add costs what a float one does in this scatter.
     std::vector<double> bins(B * split.parts * d, 0.0);
+    std::vector<std::atomic<int64_t>> tasks_done(B);
+    for (auto& count : tasks_done) count.store(0, std::memory_order_relaxed);
+    auto z = at::empty({B, d}, at::TensorOptions().dtype(type));
+    T* zp = z.template mutable_data_ptr<T>();
     parallel_tasks(B * split.parts, [&](int64_t task0, int64_t task1) {
       const OneMklThread one_thread;
       auto G = at::empty({split.block, n2}, xs[0].options());
@@ -301,15 +309,12 @@ struct Problem {
             for (int64_t k = 0; k < n2; ++k) acc[row_bins[k]] += sign * double(cols.sign[k]) * double(gr[k]);
           }
         }
-      }
-    });
-    auto z = at::empty({B, d}, at::TensorOptions().dtype(type));
-    T* zp = z.template mutable_data_ptr<T>();
-    parallel_rows(B, (split.parts + 6) * d, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+        // acq_rel: the last task sees every other task's bins of this sample.
+        if (tasks_done[b].fetch_add(1, std::memory_order_acq_rel) + 1 < split.parts) continue;
+        const double* sample_bins = bins.data() + b * split.parts * d;
         for (int64_t k = 0; k < d; ++k) {
           double sum = 0;
-          for (int64_t part = 0; part < split.parts; ++part) sum += bins[(b * split.parts + part) * d + k];
+          for (int64_t part = 0; part < split.parts; ++part) sum += sample_bins[part * d + k];
           zp[b * d + k] = static_cast<T>(mean ? sum / positions : sum);
         }
         finish(b, zp + b * d);
