@@ -246,9 +246,13 @@ def test_gradcheck(gen, case):
     assert torch.autograd.gradcheck(lambda *t: fn(list(t), "cpp"), leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda g: tensor_fusion_case(g, B=4),
+    lambda g: compact_bilinear_case(g, T=4, gate=True, algorithm="gram"),
+], ids=["tensor_fusion", "compact_bilinear gram"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_computes_in_float32(gen, dtype):
-    fn, leaves = tensor_fusion_case(gen, B=4)
+def test_half_precision_computes_in_float32(gen, dtype, make):
+    fn, leaves = make(gen)
     low = [t.detach().to(dtype) for t in leaves]
     out, grads, cot = _grads(fn, low, "cpp")
     ref, ref_grads, _ = _grads(fn, [t.float() for t in low], "cpp", cot.float())

@@ -27,15 +27,15 @@
 // least 16 of them where the rows allow, so small batches use up to 16 threads. A task
 // computes its rows' G a block of ~2^16 values at a time (one GEMM on one MKL thread, the
 // block staying in L2) and scatters each block, in ascending (i, j), into bins of its own in
-// double; the bins of a sample's tasks are then summed in task order, and the row finished
-// in the same pass. So no (B, n1, n2) tensor exists, only one block per thread, and the bits
-// do not depend on the thread count. The only residual is z (B, d), when there is a gate or
+// double; the last of a sample's tasks to finish sums their bins in task order and finishes
+// the row. So no (B, n1, n2) tensor exists, only one block per thread, and the bits do not
+// depend on the thread count. The only residual is z (B, d), when there is a gate or
 // normalisation. The backward turns dout into dz with the FFT path's epilogue code, then
 // dX_b = Y_b dG_b^T and dY_b = X_b dG_b with dG_b(i, j) = s1(i) s2(j) dz_b[h1(i) + h2(j)]:
-// dX is cut along i and dY along j, each block of dG gathered and multiplied by one GEMM
-// into the gradient's own columns, so every gradient entry is one GEMM's and nothing is
-// summed across tasks, at the price of gathering dG twice. The reductions are the reference Gram kernel's own (T for G, n2 for dX, n1 for
-// dY), each in one BLAS call.
+// dX is cut along i and dY along j, each block of dG gathered and multiplied by one GEMM into
+// the gradient's own columns, so every gradient entry is one GEMM's and nothing is summed
+// across tasks, at the price of gathering dG twice. The GEMMs reduce over what the reference
+// Gram kernel's do (T for G, n2 for dX, n1 for dY), each in one BLAS call.
 #include "common.h"
 #include "fft.h"
 
