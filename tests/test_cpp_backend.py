@@ -45,8 +45,10 @@ def count_sketch_case(gen, lead=(3,), n=7, d=5, layout="contiguous", hash_dtype=
 
 
 def compact_bilinear_case(
-    gen, B=3, T=None, dims=(5, 6), d=9, pool="sum", gate=False, normalize=True, layout="contiguous"
+    gen, B=3, T=None, dims=(5, 6), d=9, pool="sum", gate=False, normalize=True, layout="contiguous", algorithm="fft"
 ):
+    """The cpp kernels run ``algorithm``; every other backend is a reference and runs the FFT
+    path, as the papers state it, so the Gram path is never checked against itself."""
     hashes, signs = random_hashes_signs(gen, dims, d, hash_dtype=torch.int32)
     lead = (B,) if T is None else (B, T)
     xs = [randn(gen, *lead, n, layout=LAYOUTS[(m + LAYOUTS.index(layout)) % 3]) for m, n in enumerate(dims)]
@@ -58,7 +60,8 @@ def compact_bilinear_case(
     def fn(t, be):
         g = t[len(dims)] if gate else None
         return ff.compact_bilinear(
-            t[: len(dims)], hashes, signs, d, pool_dim=pool_dim, pool=pool, gate=g, normalize=normalize, backend=be
+            t[: len(dims)], hashes, signs, d, pool_dim=pool_dim, pool=pool, gate=g, normalize=normalize, backend=be,
+            algorithm=algorithm if be == "cpp" else "fft",
         )
 
     return fn, leaves
@@ -123,6 +126,30 @@ CASES = {
     # roots are noise in any implementation.)
     "compact_bilinear long sequence": lambda g: compact_bilinear_case(
         g, B=2, T=70, dims=(6, 5), d=4096, gate=True, normalize=False
+    ),
+    # With normalisation, d prime and more hashes than d - 1 (Cauchy-Davenport): no bin of the
+    # Gram path is empty. (An empty bin is exactly 0 there and FFT round-off in the reference,
+    # whose signed square roots differ by 1e-8.)
+    "compact_bilinear gram": lambda g: compact_bilinear_case(g, T=4, dims=(9, 8), d=7, algorithm="gram"),
+    "compact_bilinear gram unpooled": lambda g: compact_bilinear_case(g, B=4, algorithm="gram"),
+    "compact_bilinear gram B=1 odd d, no normalize": lambda g: compact_bilinear_case(
+        g, B=1, T=3, d=17, normalize=False, algorithm="gram"
+    ),
+    "compact_bilinear gram pool mean gate, transposed": lambda g: compact_bilinear_case(
+        g, B=2, T=5, dims=(9, 8), d=5, pool="mean", gate=True, layout="transposed", algorithm="gram"
+    ),
+    "compact_bilinear gram gate no normalize, strided": lambda g: compact_bilinear_case(
+        g, B=2, T=3, dims=(7, 4), d=11, gate=True, normalize=False, layout="strided", algorithm="gram"
+    ),
+    # B = 1 cuts each sample's rows into parts with bins of their own (300 / 32 -> 9 parts).
+    # (No normalisation: the float32 errors of the gradients are then those of bins near 0
+    # through the signed square root, 0.1-4x the FFT path's depending on the seed.)
+    "compact_bilinear gram rows in parts": lambda g: compact_bilinear_case(
+        g, B=1, T=6, dims=(300, 70), d=64, pool="mean", normalize=False, algorithm="gram"
+    ),
+    # 40 x 3000 entries: a part's rows take two GEMM blocks (2^16 values each).
+    "compact_bilinear gram rows in blocks": lambda g: compact_bilinear_case(
+        g, B=2, T=3, dims=(40, 3000), d=50, gate=True, algorithm="gram"
     ),
     "signed_sqrt_l2": signed_sqrt_l2_case,
     "signed_sqrt_l2 leading dims strided": lambda g: signed_sqrt_l2_case(g, lead=(2, 3), d=6, layout="strided"),
@@ -199,6 +226,12 @@ GRADCHECK = {
     ),
     "compact_bilinear normalize": lambda g: compact_bilinear_case(g, B=2, dims=(5, 4), d=3),
     "compact_bilinear M=3 mean": lambda g: compact_bilinear_case(g, B=1, T=2, dims=(2, 2, 3), d=6, pool="mean"),
+    "compact_bilinear gram gate pool": lambda g: compact_bilinear_case(
+        g, B=2, T=2, dims=(3, 2), d=5, gate=True, normalize=False, algorithm="gram"
+    ),
+    "compact_bilinear gram normalize mean": lambda g: compact_bilinear_case(
+        g, B=2, T=3, dims=(5, 4), d=3, pool="mean", algorithm="gram"
+    ),
     "signed_sqrt_l2": lambda g: signed_sqrt_l2_case(g, lead=(3,), d=5, zeros=False),
     "factorized_bilinear": lambda g: factorized_bilinear_case(g, B=2, nx=3, ny=2, o=2, k=2, mask=True),
     "low_rank_fusion": lambda g: low_rank_fusion_case(g, B=2, dims=(2, 1, 2), rank=2, hidden=3),
@@ -213,9 +246,13 @@ def test_gradcheck(gen, case):
     assert torch.autograd.gradcheck(lambda *t: fn(list(t), "cpp"), leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda g: tensor_fusion_case(g, B=4),
+    lambda g: compact_bilinear_case(g, T=4, gate=True, algorithm="gram"),
+], ids=["tensor_fusion", "compact_bilinear gram"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_computes_in_float32(gen, dtype):
-    fn, leaves = tensor_fusion_case(gen, B=4)
+def test_half_precision_computes_in_float32(gen, dtype, make):
+    fn, leaves = make(gen)
     low = [t.detach().to(dtype) for t in leaves]
     out, grads, cot = _grads(fn, low, "cpp")
     ref, ref_grads, _ = _grads(fn, [t.float() for t in low], "cpp", cot.float())
@@ -238,13 +275,37 @@ def test_direct_call_without_positions_is_an_error_not_a_crash():
         "xs = [torch.randn(2, 0, 5), torch.randn(2, 0, 4)]\n"
         "hashes, signs = [torch.zeros(5, dtype=torch.long), torch.zeros(4, dtype=torch.long)], [torch.ones(5), torch.ones(4)]\n"
         "try:\n"
-        "    torch.ops.fastfusion_cpu.compact_bilinear(xs, hashes, signs, 8, False, None, True, 1e-12, False)\n"
+        "    torch.ops.fastfusion_cpu.compact_bilinear(xs, hashes, signs, 8, False, None, True, 1e-12, 'fft', False)\n"
         "except RuntimeError as err:\n"
         "    print('raised:', err)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-500:]}"
     assert "raised:" in result.stdout and "got T = 0" in result.stdout
+
+
+def test_compact_bilinear_algorithm_is_checked_by_name(gen):
+    (h0, h1, h2), (s0, s1, s2) = random_hashes_signs(gen, [3, 4, 5], 8)
+    xs = [randn(gen, 2, 3, n) for n in (3, 4, 5)]
+    forward = torch.ops.fastfusion_cpu.compact_bilinear
+    with pytest.raises(RuntimeError, match="algorithm must be 'fft' or 'gram', got 'fast'"):
+        forward(xs[:2], [h0, h1], [s0, s1], 8, False, None, True, 1e-12, "fast", False)
+    with pytest.raises(RuntimeError, match="algorithm 'gram' needs exactly 2 modalities \\(xs\\), got 3"):
+        forward(xs, [h0, h1, h2], [s0, s1, s2], 8, False, None, True, 1e-12, "gram", False)
+    backward = torch.ops.fastfusion_cpu.compact_bilinear_backward
+    with pytest.raises(RuntimeError, match="algorithm 'gram' needs exactly 2 modalities"):
+        backward(randn(gen, 2, 8), [], xs, [h0, h1, h2], [s0, s1, s2], 8, False, None, True, 1e-12, "gram")
+
+
+@pytest.mark.parametrize("algorithm", ["fft", "gram"])
+def test_compact_bilinear_nan_stays_in_its_sample(gen, algorithm):
+    fn, leaves = compact_bilinear_case(gen, B=3, T=4, gate=True, algorithm=algorithm)
+    leaves = [t.detach().clone() for t in leaves]
+    leaves[0][1, 2, 0] = float("nan")
+    out, grads, _ = _grads(fn, leaves, "cpp")
+    assert out[1].isnan().all() and out[[0, 2]].isfinite().all()
+    for g in grads:
+        assert g[1].isnan().any() and g[[0, 2]].isfinite().all()
 
 
 # The weight gradients are reductions over the batch: the cases include outputs small next to
@@ -256,6 +317,13 @@ DETERMINISM = {
     "compact_bilinear pooled": lambda g: compact_bilinear_case(g, B=9, T=20, dims=(40, 30), d=2048, pool="mean"),
     # One sample of a long, non-power-of-two transform: MKL would split it across threads.
     "compact_bilinear B=1 d=16000": lambda g: compact_bilinear_case(g, B=1, dims=(50, 60), d=16000),
+    # Parts of rows with bins of their own (B = 3: 6 and 5 parts), and a batch of one part each.
+    "compact_bilinear gram parts": lambda g: compact_bilinear_case(
+        g, B=3, T=20, dims=(300, 200), d=512, gate=True, algorithm="gram"
+    ),
+    "compact_bilinear gram batch": lambda g: compact_bilinear_case(
+        g, B=40, T=5, dims=(64, 48), d=256, pool="mean", algorithm="gram"
+    ),
     "signed_sqrt_l2": lambda g: signed_sqrt_l2_case(g, lead=(64,), d=3000),
     "factorized_bilinear": lambda g: factorized_bilinear_case(g, B=300, nx=64, ny=48, o=40, k=5, mask=True),
     "factorized_bilinear small output": lambda g: factorized_bilinear_case(g, B=300, nx=64, ny=48, o=2, k=3),
@@ -328,8 +396,11 @@ def residual_cases(gen):
     mask = (torch.rand(4, 6, generator=gen, dtype=F64) > 0.3).to(F64) * 2
     lmf_xs, factors = [randn(gen, 4, 3), randn(gen, 4, 2)], [randn(gen, 2, 4, 3), randn(gen, 2, 3, 3)]
     lmf_w, lmf_b = randn(gen, 2), randn(gen, 3)
-    cbp3 = (xs3, [h0, h1, h2], [s0, s1, s2], 9, True, None, True, 1e-12)
-    cbp_long = (long_xs, [lh0, lh1], [ls0, ls1], 4096, False, gate, False, 1e-12)
+    cbp3 = (xs3, [h0, h1, h2], [s0, s1, s2], 9, True, None, True, 1e-12, "fft")
+    cbp_long = (long_xs, [lh0, lh1], [ls0, ls1], 4096, False, gate, False, 1e-12, "fft")
+    gram_xs = [randn(gen, 3, 4, n) for n in (6, 5)]
+    gram_gate = torch.rand(3, 9, generator=gen, dtype=F64) + 0.5
+    gram = (gram_xs, [h0, h1], [s0, s1], 9, True, gram_gate, True, 1e-12, "gram")
     mfb = (x, y, wx, bx, wy, by, 2, mask, True, 1e-12)
     lmf = (lmf_xs, factors, lmf_w, lmf_b)
     # The residual's width depends on where the modalities are split: after the first here,
@@ -339,6 +410,7 @@ def residual_cases(gen):
     return {
         "compact_bilinear M=3 mean normalize": ("compact_bilinear", cbp3, (3, 9)),
         "compact_bilinear long sequence gate": ("compact_bilinear", cbp_long, (2, 4096)),
+        "compact_bilinear gram mean gate normalize": ("compact_bilinear", gram, (3, 9)),
         "factorized_bilinear": ("factorized_bilinear", mfb, (4, 3)),
         "low_rank_fusion": ("low_rank_fusion", lmf, (4, 3)),
         "tensor_fusion": ("tensor_fusion", tfn, (4, 5)),
@@ -347,7 +419,7 @@ def residual_cases(gen):
 
 
 @pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "compact_bilinear long sequence gate",
-                                  "factorized_bilinear", "low_rank_fusion", "tensor_fusion",
+                                  "compact_bilinear gram mean gate normalize", "factorized_bilinear", "low_rank_fusion", "tensor_fusion",
                                   "tensor_fusion split after two"])
 def test_backward_gives_the_same_bits_with_and_without_residuals(gen, case):
     name, args, out_shape = residual_cases(gen)[case]
@@ -363,8 +435,8 @@ def test_backward_gives_the_same_bits_with_and_without_residuals(gen, case):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "factorized_bilinear", "low_rank_fusion",
-                                  "tensor_fusion", "tensor_fusion split after two"])
+@pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "compact_bilinear gram mean gate normalize",
+                                  "factorized_bilinear", "low_rank_fusion", "tensor_fusion", "tensor_fusion split after two"])
 def test_opcheck_with_residuals(gen, case):
     # The fake kernels must promise exactly the residuals that the cpp kernels save.
     name, args, out_shape = residual_cases(gen)[case]
@@ -389,10 +461,11 @@ def test_foreign_residuals_are_rejected_by_name(gen):
 
 @pytest.mark.parametrize("make", [
     lambda g: compact_bilinear_case(g, B=2, T=3, gate=True),
+    lambda g: compact_bilinear_case(g, B=2, T=3, gate=True, algorithm="gram"),
     lambda g: factorized_bilinear_case(g, mask=True),
     low_rank_fusion_case,
     tensor_fusion_case,
-], ids=["compact_bilinear", "factorized_bilinear", "low_rank_fusion", "tensor_fusion"])
+], ids=["compact_bilinear", "compact_bilinear gram", "factorized_bilinear", "low_rank_fusion", "tensor_fusion"])
 def test_residuals_survive_a_retained_graph(gen, make):
     # A second backward through the same graph reads the same residuals: the backward
     # kernels must not overwrite them (they are autograd's, not scratch).
