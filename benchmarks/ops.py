@@ -220,7 +220,11 @@ def runner(case: Case, fn: Callable[..., torch.Tensor], mode: str, grad_out: tor
 
     "forward" runs under no_grad (inference) and returns (output,). "forward+backward"
     returns (output, *input gradients) from autograd.grad, so nothing accumulates into
-    ``.grad`` between calls; every input is differentiated, parameters included.
+    ``.grad`` between calls; every input is differentiated, parameters included. It is a
+    training step: each call first marks every input as modified in place, as new data and an
+    optimizer step would leave them (a version bump, no kernel), so that nothing a provider
+    caches per version of its inputs (fastfusion's copy of the LMF factors) is reused across
+    steps.
     """
     args = case.args
     if mode == "forward":
@@ -232,6 +236,8 @@ def runner(case: Case, fn: Callable[..., torch.Tensor], mode: str, grad_out: tor
     else:
 
         def run():
+            for a in args:
+                torch.autograd.graph.increment_version(a)
             out = fn(*args)
             return (out, *torch.autograd.grad(out, args, grad_out))
 

@@ -4,8 +4,9 @@
   projection tile is a tensor-core matmul, multiplied across modalities and rank-reduced
   with w_r in float32 registers. Nothing of size (M, rank, B, h) exists in memory. Inputs
   are packed with their constants, [1, x_0, 1, x_1, ...] (:func:`pack_with_ones`), and the
-  factors concatenated along their input axis into one (rank, S, h) tensor, so one kernel
-  serves any number of modalities; x~_m W_m[r] is then a matmul over the packed columns of
+  factors read as one (rank, S, h) tensor, a view of one copy of all of them (``_flat_factors``,
+  made once per version of the factors and shared with the backward), so one kernel serves
+  any number of modalities; x~_m W_m[r] is then a matmul over the packed columns of
   modality m, whose constant row needs no special case. When autograd records the call
   (``save_residuals``) the kernel also stores every projection tile it computes: the op's
   residuals P_m (below), in compute_dtype (float32 for half inputs). The stores are
@@ -26,8 +27,8 @@
      grad_proj[m]. grad_bias is grad.sum(0).
   Memory: P (the residuals, kept from the forward to the backward) and grad_proj are
   materialised, M * B * rank * h values each, P in the compute dtype and grad_proj in the
-  input dtype (100 + 50 MB in bfloat16 at B = 4096, M = 3, rank = 8, h = 256), plus one
-  parameter-sized copy of the factors in the (n_m + 1, rank*h) layout. Residual pointers:
+  input dtype (100 + 50 MB in bfloat16 at B = 4096, M = 3, rank = 8, h = 256), plus the
+  cached parameter-sized copy of the factors in the (S, rank*h) layout. Residual pointers:
   custom-op outputs may not alias, so the residuals are M separate tensors and the kernels
   take one pointer each, up to ``_MAX_SAVED``; above it the forward computes them with
   cuBLAS and the backward stacks them (see ``_forward``, ``_backward``).
@@ -46,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
+from .._tensor_cache import TensorCache
 from ..ops import low_rank_fusion as _reference
 from ..ops._common import compute_dtype
 from . import DEVICE_TYPES
@@ -168,13 +170,29 @@ def _grad_proj_kernel(
     tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
 
 
-def _pack(xs, factors):
-    # The factors are concatenated on every call: a device-to-device copy of the parameters
-    # (rank * S * h values, no sync), which lets one pointer serve any number of modalities.
-    # Reading them in place would need one pointer argument per modality (a fixed maximum M)
-    # or a device table of their addresses, a host-to-device copy whenever they move.
-    packed, table, offsets, _ = pack_with_ones(xs)
-    return packed, table, offsets, torch.cat(factors, dim=1)
+def _flat_layout(factors) -> torch.Tensor:
+    """Every factor laid out as (S, R*H), S = sum_m (n_m + 1): row s, column r*H + h holds
+    W_m[r, s - offset_m, h] for the modality m owning packed column s. One copy for all
+    modalities, after which each one's constant row and W_m[:, 1:] are plain matrices and the
+    forward reads it as (R, S, H) through a strided view."""
+    R, _, H = factors[0].shape
+    return torch.cat([w.permute(1, 0, 2) for w in factors]).view(-1, R * H)
+
+
+# The copy is made once per version of the factors and shared by the forward and the
+# backward, so a training step copies the parameters once (a device-to-device copy, no sync).
+# It stays cached while the factors live: one parameter-sized buffer. Reading the factors in
+# place would need one pointer argument per modality (a fixed maximum M) or a device table of
+# their addresses, a host-to-device copy whenever they move.
+_FLAT_FACTORS: TensorCache[torch.Tensor] = TensorCache()
+
+
+def _flat_factors(factors) -> torch.Tensor:
+    if factors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        # A CUDA graph replays without Python: it must copy the factors itself, which change
+        # in place between training steps.
+        return _flat_layout(factors)
+    return _FLAT_FACTORS.get(factors, lambda: _flat_layout(factors))
 
 
 # The forward kernel writes the residuals of up to this many modalities (one pointer argument
@@ -182,13 +200,6 @@ def _pack(xs, factors):
 # with 2 or 3. Above it the residuals are computed by cuBLAS after the kernel, as the backward
 # would otherwise recompute them.
 _MAX_SAVED = 4
-
-
-def _flat_factors(xs, factors, R, H):
-    """Every factor laid out as (n_m + 1, R*H), column r*H + h: one copy (parameter-sized) for
-    all modalities, after which each one's constant row and W_m[:, 1:] are plain matrices."""
-    flat = torch.cat([w.permute(1, 0, 2) for w in factors]).view(-1, R * H)
-    return flat.split([x.shape[1] + 1 for x in xs])
 
 
 def _recompute_projections(xs, flat, outs):
@@ -204,8 +215,9 @@ def _forward(xs, factors, weights, bias, save_residuals):
     when ``save_residuals``, else []."""
     if bias.dtype not in KERNEL_DTYPES:
         return _reference._forward(xs, factors, weights, bias), []
-    packed, table, _, packed_factors = _pack(xs, factors)
-    (B, S), (R, _, H), M = packed.shape, packed_factors.shape, len(xs)
+    packed, table, _, _ = pack_with_ones(xs)
+    (B, S), (R, _, H), M = packed.shape, factors[0].shape, len(xs)
+    packed_factors = _flat_factors(factors).view(S, R, H).permute(1, 0, 2)  # (R, S, H)
     out = torch.empty((B, H), dtype=bias.dtype, device=bias.device)
     residuals = []
     if save_residuals:
@@ -226,7 +238,8 @@ def _forward(xs, factors, weights, bias, save_residuals):
         # that they are as exact as the kernel's float32 tiles.
         wide = residuals[0].dtype
         wide_xs = [x.to(wide) for x in xs]
-        _recompute_projections(wide_xs, _flat_factors(wide_xs, [w.to(wide) for w in factors], R, H), residuals)
+        flat = _flat_layout([w.to(wide) for w in factors]).split([x.shape[1] + 1 for x in xs])
+        _recompute_projections(wide_xs, flat, residuals)
     return out, residuals
 
 
@@ -236,7 +249,7 @@ def _backward(grad, residuals, xs, factors, weights, bias):
     if bias.dtype not in KERNEL_DTYPES:
         return _reference._backward(grad, xs, factors, weights, bias)
     (B, H), R, M = grad.shape, weights.shape[0], len(xs)
-    flat = _flat_factors(xs, factors, R, H)
+    flat = _flat_factors(factors).split([x.shape[1] + 1 for x in xs])
     if residuals and M <= _MAX_SAVED:
         slots, stride_pm = residuals + [residuals[0]] * (_MAX_SAVED - M), 0
     else:
