@@ -57,7 +57,7 @@ def _tensor_sketch_module():
 CASES = {
     "count_sketch": (_count_sketch_module, (randn(2, 3, 6),), kinds(scatter_add=2 * 3 * 6)),
     "cbp": (
-        lambda: fastfusion.CompactBilinearPooling([6, 5], 16),
+        lambda: fastfusion.CompactBilinearPooling([6, 5], 16, algorithm="fft"),
         (randn(2, 3, 6), randn(2, 3, 5)),  # unpooled, two leading dims: B = 6 sketches
         kinds(fft=2 * fft(6, 16) + fft(6, 16), scatter_add=6 * (6 + 5)),
     ),
@@ -67,9 +67,19 @@ CASES = {
         kinds(fft=3 * fft(3, 16) + fft(3, 16), scatter_add=3 * (6 + 5 + 4)),
     ),
     "cbp_pooled_odd_d": (
-        lambda: fastfusion.CompactBilinearPooling([6, 5], 15, pool="mean"),
+        lambda: fastfusion.CompactBilinearPooling([6, 5], 15, pool="mean", algorithm="fft"),
         (randn(3, 4, 6), randn(3, 4, 5)),  # T = 4 positions, one inverse transform per sample
         kinds(fft=2 * fft(12, 15) + fft(3, 15), scatter_add=12 * (6 + 5)),
+    ),
+    "cbp_pooled_gram": (
+        lambda: fastfusion.CompactBilinearPooling([6, 5], 15, pool="mean", algorithm="gram"),
+        (randn(3, 4, 6), randn(3, 4, 5)),  # X^T Y per sample (B = 3, T = 4), its 6 * 5 entries scattered
+        kinds(contraction=2 * 3 * 4 * 6 * 5, scatter_add=3 * 6 * 5),
+    ),
+    "cbp_gram": (
+        lambda: fastfusion.CompactBilinearPooling([6, 5], 16, algorithm="gram"),
+        (randn(2, 3, 6), randn(2, 3, 5)),  # unpooled: T = 1 for each of the 6 sketches
+        kinds(contraction=2 * 6 * 6 * 5, scatter_add=6 * 6 * 5),
     ),
     "tensor_sketch_pooled_dim0": (
         _tensor_sketch_module,
@@ -77,12 +87,12 @@ CASES = {
         kinds(fft=3 * fft(12, 15) + fft(3, 15), scatter_add=12 * (6 + 5 + 4)),
     ),
     "cbgp_softmax": (
-        lambda: fastfusion.GatedCompactBilinearPooling([6, 5], 16),
+        lambda: fastfusion.GatedCompactBilinearPooling([6, 5], 16, algorithm="fft"),
         (randn(3, 6), randn(3, 5)),
         kinds(contraction=2 * 3 * (6 + 5) * 16, fft=2 * fft(3, 16) + fft(3, 16), scatter_add=3 * (6 + 5)),
     ),
     "cbgp_sigmoid_pooled": (
-        lambda: fastfusion.GatedCompactBilinearPooling([6, 5], 16, gate="sigmoid", pool="sum"),
+        lambda: fastfusion.GatedCompactBilinearPooling([6, 5], 16, gate="sigmoid", pool="sum", algorithm="fft"),
         (randn(3, 4, 6), randn(3, 4, 5)),
         kinds(contraction=2 * 3 * (6 + 5) * 16, fft=2 * fft(12, 16) + fft(3, 16), scatter_add=12 * (6 + 5)),
     ),
