@@ -32,10 +32,11 @@
 // depend on the thread count. The only residual is z (B, d), when there is a gate or
 // normalisation. The backward turns dout into dz with the FFT path's epilogue code, then
 // dX_b = Y_b dG_b^T and dY_b = X_b dG_b with dG_b(i, j) = s1(i) s2(j) dz_b[h1(i) + h2(j)]:
-// dX is cut along i and dY along j, each block of dG gathered and multiplied by one GEMM into
-// the gradient's own columns, so every gradient entry is one GEMM's and nothing is summed
-// across tasks, at the price of gathering dG twice. The GEMMs reduce over what the reference
-// Gram kernel's do (T for G, n2 for dX, n1 for dY), each in one BLAS call.
+// a task gathers its rows' blocks of dG once and feeds both GEMMs, dX's columns i being its
+// own and dY summed over the blocks in order, then over the parts in part order, again
+// independent of the thread count. The signs are folded into the inputs (X diag(s1),
+// Y diag(s2)) so that the scatter only adds and the gather multiplies once. The GEMMs reduce
+// over what the reference Gram kernel's do (T for G, n2 for dX, n1 for dY).
 #include "common.h"
 #include "fft.h"
 
@@ -270,6 +271,16 @@ struct Problem {
     }
   }
 
+  // X_m diag(s_m): modality m with its signs folded in, (B, T, n_m). The Gram matrix of the
+  // signed inputs has the signed entries s_0(i) s_1(k) G(i, k), so the scatter only adds, and
+  // the backward's gather applies one sign per row of dG (the other is in the signed input).
+  at::Tensor signed_input(int64_t m) const {
+    const std::vector<T>& sign = hashings[m].sign;
+    const auto signs = at::from_blob(const_cast<T*>(sign.data()), {static_cast<int64_t>(sign.size())},
+                                     at::TensorOptions().dtype(type));
+    return xs[m] * signs;
+  }
+
   // The pooled sketch z (B, d) of the whole batch, "mean" applied. finish(b, z_b) is called
   // once z's row b is complete, in the same parallel region: the last of a sample's tasks to
   // finish sums the sample's bins (in task order, so whichever thread it is, the bits are the
@@ -289,6 +300,7 @@ struct Problem {
     for (auto& count : tasks_done) count.store(0, std::memory_order_relaxed);
     auto z = at::empty({B, d}, at::TensorOptions().dtype(type));
     T* zp = z.template mutable_data_ptr<T>();
+    const at::Tensor x = signed_input(0), y = signed_input(1);
     parallel_tasks(B * split.parts, [&](int64_t task0, int64_t task1) {
       const OneMklThread one_thread;
       auto G = at::empty({split.block, n2}, xs[0].options());
@@ -301,12 +313,11 @@ struct Problem {
         for (int64_t ib = i0; ib < i1; ib += split.block) {
           const int64_t r = std::min(split.block, i1 - ib);
           auto gram = G.narrow(0, 0, r);
-          at::mm_out(gram, xs[0][b].narrow(1, ib, r).t(), xs[1][b]);
+          at::mm_out(gram, x[b].narrow(1, ib, r).t(), y[b]);
           for (int64_t ii = 0; ii < r; ++ii) {
             gram_bins(rows, ib + ii, cols, row_bins.data());
-            const double sign = rows.sign[ib + ii];
             const T* gr = g + ii * n2;
-            for (int64_t k = 0; k < n2; ++k) acc[row_bins[k]] += sign * double(cols.sign[k]) * double(gr[k]);
+            for (int64_t k = 0; k < n2; ++k) acc[row_bins[k]] += double(gr[k]);
           }
         }
         // acq_rel: the last task sees every other task's bins of this sample.
@@ -324,42 +335,64 @@ struct Problem {
   }
 
   // Gradients of both modalities from dz (B, d), the gradient reaching the pooled sketch with
-  // "mean" already applied: dX_b = Y_b dG_b^T and dY_b = X_b dG_b, dG_b gathered from dz.
-  // Each modality's gradient is cut along its own features (rows of dG for dX, of dG^T for
-  // dY), so every gradient entry is one GEMM's, written by one task: nothing is summed across
-  // tasks, at the price of gathering dG twice.
+  // "mean" already applied: dX_b = Y_b dG_b^T and dY_b = X_b dG_b, dG_b(i, k) = s_0(i) s_1(k)
+  // dz_b[h_0(i) + h_1(k)]. Tasks are the forward's runs of rows i; each gathers its block of
+  // dG once (with s_0 folded in, s_1 being in the signed Y) and feeds both GEMMs: dX's columns
+  // i are the block's alone, and dY, a sum over all i, is summed over the task's blocks in
+  // order, into the gradient itself when a sample has one part, else into the part's own
+  // buffer, which the sample's last part to finish adds in part order (as the forward's bins).
+  // dY's s_1 is applied last, once per entry.
   void gram_backward(const at::Tensor& dz, std::vector<at::Tensor>& grads) const {
-    const std::array<GramSplit, 2> splits = {GramSplit(B, hashings[0].size(), hashings[1].size()),
-                                             GramSplit(B, hashings[1].size(), hashings[0].size())};
-    const int64_t tasks0 = B * splits[0].parts;
+    const Hashing<T>& rows = hashings[0];
+    const Hashing<T>& cols = hashings[1];
+    const int64_t n1 = rows.size(), n2 = cols.size();
+    const GramSplit split(B, n1, n2);
     const T* dzp = dz.template const_data_ptr<T>();
-    parallel_tasks(tasks0 + B * splits[1].parts, [&](int64_t task0, int64_t task1) {
+    const at::Tensor y = signed_input(1);
+    const at::Tensor partial_dy =
+        split.parts > 1 ? at::empty({B, split.parts, positions, n2}, xs[0].options()) : at::Tensor();
+    std::vector<std::atomic<int64_t>> tasks_done(B);
+    for (auto& count : tasks_done) count.store(0, std::memory_order_relaxed);
+    parallel_tasks(B * split.parts, [&](int64_t task0, int64_t task1) {
       const OneMklThread one_thread;
-      std::array<at::Tensor, 2> slabs;  // this thread's (block, n_other) rows of dG or dG^T
-      std::vector<int32_t> row_bins;
+      auto slab = at::empty({split.block, n2}, xs[0].options());  // this thread's rows of dG
+      T* sp = slab.template mutable_data_ptr<T>();
+      std::vector<int32_t> row_bins(n2);
       for (int64_t task = task0; task < task1; ++task) {
-        const int64_t m = task < tasks0 ? 0 : 1, local = task - m * tasks0;
-        const GramSplit& split = splits[m];
-        const Hashing<T>& own = hashings[m];
-        const Hashing<T>& other = hashings[1 - m];
-        const int64_t n_own = own.size(), n_other = other.size();
-        if (!slabs[m].defined()) slabs[m] = at::empty({split.block, n_other}, xs[0].options());
-        T* slab = slabs[m].template mutable_data_ptr<T>();
-        const int64_t b = local / split.parts, i0 = (local % split.parts) * split.rows;
-        const int64_t i1 = std::min(n_own, i0 + split.rows);
+        const int64_t b = task / split.parts, part = task % split.parts, i0 = part * split.rows;
+        const int64_t i1 = std::min(n1, i0 + split.rows);
         const T* g = dzp + b * d;
+        at::Tensor dy = split.parts > 1 ? partial_dy[b][part] : grads[1][b];
         for (int64_t ib = i0; ib < i1; ib += split.block) {
           const int64_t r = std::min(split.block, i1 - ib);
-          row_bins.resize(n_other);
           for (int64_t ii = 0; ii < r; ++ii) {
-            gram_bins(own, ib + ii, other, row_bins.data());
-            const T sign = own.sign[ib + ii];
-            T* sr = slab + ii * n_other;
-            for (int64_t k = 0; k < n_other; ++k) sr[k] = sign * other.sign[k] * g[row_bins[k]];
+            gram_bins(rows, ib + ii, cols, row_bins.data());
+            const T sign = rows.sign[ib + ii];
+            T* sr = sp + ii * n2;
+            for (int64_t k = 0; k < n2; ++k) sr[k] = sign * g[row_bins[k]];
           }
-          auto grad = grads[m][b].narrow(1, ib, r);
-          at::mm_out(grad, xs[1 - m][b], slabs[m].narrow(0, 0, r).t());
+          const auto block = slab.narrow(0, 0, r);
+          auto dx = grads[0][b].narrow(1, ib, r);
+          at::mm_out(dx, y[b], block.t());
+          const auto x = xs[0][b].narrow(1, ib, r);
+          if (ib == i0) {
+            at::mm_out(dy, x, block);
+          } else {
+            dy.addmm_(x, block);
+          }
         }
+        // acq_rel: the last task sees every other part's sum of this sample.
+        if (tasks_done[b].fetch_add(1, std::memory_order_acq_rel) + 1 < split.parts) continue;
+        T* out = grads[1][b].template mutable_data_ptr<T>();
+        const int64_t size = positions * n2;
+        if (split.parts > 1) {
+          const T* parts = partial_dy[b].template const_data_ptr<T>();
+          std::copy(parts, parts + size, out);
+          for (int64_t p = 1; p < split.parts; ++p)
+            for (int64_t e = 0; e < size; ++e) out[e] += parts[p * size + e];
+        }
+        for (int64_t t = 0; t < positions; ++t)
+          for (int64_t k = 0; k < n2; ++k) out[t * n2 + k] *= cols.sign[k];
       }
     });
   }
