@@ -210,6 +210,16 @@ def forward_fn(case: Case, provider: str, *, compile_backend: str = "inductor") 
     return case.bind(functools.partial(case.fused, backend=backend))
 
 
+def formulations(case: Case) -> dict[str, Callable[..., torch.Tensor]]:
+    """The op's exact plain-PyTorch formulations, each bound to the case: the reference and, for
+    compact bilinear pooling of two modalities, the Gram identity (fastfusion.ops.compact_bilinear).
+    benchmarks.roofline's floor is the cheapest of them."""
+    found = {"reference": case.reference}
+    if OP_FAMILY[case.kernel] == "compact_bilinear" and len(case.sizes["n"]) == 2:
+        found["gram"] = functools.partial(fastfusion.compact_bilinear, backend="eager", algorithm="gram")
+    return {name: case.bind(f) for name, f in found.items()}
+
+
 def eager_fns(case: Case) -> dict[str, Callable[..., torch.Tensor]]:
     """The eager provider's candidates; the CLI keeps the fastest."""
     return {name: case.bind(f) for name, f in case.eager_variants.items()}
