@@ -200,3 +200,19 @@ def test_cases_capture_no_tensors_so_make_case_places_them_all(kernel):
     cells = [cell.cell_contents for cell in case.apply.__closure__ or ()]
     flat = [x for c in cells for x in (c if isinstance(c, (list, tuple)) else [c])]
     assert not any(isinstance(x, torch.Tensor) for x in flat)
+
+
+def test_dft_accuracy_four_step_is_the_dft():
+    """benchmarks.dft_accuracy's decomposition with unrounded operands is the DFT (to its
+    float32 sums); with TF32 operands it is far less accurate (the README's argument rests on
+    both)."""
+    from benchmarks import dft_accuracy
+
+    x = torch.randn(12 * 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = torch.fft.fft(x)
+
+    def error(rounding):
+        return ((dft_accuracy.four_step_dft(x, 12, 10, rounding, passes=1) - exact).abs().norm() / exact.abs().norm()).item()
+
+    assert error(lambda t: t) < 1e-6
+    assert error(dft_accuracy.ROUNDINGS["tf32"]) > 1e-5
