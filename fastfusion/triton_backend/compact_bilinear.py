@@ -177,6 +177,20 @@ def _bins(h_rows, h_cols, D):
     return tl.where(bins < 0, bins + D, bins)
 
 
+@triton.jit
+def _sample_tile(N_ROWS, N_COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """This program's sample b and its tile of an (N_ROWS, N_COLS) grid per sample: (b, rows,
+    cols), one program per (sample, tile), a sample's tiles adjacent in launch order (rows
+    fastest), so that they run together and share the sample's operands in L2."""
+    pid = tl.program_id(0)
+    tiles_rows = tl.cdiv(N_ROWS, BLOCK_ROWS)
+    tiles = tiles_rows * tl.cdiv(N_COLS, BLOCK_COLS)
+    tile = pid % tiles
+    rows = tile % tiles_rows * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tile // tiles_rows * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    return (pid // tiles).to(tl.int64), rows, cols
+
+
 # Configs for sm_90: tiles of >= 64 rows (a warp group's wgmma M per 4 warps) for the bfloat16
 # and float16 dots; at the benchmark's GPU shape (B = 32, n = 512) 128 x 128 tiles make
 # 32 x 4 x 4 = 512 programs for an H100's 132 SMs. Every config compiles without register
@@ -198,15 +212,9 @@ def _gram_sketch_kernel(
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """z[b, (h1(i) + h2(j)) mod D] += s1(i) s2(j) G[b, i, j] (/ T), G_b = X_b^T Y_b, for this
-    program's (sample b, i tile, j tile); x (B, T, N1), y (B, T, N2), z (B, D) float32, zeroed.
-    One program per (b, i tile, j tile), the tiles of a sample adjacent in launch order, so
-    that they run together and share X_b, Y_b and z_b in L2."""
-    pid = tl.program_id(0)
-    tiles_i = tl.cdiv(N1, BLOCK_I)
-    tiles = tiles_i * tl.cdiv(N2, BLOCK_J)
-    b = (pid // tiles).to(tl.int64)
-    i = (pid % tiles) % tiles_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    j = (pid % tiles) // tiles_i * BLOCK_J + tl.arange(0, BLOCK_J)
+    program's (sample b, i tile, j tile) (_sample_tile); x (B, T, N1), y (B, T, N2), z (B, D)
+    float32, zeroed."""
+    b, i, j = _sample_tile(N1, N2, BLOCK_I, BLOCK_J)
     mask_i, mask_j = i < N1, j < N2
     # G_b[i, j] = (X_b^T)[i, :] Y_b[:, j], summed over t in BLOCK_T steps.
     gram = matmul_tile(x_ptr + b * stride_xb, stride_xn, stride_xt, y_ptr + b * stride_yb, stride_yt, stride_yn,
@@ -253,12 +261,7 @@ def _gram_adjoint_kernel(
     each is rounded to the other operand's dtype for the dot, as a half-precision GEMM's
     backward rounds its incoming gradient. The sign s_own(i) and 1/T are applied once per
     output, not per gathered entry."""
-    pid = tl.program_id(0)
-    tiles_i = tl.cdiv(N_OWN, BLOCK_I)
-    tiles = tiles_i * tl.cdiv(T, BLOCK_T)
-    b = (pid // tiles).to(tl.int64)
-    i = (pid % tiles) % tiles_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    t = (pid % tiles) // tiles_i * BLOCK_T + tl.arange(0, BLOCK_T)
+    b, i, t = _sample_tile(N_OWN, T, BLOCK_I, BLOCK_T)
     mask_i, mask_t = i < N_OWN, t < T
     h_own = tl.load(h_own_ptr + i * stride_h_own, mask=mask_i, other=0)
     dz_row = dz_ptr + b * stride_dzb

@@ -211,6 +211,19 @@ def _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_
 
 
 @triton.jit
+def _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb, stride_go, stride_pb, stride_pc,
+              stride_mb, stride_mo, HAS_MASK: tl.constexpr, BLOCK_O: tl.constexpr):
+    """One step of a row loop over the groups [start, start + BLOCK_O): the groups, their mask,
+    z pooled from the saved projections and the output gradient g there, in float32."""
+    groups = start + tl.arange(0, BLOCK_O)
+    group_mask = groups < O
+    z = _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_pc, stride_mb,
+                  stride_mo, HAS_MASK)
+    g = tl.load(g_ptr + row * stride_gb + groups * stride_go, mask=group_mask, other=0.0).to(tl.float32)
+    return groups, group_mask, z, g
+
+
+@triton.jit
 def _normalized_grad_proj_kernel(
     g_ptr, px_ptr, py_ptr, mask_ptr, gpx_ptr, gpy_ptr, O, FACTOR, eps,
     stride_gb, stride_go, stride_pb, stride_pc, stride_mb, stride_mo, stride_eb,
@@ -227,11 +240,8 @@ def _normalized_grad_proj_kernel(
     sum_sq = tl.zeros((BLOCK_O,), dtype=tl.float32)
     dot = tl.zeros((BLOCK_O,), dtype=tl.float32)
     for start in range(0, O, BLOCK_O):
-        groups = start + tl.arange(0, BLOCK_O)
-        group_mask = groups < O
-        z = _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_pc, stride_mb,
-                      stride_mo, HAS_MASK)
-        g = tl.load(g_ptr + row * stride_gb + groups * stride_go, mask=group_mask, other=0.0).to(tl.float32)
+        groups, group_mask, z, g = _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb,
+                                             stride_go, stride_pb, stride_pc, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
         s, _ = _signed_root(z, eps)
         scale, sum_sq = _accumulate_norm(scale, sum_sq, s)
         dot += g * s
@@ -239,11 +249,8 @@ def _normalized_grad_proj_kernel(
     denom = tl.where(norm < eps, eps, norm)  # not tl.maximum, which drops a NaN norm
     radial = tl.sum(dot, axis=0) / denom
     for start in range(0, O, BLOCK_O):
-        groups = start + tl.arange(0, BLOCK_O)
-        group_mask = groups < O
-        z = _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_pc, stride_mb,
-                      stride_mo, HAS_MASK)
-        g = tl.load(g_ptr + row * stride_gb + groups * stride_go, mask=group_mask, other=0.0).to(tl.float32)
+        groups, group_mask, z, g = _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb,
+                                             stride_go, stride_pb, stride_pc, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
         grad_z = normalized_grad(g, z, norm, denom, radial, eps)
         for i in range(FACTOR):
             cols = groups * FACTOR + i
