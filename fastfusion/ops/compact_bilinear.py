@@ -94,7 +94,7 @@ def algorithm_costs(device_type: str, batch: int, positions: int, dims, out_dim:
     each at a device's throughput), not a prediction of time; :func:`choose_algorithm` takes
     the cheaper."""
     rates = _THROUGHPUT.get(device_type, _THROUGHPUT["cpu"])
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     rows = batch * positions
     transform = 2.5 * out_dim * math.log2(max(out_dim, 2)) / rates.fft_flops
     # Per position and modality a sketch, its spectrum and the product pass: about five
