@@ -69,19 +69,20 @@ class GPU:
     bandwidth: float  # HBM bytes per second, read + write
     peaks: dict[str, float]  # FLOP/s by unit: "fp64", "fp32" (FMA), "tf32", "bf16", "fp16" (dense MMA)
     source: str
+    sms: int  # streaming multiprocessors
 
 
 # Datasheet numbers (dense, no sparsity), SXM boards.
 GPUS = {
     "h100": GPU("NVIDIA H100 SXM5 80GB", 3.35e12,
                 {"fp64": 67e12, "fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12},
-                "NVIDIA H100 datasheet (SXM5)"),
+                "NVIDIA H100 datasheet (SXM5)", 132),
     "h200": GPU("NVIDIA H200 SXM 141GB", 4.8e12,
                 {"fp64": 67e12, "fp32": 67e12, "tf32": 495e12, "bf16": 989e12, "fp16": 989e12},
-                "NVIDIA H200 datasheet (SXM); same SMs and clocks as H100 SXM, faster HBM3e"),
+                "NVIDIA H200 datasheet (SXM); same SMs and clocks as H100 SXM, faster HBM3e", 132),
     "a100": GPU("NVIDIA A100 SXM4 80GB", 2.039e12,
                 {"fp64": 19.5e12, "fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12, "fp16": 312e12},
-                "NVIDIA A100 datasheet (SXM4 80GB)"),
+                "NVIDIA A100 datasheet (SXM4 80GB)", 108),
 }
 LAUNCH_S = 5e-6  # per kernel launch (and per host-to-device copy): an eager launch's cost
 SYNC_S = 10e-6  # per host sync: the device drains its queue, the host reads, then launches again
@@ -99,7 +100,9 @@ ASSUMPTIONS = {
     "enabled, bf16/fp16 on tensor cores at the dense peak",
     "launch_s": f"{LAUNCH_S:g} s per kernel launch or host-to-device copy",
     "sync_s": f"{SYNC_S:g} s per host sync (a read of a device value)",
-    "not_modelled": "wave quantisation, occupancy, latency, L2 misses of re-read operands, register spills "
+    "grid": "a Triton launch of fewer programs than the GPU has SMs runs at programs / SMs of its roofline; larger "
+    "grids and library kernels fill the GPU",
+    "not_modelled": "wave quantisation beyond that, occupancy, latency, L2 misses of re-read operands, register spills "
     "(see benchmarks.compile_report), the CPU cost of Python dispatch and of Triton's launcher",
     "compile": "an optimistic ESTIMATE of Inductor: pointwise/reduction/indexing chains fused into one kernel, "
     "contractions, FFTs, sorts and complex-valued ops separate",
@@ -128,9 +131,13 @@ class Cost:
     flops: dict[str, int]  # by unit
     config: str | None = None
     candidates: int = 1  # configs it was chosen among
+    programs: int | None = None  # a Triton launch's grid size; None: a library kernel, assumed to fill the GPU
 
     def seconds(self, gpu: GPU) -> float:
-        return max(self.bytes / gpu.bandwidth, sum(f / gpu.peaks[u] for u, f in self.flops.items()))
+        roofline = max(self.bytes / gpu.bandwidth, sum(f / gpu.peaks[u] for u, f in self.flops.items()))
+        # A grid of fewer programs than SMs leaves the others idle: it runs at programs / SMs of
+        # the roofline (ASSUMPTIONS["grid"]).
+        return roofline / min(1.0, self.programs / gpu.sms) if self.programs else roofline
 
     def bound(self, gpu: GPU) -> str:
         compute = sum(f / gpu.peaks[u] for u, f in self.flops.items())
@@ -300,7 +307,7 @@ def triton_costs(launch: TritonLaunch) -> list[Cost]:
         constexprs = {k: v for k, v in launch.args.items() if not isinstance(v, Buffer)}
         constexprs |= config.kwargs if config else {}
         flops = TRITON_FLOPS[launch.kernel](launch.args, constexprs, math.prod(grid))
-        costs.append(Cost(launch.kernel, nbytes, flops, _config_name(config)))
+        costs.append(Cost(launch.kernel, nbytes, flops, _config_name(config), programs=math.prod(grid)))
     return costs
 
 
@@ -498,6 +505,7 @@ def header(gpu_key: str, kernels: Sequence[str], dtypes: Sequence[str], command:
     return {
         "what": "roofline cost MODEL (not measured)",
         "gpu": gpu_key, "gpu_name": gpu.name, "bandwidth_bytes_per_s": gpu.bandwidth, "peak_flops": gpu.peaks,
+        "sms": gpu.sms,
         "peaks_source": gpu.source, "assumptions": ASSUMPTIONS,
         "torch": torch.__version__, "triton": triton.__version__, "git_commit": _git_commit(), "command": command,
         "shape_set": "cuda", "shapes": {k: SHAPE_SETS["cuda"][k] for k in kernels}, "dtypes": list(dtypes),
@@ -514,7 +522,8 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
         f"# fastfusion roofline MODEL: {head['gpu_name']} (not measured)",
         "",
         f"`{head['command']}` · commit `{head['git_commit']}` · torch {head['torch']}, triton {head['triton']} · "
-        f"HBM {head['bandwidth_bytes_per_s'] / 1e12:g} TB/s · peak TFLOP/s: {peaks} ({head['peaks_source']}) · "
+        f"HBM {head['bandwidth_bytes_per_s'] / 1e12:g} TB/s · {head['sms']} SMs · peak TFLOP/s: {peaks} "
+        f"({head['peaks_source']}) · "
         f"data: `{data_file}`",
         "",
         "Assumptions:",

@@ -193,3 +193,10 @@ def test_alias_annotated_ops_count_when_they_copy():
         assert not call(op, 0, 0).launches  # its input returned: nothing moved
     assert not call(aten.view.default, 0, 0).launches
     assert call(aten.mul_.Tensor, 0, 0).launches  # in place, but a kernel
+
+
+def test_a_grid_smaller_than_the_gpu_runs_at_its_share_of_the_sms():
+    cost = roofline.Cost("k", bytes=int(H100.bandwidth), flops={})  # one second at full bandwidth
+    assert cost.seconds(H100) == pytest.approx(1.0)
+    assert dataclasses.replace(cost, programs=H100.sms // 2).seconds(H100) == pytest.approx(2.0)
+    assert dataclasses.replace(cost, programs=10 * H100.sms + 1).seconds(H100) == pytest.approx(1.0)
