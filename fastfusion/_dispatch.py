@@ -19,7 +19,11 @@ backend decides: a kernel registered with ``saves_residuals=True`` takes ``save_
 as its forward's last argument and returns ``(output, residuals)``, and its backward gets
 that list as its second argument, empty when the forward did not save (it then recomputes).
 Which residuals, in which shapes, is part of each op's contract, so its fake kernel knows
-them. Other kernels recompute, as fused GPU kernels prefer, and never see residuals.
+them. A kernel may save for some calls only: ``saves_residuals`` is then a predicate of the
+forward's arguments that looks only at what a fake tensor has (shapes, dtypes) and at the
+non-tensor arguments, so that the fake kernel, which asks :func:`residuals_saved` with the
+same arguments, agrees with the kernel. Other kernels recompute, as fused GPU kernels
+prefer, and never see residuals.
 
 On the meta device every backend that has the op resolves as asked (its fake kernels give the
 shapes; nothing runs), and "auto" to "torch". Inside :func:`meta_stands_for` meta tensors
@@ -65,7 +69,7 @@ class Kernel:
     forward: Callable
     backward: Callable
     device_types: frozenset[str] | None  # None: any device
-    saves_residuals: bool = False
+    saves_residuals: bool | Callable[..., bool] = False  # see the module docstring
 
 
 _KERNELS: dict[str, dict[str, Kernel]] = {}
@@ -85,7 +89,7 @@ def register_kernel(
     forward: Callable,
     backward: Callable,
     device_types: tuple[str, ...] | None = None,
-    saves_residuals: bool = False,
+    saves_residuals: bool | Callable[..., bool] = False,
 ) -> None:
     """Make ``backend`` provide ``op`` (its forward and backward) on ``device_types``;
     ``saves_residuals``: see the module docstring."""
@@ -142,9 +146,11 @@ def run_backward(op: str, backend: str, *args):
     return _contiguous(_KERNELS[op][backend].backward(*args))
 
 
-def residuals_saved(op: str, backend: str, save_residuals: bool) -> bool:
-    """Whether a forward call with ``save_residuals`` returns residuals (fake kernels ask)."""
-    return save_residuals and _KERNELS[op][backend].saves_residuals
+def residuals_saved(op: str, backend: str, save_residuals: bool, *args) -> bool:
+    """Whether a forward call with ``save_residuals`` returns residuals (fake kernels ask);
+    ``args``: the forward's arguments, which a kernel that saves for some calls only needs."""
+    saves = _KERNELS[op][backend].saves_residuals
+    return bool(save_residuals and (saves(*args) if callable(saves) else saves))
 
 
 def run_forward_saving(op: str, backend: str, save_residuals: bool, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:

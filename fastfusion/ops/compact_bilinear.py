@@ -259,7 +259,9 @@ def _compact_bilinear_op(
 def _(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm, save_residuals, backend):
     batch, positions = xs[0].shape[:2]
     residuals = []
-    if _dispatch.residuals_saved("compact_bilinear", backend, save_residuals):
+    if _dispatch.residuals_saved(
+        "compact_bilinear", backend, save_residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm
+    ):
         work = compute_dtype(xs[0].dtype)
         if algorithm == "fft":
             residuals = [xs[0].new_empty((batch, positions, out_dim // 2 + 1), dtype=work.to_complex()) for _ in xs]

@@ -14,7 +14,9 @@ forward
      added into z (B, d) float32 with atomics
   2. epilogue kernel                          z -> out
 backward
-  1-2. only with a gate or normalize: z as forward, epilogue backward kernel -> dz, dgate
+  1-2. only with a gate or normalize: z, saved by the forward when autograd records the call
+       (the op's residual; recomputed as the forward does otherwise), epilogue backward
+       kernel -> dz, dgate
   3. _gram_adjoint_kernel, twice with the roles swapped: dX = Y dG^T, dY = X dG with
      dG_ij = s1(i) s2(j) dz[(h1(i) + h2(j)) mod d] (/ T) gathered into register tiles; one
      program per (sample, position tile, feature tile)
@@ -22,7 +24,8 @@ backward
 What it materialises: z (B, d) (and dz in the backward) and the outputs; no per-position
 sketch, no spectrum and no (B, n1, n2) Gram matrix exists in memory. The atomics make z's
 summation order vary between runs (see ops.compact_bilinear.choose_algorithm). float64 runs
-the plain-PyTorch Gram kernels (tl.dot has no float64 form; see _fusion.py); float16 and
+the plain-PyTorch Gram kernels (tl.dot has no float64 form; see _fusion.py) with the Triton
+epilogue; float16 and
 bfloat16 dots accumulate in float32.
 
 FFT path (any number M of modalities): fused Triton kernels around torch.fft (cuFFT on CUDA),
@@ -325,25 +328,32 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str) -> torch.Tensor:
+def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str,
+             save_residuals: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(output, residuals). The Gram path saves z (B, d), the op's residual, when it has a gate
+    or normalisation and autograd records the call: one X^T Y fewer in the backward, for
+    B * d values. The FFT path saves nothing (its residuals would be the per-position spectra):
+    its backward recomputes."""
     if algorithm == "gram":
-        if xs[0].dtype not in KERNEL_DTYPES:  # float64: tl.dot has no float64 form (see _fusion)
-            return _reference._forward(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm)
-        z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
-        return epilogue_forward(z, gate, normalize, eps, xs[0].dtype)
+        if xs[0].dtype in KERNEL_DTYPES:
+            z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
+        else:  # float64: tl.dot has no float64 form (see _fusion)
+            z = _reference._gram_pooled_sketch(xs, hashes, signs, out_dim, mean, compute_dtype(xs[0].dtype))
+        residuals = [z] if save_residuals and (gate is not None or normalize) else []
+        return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), residuals
     work = compute_dtype(xs[0].dtype)
     z = _pooled_sketch(_spectra(xs, hashes, signs, out_dim, work), xs[0].shape[0], out_dim, mean)
-    return epilogue_forward(z, gate, normalize, eps, xs[0].dtype)
+    return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), []
 
 
-def _gram_backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float):
-    """[dx, dy] (+ [dgate]): z recomputed only for the epilogue's backward, then one adjoint
-    launch per modality, roles swapped."""
+def _gram_backward(grad, residuals, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float):
+    """[dx, dy] (+ [dgate]): the epilogue's backward at z (saved, or recomputed), then one
+    adjoint launch per modality, roles swapped."""
     if xs[0].dtype not in KERNEL_DTYPES:
         return _reference._backward(grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps, "gram")
     grads_gate = []
     if gate is not None or normalize:
-        z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
+        z = residuals[0] if residuals else _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
         grad, grad_gate = epilogue_backward(grad, z, gate, normalize, eps, z.dtype)
         if grad_gate is not None:
             grads_gate = [grad_gate]
@@ -352,10 +362,10 @@ def _gram_backward(grad, xs, hashes, signs, out_dim: int, mean: bool, gate, norm
 
 
 def _backward(
-    grad, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str
+    grad, residuals, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str
 ) -> list[torch.Tensor]:
     if algorithm == "gram":
-        return _gram_backward(grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps)
+        return _gram_backward(grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps)
     work = compute_dtype(xs[0].dtype)
     batch, positions = xs[0].shape[:2]
     spectra = _spectra(xs, hashes, signs, out_dim, work)
@@ -385,4 +395,11 @@ def _backward(
     return grads + grads_gate
 
 
-_dispatch.register_kernel("compact_bilinear", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES)
+def _saves_residuals(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm) -> bool:
+    return algorithm == "gram"  # see _forward
+
+
+_dispatch.register_kernel(
+    "compact_bilinear", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES,
+    saves_residuals=_saves_residuals,
+)
