@@ -269,6 +269,14 @@ def test_compact_bilinear_gram_matches_reference(in_dims, out_dim, batch, positi
     check_against_float64(fn, inputs, dtype)
 
 
+@pytest.mark.parametrize("pool, gate, normalize", [("mean", True, True), ("sum", False, False)])
+def test_compact_bilinear_gram_gradcheck_float64(pool, gate, normalize):
+    # float64 runs the torch kernels' GEMMs around the Triton epilogue, from the saved z.
+    fn, inputs = cbp_case((7, 5), 9, 1, 3, pool=pool, gate=gate, normalize=normalize, algorithm="gram")
+    inputs = [leaf(t.double()) for t in inputs]
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, backend="triton"), inputs)
+
+
 def test_compact_bilinear_gram_non_contiguous():
     fn, inputs = cbp_case((130, 21), 25, 2, 40, pool="mean", gate=True, normalize=True, non_contiguous=True,
                           algorithm="gram")

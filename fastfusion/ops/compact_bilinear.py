@@ -173,6 +173,16 @@ def _gram_pooled_sketch(xs, hashes, signs, out_dim: int, mean: bool, work: torch
     return z / x.shape[1] if mean else z
 
 
+def _gram_input_grads(g, xs, hashes, signs, out_dim: int, work: torch.dtype) -> list[torch.Tensor]:
+    """[dx, dy] from g (B, d), the gradient reaching the pooled sketch ("mean"'s 1/T applied):
+    dX = Y dG^T, dY = X dG with dG_ij = s_1(i) s_2(j) g[(h_1(i) + h_2(j)) mod d]."""
+    bins, sign = _combined_hash(hashes, signs, out_dim, work)
+    grad_gram = g.to(work)[:, bins] * sign  # (B, n_1, n_2)
+    x, y = (t.to(work) for t in xs)
+    dx, dy = torch.bmm(y, grad_gram.transpose(1, 2)), torch.bmm(x, grad_gram)
+    return [dx.to(xs[0].dtype), dy.to(xs[1].dtype)]
+
+
 def _pooled(xs, hashes, signs, out_dim: int, mean: bool, algorithm: str, work: torch.dtype) -> torch.Tensor:
     if algorithm == "gram":
         return _gram_pooled_sketch(xs, hashes, signs, out_dim, mean, work)
@@ -217,11 +227,7 @@ def _backward(
     if mean:
         g = g / xs[0].shape[1]
     if algorithm == "gram":
-        bins, sign = _combined_hash(hashes, signs, out_dim, work)
-        grad_gram = g[:, bins] * sign  # (B, n_1, n_2)
-        x, y = (t.to(work) for t in xs)
-        dx, dy = torch.bmm(y, grad_gram.transpose(1, 2)), torch.bmm(x, grad_gram)
-        return [dx.to(xs[0].dtype), dy.to(xs[1].dtype)] + grads_gate
+        return _gram_input_grads(g, xs, hashes, signs, out_dim, work) + grads_gate
     g_hat = _transform(torch.fft.rfft, g, out_dim).unsqueeze(1)
     grads = []
     for k, (x, h, s) in enumerate(zip(xs, hashes, signs)):

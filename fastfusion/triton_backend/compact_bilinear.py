@@ -308,6 +308,14 @@ def _gram_pooled_sketch(xs, hashes, signs, out_dim: int, mean: bool) -> torch.Te
     return z
 
 
+def _gram_z(xs, hashes, signs, out_dim: int, mean: bool) -> torch.Tensor:
+    """z (B, d) in the compute dtype: the Triton kernel, or for float64, which tl.dot lacks (see
+    _fusion), the torch kernels' bmm and index_add."""
+    if xs[0].dtype in KERNEL_DTYPES:
+        return _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
+    return _reference._gram_pooled_sketch(xs, hashes, signs, out_dim, mean, compute_dtype(xs[0].dtype))
+
+
 def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torch.Tensor:
     """The gradient w.r.t. x (B, T, n_own), modality ``own`` of the two, given the other
     modality's input ``other`` and grad_z (B, d): x's shape and dtype, contiguous."""
@@ -335,10 +343,7 @@ def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool,
     B * d values. The FFT path saves nothing (its residuals would be the per-position spectra):
     its backward recomputes."""
     if algorithm == "gram":
-        if xs[0].dtype in KERNEL_DTYPES:
-            z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
-        else:  # float64: tl.dot has no float64 form (see _fusion)
-            z = _reference._gram_pooled_sketch(xs, hashes, signs, out_dim, mean, compute_dtype(xs[0].dtype))
+        z = _gram_z(xs, hashes, signs, out_dim, mean)
         residuals = [z] if save_residuals and (gate is not None or normalize) else []
         return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), residuals
     work = compute_dtype(xs[0].dtype)
@@ -349,14 +354,16 @@ def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool,
 def _gram_backward(grad, residuals, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float):
     """[dx, dy] (+ [dgate]): the epilogue's backward at z (saved, or recomputed), then one
     adjoint launch per modality, roles swapped."""
-    if xs[0].dtype not in KERNEL_DTYPES:
-        return _reference._backward(grad, xs, hashes, signs, out_dim, mean, gate, normalize, eps, "gram")
     grads_gate = []
     if gate is not None or normalize:
-        z = residuals[0] if residuals else _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
+        z = residuals[0] if residuals else _gram_z(xs, hashes, signs, out_dim, mean)
         grad, grad_gate = epilogue_backward(grad, z, gate, normalize, eps, z.dtype)
         if grad_gate is not None:
             grads_gate = [grad_gate]
+    if xs[0].dtype not in KERNEL_DTYPES:  # float64: the torch kernels' GEMMs (see _gram_z)
+        work = compute_dtype(xs[0].dtype)
+        g = grad.to(work) / xs[0].shape[1] if mean else grad.to(work)
+        return _reference._gram_input_grads(g, xs, hashes, signs, out_dim, work) + grads_gate
     x, y = xs
     return [_gram_adjoint(grad, x, 0, hashes, signs, y, mean), _gram_adjoint(grad, y, 1, hashes, signs, x, mean)] + grads_gate
 
