@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ._validation import check_hash, check_positive_int, check_shape, check_sign
-from .ops.compact_bilinear import ALGORITHMS, sketch_and_pool
+from .ops.compact_bilinear import check_algorithm, sketch_and_pool
 from .ops.factorized_bilinear import factorized_bilinear
 from .ops.signed_sqrt_l2 import DEFAULT_EPS
 from .ops.low_rank_fusion import low_rank_fusion
@@ -150,12 +150,10 @@ class CompactBilinearPooling(_FusionModule):
         self.out_dim = check_positive_int("out_dim", out_dim)
         if pool not in _POOLS:
             raise ValueError(f"pool must be one of {_POOLS}, got {pool!r}")
-        if algorithm not in ALGORITHMS or (algorithm == "gram" and len(self.in_dims) != 2):
-            raise ValueError(f"algorithm must be one of {ALGORITHMS} ('gram' for 2 modalities), got {algorithm!r}")
         self.pool = pool
         self.normalize = normalize
         self.seed = seed
-        self.algorithm = algorithm
+        self.algorithm = check_algorithm(algorithm, len(self.in_dims))
         for m, (hash, sign) in enumerate(draw_hashes_and_signs(self.in_dims, self.out_dim, seed)):
             self.register_buffer(f"hash_{m}", hash)
             self.register_buffer(f"sign_{m}", sign)

@@ -331,6 +331,15 @@ _compact_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_
 _dispatch.register_kernel("compact_bilinear", "torch", forward=_forward, backward=_backward)
 
 
+def check_algorithm(algorithm, modalities: int) -> str:
+    """``algorithm`` if it is one of ALGORITHMS that ``modalities`` inputs can take."""
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "gram" and modalities != 2:
+        raise ValueError(f"algorithm='gram' needs exactly 2 modalities, got {modalities}; use 'fft' or 'auto'")
+    return algorithm
+
+
 def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, algorithm, check_values):
     """Validates the public arguments; returns (xs, hashes, signs, out_dim, pool_dim, eps)."""
     min_ndim = 1 if pool_dim is None else 2
@@ -341,10 +350,7 @@ def _check_inputs(xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, algorit
     eps = check_eps("eps", eps)
     if pool not in POOL_MODES:
         raise ValueError(f"pool must be one of {POOL_MODES}, got {pool!r}")
-    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if algorithm == "gram" and len(xs) != 2:
-        raise ValueError(f"algorithm='gram' needs exactly 2 modalities, got {len(xs)}; use 'fft' or 'auto'")
+    check_algorithm(algorithm, len(xs))
     for m, x in enumerate(xs):
         check_sketch_args(f"[{m}]", x, hashes[m], signs[m], out_dim, values=check_values)
     lead = xs[0].shape[:-1]
