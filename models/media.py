@@ -77,13 +77,18 @@ def _seconds(value: float | None) -> str:
 
 
 def _read_wave_span(path: Path, sample_rate: int, start: float | None, end: float | None) -> torch.Tensor:
-    # librosa seeks in the file (through soundfile) and resamples the span alone.
+    # soundfile seeks to the span; only the span is downmixed and resampled.
     import librosa
+    import soundfile
 
-    offset = start or 0.0
-    wave, _ = librosa.load(str(path), sr=sample_rate, mono=True, offset=offset,
-                           duration=None if end is None else end - offset)
-    return torch.from_numpy(wave)
+    info = soundfile.info(str(path))
+    first = min(info.frames, round((start or 0.0) * info.samplerate))
+    last = info.frames if end is None else min(info.frames, max(first, round(end * info.samplerate)))
+    wave, rate = soundfile.read(str(path), start=first, stop=last, dtype="float32", always_2d=True)
+    wave = wave.mean(axis=1)
+    if rate != sample_rate and len(wave):
+        wave = librosa.resample(wave, orig_sr=rate, target_sr=sample_rate)
+    return torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))
 
 
 def wave_problem(path: str | Path, sample_rate: int, min_samples: int = 1) -> str | None:

@@ -430,7 +430,8 @@ class MOSEIMedia(Dataset):
         self.cache = FeatureCache(default_cache_dir() if cache_dir == "auto" else cache_dir)
         self.skipped = skipped
         self.folds = folds
-        values = torch.tensor([s.labels for s in self.segments], dtype=torch.float32).reshape(len(self.segments), -1)
+        width = len(self.segments[0].labels) if self.segments else 1
+        values = torch.tensor([s.labels for s in self.segments], dtype=torch.float32).reshape(len(self.segments), width)
         self.sentiment = values[:, 0].contiguous()
         self.emotions = values[:, 1:].contiguous() if values.shape[1] > 1 else None
         self.label = sentiment_class(self.sentiment)
