@@ -197,11 +197,13 @@ MEDIA_LAYOUT = f"""\
 
 
 def source_kind(root: str | Path) -> str:
-    """"media" when ``root`` is a directory holding :data:`LABELS_FILE` (and no feature
-    pickle), else "features". Cheap (file names only), so that the command line can pick
-    the models a root suits before loading it; a root holding neither is reported by
-    the loader of its kind."""
+    """"media" when ``root`` is a ``.csd`` file or a directory holding :data:`LABELS_FILE`
+    (and no feature pickle), else "features". Cheap (file names only), so that the command
+    line can pick the models a root suits before loading it; a root holding neither is
+    reported by the loader of its kind."""
     root = Path(root)
+    if root.suffix == ".csd" and root.is_file():
+        return "media"
     try:
         resolve(root)
         return "features"
@@ -294,6 +296,7 @@ def load_mosei_media(
 ) -> dict[str, "MOSEIMedia"]:
     """The train / valid / test :class:`MOSEIMedia` sets of the raw release under ``root``
     (layout: :data:`MEDIA_LAYOUT`), from one read of the labels and one scan of the files.
+    ``root`` may also name the labels file; the media are then searched beside it.
 
     Splits are by video, so no video has segments in two of them: ``folds`` (split ->
     video ids), else the SDK's :func:`standard_folds` when importable, else
@@ -307,9 +310,11 @@ def load_mosei_media(
     modalities = tuple(modalities)
     if not modalities or set(modalities) - set(MEDIA_MODALITIES):
         raise ValueError(f"modalities must be a non-empty subset of {MEDIA_MODALITIES}, got {modalities}")
+    labels_files = [root] if root.suffix == ".csd" and root.is_file() else None
+    root = root.parent if labels_files else root
     if not root.is_dir():
         raise FileNotFoundError(_missing_media(f"{root} is not a directory"))
-    labels_files = sorted(root.rglob(LABELS_FILE))
+    labels_files = labels_files or sorted(root.rglob(LABELS_FILE))
     if not labels_files:
         raise FileNotFoundError(_missing_media(f"no {LABELS_FILE} under {root}"))
     if len(labels_files) > 1:

@@ -528,6 +528,9 @@ def test_mosei_media_skips_damaged_audio_and_late_segments(tmp_path):
 def test_mosei_source_kind_and_missing_layout(mosei_media, tmp_path):
     root, _ = mosei_media
     assert mosei.source_kind(root) == "media"
+    assert mosei.source_kind(root / mosei.LABELS_FILE) == "media"
+    named = mosei.load_mosei_media(root / mosei.LABELS_FILE, cache_dir=None)  # the labels file, media beside it
+    assert sum(map(len, named.values())) == 18
     make_mosei(tmp_path / "pickle" / "mosei_senti_data.pkl")
     assert mosei.source_kind(tmp_path / "pickle") == "features"
     assert mosei.source_kind(tmp_path / "nowhere") == "features"  # its loader says what is missing
