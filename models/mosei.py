@@ -301,10 +301,12 @@ def load_mosei_media(
     Splits are by video, so no video has segments in two of them: ``folds`` (split ->
     video ids), else the SDK's :func:`standard_folds` when importable, else
     :func:`~models.corpora.speaker_split` of the video ids with ``val_fraction``,
-    ``test_fraction`` and ``seed`` (a video is one speaker's monologue). Each set's
+    ``test_fraction`` and ``seed``. The release names no speakers, and some of its ~1000
+    speakers have several videos: no split is known to be speaker-independent. Each set's
     :attr:`~MOSEIMedia.folds` says which. Labelled videos with no file for one of
-    ``modalities`` are left out; segments whose ``.wav`` is damaged, or that start past the
-    end of their ``.wav``, are skipped with a warning and listed in ``skipped``.
+    ``modalities`` are left out; segments whose ``.wav`` is damaged, whose span is empty or
+    starts past the end of their ``.wav``, or whose labels are not finite, are skipped
+    with a warning and listed in ``skipped``.
     """
     root = Path(root)
     modalities = tuple(modalities)
@@ -374,13 +376,15 @@ def _usable_segments(
     """The segments of one video that can be read, and (file, problem) of the others.
 
     Checked now, from the ``.wav`` header, rather than mid-epoch: a damaged ``.wav`` drops
-    its video, an empty span or one past the end of the audio drops its segment. Video
-    containers are checked when decoded."""
+    its video; an empty span (NaN included), one past the end of the audio, or labels that
+    are not finite drop its segment. Video containers are checked when decoded."""
     problems = []
     for row in rows:
         if not row.end > row.start >= 0:
             problems.append((row.audio or row.video, f"segment {row.name} has the empty span [{row.start}, {row.end}] s"))
-    rows = [row for row in rows if row.end > row.start >= 0]
+        elif not np.isfinite(row.labels).all():
+            problems.append((row.audio or row.video, f"segment {row.name} has non-finite labels {row.labels}"))
+    rows = [row for row in rows if row.end > row.start >= 0 and np.isfinite(row.labels).all()]
     audio = rows[0].audio if rows else None
     if "audio" in modalities and audio is not None and audio.suffix.lower() in WAVE_SUFFIXES:
         problem = wave_problem(audio, sample_rate)

@@ -509,7 +509,8 @@ def test_mosei_media_skips_damaged_audio_and_late_segments(tmp_path):
     written = make_mosei_media(root, videos=MOSEI_VIDEOS[:3], emotions=False)
     late_vid, broken_vid = MOSEI_VIDEOS[0], MOSEI_VIDEOS[1]
     labels, intervals = written[late_vid]
-    written[late_vid] = (np.concatenate([labels, [[1.0]]]), np.concatenate([intervals, [[99.0, 100.0]]]))
+    written[late_vid] = (np.concatenate([labels, [[1.0], [np.nan], [2.0]]]),
+                         np.concatenate([intervals, [[99.0, 100.0], [0.25, 0.75], [0.5, 0.5]]]))
     write_csd(root / mosei.LABELS_FILE, "All Labels", written)
     wav = next(root.rglob(f"{broken_vid}.wav"))
     wav.write_bytes(wav.read_bytes()[:2000])
@@ -520,7 +521,10 @@ def test_mosei_media_skips_damaged_audio_and_late_segments(tmp_path):
     assert len(train_set) == 3 + 3  # the late segment and the broken video's three are out
     problems = dict((str(path), problem) for path, problem in train_set.skipped)
     assert "is truncated" in problems[str(wav)]
-    assert any(f"segment {late_vid}[3] starts at 99.0 s" in p for p in problems.values())
+    messages = [problem for _, problem in train_set.skipped]
+    assert any(f"segment {late_vid}[3] starts at 99.0 s" in p for p in messages)
+    assert any(f"segment {late_vid}[4] has non-finite labels" in p for p in messages)
+    assert any(f"segment {late_vid}[5] has the empty span [0.5, 0.5] s" in p for p in messages)
     assert "emotions" not in train_set[0] and train_set.emotions is None  # sentiment-only labels
 
 
