@@ -61,8 +61,8 @@ import importlib
 import importlib.util
 import pickle
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -236,7 +236,8 @@ def read_csd(path: str | Path) -> tuple[str, dict[str, tuple[np.ndarray, np.ndar
         videos = {}
         for video_id in data:
             entry = data[video_id]
-            missing = [key for key in ("features", "intervals") if not isinstance(entry, h5py.Group) or key not in entry]
+            missing = [key for key in ("features", "intervals")
+                       if not isinstance(entry, h5py.Group) or key not in entry]
             if missing:
                 raise ValueError(f"{path}: video {video_id!r} lacks the dataset(s) {missing}")
             try:
@@ -293,7 +294,7 @@ def load_mosei_media(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     seed: int = 0,
-) -> dict[str, "MOSEIMedia"]:
+) -> dict[str, MOSEIMedia]:
     """The train / valid / test :class:`MOSEIMedia` sets of the raw release under ``root``
     (layout: :data:`MEDIA_LAYOUT`), from one read of the labels and one scan of the files.
     ``root`` may also name the labels file; the media are then searched beside it.
@@ -381,7 +382,8 @@ def _usable_segments(
     problems = []
     for row in rows:
         if not row.end > row.start >= 0:
-            problems.append((row.audio or row.video, f"segment {row.name} has the empty span [{row.start}, {row.end}] s"))
+            problems.append((row.audio or row.video,
+                             f"segment {row.name} has the empty span [{row.start}, {row.end}] s"))
         elif not np.isfinite(row.labels).all():
             problems.append((row.audio or row.video, f"segment {row.name} has non-finite labels {row.labels}"))
     rows = [row for row in rows if row.end > row.start >= 0 and np.isfinite(row.labels).all()]

@@ -158,8 +158,6 @@ def make_mosei_media(root: Path, *, videos=MOSEI_VIDEOS, segments: int = 3, segm
     from :func:`clip` with its 7-class sentiment as the label, so reading the wrong span
     gives the wrong pitch. A pre-segmented clip (Videos/Segmented/Combined/<id>_0.mp4) and
     the COVAREP folder sit beside, as in the release; the reader must ignore both."""
-    import h5py
-
     rng = np.random.default_rng(seed)
     written = {}
     for number, vid in enumerate(videos):
@@ -185,7 +183,8 @@ def make_mosei_media(root: Path, *, videos=MOSEI_VIDEOS, segments: int = 3, segm
         write_video(root / "Raw" / "Videos" / "Full" / "Combined" / f"{vid}.mp4", frames, wave)
         written[vid] = (rows, np.array(intervals))
     first = videos[0]
-    write_video(root / "Raw" / "Videos" / "Segmented" / "Combined" / f"{first}_0.mp4", np.zeros((4, 16, 16, 3), np.uint8))
+    segmented = root / "Raw" / "Videos" / "Segmented" / "Combined" / f"{first}_0.mp4"
+    write_video(segmented, np.zeros((4, 16, 16, 3), np.uint8))
     (root / "Raw" / "Audio" / "Full" / "COVAREP").mkdir(parents=True, exist_ok=True)
     (root / "Raw" / "Audio" / "Full" / "COVAREP" / f"{first}.mat").write_bytes(b"not read")
     write_csd(root / "CMU_MOSEI_Labels.csd", "All Labels", written)

@@ -519,7 +519,7 @@ def test_mosei_media_skips_damaged_audio_and_late_segments(tmp_path):
                                       cache_dir=None)
     train_set = sets["train"]
     assert len(train_set) == 3 + 3  # the late segment and the broken video's three are out
-    problems = dict((str(path), problem) for path, problem in train_set.skipped)
+    problems = {str(path): problem for path, problem in train_set.skipped}
     assert "is truncated" in problems[str(wav)]
     messages = [problem for _, problem in train_set.skipped]
     assert any(f"segment {late_vid}[3] starts at 99.0 s" in p for p in messages)
