@@ -455,7 +455,7 @@ def test_mosei_media_segments_labels_and_splits(mosei_media, tmp_path, monkeypat
             item = data[i]
             assert item["sentiment"].item() == pytest.approx(labels[segment.index, 0])
             np.testing.assert_allclose(item["emotions"].numpy(), labels[segment.index, 1:], rtol=1e-6)
-            assert item["label"].item() == round(labels[segment.index, 0]) + 3  # no .5 ties in these scores
+            assert item["label"].item() == round(labels[segment.index, 0]) + 3  # halves to even, as torch.round
             assert item["audio"].shape == (1, *TINY.audio_size)
             assert item["video"].shape == (3, TINY.num_frames, TINY.frame_size, TINY.frame_size)
     # Each segment was decoded once, over its own interval (the cache key holds the span).
