@@ -4,7 +4,7 @@ they are.
 
 - :class:`RAVDESS`: 24 actors, 8 emotions, speech (default) and song;
 - :class:`CremaD`: 91 actors, 6 emotions;
-- CMU-MOSEI lives in :mod:`models.mosei` (pre-extracted features, no media);
+- CMU-MOSEI lives in :mod:`models.mosei` (feature pickles, or the raw release's media);
 - :func:`build_corpus`: train / validation / test sets of any of them by name.
 
 Splits are speaker-independent: every actor's clips fall in exactly one of train,
@@ -411,21 +411,29 @@ def build_corpus(
     """The splits of corpus ``name`` (one of :data:`CORPUS_NAMES`) under ``root``.
 
     ``features``: "image" (the synthetic dataset's tensors at ``config``'s sizes, for the
-    CNN models) or "handcrafted" (the seed system's vectors); MOSEI ships its own
-    features and takes neither. ``options`` go to the corpus class (e.g. RAVDESS's
-    ``vocal_channels``, ``val_fraction``).
-    """
-    if name == "mosei":
-        from .mosei import CLASS_NAMES as MOSEI_CLASSES, MODALITIES as MOSEI_MODALITIES, load_mosei
+    CNN models) or "handcrafted" (the seed system's vectors); MOSEI's feature pickles
+    take neither, its raw media either. ``options`` go to the corpus class (e.g. RAVDESS's
+    ``vocal_channels``, ``val_fraction``; MOSEI media's ``folds``).
 
-        splits = load_mosei(root)
-        return CorpusSplits(splits["train"], splits["valid"], splits["test"], MOSEI_CLASSES, MOSEI_MODALITIES,
-                            "regression")
-    if name not in CORPORA:
+    MOSEI's task is sentiment regression on its feature pickles; on its raw media it is
+    the 7-class sentiment, which every audio-video model (all classifiers) can learn.
+    """
+    if name not in CORPORA and name != "mosei":
         raise ValueError(f"unknown corpus {name!r}; choose from {CORPUS_NAMES}")
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     frontend = ImageFrontend(config) if features == "image" else HandcraftedFrontend()
+    if name == "mosei":
+        from . import mosei
+
+        if mosei.source_kind(root) == "features":
+            splits = mosei.load_mosei(root)
+            return CorpusSplits(splits["train"], splits["valid"], splits["test"], mosei.CLASS_NAMES,
+                                mosei.MODALITIES, "regression")
+        splits = mosei.load_mosei_media(root, frontend=frontend, seed=seed, cache_dir=cache_dir, **options)
+        return CorpusSplits(splits["train"], splits["valid"], splits["test"], mosei.CLASS_NAMES,
+                            splits["train"].modalities, "classification",
+                            sum((splits[split].skipped for split in mosei.SPLIT_NAMES), ()))
     corpus = CORPORA[name]
     sets = {split: corpus(root, split=split, frontend=frontend, seed=seed, cache_dir=cache_dir, **options)
             for split in SPLITS}

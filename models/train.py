@@ -5,6 +5,7 @@
     python -m models.train --model cbgp --data ravdess --root ~/data/RAVDESS     # also cremad
     python -m models.train --model mfa_cnn1d --data cremad --root ~/data/CREMA-D
     python -m models.train --model lmf_lstm --data mosei --root ~/data/MOSEI     # sentiment regression
+    python -m models.train --model cbgp --data mosei --root ~/data/CMU_MOSEI     # raw media: 7-class sentiment
     torchrun --nproc_per_node 2 -m models.train --model cbgp      # data-parallel, gloo on CPU
 
 ``--batch-size`` is the global batch: with N processes each takes batch_size / N samples
@@ -41,7 +42,7 @@ from tqdm import tqdm
 
 import fastfusion
 
-from . import corpora, metrics, seed_zoo
+from . import corpora, metrics, mosei, seed_zoo
 from .data import CLASS_NAMES, train_test_split
 from .mosei import MODALITIES as MOSEI_MODALITIES
 from .zoo import MODEL_NAMES, SIZES, build_model, data_config
@@ -421,23 +422,28 @@ def _resume_mismatches(stored: dict, args: argparse.Namespace) -> list[str]:
         return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
     # The task as it will run: --task, else the data's own (load_data's Data.task).
-    wanted = {**vars(args), "task": args.task or ("regression" if args.data == "mosei" else "classification")}
+    wanted = {**vars(args), "task": args.task or ("regression" if _mosei_features(args) else "classification")}
     return [f"--{key.replace('_', '-')} {shown(wanted[key])} (the checkpoint has {shown(stored[key])})"
             for key in RESUME_MUST_MATCH if key in stored and stored[key] != wanted[key]]
+
+
+def _mosei_features(args: argparse.Namespace) -> bool:
+    """--data mosei with a root of feature pickles (the sequence models' data), not the raw media."""
+    return args.data == "mosei" and (args.root is None or mosei.source_kind(args.root) == "features")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=ALL_MODEL_NAMES, default="cbgp",
-                   help="fusion head on the CNN encoders, or a whole model; with --data mosei: "
+                   help="fusion head on the CNN encoders, or a whole model; with --data mosei feature pickles: "
                         + ", ".join(seed_zoo.MOSEI_MODEL_NAMES))
     p.add_argument("--data", choices=DATA, default="synthetic", help="the synthetic set or a corpus under --root")
     p.add_argument("--root", type=Path, default=None, help="the corpus directory (models/DATASETS.md has the layouts)")
     p.add_argument("--cache-dir", default="auto", help="feature cache of the media corpora: auto, a path, or none")
     p.add_argument("--size", choices=SIZES, default="tiny", help="model and data sizes: tiny (CPU) or the papers'")
     p.add_argument("--task", choices=TASKS, default=None,
-                   help="default: the data's own (mosei: regression, else classification); "
+                   help="default: the data's own (mosei pickles: regression, else classification); "
                         "regression: lmf_lstm / tfn_lstm (and decision_fusion on mosei)")
     p.add_argument("--fusion-weights", type=non_negative_float, nargs="+", default=None,
                    help="decision_fusion: one weight per modality (audio video [text]), e.g. 0.55 0.38 0.07")
@@ -465,11 +471,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Mistakes caught here rather than minutes later, after a corpus scan or feature extraction.
     if args.data != "synthetic" and args.root is None:
         p.error(f"--data {args.data} needs --root, the corpus directory")
-    if seed_zoo.features_for(args.model) == "handcrafted" and args.data not in corpora.CORPORA:
+    mosei_features = _mosei_features(args)
+    if seed_zoo.features_for(args.model) == "handcrafted" and (args.data not in corpora.CORPORA and
+                                                               (args.data != "mosei" or mosei_features)):
         p.error(f"--model {args.model} reads hand-crafted features of raw media: "
-                f"--data {' or '.join(corpora.CORPORA)}")
-    if args.data == "mosei" and args.model not in seed_zoo.MOSEI_MODEL_NAMES:
-        p.error(f"--data mosei takes --model {' / '.join(seed_zoo.MOSEI_MODEL_NAMES)}, got {args.model}")
+                f"--data {' or '.join(corpora.CORPORA)}, or mosei with the raw release")
+    if mosei_features and args.model not in seed_zoo.MOSEI_MODEL_NAMES:
+        p.error(f"--data mosei with feature pickles takes --model {' / '.join(seed_zoo.MOSEI_MODEL_NAMES)}, "
+                f"got {args.model} (the audio-video models need the raw release: models/DATASETS.md)")
+    if args.task == "regression" and args.data == "mosei" and not mosei_features and \
+            args.model not in ("lmf_lstm", "tfn_lstm"):
+        p.error(f"--model {args.model} is a classifier; on MOSEI media only lmf_lstm and tfn_lstm regress")
     if args.task == "regression" and args.data in corpora.CORPORA:
         p.error(f"--data {args.data} has emotion classes only, no sentiment to regress")
     if args.task == "regression" and args.data == "synthetic" and args.model not in MODEL_NAMES:
@@ -477,7 +489,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.fusion_weights is not None or args.learn_weights) and args.model != "decision_fusion":
         p.error(f"--fusion-weights and --learn-weights set decision_fusion's weights; --model {args.model} has none")
     if args.fusion_weights is not None:
-        modalities = MOSEI_MODALITIES if args.data == "mosei" else AV_INPUTS
+        modalities = MOSEI_MODALITIES if mosei_features else AV_INPUTS
         if len(args.fusion_weights) != len(modalities):
             p.error(f"--fusion-weights takes one weight per modality ({' '.join(modalities)}): "
                     f"{len(modalities)} values, got {len(args.fusion_weights)}")
@@ -553,7 +565,7 @@ def load_data(args: argparse.Namespace) -> Data:
 def make_model(args: argparse.Namespace, data: Data, task: str) -> nn.Module:
     num_classes = len(data.class_names)
     fusion = {"weights": args.fusion_weights, "learn_weights": args.learn_weights}
-    if args.data == "mosei":
+    if isinstance(data.train, mosei.CMUMOSEI):
         # MOSEI's feature widths differ between the toolkits' files: read them from the data.
         dims = tuple(data.train.dims[m] for m in data.inputs)
         return seed_zoo.build_mosei_model(args.model, dims, size=args.size, task=task, num_classes=num_classes,

@@ -140,3 +140,74 @@ def make_mosei(path: Path, *, layout: str = "mult", sizes=(12, 4, 5), steps: int
     with open(path, "wb") as handle:
         pickle.dump(data, handle)
     return data
+
+
+MOSEI_VIDEOS = ("-3g5yACwYnA", "81406", "_UNQDdiAbWI", "zx4W0Vuus-I", "2iD-tVS8NPw", "aMtFBGh2wKI")
+
+
+def make_mosei_media(root: Path, *, videos=MOSEI_VIDEOS, segments: int = 3, segment_s: float = 0.5, gap_s: float = 0.25,
+                     emotions: bool = True, wav: bool = True, seed: int = 0) -> dict:
+    """The CMU-MOSEI raw release's layout: full-length Raw/Audio/Full/WAV_16000/<id>.wav and
+    Raw/Videos/Full/Combined/<id>.mp4 (with an AAC track), and CMU_MOSEI_Labels.csd, an
+    HDF5 computational sequence ("All Labels": per video, features (N, 7) and intervals
+    (N, 2)) written with h5py as the SDK writes it. Returns {video id: (labels (N, 7 or 1),
+    intervals (N, 2))}.
+
+    Each video is a silent lead-in of ``gap_s``, then ``segments`` labelled segments of
+    ``segment_s`` separated by silent, dark gaps; a segment's voice and moving blob come
+    from :func:`clip` with its 7-class sentiment as the label, so reading the wrong span
+    gives the wrong pitch. A pre-segmented clip (Videos/Segmented/Combined/<id>_0.mp4) and
+    the COVAREP folder sit beside, as in the release; the reader must ignore both."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for number, vid in enumerate(videos):
+        sentiment = rng.uniform(-3, 3, segments).round(2)
+        rows = np.concatenate([sentiment[:, None], rng.uniform(0, 3, (segments, 6)).round(2)], 1)
+        rows = rows if emotions else rows[:, :1]
+        waves, frame_runs, intervals = [], [], []
+        gap_wave = np.zeros(round(gap_s * SAMPLE_RATE), np.float32)
+        gap_frames = np.full((round(gap_s * FPS), 32, 48, 3), 10, np.uint8)
+        t = gap_s
+        for i, score in enumerate(sentiment):
+            wave, frames = clip(int(np.round(score)) + 3, number, take=i, num_frames=round(segment_s * FPS),
+                                duration=segment_s)
+            waves += [gap_wave, wave]
+            frame_runs += [gap_frames, frames]
+            intervals.append((t, t + segment_s))
+            t += segment_s + gap_s
+        waves.append(gap_wave)
+        frame_runs.append(gap_frames)
+        wave, frames = np.concatenate(waves), np.concatenate(frame_runs)
+        if wav:
+            write_wav(root / "Raw" / "Audio" / "Full" / "WAV_16000" / f"{vid}.wav", wave)
+        write_video(root / "Raw" / "Videos" / "Full" / "Combined" / f"{vid}.mp4", frames, wave)
+        written[vid] = (rows, np.array(intervals))
+    first = videos[0]
+    segmented = root / "Raw" / "Videos" / "Segmented" / "Combined" / f"{first}_0.mp4"
+    write_video(segmented, np.zeros((4, 16, 16, 3), np.uint8))
+    (root / "Raw" / "Audio" / "Full" / "COVAREP").mkdir(parents=True, exist_ok=True)
+    (root / "Raw" / "Audio" / "Full" / "COVAREP" / f"{first}.mat").write_bytes(b"not read")
+    write_csd(root / "CMU_MOSEI_Labels.csd", "All Labels", written)
+    return written
+
+
+def write_csd(path: Path, name: str, sequences: dict) -> None:
+    """A computational sequence: /name/data/<id>/{features, intervals} and /name/metadata
+    of JSON strings, the CMU Multimodal SDK's .csd layout."""
+    import json
+
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as file:
+        group = file.create_group(name)
+        data = group.create_group("data")
+        for vid, (features, intervals) in sequences.items():
+            entry = data.create_group(vid)
+            entry.create_dataset("features", data=features)
+            entry.create_dataset("intervals", data=intervals)
+        metadata = group.create_group("metadata")
+        for key, value in {"root name": name, "dimension names": ["sentiment", "happy", "sad", "anger", "surprise",
+                                                                   "disgust", "fear"]}.items():
+            metadata.create_dataset(key, (1,), dtype=h5py.special_dtype(vlen=str))
+            metadata[key][0] = json.dumps(value)

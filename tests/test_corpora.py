@@ -4,14 +4,17 @@ import importlib.util
 import math
 import os
 import pickle
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fake_corpora import SAMPLE_RATE, make_cremad, make_mosei, make_ravdess, write_video
-from models import corpora, mosei
+from fake_corpora import (FPS, MOSEI_VIDEOS, SAMPLE_RATE, clip, make_cremad, make_mosei, make_mosei_media,
+                          make_ravdess, write_csd, write_video, write_wav)
+from models import corpora, mosei, train
 from models.data import TINY
 from models.handcrafted import HandcraftedFrontend, autocorrelation_pitch
 from models.media import read_audio, read_frames
@@ -19,6 +22,10 @@ from models.media import read_audio, read_frames
 # PyAV decodes (and writes) video, librosa reads .wav, soundfile writes it: the corpora extra.
 _MISSING = [name for name in ("av", "librosa", "soundfile") if importlib.util.find_spec(name) is None]
 needs_media = pytest.mark.skipif(bool(_MISSING), reason=f"media tests need {_MISSING} (fastfusion[corpora])")
+# The MOSEI raw release adds its labels' HDF5 file.
+_MISSING_MOSEI = _MISSING + [name for name in ("h5py",) if importlib.util.find_spec(name) is None]
+needs_mosei_media = pytest.mark.skipif(bool(_MISSING_MOSEI),
+                                       reason=f"MOSEI media tests need {_MISSING_MOSEI} (fastfusion[corpora])")
 
 
 @pytest.fixture(scope="module")
@@ -325,3 +332,250 @@ def test_build_corpus(ravdess_root, cremad_root, tmp_path):
     with pytest.raises(ValueError, match="unknown corpus"):
         corpora.build_corpus("iemocap", tmp_path)
 
+
+
+# --- spans of a recording -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_sections(tmp_path_factory):
+    """A 3 s video and .wav of three 1 s sections: grey levels 50 / 130 / 210 and tones of
+    200 / 300 / 450 Hz. MPEG-4 part 2 puts a keyframe every 12 frames, so the sections
+    start mid-GOP (frames 16 and 32 at 16 fps) and reading them needs seek-then-skip."""
+    root = tmp_path_factory.mktemp("sections")
+    levels, tones = (50, 130, 210), (200.0, 300.0, 450.0)
+    frames = np.concatenate([np.full((FPS, 32, 48, 3), level, np.uint8) for level in levels])
+    t = np.arange(3 * SAMPLE_RATE) / SAMPLE_RATE
+    frequency = np.choose(np.minimum(t.astype(int), 2), tones)
+    wave = (0.4 * np.sin(2 * math.pi * np.cumsum(frequency) / SAMPLE_RATE)).astype(np.float32)
+    write_video(root / "v.mp4", frames, wave)
+    write_wav(root / "v.wav", wave)
+    return root, levels, tones
+
+
+@needs_media
+def test_read_frames_of_a_span(three_sections):
+    root, levels, _ = three_sections
+    for section, level in enumerate(levels):
+        frames, _ = read_frames(root / "v.mp4", 16, start=float(section), end=section + 1.0)
+        assert len(frames) == FPS  # the frames with timestamps in [start, end)
+        assert frames.float().mean((1, 2, 3)).sub(level).abs().max() < 5
+    frames, _ = read_frames(root / "v.mp4", 16, start=2.5)  # to the end
+    assert len(frames) == FPS // 2
+    with pytest.raises(ValueError, match=r"v\.mp4 holds no video frames in \[5, 6\) s"):
+        read_frames(root / "v.mp4", 16, start=5.0, end=6.0)
+    with pytest.raises(ValueError, match="end must be a time after start"):
+        read_frames(root / "v.mp4", 16, start=1.0, end=1.0)
+
+
+@needs_media
+@pytest.mark.parametrize("name", ["v.wav", "v.mp4"])
+def test_read_audio_of_a_span(three_sections, name):
+    root, _, tones = three_sections
+    for section, tone in enumerate(tones):
+        wave = read_audio(root / name, 22050, start=section + 0.1, end=section + 0.9)
+        assert abs(len(wave) - 0.8 * 22050) <= 1
+        f0, _ = autocorrelation_pitch(wave.double(), 22050)
+        assert f0[f0 > 0].median().item() == pytest.approx(tone, rel=0.01)
+    with pytest.raises(ValueError, match=r"v\.(wav|mp4) \[4, 5\) s holds no audio samples"):
+        read_audio(root / name, 22050, start=4.0, end=5.0)
+
+
+# --- CMU-MOSEI raw release ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mosei_media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mosei_media")
+    return root, make_mosei_media(root)
+
+
+@needs_mosei_media
+def test_csd_is_read_as_written(mosei_media):
+    root, written = mosei_media
+    name, videos = mosei.read_csd(root / mosei.LABELS_FILE)
+    assert name == "All Labels" and sorted(videos) == sorted(MOSEI_VIDEOS)
+    for vid, (labels, intervals) in written.items():
+        np.testing.assert_array_equal(videos[vid][0], labels)
+        np.testing.assert_array_equal(videos[vid][1], intervals)
+
+
+@needs_mosei_media
+def test_broken_csd_is_one_error_naming_the_file(mosei_media, tmp_path):
+    root, written = mosei_media
+    good = (root / mosei.LABELS_FILE).read_bytes()
+    truncated = tmp_path / "truncated" / mosei.LABELS_FILE
+    truncated.parent.mkdir()
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=rf"{truncated} is not a readable HDF5 computational sequence: .*truncated"):
+        mosei.read_csd(truncated)
+    # Through the corpus loader and build_corpus: the same one error, before any media is scanned.
+    with pytest.raises(ValueError, match=rf"{truncated} is not a readable HDF5"):
+        corpora.build_corpus("mosei", truncated.parent, cache_dir=None)
+    text = tmp_path / "text.csd"
+    text.write_text("sentiment,happy\n")
+    with pytest.raises(ValueError, match=rf"{text} is not a readable HDF5"):
+        mosei.read_csd(text)
+    vid = MOSEI_VIDEOS[0]
+    no_intervals = tmp_path / "no_intervals.csd"
+    write_csd(no_intervals, "All Labels", {vid: (written[vid][0], written[vid][1])})
+    import h5py
+
+    with h5py.File(no_intervals, "a") as file:
+        del file["All Labels"]["data"][vid]["intervals"]
+    with pytest.raises(ValueError, match=rf"{no_intervals}: video '{vid}' lacks the dataset\(s\) \['intervals'\]"):
+        mosei.read_csd(no_intervals)
+    bad_shape = tmp_path / "bad_shape.csd"
+    write_csd(bad_shape, "All Labels", {vid: (written[vid][0], written[vid][1][:, :1])})
+    with pytest.raises(ValueError, match=rf"{bad_shape}: video '{vid}' needs features \(N, k\) and intervals \(N, 2\)"):
+        mosei.read_csd(bad_shape)
+
+
+@needs_mosei_media
+def test_mosei_media_segments_labels_and_splits(mosei_media, tmp_path, monkeypatch):
+    root, written = mosei_media
+    spans = []
+
+    def audio(path, sample_rate, min_samples=1, **span):
+        spans.append((path.stem, span["start"], span["end"]))
+        return read_audio(path, sample_rate, min_samples, **span)
+
+    monkeypatch.setattr(mosei, "read_audio", audio)
+    sets = mosei.load_mosei_media(root, cache_dir=tmp_path, val_fraction=1 / 6, test_fraction=1 / 6)
+    assert "seeded split" in sets["train"].folds
+    videos = {split: {s.video_id for s in data.segments} for split, data in sets.items()}
+    assert [len(videos[s]) for s in mosei.SPLIT_NAMES] == [4, 1, 1]
+    assert set().union(*videos.values()) == set(MOSEI_VIDEOS)  # the segmented clip and COVAREP file are ignored
+    for split, data in sets.items():
+        assert len(data) == 3 * len(videos[split]) and not data.skipped
+        for i, segment in enumerate(data.segments):
+            labels, intervals = written[segment.video_id]
+            assert segment.audio.suffix == ".wav" and segment.video.parent.name == "Combined"
+            assert (segment.start, segment.end) == tuple(intervals[segment.index])
+            item = data[i]
+            assert item["sentiment"].item() == pytest.approx(labels[segment.index, 0])
+            np.testing.assert_allclose(item["emotions"].numpy(), labels[segment.index, 1:], rtol=1e-6)
+            assert item["label"].item() == round(labels[segment.index, 0]) + 3  # halves to even, as torch.round
+            assert item["audio"].shape == (1, *TINY.audio_size)
+            assert item["video"].shape == (3, TINY.num_frames, TINY.frame_size, TINY.frame_size)
+    # Each segment was decoded once, over its own interval (the cache key holds the span).
+    assert sorted(spans) == sorted((vid, s, e) for vid, (_, iv) in written.items() for s, e in iv)
+    [sets["test"][i] for i in range(len(sets["test"]))]
+    assert len(spans) == 3 * len(MOSEI_VIDEOS)
+
+
+@needs_mosei_media
+def test_mosei_media_cuts_the_right_span(mosei_media):
+    """A segment's audio is the voice that fake_corpora.clip rendered for it (pitch of
+    the rendered wave, not of the reader), and its frames are the segment's, not the dark gaps."""
+    root, written = mosei_media
+    vid, number = MOSEI_VIDEOS[1], 1
+    labels, intervals = written[vid]
+    for index in range(len(labels)):
+        start, end = intervals[index]
+        rendered, _ = clip(int(np.round(labels[index, 0])) + 3, number, take=index, num_frames=8, duration=end - start)
+        expected, _ = autocorrelation_pitch(torch.from_numpy(rendered).double(), SAMPLE_RATE)
+        wav = next(root.rglob(f"{vid}.wav"))
+        wave = read_audio(wav, SAMPLE_RATE, start=start, end=end)
+        got, _ = autocorrelation_pitch(wave.double(), SAMPLE_RATE)
+        assert got[got > 0].median().item() == pytest.approx(expected[expected > 0].median().item(), rel=0.01)
+        frames, _ = read_frames(next(root.rglob(f"{vid}.mp4")), 16, start=start, end=end)
+        assert len(frames) == round((end - start) * FPS)
+        assert frames.float().mean((1, 2, 3)).min() > 30  # the gaps are level 10
+
+
+@needs_mosei_media
+def test_mosei_media_folds(mosei_media, monkeypatch):
+    root, _ = mosei_media
+    given = {"train": MOSEI_VIDEOS[:3], "valid": MOSEI_VIDEOS[3:4], "test": MOSEI_VIDEOS[4:5]}
+    sets = mosei.load_mosei_media(root, folds=given, cache_dir=None)
+    for split, ids in given.items():
+        assert {s.video_id for s in sets[split].segments} == set(ids)  # MOSEI_VIDEOS[5] is in no fold
+    assert sets["test"].folds == "given folds"
+    # The SDK's module, as a clone on PYTHONPATH provides it (it is not on PyPI).
+    sdk = types.SimpleNamespace(standard_train_fold=list(MOSEI_VIDEOS[1:]), standard_valid_fold=[MOSEI_VIDEOS[0]],
+                                standard_test_fold=["not-in-this-corpus"])
+    monkeypatch.setitem(sys.modules, mosei.SDK_FOLDS_MODULE, sdk)
+    sets = mosei.load_mosei_media(root, cache_dir=None)
+    assert sets["train"].folds == "the CMU Multimodal SDK's standard folds"
+    assert [len(sets[s]) for s in mosei.SPLIT_NAMES] == [15, 3, 0]
+    with pytest.raises(ValueError, match=r"folds lack the split\(s\) \['test'\]"):
+        mosei.load_mosei_media(root, folds={"train": MOSEI_VIDEOS, "valid": ()}, cache_dir=None)
+
+
+@needs_mosei_media
+def test_mosei_media_skips_damaged_audio_and_late_segments(tmp_path):
+    root = tmp_path / "m"
+    written = make_mosei_media(root, videos=MOSEI_VIDEOS[:3], emotions=False)
+    late_vid, broken_vid = MOSEI_VIDEOS[0], MOSEI_VIDEOS[1]
+    labels, intervals = written[late_vid]
+    written[late_vid] = (np.concatenate([labels, [[1.0], [np.nan], [2.0]]]),
+                         np.concatenate([intervals, [[99.0, 100.0], [0.25, 0.75], [0.5, 0.5]]]))
+    write_csd(root / mosei.LABELS_FILE, "All Labels", written)
+    wav = next(root.rglob(f"{broken_vid}.wav"))
+    wav.write_bytes(wav.read_bytes()[:2000])
+    with pytest.warns(UserWarning, match="skipping CMU-MOSEI"):
+        sets = mosei.load_mosei_media(root, folds={"train": MOSEI_VIDEOS[:3], "valid": (), "test": ()},
+                                      cache_dir=None)
+    train_set = sets["train"]
+    assert len(train_set) == 3 + 3  # the late segment and the broken video's three are out
+    problems = {str(path): problem for path, problem in train_set.skipped}
+    assert "is truncated" in problems[str(wav)]
+    messages = [problem for _, problem in train_set.skipped]
+    assert any(f"segment {late_vid}[3] starts at 99.0 s" in p for p in messages)
+    assert any(f"segment {late_vid}[4] has non-finite labels" in p for p in messages)
+    assert any(f"segment {late_vid}[5] has the empty span [0.5, 0.5] s" in p for p in messages)
+    assert "emotions" not in train_set[0] and train_set.emotions is None  # sentiment-only labels
+
+
+@needs_mosei_media
+def test_mosei_source_kind_and_missing_layout(mosei_media, tmp_path):
+    root, _ = mosei_media
+    assert mosei.source_kind(root) == "media"
+    assert mosei.source_kind(root / mosei.LABELS_FILE) == "media"
+    named = mosei.load_mosei_media(root / mosei.LABELS_FILE, cache_dir=None)  # the labels file, media beside it
+    assert sum(map(len, named.values())) == 18
+    make_mosei(tmp_path / "pickle" / "mosei_senti_data.pkl")
+    assert mosei.source_kind(tmp_path / "pickle") == "features"
+    assert mosei.source_kind(tmp_path / "nowhere") == "features"  # its loader says what is missing
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"(?s)no CMU_MOSEI_Labels\.csd.*WAV_16000.*mosei_senti_data\.pkl"):
+        mosei.load_mosei_media(tmp_path / "empty")
+    splits = corpora.build_corpus("mosei", root, cache_dir=None)
+    assert splits.task == "classification" and splits.modalities == ("audio", "video")
+    assert splits.class_names == mosei.CLASS_NAMES and sum(map(len, (splits.train, splits.val, splits.test))) == 18
+    audio_only = corpora.build_corpus("mosei", root, cache_dir=None, modalities=("audio",), features="handcrafted")
+    assert set(audio_only.train[0]) == {"audio", "sentiment", "label", "emotions"}
+    assert audio_only.train[0]["audio"].dim() == 1
+
+
+# --- CMU-MOSEI media through models.train ---------------------------------------------
+
+
+@needs_mosei_media
+@pytest.mark.parametrize("model", [["cbgp"], ["avt_ca"], ["ca_triplet"], ["decision_fusion"], ["mfa_cnn1d"],
+                                   ["lmf_lstm", "--task", "regression"]])
+def test_train_on_fake_mosei_media(mosei_media, model):
+    root, _ = mosei_media
+    result = train.main(["--data", "mosei", "--root", str(root), "--model", *model, "--epochs", "1",
+                         "--batch-size", "6", "--no-progress", "--cache-dir", str(root / "cache")])
+    if "regression" in model:
+        assert set(result["test"]) == {"mae", "pearson_r", "acc2", "acc7"}
+    else:
+        assert result["config"]["task"] == "classification"  # MOSEI media's own task: the 7-class sentiment
+        assert len(result["test"]["confusion_matrix"]) == 7
+
+
+@needs_mosei_media
+def test_mosei_model_choice_follows_the_root(mosei_media, tmp_path):
+    root, _ = mosei_media
+    make_mosei(tmp_path / "mosei_senti_data.pkl")
+    with pytest.raises(SystemExit):  # the audio-video models need media
+        train.parse_args(["--data", "mosei", "--root", str(tmp_path), "--model", "cbgp"])
+    with pytest.raises(SystemExit):  # a classifier cannot regress
+        train.parse_args(["--data", "mosei", "--root", str(root), "--model", "cbgp", "--task", "regression"])
+    with pytest.raises(SystemExit):  # two modalities on media, not three
+        train.parse_args(["--data", "mosei", "--root", str(root), "--model", "decision_fusion",
+                          "--fusion-weights", "0.55", "0.38", "0.07"])
+    assert train.parse_args(["--data", "mosei", "--root", str(root), "--model", "decision_fusion",
+                             "--fusion-weights", "0.6", "0.4"]).fusion_weights == [0.6, 0.4]
