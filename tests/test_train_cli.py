@@ -399,7 +399,7 @@ def test_a_cosine_run_resumed_mid_way_equals_an_uninterrupted_one(tmp_path):
     from models.data import train_test_split
 
     data, _ = train_test_split(8, 1, seed=0)
-    settings = dict(epochs=3, batch_size=4, lr=0.01, scheduler="cosine")
+    settings = {"epochs": 3, "batch_size": 4, "lr": 0.01, "scheduler": "cosine"}
 
     def fresh():
         torch.manual_seed(0)
