@@ -136,7 +136,8 @@ class MediaCorpus(Dataset):
     ``split``: "train", "val", "test" (a :func:`speaker_split` of the speakers present,
     with ``val_fraction``, ``test_fraction`` and ``seed``) or "all"; ``speakers`` picks
     speakers explicitly instead. ``modalities``: the item keys wanted; recordings lacking
-    a file for one of them are left out, and so are those whose ``.wav`` is damaged or
+    a file for one of them are left out (so ``modalities=("audio",)`` reads an audio-only
+    download, with no video file at all), and so are those whose ``.wav`` is damaged or
     shorter than :data:`MIN_AUDIO_SAMPLES` (each with a warning; :attr:`skipped` lists
     them with the reason). ``frontend``: :class:`ImageFrontend` (default),
     :class:`~models.handcrafted.HandcraftedFrontend`, or any object with their
@@ -180,8 +181,16 @@ class MediaCorpus(Dataset):
             raise FileNotFoundError(self._missing(f"no {self.CORPUS} file names found under {self.root}"))
         usable = [r for r in found if all(getattr(r, m) is not None for m in self.modalities)]
         if not usable:
+            # An audio-only download (RAVDESS's Audio_Speech_Actors_01-24) is the usual case:
+            # say which modalities the files do have, so the fix is to select them.
+            have = {m: sum(getattr(r, m) is not None for r in found) for m in MODALITIES}
+            counts = ", ".join(f"{n} with {m}" for m, n in have.items())
+            present = [m for m, n in have.items() if n]
+            hint = (f"; select modalities=('{present[0]}',) (python -m models.train --modalities {present[0]} "
+                    f"--model unimodal)" if len(present) == 1 else "")
             raise FileNotFoundError(self._missing(
-                f"{len(found)} {self.CORPUS} recordings under {self.root}, none with files for {self.modalities}"))
+                f"{len(found)} {self.CORPUS} recordings under {self.root} ({counts}), none with files for "
+                f"{self.modalities}{hint}"))
         if speakers is None and split != "all":
             partition = speaker_split({r.speaker for r in usable}, val_fraction=val_fraction,
                                       test_fraction=test_fraction, seed=seed, groups=self._speaker_groups())

@@ -1,7 +1,9 @@
 """Weighted decision-level fusion of per-modality models.
 
 Each modality has its own model; their decisions are combined with weights w_m >= 0,
-sum 1, either given (for instance 0.55 / 0.38 / 0.07) or learned:
+sum 1, either given (seed 004's video 0.55, audio 0.38, text 0.07; here in the models'
+order, which for the builders is audio, video, text: ``[0.38, 0.55, 0.07]``; the CLI takes
+them by name, ``--fusion-weights video=0.55 audio=0.38 text=0.07``) or learned:
 
 - classification: p(c) = sum_m w_m softmax(z_m)(c); ``forward`` returns log p, so
   ``nn.CrossEntropyLoss`` / argmax apply to it as to logits;
@@ -32,7 +34,8 @@ class WeightedDecisionFusion(nn.Module):
     """forward(*inputs) with one input per model, in ``models``' order -> fused
     log-probabilities (B, C), or fused scores (B,) for regression; with ``target`` the
     training loss. ``weights``: None for equal weights, else one non-negative number per
-    model (normalised to sum 1); ``learn_weights`` makes them trainable, starting there."""
+    model, in ``models``' order (normalised to sum 1); ``learn_weights`` makes them
+    trainable, starting there."""
 
     has_training_loss = True
 
@@ -101,6 +104,8 @@ class WeightedDecisionFusion(nn.Module):
 
 
 def unimodal_classifier(encoder: nn.Module, out_dim: int, num_outputs: int) -> nn.Module:
-    """An encoder with a linear decision layer on top: one modality's model."""
+    """An encoder with a linear decision layer on top: one modality's model, (B, ...) ->
+    (B, num_outputs). Decision fusion combines several; ``python -m models.train --model
+    unimodal`` trains one alone."""
     return nn.Sequential(encoder, nn.Linear(out_dim, num_outputs))
 

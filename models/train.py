@@ -6,6 +6,10 @@
     python -m models.train --model mfa_cnn1d --data cremad --root ~/data/CREMA-D
     python -m models.train --model lmf_lstm --data mosei --root ~/data/MOSEI     # sentiment regression
     python -m models.train --model cbgp --data mosei --root ~/data/CMU_MOSEI     # raw media: 7-class sentiment
+    python -m models.train --model decision_fusion --data mosei --root ~/data/MOSEI \
+        --fusion-weights video=0.55 audio=0.38 text=0.07                          # seed 004's weights
+    python -m models.train --preset seed000 --data synthetic                      # a seed paper's recipe
+    python -m models.train --model unimodal --modalities audio --data ravdess --root ~/data/RAVDESS
     torchrun --nproc_per_node 2 -m models.train --model cbgp      # data-parallel, gloo on CPU
 
 ``--batch-size`` is the global batch: with N processes each takes batch_size / N samples
@@ -13,6 +17,18 @@ of it, and DistributedDataParallel averages the gradients, so a step is the same
 whatever N is (exactly so for models without dropout or batch norm, whose statistics are
 per process). Evaluation runs on rank 0 over the whole test set. Checkpoints hold plain
 state dicts and are read back with ``torch.load(weights_only=True)``.
+
+``--preset seedNNN`` sets what seed paper NNN gives of the model, its size, the
+optimisation (lr, epochs, batch size, optimizer, schedule, weight decay, dropout) and the
+audio front-end (:data:`PRESETS`); a flag given explicitly overrides its preset value, and
+what the paper leaves open keeps the CLI default. ``--scheduler cosine`` anneals the
+learning rate per epoch (torch's ``CosineAnnealingLR`` over ``--epochs``), ``step``
+multiplies it by ``--lr-gamma`` every ``--lr-step`` epochs (``StepLR``).
+
+``--modalities`` picks the modalities a model sees: one of them alone trains ``--model
+unimodal`` (that modality's encoder and a linear decision layer), so that an audio-only
+corpus (RAVDESS's ``Audio_Speech_Actors_01-24``) can be used; the fusion models need all
+of the data's modalities.
 
 Arguments are checked before any data is loaded: a bad number, device or backend, an
 output path that cannot be written, or a ``--resume`` file that is no checkpoint or was
@@ -43,14 +59,20 @@ from tqdm import tqdm
 import fastfusion
 
 from . import corpora, metrics, mosei, seed_zoo
-from .data import CLASS_NAMES, train_test_split
+from .backbones import AudioCNN, VideoCNN
+from .data import CLASS_NAMES, SyntheticAVEmotion, SyntheticConfig, train_test_split
+from .decision_fusion import unimodal_classifier
+from .handcrafted import HandcraftedFrontend
 from .mosei import MODALITIES as MOSEI_MODALITIES
-from .zoo import MODEL_NAMES, SIZES, build_model, data_config
+from .zoo import MODEL_NAMES, SIZES, build_model, data_config, get_preset
 
 TASKS = ("classification", "regression")
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("none", "cosine", "step")
 DATA = ("synthetic",) + corpora.CORPUS_NAMES
-ALL_MODEL_NAMES = MODEL_NAMES + tuple(n for n in seed_zoo.SEED_MODEL_NAMES if n not in MODEL_NAMES)
+# "unimodal": one modality's encoder and a linear decision layer (--modalities audio or video).
+UNIMODAL = "unimodal"
+ALL_MODEL_NAMES = MODEL_NAMES + tuple(n for n in seed_zoo.SEED_MODEL_NAMES if n not in MODEL_NAMES) + (UNIMODAL,)
 AV_INPUTS = ("audio", "video")
 
 
@@ -135,6 +157,25 @@ def make_optimizer(
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
+def make_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, *, epochs: int, step: int = 10, gamma: float = 0.1
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule ``name`` (one of :data:`SCHEDULERS`), stepped once per epoch:
+
+    - "none": the optimizer's lr throughout (returns None);
+    - "cosine": lr_e = lr (1 + cos(pi e / epochs)) / 2 in epoch e = 0 .. epochs - 1
+      (``CosineAnnealingLR`` with T_max = epochs, eta_min = 0);
+    - "step": lr_e = lr gamma^floor(e / step) (``StepLR``).
+    """
+    if name == "none":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=gamma)
+    raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
+
+
 def train_step(
     model: nn.Module, inputs, target: torch.Tensor, optimizer: torch.optim.Optimizer, loss_fn: nn.Module
 ) -> float:
@@ -165,6 +206,12 @@ def recalibrate_batchnorm(
     while the same weights scored 100% with batch statistics. Dropout stays off and the
     RNG state is restored afterwards (iterating a DataLoader draws a seed), so a resumed run
     stays identical to an uninterrupted one. ``inputs``: the item keys forward takes.
+
+    Not ``torch.optim.swa_utils.update_bn``, which does the same reset-and-average but puts
+    the *whole* model in training mode for the pass: dropout then perturbs the activations
+    that later batch norms average, and the statistics no longer match what evaluation
+    (dropout off) feeds them. It also calls ``model(x)`` with a single input, where our
+    models take one per modality.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -221,7 +268,8 @@ def evaluate(
 
 
 def save_checkpoint(
-    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, config: dict
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, config: dict,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> None:
     """Write atomically (a crash mid-write leaves the previous checkpoint intact)."""
     state = {
@@ -231,6 +279,8 @@ def save_checkpoint(
         "config": config,
         "torch_rng": torch.get_rng_state(),
     }
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
     if torch.cuda.is_initialized():  # dropout on the GPU draws from the CUDA generator
         state["cuda_rng"] = torch.cuda.get_rng_state()
     path = Path(path)
@@ -287,6 +337,9 @@ def fit(
     seed: int = 0,
     optimizer: str = "adam",
     weight_decay: float = 0.0,
+    scheduler: str = "none",
+    lr_step: int = 10,
+    lr_gamma: float = 0.1,
     dist: Distributed = Distributed(),
     workers: int = 0,
     progress: bool = False,
@@ -298,7 +351,8 @@ def fit(
 ) -> nn.Module:
     """Train ``model`` (moved to ``dist.device``) and return it, unwrapped from DDP.
 
-    The data order depends only on ``seed`` and the epoch. After the last epoch the batch
+    ``scheduler`` (with ``lr_step`` and ``lr_gamma``): :func:`make_scheduler`, stepped after
+    every epoch. The data order depends only on ``seed`` and the epoch. After the last epoch the batch
     norm statistics are recomputed over the training data (:func:`recalibrate_batchnorm`).
     With ``checkpoint`` the state is saved after every epoch (by rank 0); with ``resume``
     training continues after the checkpoint's epoch, with its optimizer state and RNG
@@ -314,9 +368,17 @@ def fit(
     loader = make_loader(train_set, batch_size, dist=dist, shuffle=True, seed=seed, workers=workers)
     model.to(dist.device).train()
     opt = make_optimizer(optimizer, model.parameters(), lr, weight_decay)
+    # Made before the optimizer state is loaded: a scheduler's constructor sets the lr to its
+    # first value, which would overwrite the resumed one.
+    schedule = make_scheduler(scheduler, opt, epochs=epochs, step=lr_step, gamma=lr_gamma)
     start = 0
     if resume is not None:
         state = load_checkpoint(resume, model, opt)
+        if schedule is not None:
+            if "scheduler" not in state:
+                raise ValueError(f"{resume} was saved without a learning-rate schedule; --scheduler {scheduler} "
+                                 "cannot resume from it")
+            schedule.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and dist.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], dist.device)
@@ -333,11 +395,13 @@ def fit(
             steps += 1
             bar.set_postfix(loss=f"{total / steps:.4f}")
         mean_loss = _mean_over_processes(total / max(steps, 1), dist)
+        if schedule is not None:
+            schedule.step()
         if epoch == epochs - 1:
             recalibrate_batchnorm(model, loader, task, dist.device, inputs)
         if dist.is_main:
             if checkpoint is not None:
-                save_checkpoint(checkpoint, model, opt, epoch, config or {})
+                save_checkpoint(checkpoint, model, opt, epoch, config or {}, schedule)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, mean_loss)
     return model
@@ -375,6 +439,80 @@ positive_float = _checked(float, lambda v: 0 < v < math.inf, "must be a positive
 non_negative_float = _checked(float, lambda v: 0 <= v < math.inf, "must be a finite number >= 0")
 probability = _checked(float, lambda v: 0 <= v < 1, "must lie in [0, 1)")
 seed_value = _checked(int, lambda v: 0 <= v < 2**32, "must be an integer in [0, 2**32)")  # numpy's seed range
+# Every modality any data here has, in the order models take them.
+ALL_MODALITIES = tuple(dict.fromkeys(AV_INPUTS + MOSEI_MODALITIES))
+
+
+def named_weight(text: str) -> tuple[str, float]:
+    """An argparse ``type`` for --fusion-weights: ``modality=weight`` -> (modality, weight)."""
+    name, equals, number = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"takes modality=weight, e.g. video=0.55, got {text!r}")
+    if name not in ALL_MODALITIES:
+        raise argparse.ArgumentTypeError(f"unknown modality {name!r} in {text!r}; name {', '.join(ALL_MODALITIES)}")
+    try:
+        return name, non_negative_float(number)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"the weight of {name} {error}") from None
+
+
+def modality_list(text: str) -> tuple[str, ...]:
+    """An argparse ``type`` for --modalities: comma-separated names, e.g. "audio,video"."""
+    names = tuple(text.split(","))
+    unknown = [n for n in names if n not in ALL_MODALITIES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown modality {unknown[0]!r} in {text!r}; "
+                                         f"choose from {', '.join(ALL_MODALITIES)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"names a modality twice: {text!r}")
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One seed paper's recipe: ``values`` maps argument names (``args`` attributes) to what
+    the paper gives, ``not_given`` names the settings it leaves open, which keep the CLI's
+    defaults. models/README.md ("Presets") has every value with where the paper gives it."""
+
+    paper: str
+    values: dict
+    not_given: tuple[str, ...]
+
+
+# The settings a preset decides, given or not: every one appears in values or not_given.
+PRESET_KEYS = ("model", "size", "lr", "epochs", "batch_size", "optimizer", "scheduler", "weight_decay", "dropout",
+               "sample_rate", "n_fft", "hop_length")
+PRESETS = {
+    # 000 (CBGP): the model is the paper's proposal; Table 2 gives the training values (both
+    # encoders alike, except epochs "30" for audio and "30-50" for video: 30), section 4.2a
+    # the front-end ("sampled at 22500 Hz", "window size of 2048 and a hop length of 512").
+    # Its dropouts differ per encoder (audio "0.3%", video "0.2%", read as 0.3 and 0.2),
+    # which one --dropout cannot express: the encoders' own defaults are those values.
+    # "Regularization=L2" comes without a coefficient: weight decay is not given.
+    "seed000": Preset("000 CBGP", {"model": "cbgp", "size": "paper", "lr": 3e-5, "epochs": 30, "batch_size": 32,
+                                   "optimizer": "adam", "scheduler": "cosine", "sample_rate": 22500, "n_fft": 2048,
+                                   "hop_length": 512},
+                      ("weight_decay", "dropout")),
+    # 001 (LMF vs TFN): LMF is the proposal; the paper gives no training or front-end values.
+    "seed001": Preset("001 LMF vs TFN", {"model": "lmf_lstm", "size": "paper"},
+                      ("lr", "epochs", "batch_size", "optimizer", "scheduler", "weight_decay", "dropout",
+                       "sample_rate", "n_fft", "hop_length")),
+    # 002 (MFA + 1D-CNN): the only training value is the 20% dropout after the dense layer
+    # (section E); its layer table's other dropouts have no rate, and get the same.
+    "seed002": Preset("002 MFA + 1D-CNN", {"model": "mfa_cnn1d", "size": "paper", "dropout": 0.2},
+                      ("lr", "epochs", "batch_size", "optimizer", "scheduler", "weight_decay",
+                       "sample_rate", "n_fft", "hop_length")),
+    # 003 (AVT-CA), section 4: "128 epochs", "Batch Size: 8", "Optimizer: Adam", "Learning
+    # Rate: 0.01", "Weight Decay: 0.001"; no schedule, dropout rate or front-end values.
+    "seed003": Preset("003 AVT-CA", {"model": "avt_ca", "size": "paper", "lr": 0.01, "epochs": 128, "batch_size": 8,
+                                     "optimizer": "adam", "weight_decay": 0.001},
+                      ("scheduler", "dropout", "sample_rate", "n_fft", "hop_length")),
+    # 004 (review): cross-modal attention with the emotion-constrained triplet loss; a review,
+    # it gives no training values.
+    "seed004": Preset("004 review: cross-attention + triplet", {"model": "ca_triplet", "size": "paper"},
+                      ("lr", "epochs", "batch_size", "optimizer", "scheduler", "weight_decay", "dropout",
+                       "sample_rate", "n_fft", "hop_length")),
+}
 
 
 def device_name(text: str) -> str:
@@ -410,21 +548,31 @@ def _unwritable(directory: Path) -> str | None:
 # What a checkpoint's state is of: the model's architecture and weights (decision fusion's
 # fixed weights are a buffer), and the optimizer's kind and hyperparameters (its state
 # dict carries lr and weight decay, which would silently replace the new ones).
-RESUME_MUST_MATCH = ("model", "size", "data", "task", "fusion_weights", "learn_weights", "optimizer", "lr",
-                     "weight_decay")
+# The schedule's kind and parameters are in the scheduler's state, which a resumed run loads.
+RESUME_MUST_MATCH = ("model", "size", "data", "task", "modalities", "fusion_weights", "learn_weights", "optimizer",
+                     "lr", "weight_decay", "scheduler", "lr_step", "lr_gamma")
 
 
 def _resume_mismatches(stored: dict, args: argparse.Namespace) -> list[str]:
     """Each argument of RESUME_MUST_MATCH that differs from the checkpoint's config, with
     both values. Checkpoints without a config (``fit(config=None)``) have nothing to compare."""
 
+    def plain(value):  # a tuple saved in the config may come back as a list
+        return list(value) if isinstance(value, tuple) else value
+
     def shown(value) -> str:
-        return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        if isinstance(value, dict):
+            return " ".join(f"{k}={v}" for k, v in value.items())
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
     # The task as it will run: --task, else the data's own (load_data's Data.task).
     wanted = {**vars(args), "task": args.task or ("regression" if _mosei_features(args) else "classification")}
-    return [f"--{key.replace('_', '-')} {shown(wanted[key])} (the checkpoint has {shown(stored[key])})"
-            for key in RESUME_MUST_MATCH if key in stored and stored[key] != wanted[key]]
+    mismatches = [f"--{key.replace('_', '-')} {shown(wanted[key])} (the checkpoint has {shown(stored[key])})"
+                  for key in RESUME_MUST_MATCH if key in stored and plain(stored[key]) != plain(wanted[key])]
+    # A cosine schedule spans the run's epochs (its T_max): more epochs would be another schedule.
+    if args.scheduler == "cosine" and stored.get("scheduler") == "cosine" and stored.get("epochs") != args.epochs:
+        mismatches.append(f"--epochs {args.epochs} (the checkpoint's cosine schedule spans {stored.get('epochs')})")
+    return mismatches
 
 
 def _mosei_features(args: argparse.Namespace) -> bool:
@@ -435,18 +583,23 @@ def _mosei_features(args: argparse.Namespace) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                   help="a seed paper's model, sizes and training recipe (models/README.md, Presets); "
+                        "flags given explicitly override it")
     p.add_argument("--model", choices=ALL_MODEL_NAMES, default="cbgp",
                    help="fusion head on the CNN encoders, or a whole model; with --data mosei feature pickles: "
-                        + ", ".join(seed_zoo.MOSEI_MODEL_NAMES))
+                        + ", ".join(seed_zoo.MOSEI_MODEL_NAMES) + f"; {UNIMODAL}: one modality (--modalities)")
     p.add_argument("--data", choices=DATA, default="synthetic", help="the synthetic set or a corpus under --root")
+    p.add_argument("--modalities", type=modality_list, default=None,
+                   help="comma-separated: audio, video, or all of the data's (default; mosei: audio,video,text)")
     p.add_argument("--root", type=Path, default=None, help="the corpus directory (models/DATASETS.md has the layouts)")
     p.add_argument("--cache-dir", default="auto", help="feature cache of the media corpora: auto, a path, or none")
     p.add_argument("--size", choices=SIZES, default="tiny", help="model and data sizes: tiny (CPU) or the papers'")
     p.add_argument("--task", choices=TASKS, default=None,
                    help="default: the data's own (mosei pickles: regression, else classification); "
                         "regression: lmf_lstm / tfn_lstm (and decision_fusion on mosei)")
-    p.add_argument("--fusion-weights", type=non_negative_float, nargs="+", default=None,
-                   help="decision_fusion: one weight per modality (audio video [text]), e.g. 0.55 0.38 0.07")
+    p.add_argument("--fusion-weights", type=named_weight, nargs="+", default=None, metavar="MODALITY=W",
+                   help="decision_fusion: a weight per modality by name, e.g. video=0.55 audio=0.38 text=0.07")
     p.add_argument("--learn-weights", action="store_true",
                    help="decision_fusion: learn the weights (softmax-parametrised), starting from --fusion-weights")
     p.add_argument("--num-train", type=positive_int, default=2048)
@@ -456,6 +609,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="none",
+                   help="learning-rate schedule, stepped per epoch: cosine annealing to 0 over --epochs, "
+                        "or x --lr-gamma every --lr-step epochs")
+    p.add_argument("--lr-step", type=positive_int, default=10, help="--scheduler step: epochs between decays")
+    p.add_argument("--lr-gamma", type=positive_float, default=0.1, help="--scheduler step: the decay factor")
+    p.add_argument("--sample-rate", type=positive_int, default=None,
+                   help="audio front-end sample rate in Hz (default: the size's, 22050)")
+    p.add_argument("--n-fft", type=positive_int, default=None, help="audio front-end STFT window (default 2048)")
+    p.add_argument("--hop-length", type=positive_int, default=None, help="audio front-end STFT hop (default 512)")
     p.add_argument("--dropout", type=probability, default=None, help="override every dropout probability")
     p.add_argument("--seed", type=seed_value, default=0, help="seeds the model, the data order and the dataset")
     p.add_argument("--backend", choices=("auto", "eager", "torch", "triton", "cpp", "cuda"), default="auto",
@@ -467,15 +629,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", type=Path, default=None, help="continue from this checkpoint")
     p.add_argument("--out-dir", type=Path, default=None, help="write metrics.json (and confusion.png) here")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    # Each preset setting starts unset, so that what the user gave explicitly can be told
+    # apart from argparse's defaults (which it only fills in for attributes not yet present).
+    args = p.parse_args(argv, namespace=argparse.Namespace(**{key: _UNSET for key in PRESET_KEYS}))
+    preset = PRESETS[args.preset].values if args.preset is not None else {}
+    for key in PRESET_KEYS:
+        if getattr(args, key) is _UNSET:
+            setattr(args, key, preset.get(key, p.get_default(key)))
     # Mistakes caught here rather than minutes later, after a corpus scan or feature extraction.
     if args.data != "synthetic" and args.root is None:
         p.error(f"--data {args.data} needs --root, the corpus directory")
     mosei_features = _mosei_features(args)
-    if seed_zoo.features_for(args.model) == "handcrafted" and (args.data not in corpora.CORPORA and
-                                                               (args.data != "mosei" or mosei_features)):
-        p.error(f"--model {args.model} reads hand-crafted features of raw media: "
-                f"--data {' or '.join(corpora.CORPORA)}, or mosei with the raw release")
+    if seed_zoo.features_for(args.model) == "handcrafted" and mosei_features:
+        p.error(f"--model {args.model} reads hand-crafted features of media: --data synthetic, "
+                f"{' or '.join(corpora.CORPORA)}, or mosei with the raw release (not its feature pickles)")
     if mosei_features and args.model not in seed_zoo.MOSEI_MODEL_NAMES:
         p.error(f"--data mosei with feature pickles takes --model {' / '.join(seed_zoo.MOSEI_MODEL_NAMES)}, "
                 f"got {args.model} (the audio-video models need the raw release: models/DATASETS.md)")
@@ -486,16 +653,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--data {args.data} has emotion classes only, no sentiment to regress")
     if args.task == "regression" and args.data == "synthetic" and args.model not in MODEL_NAMES:
         p.error(f"--model {args.model} is a classifier on --data synthetic")
+    _check_modalities(p, args)
+    front_end = [f"--{key.replace('_', '-')}" for key in ("sample_rate", "n_fft", "hop_length")
+                 if getattr(args, key) is not None]
+    if front_end and seed_zoo.features_for(args.model) == "handcrafted":
+        p.error(f"{' '.join(front_end)} set the spectrogram images' front-end; --model {args.model} reads "
+                "hand-crafted features")
+    if front_end and args.data == "mosei":
+        p.error(f"{' '.join(front_end)} set the spectrogram images' front-end; --data mosei ships its features")
     if (args.fusion_weights is not None or args.learn_weights) and args.model != "decision_fusion":
         p.error(f"--fusion-weights and --learn-weights set decision_fusion's weights; --model {args.model} has none")
     if args.fusion_weights is not None:
-        modalities = MOSEI_MODALITIES if mosei_features else AV_INPUTS
-        if len(args.fusion_weights) != len(modalities):
-            p.error(f"--fusion-weights takes one weight per modality ({' '.join(modalities)}): "
-                    f"{len(modalities)} values, got {len(args.fusion_weights)}")
-        if not any(args.fusion_weights):
-            p.error("--fusion-weights are all 0; at least one must be positive")
-        if args.learn_weights and 0 in args.fusion_weights:
+        args.fusion_weights = _fusion_weights(p, args.fusion_weights, args.modalities)
+        if args.learn_weights and 0 in args.fusion_weights.values():
             p.error("--learn-weights starts from --fusion-weights, which must then all be positive "
                     "(the softmax never reaches 0)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # as init_distributed reads it
@@ -537,6 +707,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_UNSET = object()  # parse_args's marker of a preset setting not given on the command line
+
+
+def _data_modalities(args: argparse.Namespace) -> tuple[str, ...]:
+    """The modalities of --data: MOSEI's feature pickles hold three, the media two."""
+    return MOSEI_MODALITIES if _mosei_features(args) else AV_INPUTS
+
+
+def _check_modalities(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Set ``args.modalities`` (default: all of the data's) and refuse a selection the data
+    lacks, or that does not fit the model: ``unimodal`` takes one modality, every other
+    model all of the data's."""
+    available = _data_modalities(args)
+    if args.modalities is None:
+        args.modalities = available
+    missing = [m for m in args.modalities if m not in available]
+    if missing:
+        p.error(f"--modalities {','.join(args.modalities)}: --data {args.data} has no {missing[0]} "
+                f"(it has {','.join(available)})")
+    args.modalities = tuple(m for m in available if m in args.modalities)  # in the order models take them
+    if args.model == UNIMODAL:
+        if len(args.modalities) != 1 or args.data == "mosei":
+            p.error(f"--model {UNIMODAL} trains on one modality: --modalities audio or --modalities video"
+                    + (" (not on --data mosei, whose models take all its modalities)" if args.data == "mosei" else ""))
+    elif args.modalities != available:
+        p.error(f"--model {args.model} needs {','.join(available)}, but --modalities selects "
+                f"{','.join(args.modalities)}" + (f"; --model {UNIMODAL} trains on one modality"
+                                                  if len(args.modalities) == 1 and args.data != "mosei" else ""))
+
+
+def _fusion_weights(p: argparse.ArgumentParser, named: list[tuple[str, float]],
+                    modalities: tuple[str, ...]) -> dict[str, float]:
+    """--fusion-weights as {modality: weight} in ``modalities``' order, with one weight for
+    each selected modality and no other."""
+    names = [name for name, _ in named]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        p.error(f"--fusion-weights gives {repeated[0]} more than one weight")
+    extra = [n for n in names if n not in modalities]
+    if extra:
+        p.error(f"--fusion-weights names {extra[0]}, which is not among the modalities ({','.join(modalities)})")
+    missing = [m for m in modalities if m not in names]
+    if missing:
+        p.error(f"--fusion-weights needs a weight for every modality ({','.join(modalities)}): "
+                f"{','.join(missing)} has none")
+    weights = dict(named)
+    if not any(weights.values()):
+        p.error("--fusion-weights are all 0; at least one must be positive")
+    return {m: weights[m] for m in modalities}
+
+
 @dataclasses.dataclass(frozen=True)
 class Data:
     """Training and test sets, and what the model and the report need to know of them:
@@ -550,21 +771,69 @@ class Data:
     skipped: tuple[tuple[Path, str], ...] = ()  # (file, problem) of each recording left out
 
 
+class HandcraftedClips(Dataset):
+    """Synthetic clips as the hand-crafted seed system (``mfa_cnn1d``) takes media: each
+    clip's waveform and frames through :class:`~models.handcrafted.HandcraftedFrontend`
+    (MFCC, ZCR, energy and pitch statistics; STIP descriptors), computed once and kept.
+    Item: ``audio`` and ``video`` vectors, ``label``.
+
+    The synthetic dataset renders media only on its way to tensors, so its renderers are
+    called here, each clip from its own generator seeded as the dataset seeds it: the
+    clips are those its items show as images."""
+
+    def __init__(self, clips: SyntheticAVEmotion):
+        self.clips = clips
+        self.frontend = HandcraftedFrontend(sample_rate=clips.config.sample_rate)
+        self._items: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._items:
+            g = torch.Generator().manual_seed(self.clips.seed * 1_000_003 + index)
+            wave = self.clips._render_audio(index, g)
+            frames = self.clips._render_frames(index, g)
+            self._items[index] = {**self.frontend(wave, frames), "label": self.clips.labels[index]}
+        return self._items[index]
+
+
+def frontend_config(args: argparse.Namespace) -> SyntheticConfig:
+    """The size's data configuration with the audio front-end flags given (or a preset's)."""
+    overrides = {key: getattr(args, key) for key in ("sample_rate", "n_fft", "hop_length")
+                 if getattr(args, key) is not None}
+    return dataclasses.replace(data_config(args.size), **overrides)
+
+
 def load_data(args: argparse.Namespace) -> Data:
+    """The training and test sets of ``args.data``, with ``args.modalities`` as inputs."""
+    features = seed_zoo.features_for(args.model)
     if args.data == "synthetic":
         # Tiny clips are kept once rendered; paper-size ones (~10 MB each) are rendered per epoch.
         train_set, test_set = train_test_split(args.num_train, args.num_test, seed=args.seed,
-                                               config=data_config(args.size), cache=args.size == "tiny")
-        return Data(train_set, test_set, CLASS_NAMES, AV_INPUTS, "classification")
-    corpus = corpora.build_corpus(args.data, args.root, features=seed_zoo.features_for(args.model),
-                                  config=data_config(args.size), seed=args.seed,
-                                  cache_dir=None if args.cache_dir == "none" else args.cache_dir)
+                                               config=frontend_config(args), cache=args.size == "tiny")
+        if features == "handcrafted":
+            train_set, test_set = HandcraftedClips(train_set), HandcraftedClips(test_set)
+        return Data(train_set, test_set, CLASS_NAMES, args.modalities, "classification")
+    options = {} if args.data == "mosei" else {"modalities": args.modalities}
+    corpus = corpora.build_corpus(args.data, args.root, features=features, config=frontend_config(args),
+                                  seed=args.seed, cache_dir=None if args.cache_dir == "none" else args.cache_dir,
+                                  **options)
     return Data(corpus.train, corpus.test, corpus.class_names, corpus.modalities, corpus.task, corpus.skipped)
 
 
 def make_model(args: argparse.Namespace, data: Data, task: str) -> nn.Module:
     num_classes = len(data.class_names)
-    fusion = {"weights": args.fusion_weights, "learn_weights": args.learn_weights}
+    # The builders take decision fusion's weights in forward's order, which data.inputs is.
+    weights = None if args.fusion_weights is None else [args.fusion_weights[m] for m in data.inputs]
+    fusion = {"weights": weights, "learn_weights": args.learn_weights}
+    if args.model == UNIMODAL:
+        (modality,) = data.inputs
+        preset = get_preset(args.size)
+        drop = {} if args.dropout is None else {"dropout": args.dropout}
+        encoder = (AudioCNN(preset.audio_channels, **drop) if modality == "audio"
+                   else VideoCNN(preset.video_channels, **drop))
+        return unimodal_classifier(encoder, encoder.out_dim, num_classes)
     if isinstance(data.train, mosei.CMUMOSEI):
         # MOSEI's feature widths differ between the toolkits' files: read them from the data.
         dims = tuple(data.train.dims[m] for m in data.inputs)
@@ -599,7 +868,8 @@ def _run(args: argparse.Namespace, dist: Distributed) -> dict:
         tqdm.write(f"epoch {epoch + 1}/{args.epochs}  train loss {loss:.4f}")
 
     fit(model, data.train, task=task, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        optimizer=args.optimizer, weight_decay=args.weight_decay, dist=dist, workers=args.workers,
+        optimizer=args.optimizer, weight_decay=args.weight_decay, scheduler=args.scheduler, lr_step=args.lr_step,
+        lr_gamma=args.lr_gamma, dist=dist, workers=args.workers,
         progress=not args.no_progress,
         checkpoint=args.checkpoint, resume=args.resume, config=config, on_epoch_end=report, inputs=data.inputs)
     if not dist.is_main:

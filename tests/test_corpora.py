@@ -576,6 +576,6 @@ def test_mosei_model_choice_follows_the_root(mosei_media, tmp_path):
         train.parse_args(["--data", "mosei", "--root", str(root), "--model", "cbgp", "--task", "regression"])
     with pytest.raises(SystemExit):  # two modalities on media, not three
         train.parse_args(["--data", "mosei", "--root", str(root), "--model", "decision_fusion",
-                          "--fusion-weights", "0.55", "0.38", "0.07"])
+                          "--fusion-weights", "video=0.55", "audio=0.38", "text=0.07"])
     assert train.parse_args(["--data", "mosei", "--root", str(root), "--model", "decision_fusion",
-                             "--fusion-weights", "0.6", "0.4"]).fusion_weights == [0.6, 0.4]
+                             "--fusion-weights", "video=0.6", "audio=0.4"]).fusion_weights == {"audio": 0.4, "video": 0.6}

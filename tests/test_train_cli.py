@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models import build_model, corpora, train
+from models.backbones import AudioCNN, VideoCNN
 from models.media import read_audio
 
 
@@ -48,22 +49,41 @@ def test_bad_numbers_are_usage_errors_naming_the_flag(argv, capsys, no_work):
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["--model", "decision_fusion", "--fusion-weights", "-1", "2"], "--fusion-weights"),
-    (["--model", "decision_fusion", "--fusion-weights", "nan", "1"], "--fusion-weights"),
-    (["--model", "decision_fusion", "--fusion-weights", "0", "0"], "--fusion-weights"),
-    (["--model", "decision_fusion", "--fusion-weights", "0.5", "0.3", "0.2"], "--fusion-weights"),  # 2 modalities
-    (["--model", "decision_fusion", "--fusion-weights", "0", "1", "--learn-weights"], "--learn-weights"),
-    (["--model", "cbgp", "--fusion-weights", "0.5", "0.5"], "--fusion-weights"),  # would be ignored
+    (["--model", "decision_fusion", "--fusion-weights", "audio=-1", "video=2"], "--fusion-weights"),
+    (["--model", "decision_fusion", "--fusion-weights", "audio=nan", "video=1"], "--fusion-weights"),
+    (["--model", "decision_fusion", "--fusion-weights", "audio=0", "video=0"], "--fusion-weights"),
+    (["--model", "decision_fusion", "--fusion-weights", "audio=0", "video=1", "--learn-weights"], "--learn-weights"),
+    (["--model", "cbgp", "--fusion-weights", "audio=0.5", "video=0.5"], "--fusion-weights"),  # would be ignored
     (["--model", "cbgp", "--learn-weights"], "--learn-weights"),
 ])
 def test_bad_fusion_weights_are_usage_errors(argv, flag, capsys, no_work):
     assert flag in usage_error(argv, capsys)
 
 
-def test_mosei_fusion_weights_take_one_per_modality(capsys, no_work):
-    base = ["--data", "mosei", "--root", "x", "--model", "decision_fusion", "--fusion-weights"]
-    assert "3 values" in usage_error(base + ["0.5", "0.5"], capsys)
-    assert train.parse_args(base + ["0.55", "0.38", "0.07"]).fusion_weights == [0.55, 0.38, 0.07]
+@pytest.mark.parametrize("weights, problem", [
+    (["0.55", "0.45"], "takes modality=weight"),                  # the old positional form
+    (["vidoe=0.55", "audio=0.45"], "unknown modality 'vidoe'"),
+    (["video=0.5", "video=0.2", "audio=0.3"], "video more than one weight"),
+    (["video=1"], "audio has none"),
+    (["video=x", "audio=1"], "the weight of video"),
+    (["video=0.55", "audio=0.38", "text=0.07"], "names text"),     # the synthetic set has no text
+])
+def test_fusion_weights_are_named_once_for_every_modality(weights, problem, capsys, no_work):
+    message = usage_error(["--model", "decision_fusion", "--fusion-weights", *weights], capsys)
+    assert "--fusion-weights" in message and problem in message, message
+
+
+def test_fusion_weights_go_to_the_modality_they_name(no_work):
+    # Seed 004: video 55%, audio 38%, text 7%, given in any order.
+    args = train.parse_args(["--data", "mosei", "--root", "x", "--model", "decision_fusion",
+                             "--fusion-weights", "video=0.55", "text=0.07", "audio=0.38"])
+    assert args.fusion_weights == {"audio": 0.38, "video": 0.55, "text": 0.07}
+    # On the synthetic set the model's first classifier is the audio one: it gets audio's weight.
+    args = train.parse_args(["--model", "decision_fusion", "--fusion-weights", "video=0.6", "audio=0.2"])
+    data = train.Data(None, None, ("a", "b", "c", "d"), ("audio", "video"), "classification")
+    model = train.make_model(args, data, "classification")
+    assert isinstance(model.models[0][0], AudioCNN) and isinstance(model.models[1][0], VideoCNN)
+    assert model.weights.tolist() == pytest.approx([0.25, 0.75])  # 0.2 : 0.6, normalised
 
 
 def test_global_batch_must_split_across_the_processes(monkeypatch, capsys, no_work):
@@ -306,3 +326,157 @@ def test_cli_counts_skipped_files(fake_corpora, tmp_path, capsys):
     assert results["skipped_files"] == saved["skipped_files"] == 3
     assert sorted(s["file"] for s in saved["skipped"]) == sorted(map(str, damaged))
     assert '"skipped_files": 3' in capsys.readouterr().out
+
+
+# --- presets ------------------------------------------------------------------------------
+
+# Typed from the papers (models/README.md, Presets, says where each comes from).
+PAPER_VALUES = {
+    "seed000": {"model": "cbgp", "lr": 0.00003, "epochs": 30, "batch_size": 32, "optimizer": "adam",
+                "scheduler": "cosine", "sample_rate": 22500, "n_fft": 2048, "hop_length": 512},
+    "seed001": {"model": "lmf_lstm"},
+    "seed002": {"model": "mfa_cnn1d", "dropout": 0.2},
+    "seed003": {"model": "avt_ca", "lr": 0.01, "epochs": 128, "batch_size": 8, "optimizer": "adam",
+                "weight_decay": 0.001},
+    "seed004": {"model": "ca_triplet"},
+}
+CLI_DEFAULTS = {"size": "tiny", "lr": 1e-3, "epochs": 15, "batch_size": 32, "optimizer": "adam", "scheduler": "none",
+                "weight_decay": 0.0, "dropout": None, "sample_rate": None, "n_fft": None, "hop_length": None}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_VALUES))
+def test_presets_set_the_papers_values_and_leave_the_rest_at_the_defaults(name, no_work):
+    preset = train.PRESETS[name]
+    assert set(preset.values) | set(preset.not_given) == set(train.PRESET_KEYS)  # every setting accounted for
+    assert not set(preset.values) & set(preset.not_given)
+    args = train.parse_args(["--preset", name, "--data", "cremad", "--root", "x"])
+    expected = {**CLI_DEFAULTS, "size": "paper", **PAPER_VALUES[name]}
+    assert {key: getattr(args, key) for key in train.PRESET_KEYS} == expected
+    assert set(preset.not_given) == set(train.PRESET_KEYS) - set(PAPER_VALUES[name]) - {"size"}
+
+
+def test_flags_given_explicitly_override_the_preset(no_work):
+    args = train.parse_args(["--preset", "seed000", "--lr", "0.5", "--size", "tiny", "--scheduler", "none",
+                             "--epochs", "30"])  # 30 given explicitly, equal to the preset's: still fine
+    assert (args.lr, args.size, args.scheduler, args.epochs, args.batch_size) == (0.5, "tiny", "none", 30, 32)
+    assert args.model == "cbgp" and args.n_fft == 2048
+    # A flag equal to the CLI default still overrides: 1e-3 is the default lr, not seed003's 0.01.
+    assert train.parse_args(["--preset", "seed003", "--lr", "0.001"]).lr == 0.001
+    assert train.parse_args(["--lr", "0.5"]).lr == 0.5 and train.parse_args([]).lr == 1e-3  # no preset
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_VALUES))
+def test_every_preset_trains_an_epoch_on_the_synthetic_set(name):
+    result = train.main(["--preset", name, "--data", "synthetic", "--epochs", "1", "--size", "tiny",
+                         "--num-train", "8", "--num-test", "4", "--batch-size", "4", "--no-progress"])
+    assert result["config"]["model"] == PAPER_VALUES[name]["model"]
+    assert 0.0 <= result["test"]["accuracy"] <= 1.0
+
+
+# --- learning-rate schedules --------------------------------------------------------------
+
+
+def _lrs(name: str, epochs: int, **options) -> list[float]:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = train.make_scheduler(name, optimizer, epochs=epochs, **options)
+    used = []
+    for _ in range(epochs):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if schedule is not None:
+            schedule.step()
+    return used
+
+
+def test_schedules_per_epoch():
+    # cos(pi / 4) = 0.70711: (1 + cos(pi e / 4)) / 2 for e = 0..3
+    assert _lrs("cosine", 4) == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)
+    assert _lrs("step", 5, step=2, gamma=0.5) == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25])
+    assert _lrs("none", 3) == [1.0, 1.0, 1.0]
+
+
+def test_a_cosine_run_resumed_mid_way_equals_an_uninterrupted_one(tmp_path):
+    from models.data import train_test_split
+
+    data, _ = train_test_split(8, 1, seed=0)
+    settings = {"epochs": 3, "batch_size": 4, "lr": 0.01, "scheduler": "cosine"}
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_model("lmf", size="tiny", dropout=0.0)
+
+    straight = train.fit(fresh(), data, **settings).state_dict()
+
+    def stop_after_first(epoch, loss):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(fresh(), data, checkpoint=path, on_epoch_end=stop_after_first, **settings)
+    saved = torch.load(path, weights_only=True)
+    assert saved["scheduler"]["last_epoch"] == 1
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01 * 0.75)  # (1 + cos(pi / 3)) / 2
+    resumed = train.fit(fresh(), data, resume=path, **settings).state_dict()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_resuming_a_cosine_run_for_more_epochs_is_refused(tmp_path, capsys):
+    path = tmp_path / "ck.pt"
+    train.main([*TINY_RUN, "--epochs", "1", "--scheduler", "cosine", "--checkpoint", str(path)])
+    message = usage_error([*TINY_RUN, "--epochs", "2", "--scheduler", "cosine", "--resume", str(path)], capsys)
+    assert "--epochs 2" in message and "spans 1" in message
+    assert "--scheduler none" in usage_error([*TINY_RUN, "--epochs", "2", "--resume", str(path)], capsys)
+
+
+# --- modalities ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--modalities", "audio"], "--model cbgp needs audio,video"),
+    (["--model", "unimodal"], "trains on one modality"),
+    (["--model", "unimodal", "--modalities", "audio,video"], "trains on one modality"),
+    (["--model", "unimodal", "--modalities", "text"], "has no text"),
+    (["--modalities", "audio,audio"], "names a modality twice"),
+    (["--modalities", "smell"], "unknown modality 'smell'"),
+    (["--data", "mosei", "--root", "x", "--model", "lmf_lstm", "--modalities", "audio,video"], "needs audio,video,text"),
+    (["--model", "mfa_cnn1d", "--n-fft", "1024"], "hand-crafted features"),
+])
+def test_modalities_that_the_data_or_model_cannot_take_are_refused(argv, problem, capsys, no_work):
+    message = usage_error(argv, capsys)
+    assert "--modalities" in message or "--n-fft" in message
+    assert problem in message, message
+
+
+@pytest.mark.parametrize("modality, encoder", [("audio", AudioCNN), ("video", VideoCNN)])
+def test_unimodal_model_reads_only_its_modality(modality, encoder):
+    args = train.parse_args(["--model", "unimodal", "--modalities", modality])
+    assert args.modalities == (modality,)
+    model = train.make_model(args, train.Data(None, None, ("a", "b", "c", "d"), args.modalities, "classification"),
+                             "classification")
+    assert isinstance(model[0], encoder) and model[1].out_features == 4
+    result = train.main(["--model", "unimodal", "--modalities", modality, "--epochs", "1", "--num-train", "8",
+                         "--num-test", "4", "--batch-size", "4", "--no-progress"])
+    assert result["config"]["modalities"] == (modality,)
+
+
+# --- batch-norm recalibration -------------------------------------------------------------
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_that_evaluation_sees():
+    # Dropout before the batch norm: training-mode dropout would inflate the variance that
+    # evaluation (dropout off) never shows; the statistics must be those of the eval pass.
+    torch.manual_seed(0)
+    linear, norm = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2, momentum=0.5)
+    model = torch.nn.Sequential(linear, torch.nn.Dropout(0.5), norm)
+    x = torch.randn(12, 3)
+    batches = [{"audio": x[i:i + 4], "label": torch.zeros(4, dtype=torch.long)} for i in range(0, 12, 4)]
+    train.recalibrate_batchnorm(model, batches, "classification", torch.device("cpu"), inputs=("audio",))
+    with torch.no_grad():
+        features = linear(x)
+    # A cumulative average over 3 equal batches: each batch's mean / unbiased variance, averaged.
+    chunks = features.split(4)
+    assert torch.allclose(norm.running_mean, torch.stack([c.mean(0) for c in chunks]).mean(0), atol=1e-6)
+    assert torch.allclose(norm.running_var, torch.stack([c.var(0) for c in chunks]).mean(0), atol=1e-6)
+    assert norm.momentum == 0.5 and model.training

@@ -8,7 +8,7 @@ pytest.importorskip("librosa")
 
 from fake_corpora import make_mosei, make_ravdess  # noqa: E402
 
-from models import train  # noqa: E402
+from models import corpora, train  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_train_on_a_fake_ravdess(ravdess_root, model):
     assert len(result["test"]["confusion_matrix"]) == 8
 
 
-@pytest.mark.parametrize("model", [["lmf_lstm"], ["decision_fusion", "--fusion-weights", "0.55", "0.38", "0.07"],
+@pytest.mark.parametrize("model", [["lmf_lstm"], ["decision_fusion", "--fusion-weights", "video=0.55", "audio=0.38", "text=0.07"],
                                    ["decision_fusion", "--learn-weights"]])
 def test_train_on_a_fake_mosei(tmp_path, model):
     make_mosei(tmp_path / "mosei_senti_data.pkl", sizes=(16, 4, 8))
@@ -38,7 +38,7 @@ def test_train_on_a_fake_mosei(tmp_path, model):
 
 @pytest.mark.parametrize("argv", [
     ["--data", "ravdess"],                                   # no --root
-    ["--model", "mfa_cnn1d"],                                # hand-crafted features need raw media
+    ["--data", "mosei", "--root", "x", "--model", "mfa_cnn1d"],  # hand-crafted features need raw media
     ["--data", "mosei", "--root", "x", "--model", "cbgp"],   # not a MOSEI model
     ["--data", "cremad", "--root", "x", "--task", "regression"],
     ["--model", "ca_triplet", "--task", "regression"],
@@ -46,3 +46,30 @@ def test_train_on_a_fake_mosei(tmp_path, model):
 def test_bad_arguments_are_refused_before_any_work(argv):
     with pytest.raises(SystemExit):
         train.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def audio_only_ravdess(tmp_path_factory):
+    """The audio-only download alone: Audio_Speech_Actors_01-24/Actor_XX/03-*.wav, no video file."""
+    root = tmp_path_factory.mktemp("ravdess_audio")
+    make_ravdess(root, actors=(1, 2, 3, 4, 5), emotions=range(1, 5), av_mp4=False)
+    assert not list(root.rglob("*.mp4")) and {p.parts[len(root.parts)] for p in root.rglob("*.wav")} == {
+        "Audio_Speech_Actors_01-24"}
+    return root
+
+
+def test_audio_only_ravdess_reads_without_video(audio_only_ravdess):
+    data = corpora.RAVDESS(audio_only_ravdess, modalities=("audio",), cache_dir=None)
+    assert len(data) == 5 * 4 and all(r.video is None for r in data.recordings)
+    item = data[0]
+    assert set(item) == {"audio", "label", "speaker"} and item["audio"].dim() == 3
+    with pytest.raises(FileNotFoundError, match=r"20 with audio, 0 with video.*--modalities audio"):
+        corpora.RAVDESS(audio_only_ravdess, cache_dir=None)  # audio and video by default
+
+
+def test_train_unimodal_on_an_audio_only_ravdess(audio_only_ravdess):
+    result = train.main(["--data", "ravdess", "--root", str(audio_only_ravdess), "--model", "unimodal",
+                         "--modalities", "audio", "--epochs", "1", "--batch-size", "4", "--no-progress",
+                         "--cache-dir", "none"])
+    assert result["config"]["modalities"] == ("audio",)
+    assert len(result["test"]["confusion_matrix"]) == 8  # RAVDESS's 8 classes, whatever the files cover
