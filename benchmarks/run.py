@@ -59,8 +59,9 @@ CSV_PROVENANCE = (
     "device", "device_type", "cpu_count", "torch_threads", "torch", "triton", "python", "fastfusion",
     "git_commit", "date", "command", "shape_set", "copy_bandwidth_gb_per_s",
 )
-# How long `--quick` takes on CPU, measured on this project's 2-core machines (README, --help).
-QUICK_DURATION = "about 30 s on 2 cores"
+# How long `--quick` takes on CPU on this project's 2-core machines when nothing else runs
+# (27 s measured); stated in --help and the README.
+QUICK_DURATION = "about 30 s on 2 idle cores"
 
 CONVENTIONS = {
     "time": "median, 20th and 80th percentiles of the per-call time; CUDA: triton.testing.do_bench "

@@ -12,6 +12,7 @@ included. CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before 
 CPU: the same quantity from the allocation events of ``torch.profiler`` (profile_memory),
 replayed in time order; they cover every tensor from PyTorch's CPU allocator, not
 scratch memory that libraries (MKL, pocketfft, oneDNN) allocate themselves.
+The lines kineto (the profiler's C++ side) logs at each start and stop are kept off stderr.
 """
 
 from __future__ import annotations
