@@ -5,7 +5,10 @@
 Writes to benchmarks/results/ (``--out-dir``):
 - ``<UTC date>-<device>[-quick].json``: a header (device, versions, git commit, date,
   command, copy bandwidth, conventions) and one row per kernel, dtype, mode and provider;
-- ``<UTC date>-<device>[-quick].png``: speedup over eager per kernel and provider;
+- ``<UTC date>-<device>[-quick].csv``: the same rows flat, one line each, with the header's
+  provenance (device, versions, commit, date, command) repeated on every line;
+- ``<UTC date>-<device>[-quick].png``: median speedup over eager per kernel and backend,
+  with the p20-p80 range as error bars;
 - ``latest-<device>[-quick].md``: the table, at a stable path for the README;
 and prints the table. A provider that fails on a shape (out of memory, a missing
 compiler) gets its error string in its row; the run goes on.
@@ -14,6 +17,8 @@ compiler) gets its error string in its row; the run goes on.
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import datetime
 import gc
 import json
@@ -23,6 +28,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -37,19 +43,31 @@ from .shapes import KERNELS, SHAPE_SETS, shape_set_for
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
+# backend: the fastfusion backend that computed the row: the provider itself for a backend,
+# the one "auto" resolved to for "fastfusion", None for eager and compile.
 ROW_FIELDS = (
-    "kernel", "provider", "mode", "shape", "sizes", "dtype",
+    "kernel", "provider", "backend", "mode", "shape", "sizes", "dtype",
     "p50_ms", "p20_ms", "p80_ms", "speedup_vs_eager", "speedup_vs_compile",
     "peak_mem_bytes", "extra_mem_bytes", "rel_err", "flops", "gflops_per_s", "bytes", "gb_per_s", "frac_copy_bw",
     "note", "error",
 )
 # Fields that a failed row leaves null.
-MEASURED_FIELDS = ROW_FIELDS[6:19]
+MEASURED_FIELDS = ROW_FIELDS[ROW_FIELDS.index("p50_ms"):ROW_FIELDS.index("note")]
+# The header's entries that every line of the CSV repeats, so that lines from several runs
+# can be concatenated and still say where they come from.
+CSV_PROVENANCE = (
+    "device", "device_type", "cpu_count", "torch_threads", "torch", "triton", "python", "fastfusion",
+    "git_commit", "date", "command", "shape_set", "copy_bandwidth_gb_per_s",
+)
+# How long `--quick` takes on CPU on this project's 2-core machines when nothing else runs
+# (27 s measured); stated in --help and the README.
+QUICK_DURATION = "about 30 s on 2 idle cores"
 
 CONVENTIONS = {
     "time": "median, 20th and 80th percentiles of the per-call time; CUDA: triton.testing.do_bench "
-    "(CUDA events, L2 flushed before each call); CPU: time.perf_counter over batches of calls of "
-    ">= 1 ms after a warm-up, default thread count; torch.compile warm-up excluded",
+    "(CUDA events, L2 flushed before each call); CPU: timeit (time.perf_counter) over batches of calls of "
+    ">= 1 ms sized by torch.utils.benchmark's blocked_autorange after a warm-up, the providers taking turns, "
+    "default thread count; torch.compile warm-up excluded",
     "peak_mem_bytes": "most memory one call holds beyond what existed before it, outputs included; "
     "CUDA: torch.cuda.max_memory_allocated; CPU: torch.profiler allocation events replayed in "
     "order (PyTorch's CPU allocator; library-internal scratch such as MKL's is not seen)",
@@ -197,8 +215,17 @@ def _fastest_eager(measured: dict[str, dict], variants: Sequence[str]) -> dict:
     return measured[f"eager[{best}]"] | {"note": f"{best}, fastest of: {', '.join(parts)}"}
 
 
-def _row(kernel: str, sizes: dict, dtype: str, mode: str, provider: str, measured: dict) -> dict:
-    base = {"kernel": kernel, "provider": provider, "mode": mode, "shape": kernel, "sizes": sizes, "dtype": dtype}
+def _row(kernel: str, sizes: dict, dtype: str, mode: str, provider: str, measured: dict, device: torch.device) -> dict:
+    if provider in ops.BASELINES:
+        backend = None
+    elif provider == "fastfusion":
+        backend = fastfusion.selected_backend(ops.OP_FAMILY[kernel], device)
+    else:
+        backend = provider
+    base = {
+        "kernel": kernel, "provider": provider, "backend": backend, "mode": mode, "shape": kernel, "sizes": sizes,
+        "dtype": dtype,
+    }
     return dict.fromkeys(ROW_FIELDS) | base | measured
 
 
@@ -214,7 +241,7 @@ def _case_groups(
     except Exception as exc:  # e.g. the inputs themselves do not fit: every row says so
         _release(device)
         for mode in ops.MODES:
-            yield [_row(kernel, sizes, dtype_name, mode, p, {"error": _error(exc)}) for p in providers]
+            yield [_row(kernel, sizes, dtype_name, mode, p, {"error": _error(exc)}, device) for p in providers]
         return
     variants = list(case.eager_variants) if "eager" in providers else []
     fns = {f"eager[{v}]": fn for v, fn in ops.eager_fns(case).items() if v in variants}
@@ -229,10 +256,8 @@ def _case_groups(
         measured = _measure_all(case, fns, mode, grad_out, oracles[mode], device, budget_s) | unbuilt
         if variants:
             measured["eager"] = _fastest_eager(measured, variants)
-        group = [_row(kernel, sizes, dtype_name, mode, p, measured[p]) for p in providers]
+        group = [_row(kernel, sizes, dtype_name, mode, p, measured[p], device) for p in providers]
         for row in group:
-            if row["provider"] == "fastfusion" and row["note"] is None:
-                row["note"] = f"auto ran {fastfusion.selected_backend(ops.OP_FAMILY[kernel], device)}"
             if row["error"] is None:
                 seconds = row["p50_ms"] * 1e-3
                 gb_per_s = nbytes[mode] / seconds / 1e9
@@ -299,22 +324,25 @@ def _sizes(sizes: dict) -> str:
     return ", ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in sizes.items())
 
 
-def _interrupted_note(head: dict) -> list[str]:
-    if not head.get("interrupted"):  # absent from files written before runs could be interrupted
-        return []
-    return ["**Interrupted** before the end: the rows below are those measured by then.", ""]
+def provider_label(row: dict) -> str:
+    """The provider as the reports name it: "fastfusion" with the backend "auto" ran, e.g.
+    "fastfusion (cpp)"; every other provider by its name."""
+    return f"fastfusion ({row['backend']})" if row["provider"] == "fastfusion" else row["provider"]
 
 
-def _busy_warning(head: dict) -> list[str]:
+def warnings_of(head: dict) -> list[str]:
+    """What the reader must know before trusting the numbers: an interrupted run, other load."""
+    found = []
+    if head.get("interrupted"):  # absent from files written before runs could be interrupted
+        found.append("Interrupted before the end: the rows are those measured by then.")
     # At start only: by the end the 1-minute average counts this run's own threads.
     load = head["load_average_1m"]["start"]
-    if head["device_type"] != "cpu" or load <= head["cpu_count"] / 2:
-        return []
-    return [
-        f"**Other processes were running** (1-minute load average {load:.1f} on {head['cpu_count']} cores "
-        "at the start): CPU timings, and the copy bandwidth, are slower and noisier than the machine's.",
-        "",
-    ]
+    if head["device_type"] == "cpu" and load > head["cpu_count"] / 2:
+        found.append(
+            f"Other processes were running (1-minute load average {load:.1f} on {head['cpu_count']} cores "
+            "at the start): CPU timings, and the copy bandwidth, are slower and noisier than the machine's."
+        )
+    return found
 
 
 def markdown(head: dict, rows: list[dict], data_file: str) -> str:
@@ -327,8 +355,7 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
         f"copy bandwidth {head['copy_bandwidth_gb_per_s']:.1f} GB/s · load average {load['start']:.1f} at start, "
         f"{load['end']:.1f} at end · data: `{data_file}`",
         "",
-        *_interrupted_note(head),
-        *_busy_warning(head),
+        *(line for warning in warnings_of(head) for line in (f"**{warning}**", "")),
         "| kernel | sizes |",
         "|---|---|",
         *(f"| {k} | {_sizes(s)} |" for k, s in head["shapes"].items()),
@@ -338,7 +365,7 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
         "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
-        key = f"| {r['kernel']} | {r['dtype']} | {r['mode']} | {r['provider']} |"
+        key = f"| {r['kernel']} | {r['dtype']} | {r['mode']} | {provider_label(r)} |"
         if r["error"] is not None:
             lines.append(key + " – |" * 9 + f" {r['error']} |")
             continue
@@ -353,34 +380,126 @@ def markdown(head: dict, rows: list[dict], data_file: str) -> str:
     return "\n".join(lines)
 
 
-def plot(head: dict, rows: list[dict], path: Path) -> None:
+@dataclasses.dataclass(frozen=True)
+class Bar:
+    """One bar of the plot: the median speedup over eager's median, and the same ratio at the
+    row's own 80th and 20th percentile times (the p20-p80 range of its time, as a speedup)."""
+
+    speedup: float
+    low: float
+    high: float
+    picked_by_auto: bool
+
+
+def plot_bars(rows: list[dict]) -> dict[tuple[str, str, str, str], Bar]:
+    """{(mode, label, kernel, dtype): Bar} for every row but eager's (the line at 1).
+
+    One bar per backend that ran: "fastfusion" (backend "auto") computes with the backend it
+    resolves to, so where that backend was also run as its own provider, the plot draws that
+    provider's row once, marked as auto's pick, and not a second bar for the same code
+    (the JSON, CSV and markdown keep both rows); where it was not, auto's row is drawn with
+    its label "fastfusion (<backend>)". A failed row's bar is NaN (left empty)."""
+    direct = {(r["mode"], r["provider"], r["kernel"], r["dtype"]) for r in rows if r["provider"] != "fastfusion"}
+    bars: dict[tuple[str, str, str, str], Bar] = {}
+    picks = set()
+    for r in rows:
+        if r["provider"] == "eager":
+            continue
+        auto = r["provider"] == "fastfusion"
+        if auto and (r["mode"], r["backend"], r["kernel"], r["dtype"]) in direct:
+            picks.add((r["mode"], r["backend"], r["kernel"], r["dtype"]))
+            continue
+        speedup = r["speedup_vs_eager"]
+        if speedup is None:  # this row or eager's failed
+            bar = Bar(math.nan, math.nan, math.nan, auto)
+        else:
+            bar = Bar(speedup, speedup * r["p50_ms"] / r["p80_ms"], speedup * r["p50_ms"] / r["p20_ms"], auto)
+        bars[r["mode"], provider_label(r), r["kernel"], r["dtype"]] = bar
+    for key in picks:
+        bars[key] = dataclasses.replace(bars[key], picked_by_auto=True)
+    return bars
+
+
+def figure(head: dict, rows: list[dict]):
+    """The plot as a matplotlib Figure: per mode, the median speedup over eager of every
+    backend (plot_bars), p20-p80 error bars, and the run's warnings (warnings_of) below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
-    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "eager"]
-    groups = list(dict.fromkeys((r["kernel"], r["dtype"]) for r in rows))
-    width = 0.8 / max(1, len(providers))  # an interrupted run may have no rows at all
-    size = (max(8.0, 0.5 * len(groups) * len(providers)), 9)
+    bars = plot_bars(rows)
+    labels = list(dict.fromkeys(label for _, label, _, _ in bars))
+    groups = list(dict.fromkeys((k, d) for _, _, k, d in bars))
+    width = 0.8 / max(1, len(labels))  # an interrupted run may have no rows at all
+    caption = textwrap.fill(
+        "Bars: median time of eager / median time of the backend; error bars: the same ratio at the backend's "
+        "20th and 80th percentile times. Hatched: the backend that fastfusion's default, backend=\"auto\", runs.", 160
+    )
+    warned = "\n".join(textwrap.fill(w, 160) for w in warnings_of(head))
+    footer_lines = caption.count("\n") + 1 + (warned.count("\n") + 1 if warned else 0)
+    footer_in = 0.15 * footer_lines + 0.15  # inches: small type is ~0.14 in a line
+    size = (max(10.0, 0.5 * len(groups) * len(labels)), 9 + footer_in)
     fig, axes = plt.subplots(len(ops.MODES), 1, figsize=size, squeeze=False)
     for ax, mode in zip(axes[:, 0], ops.MODES):
-        speedup = {(r["kernel"], r["dtype"], r["provider"]): r["speedup_vs_eager"] for r in rows if r["mode"] == mode}
-        for i, provider in enumerate(providers):
-            values = [speedup.get((k, d, provider)) or math.nan for k, d in groups]
-            offset = (i - (len(providers) - 1) / 2) * width
-            ax.bar([g + offset for g in range(len(groups))], values, width, label=provider)
+        for i, label in enumerate(labels):
+            drawn = [bars.get((mode, label, k, d), Bar(math.nan, math.nan, math.nan, False)) for k, d in groups]
+            offset = (i - (len(labels) - 1) / 2) * width
+            speedup = [b.speedup for b in drawn]
+            container = ax.bar(
+                [g + offset for g in range(len(groups))], speedup, width, label=label,
+                yerr=[[s - b.low for s, b in zip(speedup, drawn)], [b.high - s for s, b in zip(speedup, drawn)]],
+                capsize=2, error_kw={"elinewidth": 0.8},
+            )
+            for patch, bar in zip(container.patches, drawn):
+                if bar.picked_by_auto:
+                    patch.set_hatch("//")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        # 0.5, 1, 2, 5, 10, ... labelled as plain numbers, not only the powers of 10.
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.grid(axis="y", linewidth=0.3)
         ax.set_xticks(range(len(groups)), [k if len(head["dtypes"]) == 1 else f"{k}\n{d}" for k, d in groups])
         ax.set_ylabel("speedup vs eager (median)")
         ax.set_title(mode)
-        if providers:
-            ax.legend(fontsize="small")
+        if labels:
+            handles = ax.get_legend_handles_labels()[0]
+            if any(b.picked_by_auto for b in bars.values()):
+                handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label='picked by "auto"'))
+            ax.legend(handles=handles, fontsize="small")
     fig.suptitle(f"fastfusion, {head['device']}, shape set {head['shape_set']}, commit {head['git_commit'][:12]}")
-    fig.tight_layout()
+    # The warnings at the bottom in red, the caption above them.
+    bottom = 0.05 / size[1]
+    if warned:
+        fig.text(0.01, bottom, warned, ha="left", va="bottom", fontsize="small", color="firebrick")
+        bottom += 0.15 * (warned.count("\n") + 1) / size[1]
+    fig.text(0.01, bottom, caption, ha="left", va="bottom", fontsize="small")
+    fig.tight_layout(rect=(0, footer_in / size[1], 1, 1))
+    return fig
+
+
+def plot(head: dict, rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(head, rows)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_csv(head: dict, rows: list[dict], path: Path) -> None:
+    """One line per row (kernel x provider x mode x dtype): ROW_FIELDS, then the header's
+    CSV_PROVENANCE and its load average at the start. sizes is a JSON object; a missing
+    value (a failed row's measurements, a rate without FLOPs) is an empty field."""
+    provenance = {k: head[k] for k in CSV_PROVENANCE} | {"load_average_1m_start": head["load_average_1m"]["start"]}
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*ROW_FIELDS, *provenance])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row | {"sizes": json.dumps(row["sizes"])} | provenance)
 
 
 def write_outputs(head: dict, rows: list[dict], out_dir: Path) -> dict[str, Path]:
@@ -390,27 +509,40 @@ def write_outputs(head: dict, rows: list[dict], out_dir: Path) -> dict[str, Path
     stamp = head["date"].replace(":", "").replace("+0000", "Z")
     paths = {
         "json": out_dir / f"{stamp}-{suffix}.json",
+        "csv": out_dir / f"{stamp}-{suffix}.csv",
         "png": out_dir / f"{stamp}-{suffix}.png",
         "md": out_dir / f"latest-{suffix}.md",
     }
     paths["json"].write_text(json.dumps({"header": head, "rows": rows}, indent=1) + "\n")
+    write_csv(head, rows, paths["csv"])
     plot(head, rows, paths["png"])
     paths["md"].write_text(markdown(head, rows, paths["json"].name))
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    add("--quick", action="store_true", help="shorter timing; on CPU the shrunk cpu-quick shapes (< 3 min on 2 cores)")
-    add("--ops", nargs="+", choices=KERNELS, default=list(KERNELS), metavar="KERNEL", help=f"of {', '.join(KERNELS)}")
-    add("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16"), help="default: float32 (CPU), all 3 (CUDA)")
-    add("--providers", nargs="+", metavar="PROVIDER", help="default: eager, compile, fastfusion and every backend")
-    add("--compile-backend", default="inductor", help="torch.compile backend of the compile provider")
-    add("--out-dir", type=Path, default=RESULTS_DIR)
+    add("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the kernels run (default: cuda when torch sees a GPU, else cpu)")
+    add("--quick", action="store_true",
+        help=f"shorter timing; on CPU the shrunk cpu-quick shapes ({QUICK_DURATION}, compiling included)")
+    add("--ops", nargs="+", choices=KERNELS, default=list(KERNELS), metavar="KERNEL",
+        help=f"kernels to run, of {', '.join(KERNELS)} (default: all)")
+    add("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16"),
+        help="dtypes to run (default: float32 on CPU, all 3 on CUDA)")
+    add("--providers", nargs="+", metavar="PROVIDER",
+        help="providers to run (default: eager, compile, fastfusion (backend \"auto\") and every available backend)")
+    add("--compile-backend", default="inductor", help="torch.compile backend of the compile provider (default: inductor)")
+    add("--out-dir", type=Path, default=RESULTS_DIR,
+        help="folder for the JSON, CSV, PNG and latest-*.md files, created if missing (default: benchmarks/results)")
     add("--tiny", action="store_true", help=argparse.SUPPRESS)  # the harness's own test
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import datetime
 import json
 import math
+import os
 import time
 
 import pytest
 import torch
+
+import fastfusion
 
 pytest.importorskip("fvcore")
 from benchmarks import ops, run, summary, timing  # noqa: E402
@@ -56,6 +61,11 @@ def test_one_complete_row_per_kernel_mode_and_provider(report):
         assert r["error"] is None, r
         assert r["shape"] == r["kernel"] and r["sizes"] == json.loads(json.dumps(SHAPE_SETS["tiny"][r["kernel"]]))
         assert r["dtype"] == "float32"
+        expected_backend = {
+            "eager": None, "compile": None, "torch": "torch",
+            "fastfusion": fastfusion.selected_backend(ops.OP_FAMILY[r["kernel"]], CPU),
+        }[r["provider"]]
+        assert r["backend"] == expected_backend
         assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
         for baseline in ("eager", "compile"):
             expected = p50[r["kernel"], r["mode"], baseline] / r["p50_ms"]
@@ -92,8 +102,125 @@ def test_markdown_and_plot_are_written(report):
     assert paths["md"].name == "latest-cpu-tiny.md" and paths["json"].name in table
     assert data["header"]["device"] in table
     for kernel in KERNELS:
-        assert f"| {kernel} | float32 | forward+backward | fastfusion |" in table
+        auto = fastfusion.selected_backend(ops.OP_FAMILY[kernel], CPU)
+        assert f"| {kernel} | float32 | forward+backward | fastfusion ({auto}) |" in table
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_has_one_flat_line_per_row_with_the_runs_provenance(report):
+    paths, data = report
+    head, rows = data["header"], data["rows"]
+    assert paths["csv"].parent == paths["json"].parent and paths["csv"].stem == paths["json"].stem
+    with paths["csv"].open(newline="") as f:
+        reader = csv.DictReader(f)
+        lines = list(reader)
+    assert reader.fieldnames[: len(run.ROW_FIELDS)] == list(run.ROW_FIELDS)
+    assert {"device", "torch", "git_commit", "date", "command", "load_average_1m_start"} <= set(reader.fieldnames)
+    keys = [(x["kernel"], x["provider"], x["mode"], x["dtype"]) for x in lines]
+    assert len(set(keys)) == len(keys) == len(rows) == len(KERNELS) * len(PROVIDERS) * len(ops.MODES)
+    for line, row in zip(lines, rows):
+        assert (line["kernel"], line["provider"], line["mode"], line["dtype"]) == (
+            row["kernel"], row["provider"], row["mode"], row["dtype"]
+        )
+        assert line["backend"] == (row["backend"] or "")
+        for field in ("p50_ms", "p20_ms", "p80_ms"):
+            assert float(line[field]) == row[field]  # repr of a float round-trips
+        assert json.loads(line["sizes"]) == row["sizes"]
+        assert line["device"] == head["device"] and line["git_commit"] == head["git_commit"]
+        assert line["command"] == head["command"] and line["date"] == head["date"]
+        assert float(line["load_average_1m_start"]) == head["load_average_1m"]["start"]
+        assert line["error"] == ""
+
+
+def test_no_profiler_log_on_the_terminal(tmp_path, capfd):
+    """torch.profiler (peak memory on CPU) makes kineto log every start and stop on file
+    descriptor 2; none of it may reach the terminal, but the run's own messages do."""
+    run.main([*FAST, "--ops", "signed_sqrt_l2", "--out-dir", str(tmp_path)])
+    out, err = capfd.readouterr()
+    assert "wrote " in err and "| signed_sqrt_l2 |" in out
+    for text in (out, err):
+        assert "USDT" not in text and "profiler_start" not in text and "profiler_stop" not in text
+
+
+def test_kineto_filter_keeps_every_other_line(capfd):
+    with timing._without_kineto_log():
+        os.write(2, b"USDT:2026-12-01 20:51:23 914:914 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a compiler warning\n")
+        os.write(2, b"USDT:2026-12-01 20:51:23 914:914 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
+    assert capfd.readouterr().err == "a compiler warning\n"
+
+
+def _synthetic_row(provider, backend, p50, p20, p80, eager_p50=2.0, mode="forward"):
+    speedup = None if p50 is None else eager_p50 / p50
+    return dict.fromkeys(run.ROW_FIELDS) | {
+        "kernel": "mfb", "provider": provider, "backend": backend, "mode": mode, "dtype": "float32",
+        "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "speedup_vs_eager": speedup,
+        "error": "boom" if p50 is None else None,
+    }
+
+
+SYNTHETIC_ROWS = [
+    _synthetic_row("eager", None, 2.0, 1.9, 2.2),
+    _synthetic_row("compile", None, 1.6, 1.5, 2.0),
+    _synthetic_row("fastfusion", "cpp", 1.1, 1.0, 1.3),
+    _synthetic_row("cpp", "cpp", 1.0, 0.8, 1.25),
+    _synthetic_row("torch", "torch", None, None, None),
+]
+
+
+def _synthetic_head(load):
+    return {
+        "device": "test CPU", "device_type": "cpu", "cpu_count": 2, "shape_set": "tiny", "git_commit": "abc",
+        "dtypes": ["float32"], "load_average_1m": {"start": load, "end": load}, "interrupted": False,
+    }
+
+
+def test_plot_draws_one_bar_per_backend_with_p20_p80_range():
+    bars = run.plot_bars(SYNTHETIC_ROWS)
+    # auto ran cpp, which also ran on its own: one cpp bar, marked as auto's pick.
+    assert set(bars) == {("forward", label, "mfb", "float32") for label in ("compile", "cpp", "torch")}
+    cpp = bars["forward", "cpp", "mfb", "float32"]
+    assert cpp.picked_by_auto and cpp.speedup == pytest.approx(2.0)
+    assert (cpp.low, cpp.high) == (pytest.approx(2.0 / 1.25), pytest.approx(2.0 / 0.8))
+    assert not bars["forward", "compile", "mfb", "float32"].picked_by_auto
+    assert math.isnan(bars["forward", "torch", "mfb", "float32"].speedup)  # failed: an empty slot
+    # Without the cpp provider, auto's row is drawn, named by the backend it ran.
+    alone = run.plot_bars([r for r in SYNTHETIC_ROWS if r["provider"] != "cpp"])
+    auto = alone["forward", "fastfusion (cpp)", "mfb", "float32"]
+    assert auto.picked_by_auto and auto.speedup == pytest.approx(2.0 / 1.1)
+
+
+@pytest.mark.parametrize("load", [0.5, 7.5])
+def test_plot_has_error_bars_plain_tick_labels_and_the_load_warning(load):
+    import matplotlib.pyplot as plt
+    from matplotlib.container import BarContainer
+
+    rows = SYNTHETIC_ROWS + [r | {"mode": "forward+backward"} for r in SYNTHETIC_ROWS]
+    fig = run.figure(_synthetic_head(load), rows)
+    try:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            containers = [c for c in ax.containers if isinstance(c, BarContainer)]
+            assert len(containers) == 3 and all(c.errorbar is not None for c in containers)
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["compile", "cpp", "torch", 'picked by "auto"']
+            ticks = {t.get_text() for t in ax.get_yticklabels()}
+            assert {"1x", "2x"} <= ticks, ticks  # speedups 1.25 to 2.5: not only powers of 10
+        footer = " ".join(t.get_text() for t in fig.texts)
+        assert "20th and 80th percentile" in footer
+        assert ("Other processes were running" in footer) == (load > 1)
+    finally:
+        plt.close(fig)
+
+
+def test_every_flag_has_help_and_quick_states_one_duration():
+    parser = run.build_parser()
+    for action in parser._actions:
+        if action.help != argparse.SUPPRESS:
+            assert action.help, action.option_strings
+    quick = next(a for a in parser._actions if "--quick" in a.option_strings)
+    assert run.QUICK_DURATION in quick.help
+    readme = (run.REPO / "README.md").read_text()
+    assert f"`--quick` runs shrunk CPU shapes ({run.QUICK_DURATION}" in readme
 
 
 def test_a_failing_provider_is_recorded_not_fatal(tmp_path):
@@ -122,7 +249,7 @@ def test_an_interrupted_run_writes_the_rows_measured_so_far(tmp_path, monkeypatc
     data = json.loads(paths["json"].read_text())
     assert data["header"]["interrupted"] is True
     assert {r["kernel"] for r in data["rows"]} == kept
-    assert "**Interrupted**" in paths["md"].read_text()
+    assert "**Interrupted before the end" in paths["md"].read_text()
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -185,6 +312,18 @@ def test_cpu_timing_percentiles_and_errors():
     sleep = results["sleep"]
     assert 2.0 <= sleep.p20_ms <= sleep.p50_ms <= sleep.p80_ms
     assert sleep.p50_ms < 20  # generous: shared CI machines oversleep
+
+
+def test_cpu_timing_runs_at_the_callers_thread_count():
+    # torch.utils.benchmark.Timer runs at 1 thread unless told otherwise.
+    seen = set()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        timing.measure({"record": lambda: seen.add(torch.get_num_threads())}, CPU, budget_s=0.01)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {2}
 
 
 def test_rel_err_is_the_worst_relative_norm_error():
