@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -142,23 +143,46 @@ def test_broken_entry_is_rebuilt_from_scratch_with_one_warning(fake_build, damag
     assert _extension._published_library(build_dir) == path
 
 
-def test_entry_rebuilt_by_another_process_while_waiting_is_taken(fake_build, monkeypatch):
+# Holds the build lock until told to go on, then repairs the library and exits (releasing it).
+_LOCK_HOLDER = """
+import pathlib, sys, filelock
+build_dir, good = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+with filelock.FileLock(build_dir / 'build.flock'):
+    print('locked', flush=True)
+    sys.stdin.readline()
+    (build_dir / 'fastfusion_cpu.so').write_bytes(good.read_bytes())
+"""
+
+
+def test_entry_rebuilt_by_another_process_while_waiting_is_taken(fake_build, tmp_path):
     _extension._jit_library()
     build_dir = _build_dir()
-    good = (build_dir / LIBRARY).read_bytes()
+    good = tmp_path / "good.so"
+    shutil.copy(build_dir / LIBRARY, good)
     _truncate(build_dir)
-    import fcntl
-
-    def flock(fd, operation):  # the lock holder repaired the entry, then let us in
-        flock.calls += 1
-        (build_dir / LIBRARY).write_bytes(good)
-
-    flock.calls = 0
-    monkeypatch.setattr(fcntl, "flock", flock)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the entry was fine by the time we held the lock
-        assert _extension._jit_library() == str(build_dir / LIBRARY)
-    assert flock.calls == 1 and fake_build.calls == 1  # waited for the lock, then built nothing
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(build_dir), str(good)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = {}
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            waiter = threading.Thread(target=lambda: result.setdefault("path", _extension._jit_library()))
+            waiter.start()
+            waiter.join(timeout=1.0)
+            assert waiter.is_alive()  # waiting for the lock the other process holds
+            holder.communicate("go\n", timeout=60)
+            waiter.join(timeout=60)
+        assert not waiter.is_alive()
+    finally:
+        holder.kill()
+    # The entry was fine by the time we held the lock: no warning, nothing built.
+    assert [str(w.message) for w in record] == [] and fake_build.calls == 1
+    assert result["path"] == str(build_dir / LIBRARY)
 
 
 def test_broken_entry_that_cannot_be_rebuilt_names_both_faults(fake_build, monkeypatch):
