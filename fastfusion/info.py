@@ -54,10 +54,15 @@ def _devices() -> list[str]:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            devices.append(f"cuda:{i} ({p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+            devices.append(
+                f"cuda:{i} ({p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.0f} GiB)"
+            )
     else:
-        devices.append(f"no CUDA device (torch built with CUDA {torch.version.cuda})" if torch.version.cuda else
-                       "no CUDA device (a CPU-only torch build)")
+        devices.append(
+            f"no CUDA device (torch built with CUDA {torch.version.cuda})"
+            if torch.version.cuda
+            else "no CUDA device (a CPU-only torch build)"
+        )
     if torch.backends.mps.is_available():
         devices.append("mps (Apple GPU; fastfusion runs the torch backend there)")
     return devices

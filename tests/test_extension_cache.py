@@ -64,6 +64,16 @@ def test_marker_records_the_library_by_name_size_and_sha256(fake_build):
     assert _extension._jit_library() == path and fake_build.calls == 1  # published: not built again
 
 
+def test_a_build_is_announced_on_stderr_a_load_is_not(fake_build, capsys):
+    _extension._jit_library()
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == [
+        f"fastfusion: building the C++ extension in {_build_dir()} (about a minute, once)"
+    ]
+    _extension._jit_library()  # published: loaded without a word
+    assert capsys.readouterr().err == "" and fake_build.calls == 1
+
+
 def test_moved_read_only_cache_loads_without_writing(fake_build, tmp_path, monkeypatch):
     _extension._jit_library()
     moved = tmp_path / "elsewhere"
@@ -195,6 +205,28 @@ def test_broken_entry_that_cannot_be_rebuilt_names_both_faults(fake_build, monke
     assert "cannot be rebuilt: no C++ compiler" in str(raised.value)
 
 
+def test_state_says_what_a_first_use_would_do_and_builds_nothing(fake_build, monkeypatch, tmp_path):
+    monkeypatch.setattr(_extension, "_status", _extension._UNTRIED)
+    monkeypatch.setattr(_extension, "_PACKAGE_DIR", tmp_path)  # no ahead-of-time library
+    build_dir = _build_dir()
+    assert _extension.state() == (None, f"not built (will build on first use, about a minute, into {build_dir})")
+    assert fake_build.calls == 0 and not build_dir.exists()
+    _extension._jit_library()
+    assert _extension.state() == (True, f"built, cached in {build_dir}")
+    _truncate(build_dir)
+    ready, why = _extension.state()
+    assert ready is None and "the cached build is broken and will be rebuilt" in why and "(truncated?)" in why
+    monkeypatch.setenv("CXX", "no-such-compiler-fastfusion")
+    ready, why = _extension.state()
+    assert ready is False and why.startswith("no C++ compiler")
+    monkeypatch.setattr(_extension, "_SOURCE_DIR", tmp_path / "no-sources")
+    ready, why = _extension.state()
+    assert ready is False and why.startswith("the C++ sources are not installed")
+    monkeypatch.setattr(_extension, "_status", "a reason found earlier")  # tried in this process
+    assert _extension.state() == (False, "a reason found earlier")
+    assert fake_build.calls == 1
+
+
 def test_unwritable_cache_is_named(fake_build, tmp_path, monkeypatch):
     (tmp_path / "a-file").write_text("")  # a directory below a file cannot be made, even by root
     monkeypatch.setenv("FASTFUSION_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
@@ -256,7 +288,7 @@ def test_truncated_library_is_rebuilt_not_loaded(tmp_path):
     _truncate(build_dir)
     env = {**os.environ, "FASTFUSION_CACHE_DIR": str(tmp_path / "cache"), "CXX": sys.executable}
     child = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(good)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", _CHILD, str(good)], check=False, capture_output=True, text=True, env=env, timeout=300
     )
     assert child.returncode == 0, f"the child died ({child.returncode}): {child.stderr[-3000:]}"
     result = json.loads(child.stdout.splitlines()[-1])

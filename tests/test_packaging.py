@@ -40,8 +40,10 @@ _NOT_SOURCES = shutil.ignore_patterns(
 
 
 def _run(args, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, **kwargs)
-    assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    result = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, **kwargs)
+    assert result.returncode == 0, (
+        f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     return result
 
 
