@@ -10,7 +10,8 @@ in order,
 1. the ahead-of-time build in the installed package (``FASTFUSION_BUILD_EXT=1 pip install
    --no-build-isolation .``), if it was built against the running torch version;
 2. a just-in-time build of csrc/cpu with ninja (``torch.utils.cpp_extension.load``, 45-75 s
-   on two cores; announced by one line on stderr when it starts), cached per user in ``$FASTFUSION_CACHE_DIR`` (default
+   on two cores; announced by one line on stderr when it starts; the ninja of the pip package,
+   a dependency, is found also when its environment is not activated), cached per user in ``$FASTFUSION_CACHE_DIR`` (default
    ``$XDG_CACHE_HOME/fastfusion`` or ``~/.cache/fastfusion``). The cache key hashes the
    sources, the flags, torch's version and C++ ABI, the Python version and the machine type,
    so a changed source or another torch builds afresh and a stale library is never loaded.
@@ -57,6 +58,7 @@ names both versions; or with no record of which).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,6 +69,7 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 
 import filelock
 import torch
@@ -247,15 +250,16 @@ def _build_holding_lock(build_dir: pathlib.Path, sources: list[pathlib.Path]) ->
     # Said before the minute of silence a build takes; stderr, so a program's output stays clean.
     print(f"fastfusion: building the C++ extension in {build_dir} (about a minute, once)", file=sys.stderr, flush=True)
     try:
-        path = cpp_extension.load(
-            name=_NAME,
-            sources=[str(p) for p in sources if p.suffix == ".cpp"],
-            extra_cflags=list(_jit_cflags()),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+        with _ninja_on_path():
+            path = cpp_extension.load(
+                name=_NAME,
+                sources=[str(p) for p in sources if p.suffix == ".cpp"],
+                extra_cflags=list(_jit_cflags()),
+                extra_ldflags=list(LDFLAGS),
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
     except Exception as e:
         log = build_dir / "build.log"
         log.write_text(str(e))
@@ -284,10 +288,38 @@ def _check_build_tools() -> None:
         raise _Unavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX to use another)")
     from torch.utils import cpp_extension
 
+    with _ninja_on_path():
+        try:
+            cpp_extension.verify_ninja_availability()
+        except RuntimeError:
+            raise _Unavailable("the 'ninja' build tool is not installed (pip install ninja)") from None
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """Puts the ninja of the pip package (a dependency) on PATH while torch looks for it there.
+
+    pip installs its executable beside the interpreter's scripts, which are on PATH only in an
+    activated environment; ``venv/bin/python train.py`` would otherwise find no ninja."""
+    path = os.environ.get("PATH")
+    bin_dir = None
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            bin_dir = ninja.BIN_DIR
+        except ImportError:
+            pass  # torch's check then names the missing tool
+    if bin_dir is not None:
+        os.environ["PATH"] = bin_dir + os.pathsep + (path or "")
     try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError:
-        raise _Unavailable("the 'ninja' build tool is not installed (pip install ninja)") from None
+        yield
+    finally:
+        if bin_dir is not None:
+            if path is None:
+                del os.environ["PATH"]
+            else:
+                os.environ["PATH"] = path
 
 
 def _acquire_build_lock(build_dir: pathlib.Path) -> filelock.FileLock:

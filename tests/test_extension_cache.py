@@ -24,6 +24,7 @@ from torch.utils import cpp_extension
 from fastfusion import _extension
 
 LIBRARY = _extension._NAME + ".so"
+VERIFY_NINJA = cpp_extension.verify_ninja_availability  # before any fixture replaces it
 
 
 def _record(library) -> str:
@@ -225,6 +226,21 @@ def test_state_says_what_a_first_use_would_do_and_builds_nothing(fake_build, mon
     monkeypatch.setattr(_extension, "_status", "a reason found earlier")  # tried in this process
     assert _extension.state() == (False, "a reason found earlier")
     assert fake_build.calls == 1
+
+
+def test_pip_installed_ninja_is_used_when_not_on_path(fake_build, monkeypatch):
+    # An environment used without activating it: its scripts, ninja among them, are not on PATH.
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", VERIFY_NINJA)  # the real check
+    monkeypatch.setenv("PATH", os.devnull)
+    seen = []
+    build = cpp_extension.load
+    monkeypatch.setattr(
+        cpp_extension, "load", lambda **kwargs: (seen.append(shutil.which("ninja")), build(**kwargs))[1]
+    )
+    _extension._jit_library()
+    assert seen == [shutil.which("ninja", path=ninja.BIN_DIR)] and seen[0] is not None
+    assert os.environ["PATH"] == os.devnull  # restored after the build
 
 
 def test_unwritable_cache_is_named(fake_build, tmp_path, monkeypatch):
