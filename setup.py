@@ -6,7 +6,7 @@ ahead-of-time extension build may import it:
 
     FASTFUSION_BUILD_EXT=1 pip install --no-build-isolation .
 
-compiles csrc/cpu into fastfusion/_fastfusion_cpu*.so, next to a file recording the torch
+compiles fastfusion/csrc/cpu into fastfusion/_fastfusion_cpu*.so, next to a file recording the torch
 version it was built against; fastfusion/_extension.py loads it instead of building just in
 time when that version is the running one.
 """
@@ -42,7 +42,7 @@ if os.environ.get("FASTFUSION_BUILD_EXT", "0") == "1":
         ext_modules=[
             CppExtension(
                 "fastfusion." + loader.AOT_MODULE,
-                sorted(glob.glob("csrc/cpu/*.cpp")),
+                sorted(glob.glob("fastfusion/csrc/cpu/*.cpp")),
                 extra_compile_args=list(loader.CFLAGS),
                 extra_link_args=list(loader.LDFLAGS),
             )

@@ -1,4 +1,7 @@
-"""Builds and loads the C++ CPU kernels of csrc/cpu, the "cpp" backend.
+"""Builds and loads the C++ CPU kernels of fastfusion/csrc/cpu, the "cpp" backend.
+
+The sources ship inside the package (package data of the wheel and the sdist), so an
+installed fastfusion builds them as a source checkout does.
 
 Nothing is compiled at ``import fastfusion``: the first call that resolves the "cpp" backend
 (explicitly, or through "auto" on a CPU tensor) asks :func:`unavailable_reason`, which loads,
@@ -7,13 +10,15 @@ in order,
 1. the ahead-of-time build in the installed package (``FASTFUSION_BUILD_EXT=1 pip install
    --no-build-isolation .``), if it was built against the running torch version;
 2. a just-in-time build of csrc/cpu with ninja (``torch.utils.cpp_extension.load``, 45-75 s
-   on two cores), cached per user in ``$FASTFUSION_CACHE_DIR`` (default
+   on two cores; announced by one line on stderr when it starts; the ninja of the pip package,
+   a dependency, is found also when its environment is not activated), cached per user in ``$FASTFUSION_CACHE_DIR`` (default
    ``$XDG_CACHE_HOME/fastfusion`` or ``~/.cache/fastfusion``). The cache key hashes the
    sources, the flags, torch's version and C++ ABI, the Python version and the machine type,
    so a changed source or another torch builds afresh and a stale library is never loaded.
 
-Concurrent first uses (pytest-xdist workers, DataLoader processes) are serialised by an
-``flock`` on the build directory, which the kernel drops when a holder dies; torch's own
+Concurrent first uses (pytest-xdist workers, DataLoader processes) are serialised by a
+``filelock.FileLock`` on the build directory (an ``flock`` on Unix, which the kernel drops
+when a holder dies); torch's own
 build baton (a lock *file*) is not enough alone, because a build killed mid-way leaves the
 file behind and every later process waits on it forever. A build is published by writing a
 ``complete`` marker last (atomically, by rename), so readers never load a half-linked library.
@@ -47,11 +52,13 @@ If the build or the load fails, the reason is returned; the dispatcher turns it 
 warning and the "torch" backend under "auto", or an error when "cpp" was asked for. When an
 ahead-of-time library was passed over, the reason says why too (built for another torch: it
 names both versions; or with no record of which).
-``python -m fastfusion._extension`` builds (or loads) eagerly and reports the outcome.
+``python -m fastfusion._extension`` builds (or loads) eagerly and reports the outcome;
+:func:`state` says what a first use would do without building (``python -m fastfusion.info``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -62,11 +69,13 @@ import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 
+import filelock
 import torch
 
 _NAME = "fastfusion_cpu"
-_SOURCE_DIR = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "cpu"
+_SOURCE_DIR = pathlib.Path(__file__).resolve().parent / "csrc" / "cpu"
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 # Shared with setup.py's ahead-of-time build. Tuples, and copied when passed on:
 # torch.utils.cpp_extension appends to the lists it is given, which would change the cache key.
@@ -93,6 +102,35 @@ def unavailable_reason() -> str | None:
         if _status is _UNTRIED:
             _status = _load()
         return _status
+
+
+def state() -> tuple[bool | None, str]:
+    """What the "cpp" backend is, or would be on first use, said without building or loading
+    anything: (True, where it is loaded or ready from), (False, why it cannot be), or (None,
+    "not built ...") when a first use would build it."""
+    with _lock:
+        if _status is None:
+            return True, f"loaded from {_loaded_path}"
+        if _status is not _UNTRIED:
+            return False, str(_status)
+    path, aot_passed_over = _aot_library()
+    if path is not None:
+        return True, f"built ahead of time: {path}"
+    passed_over = f" ({aot_passed_over})" if aot_passed_over else ""
+    try:
+        build_dir = _build_dir(_buildable_sources())
+        try:
+            library = _published_library(build_dir)
+        except _BrokenEntry as e:
+            library, damage = None, f"; the cached build is broken and will be rebuilt: {e}"
+        else:
+            damage = ""
+        if library is not None:
+            return True, f"built, cached in {build_dir}{passed_over}"
+        _check_build_tools()
+    except _Unavailable as e:
+        return False, f"{e}{passed_over}"
+    return None, f"not built (will build on first use, about a minute, into {build_dir}){damage}{passed_over}"
 
 
 def _load() -> str | None:
@@ -175,14 +213,7 @@ def _build_dir(sources: list[pathlib.Path]) -> pathlib.Path:
 
 
 def _jit_library() -> str:
-    if os.name != "posix":
-        raise _Unavailable("the C++ extension is built with GCC/Clang flags and supports Linux and macOS only")
-    sources = _sources()
-    if not any(p.suffix == ".cpp" for p in sources):
-        raise _Unavailable(
-            f"the C++ sources are not installed (looked in {_SOURCE_DIR}); use a source checkout, "
-            "or build ahead of time with FASTFUSION_BUILD_EXT=1 pip install --no-build-isolation ."
-        )
+    sources = _buildable_sources()
     build_dir = _build_dir(sources)
     damage = None
     try:
@@ -192,28 +223,34 @@ def _jit_library() -> str:
     if library is not None:
         return library
     try:
-        lock = _open_build_lock(build_dir)
+        _check_build_tools()
+        lock = _acquire_build_lock(build_dir)
     except _Unavailable as e:
         raise _Unavailable(f"{damage}, and it cannot be rebuilt: {e}" if damage else str(e)) from None
-    import fcntl
+    try:
+        return _build_holding_lock(build_dir, sources)
+    finally:
+        lock.release()
 
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel, also when this process dies
-        try:
-            library = _published_library(build_dir)
-        except _BrokenEntry as e:  # still broken now that no one else is building here
-            library = None
-            warnings.warn(
-                f"fastfusion: {e}; rebuilding the C++ extension in {build_dir} from scratch", RuntimeWarning
-            )
-            _clear_build_outputs(build_dir)
-        if library is not None:  # published, possibly by another process while we waited
-            return library
-        # Only flock holders run torch's build here, so a baton file is a killed build's leftover.
-        (build_dir / "lock").unlink(missing_ok=True)
-        from torch.utils import cpp_extension
 
-        try:
+def _build_holding_lock(build_dir: pathlib.Path, sources: list[pathlib.Path]) -> str:
+    """Builds and publishes the library in ``build_dir``, unless a good one is there by now."""
+    try:
+        library = _published_library(build_dir)
+    except _BrokenEntry as e:  # still broken now that no one else is building here
+        library = None
+        warnings.warn(f"fastfusion: {e}; rebuilding the C++ extension in {build_dir} from scratch", RuntimeWarning)
+        _clear_build_outputs(build_dir)
+    if library is not None:  # published, possibly by another process while we waited
+        return library
+    # Only lock holders run torch's build here, so a baton file is a killed build's leftover.
+    (build_dir / "lock").unlink(missing_ok=True)
+    from torch.utils import cpp_extension
+
+    # Said before the minute of silence a build takes; stderr, so a program's output stays clean.
+    print(f"fastfusion: building the C++ extension in {build_dir} (about a minute, once)", file=sys.stderr, flush=True)
+    try:
+        with _ninja_on_path():
             path = cpp_extension.load(
                 name=_NAME,
                 sources=[str(p) for p in sources if p.suffix == ".cpp"],
@@ -223,33 +260,80 @@ def _jit_library() -> str:
                 is_python_module=False,
                 verbose=False,
             )
-        except Exception as e:
-            log = build_dir / "build.log"
-            log.write_text(str(e))
-            raise _Unavailable(f"building the C++ extension failed: {_first_error_line(str(e))} (full log: {log})") from e
-        _publish(build_dir, pathlib.Path(path))
+    except Exception as e:
+        log = build_dir / "build.log"
+        log.write_text(str(e))
+        raise _Unavailable(f"building the C++ extension failed: {_first_error_line(str(e))} (full log: {log})") from e
+    _publish(build_dir, pathlib.Path(path))
     return path
 
 
-def _open_build_lock(build_dir: pathlib.Path):
-    """The build directory's lock file, opened (not yet locked) once a build can run at all."""
+def _buildable_sources() -> list[pathlib.Path]:
+    """The sources a just-in-time build compiles; raises _Unavailable where it cannot run."""
+    if os.name != "posix":
+        raise _Unavailable("the C++ extension is built with GCC/Clang flags and supports Linux and macOS only")
+    sources = _sources()
+    if not any(p.suffix == ".cpp" for p in sources):
+        raise _Unavailable(
+            f"the C++ sources are not installed (looked in {_SOURCE_DIR}); reinstall fastfusion, "
+            "or build ahead of time with FASTFUSION_BUILD_EXT=1 pip install --no-build-isolation ."
+        )
+    return sources
+
+
+def _check_build_tools() -> None:
+    """Raises _Unavailable naming the missing compiler or ninja."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise _Unavailable(f"no C++ compiler: {compiler!r} is not on PATH (set CXX to use another)")
     from torch.utils import cpp_extension
 
+    with _ninja_on_path():
+        try:
+            cpp_extension.verify_ninja_availability()
+        except RuntimeError:
+            raise _Unavailable("the 'ninja' build tool is not installed (pip install ninja)") from None
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """Puts the ninja of the pip package (a dependency) on PATH while torch looks for it there.
+
+    pip installs its executable beside the interpreter's scripts, which are on PATH only in an
+    activated environment; ``venv/bin/python train.py`` would otherwise find no ninja."""
+    path = os.environ.get("PATH")
+    bin_dir = None
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            bin_dir = ninja.BIN_DIR
+        except ImportError:
+            pass  # torch's check then names the missing tool
+    if bin_dir is not None:
+        os.environ["PATH"] = bin_dir + os.pathsep + (path or "")
     try:
-        cpp_extension.verify_ninja_availability()
-    except RuntimeError:
-        raise _Unavailable("the 'ninja' build tool is not installed (pip install ninja)") from None
+        yield
+    finally:
+        if bin_dir is not None:
+            if path is None:
+                del os.environ["PATH"]
+            else:
+                os.environ["PATH"] = path
+
+
+def _acquire_build_lock(build_dir: pathlib.Path) -> filelock.FileLock:
+    """The build directory's lock (module docstring), held; waits as long as another holds it."""
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        return open(build_dir / _BUILD_LOCK, "w")
+        lock = filelock.FileLock(build_dir / _BUILD_LOCK)
+        lock.acquire()
     except OSError as e:
         raise _Unavailable(
             f"cannot build the C++ extension in {build_dir}: {e.strerror or e}; "
             "set FASTFUSION_CACHE_DIR to a writable directory"
         ) from None
+    return lock
 
 
 def _published_library(build_dir: pathlib.Path) -> str | None:

@@ -1,4 +1,4 @@
-"""The "cpp" backend: the C++/OpenMP CPU kernels of csrc/cpu in the kernel table.
+"""The "cpp" backend: the C++/OpenMP CPU kernels of fastfusion/csrc/cpu in the kernel table.
 
 The ``fastfusion::`` ops are Python custom ops that take a backend name and dispatch through
 :mod:`fastfusion._dispatch`, which keeps torch.compile support, fake kernels and autograd in

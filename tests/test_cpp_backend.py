@@ -1,4 +1,4 @@
-"""The "cpp" backend: the C++/OpenMP CPU kernels of csrc/cpu.
+"""The "cpp" backend: the C++/OpenMP CPU kernels of fastfusion/csrc/cpu.
 
 Every op against the float64 "eager" reference (output and every gradient), gradcheck in
 float64 through the C++ kernels, odd shapes, B = 1, M = 2 and 3, non-contiguous inputs,

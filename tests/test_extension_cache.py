@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
@@ -23,6 +24,7 @@ from torch.utils import cpp_extension
 from fastfusion import _extension
 
 LIBRARY = _extension._NAME + ".so"
+VERIFY_NINJA = cpp_extension.verify_ninja_availability  # before any fixture replaces it
 
 
 def _record(library) -> str:
@@ -61,6 +63,16 @@ def test_marker_records_the_library_by_name_size_and_sha256(fake_build):
     assert path == str(build_dir / LIBRARY) and fake_build.calls == 1
     assert json.loads((build_dir / "complete").read_text()) == json.loads(_record(build_dir / LIBRARY))
     assert _extension._jit_library() == path and fake_build.calls == 1  # published: not built again
+
+
+def test_a_build_is_announced_on_stderr_a_load_is_not(fake_build, capsys):
+    _extension._jit_library()
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == [
+        f"fastfusion: building the C++ extension in {_build_dir()} (about a minute, once)"
+    ]
+    _extension._jit_library()  # published: loaded without a word
+    assert capsys.readouterr().err == "" and fake_build.calls == 1
 
 
 def test_moved_read_only_cache_loads_without_writing(fake_build, tmp_path, monkeypatch):
@@ -142,23 +154,46 @@ def test_broken_entry_is_rebuilt_from_scratch_with_one_warning(fake_build, damag
     assert _extension._published_library(build_dir) == path
 
 
-def test_entry_rebuilt_by_another_process_while_waiting_is_taken(fake_build, monkeypatch):
+# Holds the build lock until told to go on, then repairs the library and exits (releasing it).
+_LOCK_HOLDER = """
+import pathlib, sys, filelock
+build_dir, good = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+with filelock.FileLock(build_dir / 'build.flock'):
+    print('locked', flush=True)
+    sys.stdin.readline()
+    (build_dir / 'fastfusion_cpu.so').write_bytes(good.read_bytes())
+"""
+
+
+def test_entry_rebuilt_by_another_process_while_waiting_is_taken(fake_build, tmp_path):
     _extension._jit_library()
     build_dir = _build_dir()
-    good = (build_dir / LIBRARY).read_bytes()
+    good = tmp_path / "good.so"
+    shutil.copy(build_dir / LIBRARY, good)
     _truncate(build_dir)
-    import fcntl
-
-    def flock(fd, operation):  # the lock holder repaired the entry, then let us in
-        flock.calls += 1
-        (build_dir / LIBRARY).write_bytes(good)
-
-    flock.calls = 0
-    monkeypatch.setattr(fcntl, "flock", flock)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the entry was fine by the time we held the lock
-        assert _extension._jit_library() == str(build_dir / LIBRARY)
-    assert flock.calls == 1 and fake_build.calls == 1  # waited for the lock, then built nothing
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(build_dir), str(good)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = {}
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            waiter = threading.Thread(target=lambda: result.setdefault("path", _extension._jit_library()))
+            waiter.start()
+            waiter.join(timeout=1.0)
+            assert waiter.is_alive()  # waiting for the lock the other process holds
+            holder.communicate("go\n", timeout=60)
+            waiter.join(timeout=60)
+        assert not waiter.is_alive()
+    finally:
+        holder.kill()
+    # The entry was fine by the time we held the lock: no warning, nothing built.
+    assert [str(w.message) for w in record] == [] and fake_build.calls == 1
+    assert result["path"] == str(build_dir / LIBRARY)
 
 
 def test_broken_entry_that_cannot_be_rebuilt_names_both_faults(fake_build, monkeypatch):
@@ -169,6 +204,43 @@ def test_broken_entry_that_cannot_be_rebuilt_names_both_faults(fake_build, monke
         _extension._jit_library()
     assert f"{_build_dir() / LIBRARY} has" in str(raised.value) and "truncated" in str(raised.value)
     assert "cannot be rebuilt: no C++ compiler" in str(raised.value)
+
+
+def test_state_says_what_a_first_use_would_do_and_builds_nothing(fake_build, monkeypatch, tmp_path):
+    monkeypatch.setattr(_extension, "_status", _extension._UNTRIED)
+    monkeypatch.setattr(_extension, "_PACKAGE_DIR", tmp_path)  # no ahead-of-time library
+    build_dir = _build_dir()
+    assert _extension.state() == (None, f"not built (will build on first use, about a minute, into {build_dir})")
+    assert fake_build.calls == 0 and not build_dir.exists()
+    _extension._jit_library()
+    assert _extension.state() == (True, f"built, cached in {build_dir}")
+    _truncate(build_dir)
+    ready, why = _extension.state()
+    assert ready is None and "the cached build is broken and will be rebuilt" in why and "(truncated?)" in why
+    monkeypatch.setenv("CXX", "no-such-compiler-fastfusion")
+    ready, why = _extension.state()
+    assert ready is False and why.startswith("no C++ compiler")
+    monkeypatch.setattr(_extension, "_SOURCE_DIR", tmp_path / "no-sources")
+    ready, why = _extension.state()
+    assert ready is False and why.startswith("the C++ sources are not installed")
+    monkeypatch.setattr(_extension, "_status", "a reason found earlier")  # tried in this process
+    assert _extension.state() == (False, "a reason found earlier")
+    assert fake_build.calls == 1
+
+
+def test_pip_installed_ninja_is_used_when_not_on_path(fake_build, monkeypatch):
+    # An environment used without activating it: its scripts, ninja among them, are not on PATH.
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(cpp_extension, "verify_ninja_availability", VERIFY_NINJA)  # the real check
+    monkeypatch.setenv("PATH", os.devnull)
+    seen = []
+    build = cpp_extension.load
+    monkeypatch.setattr(
+        cpp_extension, "load", lambda **kwargs: (seen.append(shutil.which("ninja")), build(**kwargs))[1]
+    )
+    _extension._jit_library()
+    assert seen == [shutil.which("ninja", path=ninja.BIN_DIR)] and seen[0] is not None
+    assert os.environ["PATH"] == os.devnull  # restored after the build
 
 
 def test_unwritable_cache_is_named(fake_build, tmp_path, monkeypatch):
@@ -232,7 +304,7 @@ def test_truncated_library_is_rebuilt_not_loaded(tmp_path):
     _truncate(build_dir)
     env = {**os.environ, "FASTFUSION_CACHE_DIR": str(tmp_path / "cache"), "CXX": sys.executable}
     child = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(good)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", _CHILD, str(good)], check=False, capture_output=True, text=True, env=env, timeout=300
     )
     assert child.returncode == 0, f"the child died ({child.returncode}): {child.stderr[-3000:]}"
     result = json.loads(child.stdout.splitlines()[-1])
