@@ -2,9 +2,11 @@
 
 A *backend* is a family of kernels ("torch", later "triton", "cpp", "cuda"). Each op
 registers, per backend, a forward and a backward kernel and the device types they run on.
-The public functions resolve the backend name in Python (so torch.compile sees a constant)
-and pass it to the ``fastfusion::`` custom op, whose forward and backward look the kernel
-up here. Two names are not kernel families:
+The public functions pass the backend name in force, as requested ("auto" included), to the
+``fastfusion::`` custom op; the op resolves it when it runs (its fake kernel does the same),
+so a graph made by torch.export, torch.jit.trace or torch.compile records the request, not
+the pick of the machine it was made on: a program exported where "auto" picked "cpp" runs
+on an install without the C++ extension. Two names are not kernel families:
 
 - ``"auto"``: the first backend, in the device's preference order, that has a kernel for
   the op on that device and is usable: a backend with a probe (the C++ extension, built on
@@ -14,10 +16,13 @@ up here. Two names are not kernel families:
   whole model be switched to it for A/B comparisons.
 
 Residuals. The ops whose backward needs intermediates of the forward (projections, spectra)
-return them from the forward custom op as a list of *residuals*, which autograd saves. Each
-backend decides: a kernel registered with ``saves_residuals=True`` takes ``save_residuals``
-as its forward's last argument and returns ``(output, residuals)``, and its backward gets
-that list as its second argument, empty when the forward did not save (it then recomputes).
+return them from the forward custom op as a list of *residuals*, which autograd saves. The
+public function asks for them when autograd records the call (:func:`wants_residuals`),
+never while exporting or tracing, so an exported graph holds no residual outputs whatever
+backend runs it. Each backend decides: a kernel registered with ``saves_residuals=True`` takes
+``save_residuals`` as its forward's last argument and returns ``(output, residuals)``, and its
+backward gets that list as its second argument, empty when the forward did not save (it then
+recomputes).
 Which residuals, in which shapes, is part of each op's contract, so its fake kernel knows
 them. A kernel may save for some calls only: ``saves_residuals`` is then a predicate of the
 forward's arguments that looks only at what a fake tensor has (shapes, dtypes) and at the
@@ -33,7 +38,7 @@ this machine lacks (benchmarks.roofline).
 Empty batches (an empty leading dimension of the inputs) have nothing to compute: whatever the
 backend, they run the "torch" kernels (:func:`backend_for`), whose PyTorch ops give empty
 results and zero gradients for the parameters, so no C++ or Triton kernel is ever launched on
-an empty grid. "eager" stays "eager".
+an empty grid.
 
 Precedence: the ``backend=`` argument of a call, then the innermost ``fastfusion.backend``
 context, then ``fastfusion.set_backend``, then the ``FASTFUSION_BACKEND`` environment
@@ -104,17 +109,14 @@ def register_probe(backend: str, probe: Callable[[], str | None]) -> None:
     _PROBES[backend] = probe
 
 
-# Resolution runs inside the public functions, which torch.compile traces; the probe may
-# build and load a library, which dynamo must not trace, so it runs once, eagerly, and its
-# answer is a constant of the graph.
-@torch.compiler.assume_constant_result
+# Resolution runs inside the custom ops and their fake kernels, never in code that dynamo
+# traces, so the probe (which may build and load a library) runs as plain Python.
 def _unavailable_reason(backend: str) -> str:
     probe = _PROBES.get(backend)
     reason = None if probe is None else probe()
     return "" if reason is None else reason
 
 
-@torch.compiler.assume_constant_result
 def _usable_for_auto(backend: str) -> bool:
     """Whether "auto" may pick ``backend``; warns once per backend when it may not."""
     reason = _unavailable_reason(backend)
@@ -136,27 +138,41 @@ def _contiguous(result):
     return [t.contiguous() for t in result]
 
 
+def runs_reference(name: str) -> bool:
+    """Whether a public function runs its plain-PyTorch reference instead of the custom op:
+    when ``name`` is "eager", and while ``torch.onnx.export`` traces it, so the ONNX program
+    holds the reference's standard operators (ONNX has no fastfusion operators)."""
+    return name == "eager" or torch.onnx.is_in_onnx_export()
+
+
+def _first_tensor(arg) -> torch.Tensor:
+    return arg[0] if isinstance(arg, (list, tuple)) else arg
+
+
 def run_forward(op: str, backend: str, *args):
-    """Run ``backend``'s forward kernel of ``op`` (called inside the custom op)."""
-    return _contiguous(_KERNELS[op][backend].forward(*args))
+    """Run the forward kernel of ``op`` that ``backend`` resolves to (called inside the custom
+    op); ``args[0]`` is the batch, or the list of modality batches."""
+    name = backend_for(op, _first_tensor(args[0]), backend)
+    return _contiguous(_KERNELS[op][name].forward(*args))
 
 
 def run_backward(op: str, backend: str, *args):
-    """Run ``backend``'s backward kernel of ``op`` (called inside the backward custom op)."""
+    """Run ``backend``'s backward kernel of ``op`` (called inside the backward custom op, with
+    the concrete backend that its forward ran: :func:`backend_for` in the setup_context)."""
     return _contiguous(_KERNELS[op][backend].backward(*args))
 
 
 def residuals_saved(op: str, backend: str, save_residuals: bool, *args) -> bool:
     """Whether a forward call with ``save_residuals`` returns residuals (fake kernels ask);
     ``args``: the forward's arguments, which a kernel that saves for some calls only needs."""
-    saves = _KERNELS[op][backend].saves_residuals
+    saves = _KERNELS[op][backend_for(op, _first_tensor(args[0]), backend)].saves_residuals
     return bool(save_residuals and (saves(*args) if callable(saves) else saves))
 
 
 def run_forward_saving(op: str, backend: str, save_residuals: bool, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(output, residuals)`` of ``backend``'s forward kernel of an op with residuals;
-    residuals is empty unless :func:`residuals_saved`."""
-    kernel = _KERNELS[op][backend]
+    """``(output, residuals)`` of the forward kernel of an op with residuals that ``backend``
+    resolves to; residuals is empty unless :func:`residuals_saved`."""
+    kernel = _KERNELS[op][backend_for(op, _first_tensor(args[0]), backend)]
     if not kernel.saves_residuals:
         return _contiguous(kernel.forward(*args)), []
     output, residuals = kernel.forward(*args, save_residuals)
@@ -164,20 +180,22 @@ def run_forward_saving(op: str, backend: str, save_residuals: bool, *args) -> tu
 
 
 def run_backward_saving(op: str, backend: str, grad: torch.Tensor, residuals: list[torch.Tensor], *args):
-    """``backend``'s backward kernel of an op with residuals, given what its forward saved."""
+    """``backend``'s backward kernel of an op with residuals, given what its forward saved
+    (``backend``: the concrete one its forward ran, as in :func:`run_backward`)."""
     kernel = _KERNELS[op][backend]
     if not kernel.saves_residuals:
         return _contiguous(kernel.backward(grad, *args))
     return _contiguous(kernel.backward(grad, residuals, *args))
 
 
-def wants_residuals(op: str, backend: str, *tensors: torch.Tensor | None) -> bool:
-    """Whether a forward call should save residuals: ``backend`` saves them for ``op`` and
-    autograd will record the call (grad mode on, some input requiring grad)."""
+def wants_residuals(*tensors: torch.Tensor | None) -> bool:
+    """Whether a forward call should ask for residuals: autograd will record it (grad mode on,
+    some input requiring grad) and it is not being exported or traced (module docstring)."""
     return (
-        _KERNELS[op][backend].saves_residuals
-        and torch.is_grad_enabled()
+        torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in tensors)
+        and not torch.compiler.is_exporting()
+        and not torch.jit.is_tracing()
     )
 
 
@@ -271,12 +289,12 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
     return name
 
 
-def backend_for(op: str, batch: torch.Tensor, backend: str | None) -> str:
-    """The backend that a public function runs ``op`` with: the call's ``backend`` argument (or
-    the one in force) resolved for the device of ``batch``, the op's first batched input, and
-    "torch" instead of a compiled backend when that batch is empty (module docstring)."""
-    name = resolve_backend(op, device_type(batch), requested_backend(backend))
-    return "torch" if batch.numel() == 0 and name != "eager" else name
+def backend_for(op: str, batch: torch.Tensor, backend: str) -> str:
+    """The concrete backend that a custom-op call of ``op`` requested as ``backend`` runs with:
+    resolved for the device of ``batch``, the op's first batched input, and "torch" instead
+    of a compiled backend when that batch is empty (module docstring)."""
+    name = resolve_backend(op, device_type(batch), backend)
+    return "torch" if batch.numel() == 0 else name
 
 
 def selected_backend(op: str, device: str | torch.device = "cpu", backend: str | None = None) -> str:

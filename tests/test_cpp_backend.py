@@ -481,11 +481,15 @@ def test_residuals_survive_a_retained_graph(gen, make):
 
 def test_residuals_are_saved_only_when_autograd_records(gen):
     x, w = randn(gen, 3, 4), randn(gen, 4, 4, requires_grad=True)
-    assert _dispatch.wants_residuals("factorized_bilinear", "cpp", x, w)
-    assert not _dispatch.wants_residuals("factorized_bilinear", "cpp", x, w.detach())
-    assert not _dispatch.wants_residuals("factorized_bilinear", "torch", x, w)
+    assert _dispatch.wants_residuals(x, w)
+    assert not _dispatch.wants_residuals(x, w.detach())
     with torch.no_grad():
-        assert not _dispatch.wants_residuals("factorized_bilinear", "cpp", x, w)
+        assert not _dispatch.wants_residuals(x, w)
+    # Asked for, residuals come from the backends that keep them: "cpp" does, "torch" recomputes.
+    assert _dispatch.residuals_saved("factorized_bilinear", "cpp", True, x)
+    assert _dispatch.residuals_saved("factorized_bilinear", "auto", True, x)  # "auto" is "cpp" here
+    assert not _dispatch.residuals_saved("factorized_bilinear", "cpp", False, x)
+    assert not _dispatch.residuals_saved("factorized_bilinear", "torch", True, x)
 
 
 def test_aten_fft_fallback_matches(gen, monkeypatch):

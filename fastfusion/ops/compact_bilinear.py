@@ -54,7 +54,7 @@ from .._validation import (
     check_shape,
     check_tensor,
 )
-from ._common import autocast_dtype, compute_dtype, mark_residuals, product
+from ._common import autocast_dtype, compute_dtype, mark_residuals, once_differentiable, product
 from .count_sketch import check_sketch_args, count_sketch_backward_reference, count_sketch_reference
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
@@ -302,7 +302,8 @@ def _(grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, a
 
 
 def _setup_context(ctx, inputs, output):
-    xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.algorithm, _, ctx.backend = inputs
+    xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.algorithm, _, backend = inputs
+    ctx.backend = _dispatch.backend_for("compact_bilinear", xs[0], backend)  # what the forward ran
     residuals = output[1]
     mark_residuals(ctx, residuals)
     ctx.num_modalities = len(xs)
@@ -327,6 +328,7 @@ def _autograd_backward(ctx, grad, _grad_residuals):
 
 
 _compact_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+once_differentiable("compact_bilinear", _compact_bilinear_backward_op)
 
 _dispatch.register_kernel("compact_bilinear", "torch", forward=_forward, backward=_backward)
 
@@ -400,7 +402,7 @@ def sketch_and_pool(
             )
     if gate is not None:
         gate = gate.to(xs[0].dtype)
-    name = _dispatch.backend_for("compact_bilinear", xs[0], backend)
+    name = _dispatch.requested_backend(backend)
     canonical, out_lead = _canonical(xs, pool_dim)
     mean = pool == "mean"
     flat_gate = None if gate is None else gate.reshape(-1, out_dim)
@@ -408,10 +410,10 @@ def sketch_and_pool(
     algorithm = choose_algorithm(
         algorithm, _dispatch.device_type(xs[0]), batch, positions, [x.shape[-1] for x in xs], out_dim, xs[0].dtype
     )
-    if name == "eager":
+    if _dispatch.runs_reference(name):
         out = _forward(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, algorithm)
     else:
-        save = _dispatch.wants_residuals("compact_bilinear", name, *canonical, flat_gate)
+        save = _dispatch.wants_residuals(*canonical, flat_gate)
         out = _compact_bilinear_op(
             canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, algorithm, save, name
         )[0]

@@ -13,6 +13,7 @@ import torch
 
 from .. import _dispatch
 from .._validation import check_hash, check_positive_int, check_sign, check_tensor
+from ._common import once_differentiable
 
 
 def count_sketch_reference(x: torch.Tensor, hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -> torch.Tensor:
@@ -51,7 +52,8 @@ def _(grad, hash, sign, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    _, hash, sign, _, ctx.backend = inputs
+    x, hash, sign, _, backend = inputs
+    ctx.backend = _dispatch.backend_for("count_sketch", x, backend)  # what the forward ran
     ctx.save_for_backward(hash, sign)
 
 
@@ -61,6 +63,7 @@ def _backward(ctx, grad):
 
 
 _count_sketch_op.register_autograd(_backward, setup_context=_setup_context)
+once_differentiable("count_sketch", _count_sketch_backward_op)
 
 _dispatch.register_kernel(
     "count_sketch",
@@ -93,7 +96,7 @@ def count_sketch(
     check_tensor("x", x, batched=True)
     out_dim = check_positive_int("out_dim", out_dim)
     check_sketch_args("", x, hash, sign, out_dim)
-    name = _dispatch.backend_for("count_sketch", x, backend)
-    if name == "eager":
+    name = _dispatch.requested_backend(backend)
+    if _dispatch.runs_reference(name):
         return count_sketch_reference(x, hash, sign, out_dim)
     return _count_sketch_op(x, hash, sign, out_dim, name)

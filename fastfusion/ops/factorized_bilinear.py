@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from .._validation import check_eps, check_like, check_positive_int, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals
+from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals, once_differentiable
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
 
@@ -86,7 +86,9 @@ def _factorized_bilinear_op(
 def _(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, save_residuals, backend):
     hidden = weight_x.shape[0]
     residuals = []
-    if _dispatch.residuals_saved("factorized_bilinear", backend, save_residuals):
+    if _dispatch.residuals_saved(
+        "factorized_bilinear", backend, save_residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps
+    ):
         residuals = [x.new_empty((x.shape[0], hidden), dtype=compute_dtype(x.dtype)) for _ in range(2)]
     return x.new_empty((x.shape[0], hidden // factor)), residuals
 
@@ -119,7 +121,8 @@ def _(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, _, ctx.backend = inputs
+    x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, _, backend = inputs
+    ctx.backend = _dispatch.backend_for("factorized_bilinear", x, backend)  # what the forward ran
     residuals = output[1]
     mark_residuals(ctx, residuals)
     ctx.has_bias = (bias_x is not None, bias_y is not None)
@@ -146,6 +149,7 @@ def _autograd_backward(ctx, grad, _grad_residuals):
 
 
 _factorized_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+once_differentiable("factorized_bilinear", _factorized_bilinear_backward_op)
 
 _dispatch.register_kernel("factorized_bilinear", "torch", forward=_forward, backward=_backward)
 
@@ -204,12 +208,12 @@ def factorized_bilinear(
             )
     if dropout_mask is not None:
         dropout_mask = flatten_leading(dropout_mask.to(x.dtype))
-    name = _dispatch.backend_for("factorized_bilinear", x, backend)
+    name = _dispatch.requested_backend(backend)
     args = (flatten_leading(x), flatten_leading(y), weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
-    if name == "eager":
+    if _dispatch.runs_reference(name):
         out = _forward(*args)
     else:
-        save = _dispatch.wants_residuals("factorized_bilinear", name, x, y, weight_x, bias_x, weight_y, bias_y)
+        save = _dispatch.wants_residuals(x, y, weight_x, bias_x, weight_y, bias_y)
         out = _factorized_bilinear_op(*args, save, name)[0]
     return out.reshape(tuple(x.shape[:-1]) + (hidden // factor,))
 

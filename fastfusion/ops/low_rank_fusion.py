@@ -18,7 +18,7 @@ import torch
 
 from .. import _dispatch
 from .._validation import check_like, check_modality_tensors, check_same_count, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals, product
+from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals, once_differentiable, product
 
 
 def _rank_projections(xs, factors) -> list[torch.Tensor]:
@@ -59,7 +59,7 @@ def _low_rank_fusion_op(
 def _(xs, factors, weights, bias, save_residuals, backend):
     batch, width = xs[0].shape[0], weights.shape[0] * bias.shape[0]
     residuals = []
-    if _dispatch.residuals_saved("low_rank_fusion", backend, save_residuals):
+    if _dispatch.residuals_saved("low_rank_fusion", backend, save_residuals, xs, factors, weights, bias):
         residuals = [x.new_empty((batch, width), dtype=compute_dtype(x.dtype)) for x in xs]
     return xs[0].new_empty((batch, bias.shape[0])), residuals
 
@@ -83,7 +83,8 @@ def _(grad, residuals, xs, factors, weights, bias, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    xs, factors, weights, bias, _, ctx.backend = inputs
+    xs, factors, weights, bias, _, backend = inputs
+    ctx.backend = _dispatch.backend_for("low_rank_fusion", xs[0], backend)  # what the forward ran
     residuals = output[1]
     mark_residuals(ctx, residuals)
     ctx.num_modalities = len(xs)
@@ -100,6 +101,7 @@ def _autograd_backward(ctx, grad, _grad_residuals):
 
 
 _low_rank_fusion_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+once_differentiable("low_rank_fusion", _low_rank_fusion_backward_op)
 
 _dispatch.register_kernel("low_rank_fusion", "torch", forward=_forward, backward=_backward)
 
@@ -130,12 +132,12 @@ def low_rank_fusion(xs, factors, weights, bias, *, backend: str | None = None) -
     if lowered is not None:
         with torch.autocast(xs[0].device.type, enabled=False):
             return low_rank_fusion(cast_all(xs, lowered), cast_all(factors, lowered), weights.to(lowered), bias.to(lowered), backend=backend)
-    name = _dispatch.backend_for("low_rank_fusion", xs[0], backend)
+    name = _dispatch.requested_backend(backend)
     args = ([flatten_leading(x) for x in xs], factors, weights.reshape(rank), bias.reshape(hidden))
-    if name == "eager":
+    if _dispatch.runs_reference(name):
         out = _forward(*args)
     else:
-        save = _dispatch.wants_residuals("low_rank_fusion", name, *xs, *factors, weights, bias)
+        save = _dispatch.wants_residuals(*xs, *factors, weights, bias)
         out = _low_rank_fusion_op(*args, save, name)[0]
     return out.reshape(tuple(xs[0].shape[:-1]) + (hidden,))
 

@@ -15,7 +15,7 @@ import torch
 
 from .. import _dispatch
 from .._validation import check_eps, check_tensor
-from ._common import compute_dtype
+from ._common import compute_dtype, once_differentiable
 
 DEFAULT_EPS = 1e-12
 
@@ -72,7 +72,8 @@ def _(grad, z, eps, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    z, ctx.eps, ctx.backend = inputs
+    z, ctx.eps, backend = inputs
+    ctx.backend = _dispatch.backend_for("signed_sqrt_l2", z, backend)  # what the forward ran
     ctx.save_for_backward(z)
 
 
@@ -82,6 +83,7 @@ def _backward(ctx, grad):
 
 
 _signed_sqrt_l2_op.register_autograd(_backward, setup_context=_setup_context)
+once_differentiable("signed_sqrt_l2", _signed_sqrt_l2_backward_op)
 
 _dispatch.register_kernel(
     "signed_sqrt_l2",
@@ -99,7 +101,7 @@ def signed_sqrt_l2(z: torch.Tensor, eps: float = DEFAULT_EPS, *, backend: str | 
     """
     check_tensor("z", z, batched=True)
     eps = check_eps("eps", eps)
-    name = _dispatch.backend_for("signed_sqrt_l2", z, backend)
-    if name == "eager":
+    name = _dispatch.requested_backend(backend)
+    if _dispatch.runs_reference(name):
         return signed_sqrt_l2_reference(z, eps)
     return _signed_sqrt_l2_op(z, eps, name)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import _dispatch
 from .._validation import check_like, check_modality_tensors, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals
+from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals, once_differentiable
 
 
 def _with_one(x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def _tensor_fusion_op(
 def _(xs, weight, bias, save_residuals, backend):
     batch, hidden = xs[0].shape[0], weight.shape[0]
     residuals = []
-    if _dispatch.residuals_saved("tensor_fusion", backend, save_residuals):
+    if _dispatch.residuals_saved("tensor_fusion", backend, save_residuals, xs, weight, bias):
         width = _residual_width([x.shape[1] for x in xs], hidden)
         residuals = [xs[0].new_empty((batch, width), dtype=compute_dtype(xs[0].dtype))]
     return xs[0].new_empty((batch, hidden)), residuals
@@ -102,7 +102,8 @@ def _(grad, residuals, xs, weight, bias, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    xs, weight, bias, _, ctx.backend = inputs
+    xs, weight, bias, _, backend = inputs
+    ctx.backend = _dispatch.backend_for("tensor_fusion", xs[0], backend)  # what the forward ran
     residuals = output[1]
     mark_residuals(ctx, residuals)
     ctx.num_modalities = len(xs)
@@ -123,6 +124,7 @@ def _autograd_backward(ctx, grad, _grad_residuals):
 
 
 _tensor_fusion_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+once_differentiable("tensor_fusion", _tensor_fusion_backward_op)
 
 _dispatch.register_kernel("tensor_fusion", "torch", forward=_forward, backward=_backward)
 
@@ -149,12 +151,12 @@ def tensor_fusion(xs, weight, bias, *, backend: str | None = None) -> torch.Tens
         with torch.autocast(xs[0].device.type, enabled=False):
             weight, bias = cast_all((weight, bias), lowered)
             return tensor_fusion(cast_all(xs, lowered), weight, bias, backend=backend)
-    name = _dispatch.backend_for("tensor_fusion", xs[0], backend)
+    name = _dispatch.requested_backend(backend)
     args = ([flatten_leading(x) for x in xs], weight, bias)
-    if name == "eager":
+    if _dispatch.runs_reference(name):
         out = _forward(*args)
     else:
-        save = _dispatch.wants_residuals("tensor_fusion", name, *xs, weight, bias)
+        save = _dispatch.wants_residuals(*xs, weight, bias)
         out = _tensor_fusion_op(*args, save, name)[0]
     return out.reshape(tuple(xs[0].shape[:-1]) + (weight.shape[0],))
 
