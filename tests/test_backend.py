@@ -217,3 +217,21 @@ def test_meta_stands_for_another_device_type():
         assert ff._dispatch.backend_for("count_sketch", x, "auto") == ff.selected_backend("count_sketch", "cuda")
         assert ff._dispatch.device_type(torch.empty(1)) == "cpu"  # real tensors keep their device
     assert ff._dispatch.device_type(x) == "meta"
+
+
+def test_import_stays_light():
+    # import fastfusion must not pull in torch._dynamo (about 2 s) or, without a GPU, Triton:
+    # nothing that dynamo traces may need dynamo's decorators at import. Timing is for
+    # benchmarks; this checks what makes it slow.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    heavy = ("torch._dynamo", "torch._inductor") + (() if torch.cuda.is_available() else ("triton",))
+    code = (
+        "import sys, torch\n"
+        f"heavy = {heavy!r}\n"
+        "before = {m for m in sys.modules if m.startswith(heavy)}\n"
+        "import fastfusion\n"
+        "print(*sorted({m for m in sys.modules if m.startswith(heavy)} - before))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == []
