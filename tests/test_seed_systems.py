@@ -51,23 +51,59 @@ def assert_decreasing(losses):
 # --- 1D-CNN ---------------------------------------------------------------------------
 
 
-def test_conv1d_classifier_shapes():
-    torch.manual_seed(0)
-    net = Conv1DClassifier(5).eval()
-    assert net(torch.randn(3, 16)).shape == (3, 5)
-    assert net(torch.randn(2, 1)).shape == (2, 5)  # ceil-mode pooling keeps length 1 alive
-    multi = Conv1DClassifier(4, in_channels=7, channels=(8, 8)).eval()
-    assert multi(torch.randn(2, 7, 30)).shape == (2, 4)
-    with pytest.raises(ValueError, match=r"expected \(B, L\) or \(B, 7, L\)"):
-        multi(torch.randn(2, 3, 30))
-    with pytest.raises(ValueError, match="odd"):
-        Conv1DClassifier(2, kernel_size=4)
+def test_conv1d_classifier_is_the_papers_table():
+    """Seed 002's table, with its two misprinted rows read as derived in models/cnn1d.py:
+    (k c_in + 1) c_out per convolution, (n_in + 1) n_out per dense layer."""
+    net = Conv1DClassifier().eval()
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv1d)]
+    assert [m.out_channels for m in convs] == [256, 128, 64, 64, 32]
+    assert all(m.kernel_size == (3,) and m.padding == (0,) for m in convs)
+    assert [m.kernel_size for m in net.modules() if isinstance(m, nn.MaxPool1d)] == [3, 3, 3]
+    assert [m.p for m in net.modules() if isinstance(m, nn.Dropout)] == [0.2, 0.2, 0.2]
+    dense = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in dense] == [(32, 256), (256, 6)]
+    layers = convs + dense
+    assert [sum(p.numel() for p in m.parameters()) for m in layers] == [
+        (3 * 1 + 1) * 256, (3 * 256 + 1) * 128, (3 * 128 + 1) * 64, (3 * 64 + 1) * 64, (3 * 64 + 1) * 32,
+        (32 + 1) * 256, (256 + 1) * 6]
+    assert sum(p.numel() for p in net.parameters()) == 152_614  # the table's "Total params"
+    # The shape column: lengths after each convolution and each pooling, for 162 steps in.
+    lengths = []
+    for m in net.features:
+        if isinstance(m, (nn.Conv1d, nn.MaxPool1d)):
+            m.register_forward_hook(lambda mod, inp, out: lengths.append(out.shape[-1]))
+    assert net(torch.randn(2, 162)).shape == (2, 6)
+    assert lengths == [160, 53, 51, 17, 15, 5, 3, 1]
+    # The dropouts follow the 2nd and 3rd blocks' poolings; the 4th and 5th pool by 1.
+    assert [type(m).__name__ for m in net.features] == [
+        "Conv1d", "ReLU", "MaxPool1d", "Conv1d", "ReLU", "MaxPool1d", "Dropout",
+        "Conv1d", "ReLU", "MaxPool1d", "Dropout", "Conv1d", "ReLU", "Conv1d", "ReLU"]
+
+
+def test_conv1d_classifier_checks_its_sizes():
+    net = Conv1DClassifier(4, input_length=20, in_channels=7, channels=(8, 8), pools=(2, 1), dropout_after=())
+    assert net(torch.randn(2, 7, 20)).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"expected \(B, 20\) or \(B, 7, 20\)"):
+        net(torch.randn(2, 3, 20))
+    with pytest.raises(ValueError, match=r"expected"):
+        net(torch.randn(2, 7, 21))
+    with pytest.raises(ValueError, match="input_length 160 is too short"):
+        Conv1DClassifier(input_length=160)  # 161 is the table's shortest input
+    Conv1DClassifier(input_length=161)
+    with pytest.raises(ValueError, match="pools needs one size per block"):
+        Conv1DClassifier(pools=(3, 3))
+    with pytest.raises(ValueError, match="dropout_after"):
+        Conv1DClassifier(dropout_after=(5,))
 
 
 def test_conv1d_trains_on_synthetic_mel_sequences(synthetic_batch):
     torch.manual_seed(0)
     mels = synthetic_batch["audio"].squeeze(1)  # (B, 32 mel bands, 32 frames)
-    net = Conv1DClassifier(4, in_channels=mels.shape[1], channels=(16, 32), hidden=32, dropout=0.0)
+    # Standardised per band: the table has no normalisation layer, and these dB images sit
+    # in a narrow band around 0.74.
+    mels = (mels - mels.mean((0, 2), keepdim=True)) / mels.std((0, 2), keepdim=True)
+    net = Conv1DClassifier(4, input_length=mels.shape[2], in_channels=mels.shape[1], channels=(16, 32),
+                           pools=(2, 2), dropout_after=(), hidden=32, dropout=0.0)
     assert_decreasing(train_steps(net, (mels,), synthetic_batch["label"]))
 
 
@@ -101,7 +137,7 @@ def test_mfa_cnn_prepares_then_trains(handcrafted_corpus):
     assert fused.shape == (24, 16)
     # Rescaled to unit variance per component over the fitting set.
     torch.testing.assert_close(fused.std(0, unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
-    assert_decreasing(train_steps(model, (batch["audio"], batch["video"]), batch["label"]))
+    assert_decreasing(train_steps(model, (batch["audio"], batch["video"]), batch["label"], steps=15, lr=1e-2))
     # The fitted fusion travels in the state dict.
     clone = seed_zoo.build_seed_model("mfa_cnn1d", num_classes=8)
     clone.load_state_dict(model.state_dict())
@@ -112,8 +148,16 @@ def test_mfa_cnn_prepares_then_trains(handcrafted_corpus):
 def test_mfa_cnn_checks_its_inputs():
     with pytest.raises(ValueError, match="n_components"):
         MFACNN({"audio": 3, "video": 2}, 2, n_components=6)
+    with pytest.raises(ValueError, match=r"n_components \(5\) exceeds the 1D-CNN's input_length \(4\)"):
+        MFACNN({"audio": 3, "video": 2}, 2, n_components=5,
+               cnn={"input_length": 4, "channels": (2,), "pools": (1,), "dropout_after": ()})
     model = MFACNN({"audio": 3, "video": 2}, 2, n_components=2)
     model.fit_fusion([torch.randn(20, 3), torch.randn(20, 2)], torch.arange(20) % 2)
+    # The fused vector reaches the table's 162 steps by zeros at its end.
+    a, v = torch.randn(4, 3), torch.randn(4, 2)
+    padded = torch.cat([model.fuse(a, v), torch.zeros(4, 160)], dim=1)
+    model.eval()
+    torch.testing.assert_close(model(a, v), model.classifier(padded))
     with pytest.raises(ValueError, match=r"widths \(3, 2\) for \('audio', 'video'\), got \(5,\)"):
         model(torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"got \(3, 3\)"):
@@ -251,6 +295,8 @@ def test_seed_zoo_names_and_features():
     with pytest.raises(ValueError, match="size must be one of"):
         seed_zoo.build_seed_model("ca_triplet", size="huge")
     assert isinstance(seed_zoo.build_seed_model("ca_triplet", size="paper", num_classes=8), CrossAttentionTriplet)
+    paper = seed_zoo.build_seed_model("mfa_cnn1d", size="paper", num_classes=6)
+    assert sum(p.numel() for p in paper.classifier.parameters()) == 152_614
 
 
 @pytest.mark.parametrize("name", seed_zoo.MOSEI_MODEL_NAMES)
