@@ -4,8 +4,9 @@ review seed's system.
 Model: the CBGP paper's CNN encoders (:mod:`models.backbones`) without their pooling give
 one token per position of their last feature maps (audio: frequency x time cells; video:
 time x height x width cells), projected to a common width. Audio tokens attend to video
-tokens and video tokens to audio tokens (pre-norm transformer blocks of
-:mod:`models.avt_ca`); the two token means are concatenated and classified.
+tokens and video tokens to audio tokens (AVT-CA's transformer blocks,
+:class:`models.avt_ca.TransformerFusionBlock`, each added to its stream); the two token
+means are concatenated and classified.
 
 Loss, our reading of "emotion-constrained triplet loss" for two modalities: the anchor is
 one modality's embedding of a clip, the positive the *other* modality's embedding of a
@@ -96,7 +97,7 @@ class CrossAttentionTriplet(nn.Module):
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         a, v = self.tokens(audio, video)
-        fused = torch.cat([self.audio_fusion(a, v).mean(1), self.video_fusion(v, a).mean(1)], dim=-1)
+        fused = torch.cat([(a + self.audio_fusion(a, v)).mean(1), (v + self.video_fusion(v, a)).mean(1)], dim=-1)
         logits = self.classifier(self.dropout(fused))
         if target is None:
             return logits
