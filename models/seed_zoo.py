@@ -65,10 +65,12 @@ def build_seed_model(
     dropout: float | None = None,
     weights: Sequence[float] | None = None,
     learn_weights: bool = False,
+    class_names: Sequence[str] | None = None,
 ) -> nn.Module:
     """The seed system ``name`` (one of :data:`SEED_MODEL_NAMES`), a classifier of
     ``num_classes``. ``dropout`` overrides every dropout probability; ``weights`` and
-    ``learn_weights`` set decision fusion's (audio, video) weights."""
+    ``learn_weights`` set decision fusion's (audio, video) weights; ``class_names`` (one
+    per class) place the emotions for ca_triplet's loss, which needs them."""
     sizes = _check_size(size)
     drop = {} if dropout is None else {"dropout": dropout}
     if name == "mfa_cnn1d":
@@ -77,7 +79,10 @@ def build_seed_model(
                       cnn={**options["cnn"], **drop})
     preset = get_preset(size)
     if name == "ca_triplet":
-        return CrossAttentionTriplet(num_classes, audio_channels=preset.audio_channels,
+        if class_names is None or len(class_names) != num_classes:
+            raise ValueError(f"ca_triplet needs class_names, one per class ({num_classes}), for its emotion "
+                             f"constraint; got {class_names}")
+        return CrossAttentionTriplet(class_names, audio_channels=preset.audio_channels,
                                      video_channels=preset.video_channels, **sizes["attention"], **drop)
     if name == "decision_fusion":
         audio = AudioCNN(preset.audio_channels, **drop)

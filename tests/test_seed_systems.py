@@ -11,8 +11,8 @@ from torch.utils.data import default_collate
 
 from models import seed_zoo
 from models.cnn1d import Conv1DClassifier
-from models.cross_attention_triplet import CrossAttentionTriplet, emotion_triplet_loss
-from models.data import train_test_split
+from models.cross_attention_triplet import CrossAttentionTriplet, emotion_distance, emotion_triplet_loss
+from models.data import CLASS_NAMES, train_test_split
 from models.decision_fusion import WeightedDecisionFusion
 from models.mfa_cnn import MFACNN
 
@@ -204,9 +204,49 @@ def test_triplet_loss_edge_cases():
     assert torch.isfinite(same.grad).all()
 
 
+def test_emotion_constraint_on_a_hand_made_case():
+    # Happy (0), surprised (1), sad (2); D by hand: happy-surprised near, happy-sad farthest.
+    gap = torch.tensor([[0.0, 0.25, 1.0], [0.25, 0.0, 0.75], [1.0, 0.75, 0.0]])
+    labels = torch.tensor([0, 1, 2])
+    east, west, north = [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]
+    # Each anchor sits on its own clip of the other modality. Distances: 0 to itself, 2
+    # across (east-west), sqrt(2) at right angles; with margin 0.5 every plain triplet holds.
+    wrong = torch.tensor([east, west, north])  # surprised opposite happy, sad at right angles
+    plain = emotion_triplet_loss(wrong, wrong, labels, margin=0.5)
+    assert plain.item() == 0.0
+    # Ranked triples (i, j nearer emotion, k farther):
+    #   (happy; surprised, sad):  2 - sqrt(2) + 0.5 (1 - 0.25)    = 0.9608
+    #   (surprised; happy, sad):  2 - sqrt(2) + 0.5 (0.75 - 0.25) = 0.8358
+    #   (sad; surprised, happy):  sqrt(2) - sqrt(2) + 0.5 (1 - 0.75) = 0.125
+    expected = (2 - math.sqrt(2) + 0.375 + 2 - math.sqrt(2) + 0.25 + 0.125) / 3
+    got = emotion_triplet_loss(wrong, wrong, labels, margin=0.5, emotion_distance=gap)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    # Surprised at right angles to happy, sad opposite: only (surprised; happy, sad) still
+    # falls short, by its margin: sqrt(2) - sqrt(2) + 0.5 (0.75 - 0.25) = 0.25.
+    right = torch.tensor([east, north, west])
+    got = emotion_triplet_loss(right, right, labels, margin=0.5, emotion_distance=gap)
+    assert got.item() == pytest.approx(0.25 / 3, abs=1e-6)
+    # Emotions all equally far apart: nothing to rank, the plain loss.
+    flat = 1.0 - torch.eye(3)
+    assert emotion_triplet_loss(wrong, wrong, labels, margin=0.5, emotion_distance=flat).item() == 0.0
+
+
+def test_emotion_distance_places_the_emotions():
+    d = emotion_distance(("Happiness", "surprise", "sad", "calm", "anger", "fear", "disgust", "neutral"))
+    torch.testing.assert_close(d, d.T)
+    assert torch.equal(d.diagonal(), torch.zeros(8)) and d.max() == 1.0
+    happy, surprise, sad = 0, 1, 2
+    assert d[happy, surprise] < d[happy, sad]  # the review's two examples
+    assert d[happy].argmax() == sad
+    with pytest.raises(ValueError, match="class_names: no valence / arousal place for 'bored'"):
+        emotion_distance(("happy", "bored"))
+    with pytest.raises(ValueError, match="at least two distinct emotions"):
+        emotion_distance(("happy", "happiness"))
+
+
 def test_cross_attention_triplet_trains_on_synthetic(synthetic_batch):
     torch.manual_seed(0)
-    model = seed_zoo.build_seed_model("ca_triplet", dropout=0.0)
+    model = seed_zoo.build_seed_model("ca_triplet", dropout=0.0, class_names=CLASS_NAMES)
     inputs, target = (synthetic_batch["audio"], synthetic_batch["video"]), synthetic_batch["label"]
     assert model(*inputs).shape == (32, 4)
     assert_decreasing(train_steps(model, inputs, target))
@@ -293,8 +333,14 @@ def test_seed_zoo_names_and_features():
     with pytest.raises(ValueError, match="unknown seed model"):
         seed_zoo.build_seed_model("cbgp")
     with pytest.raises(ValueError, match="size must be one of"):
-        seed_zoo.build_seed_model("ca_triplet", size="huge")
-    assert isinstance(seed_zoo.build_seed_model("ca_triplet", size="paper", num_classes=8), CrossAttentionTriplet)
+        seed_zoo.build_seed_model("ca_triplet", size="huge", class_names=CLASS_NAMES)
+    with pytest.raises(ValueError, match="ca_triplet needs class_names"):
+        seed_zoo.build_seed_model("ca_triplet")
+    with pytest.raises(ValueError, match="ca_triplet needs class_names, one per class"):
+        seed_zoo.build_seed_model("ca_triplet", num_classes=3, class_names=CLASS_NAMES)
+    ravdess = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
+    assert isinstance(seed_zoo.build_seed_model("ca_triplet", size="paper", num_classes=8, class_names=ravdess),
+                      CrossAttentionTriplet)
     paper = seed_zoo.build_seed_model("mfa_cnn1d", size="paper", num_classes=6)
     assert sum(p.numel() for p in paper.classifier.parameters()) == 152_614
 
