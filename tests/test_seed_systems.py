@@ -15,6 +15,7 @@ from models.cross_attention_triplet import CrossAttentionTriplet, emotion_distan
 from models.data import CLASS_NAMES, train_test_split
 from models.decision_fusion import WeightedDecisionFusion
 from models.mfa_cnn import MFACNN
+from models.onn import SelfONN2d, key_frame_indices, select_key_frames
 
 
 @pytest.fixture(scope="module")
@@ -322,6 +323,62 @@ def test_decision_fusion_trains_on_synthetic(synthetic_batch):
     inputs = (synthetic_batch["audio"], synthetic_batch["video"])
     assert model(*inputs).shape == (32, 4)
     assert_decreasing(train_steps(model, inputs, synthetic_batch["label"]))
+
+
+# --- operational neural network ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [1, 2, 4])
+def test_self_onn_layer_is_a_sum_of_convolutions_of_powers(q):
+    g = torch.Generator().manual_seed(q)
+    layer = SelfONN2d(3, 5, 3, q=q, padding=1, stride=2)
+    x = torch.rand(2, 3, 9, 9, generator=g) * 2 - 1
+    expected = sum(F.conv2d(x**p, layer.kernel(p), stride=2, padding=1) for p in range(1, q + 1))
+    torch.testing.assert_close(layer(x), expected + layer.conv.bias[:, None, None])
+    assert [layer.kernel(p).shape for p in range(1, q + 1)] == [(5, 3, 3, 3)] * q
+
+
+def test_self_onn_layer_with_q_one_is_a_plain_convolution():
+    layer = SelfONN2d(2, 4, 3, q=1)
+    conv = nn.Conv2d(2, 4, 3)
+    conv.load_state_dict(layer.conv.state_dict())
+    x = torch.randn(3, 2, 7, 6)
+    torch.testing.assert_close(layer(x), conv(x))
+    with pytest.raises(ValueError, match="q .* at least 1"):
+        SelfONN2d(2, 4, 3, q=0)
+    with pytest.raises(ValueError, match=r"power must lie in \[1, 1\]"):
+        layer.kernel(2)
+    with pytest.raises(ValueError, match=r"expected \(B, 2, H, W\)"):
+        layer(torch.randn(3, 3, 7, 6))
+
+
+def test_key_frame_is_the_sharpest_of_the_changing_frames():
+    board = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 1.0  # checkerboard of 0 and 1
+    # Frames: sharp and static, the same again, flat (a big change), a fainter board.
+    frames = torch.stack([2 * board, 2 * board, torch.zeros(8, 8), board])  # (T, H, W)
+    video = frames[None, None].expand(1, 3, 4, 8, 8)
+    # Changes 0 (as frame 1's), 0, 1, 0.5: median 0.25 keeps frames 2 and 3; 3 is sharper.
+    assert key_frame_indices(video).tolist() == [3]
+    # Reversed (faint, flat, sharp, sharp): changes 0.5, 0.5, 1, 0; median 0.5 keeps frames
+    # 0 to 2, and the sharp board that follows the flat frame (2) wins over the static one (3).
+    clips = torch.cat([video, video.flip(2)])
+    assert key_frame_indices(clips).tolist() == [3, 2]
+    torch.testing.assert_close(select_key_frames(clips), torch.stack([board, 2 * board])[:, None].expand(2, 3, 8, 8))
+    assert key_frame_indices(video[:, :, :1]).tolist() == [0]
+    with pytest.raises(ValueError, match=r"expected video \(B, C, T, H, W\)"):
+        key_frame_indices(frames)
+
+
+def test_onn_trains_on_synthetic(synthetic_batch):
+    torch.manual_seed(0)
+    model = seed_zoo.build_seed_model("onn", dropout=0.0)
+    inputs = (synthetic_batch["audio"], synthetic_batch["video"])
+    assert model(*inputs).shape == (32, 4)
+    assert sum(isinstance(m, SelfONN2d) for m in model.audio_branch) == 2
+    assert sum(isinstance(m, SelfONN2d) for m in model.video_branch) == 2
+    assert_decreasing(train_steps(model, inputs, synthetic_batch["label"], lr=1e-2))
+    paper = seed_zoo.build_seed_model("onn", size="paper", num_classes=8)
+    assert [m.conv.out_channels for m in paper.video_branch if isinstance(m, SelfONN2d)] == [32, 64, 128]
 
 
 # --- the zoo --------------------------------------------------------------------------
