@@ -1,29 +1,44 @@
 """AVT-CA: Audio-Video Transformer fusion with Cross Attention (Venkatraman et al. 2024).
 
-    audio (B, F, L) ─ conv blocks, stage 1 ─┐            ┌─ stage 2 ─ self-attn* ─ cross-attn ─ mean ─┐
-                                            ├ transformer┤                                            + ─ linear
-    frames (B, 3, T, H, W) ─ frame encoder ─┘  fusion    └─ stage 2 ─ self-attn* ─ cross-attn ─ mean ─┘
+    audio (B, F, L) ─ conv blocks, stage 1 ─┐   IT    ┌─ stage 2 ─┐    CT: exchange,  ┌─ max ─┐
+                                            ├ trans- ─┤           ├─── then multi- ───┤       + ─ linear
+    frames (B, 3, T, H, W) ─ frame encoder ─┘ former  └─ stage 2 ─┘    head attention └─ max ─┘
       per frame: stem, channel + spatial attention, local feature extractor, inverted
       residual stages, global pooling; then temporal conv blocks, stage 1
 
+- Convolution blocks: kernel 3, batch norm, ReLU; the audio ones end in max pooling, the
+  video (temporal) ones do not ("the video output is processed through two similar
+  convolutional blocks but without max pooling").
 - Frame encoder (EfficientFace-style): a strided stem; the first inverted-residual stage
   re-weighted by channel and spatial attention, plus a local feature extractor that gives
   each quadrant of the face its own filters; two more inverted-residual stages; a 1 x 1
   convolution and global average pooling give one vector per frame.
-- Transformer fusion, after stage 1: two blocks, audio queries attending to video and
-  video queries attending to audio (pre-norm cross-attention and MLP, residual).
-- Self-attention exchange (*): one multi-head self-attention whose weights both modalities
-  share, applied to each, after stage 2.
-- Multi-head cross attention: audio attends to video and video to audio once more.
-- Pooling and sum: the mean over time of each modality, summed, then a linear classifier.
+- IT, intermediate transformer fusion, after stage 1 (the paper's Algorithm 6): audio
+  queries read video and video queries read audio, each through a block with batch norm
+  on both inputs, attention, dropout, batch norm, MLP and batch norm; each stream adds
+  its block's output (X_audio = h_AV + A_conv).
+- CT, cross attention, after stage 2: each modality attends to the other, added to its
+  stream (the paper's "self-attention blocks ... allowing each modality to attend to the
+  other"), then a multi-head attention over each stream (Algorithm 10's
+  crossAttention(X'_audio, e, n_heads)).
+- Max pooling over time of each modality ("pooled using max pooling"), the two summed
+  ("combined by addition"), then a linear classifier (the softmax is in the loss).
+
+Direction of the attentions: a stream's queries come from the stream that receives the
+result, since attention returns one vector per query and the result is added to that
+stream (audio and video have different lengths). The paper's prose names the other
+direction ("the audio output acts as the key, and the video output serves as the query"
+for the block whose output "is added back to the original audio output"), which only
+type-checks when both streams have one length; its Algorithm 10 passes
+selfAttention(X_visual, X_audio) for the audio stream, as we do (context, then query).
 
 Every attention uses ``torch.nn.functional.scaled_dot_product_attention``.
 
-Ablations (``ABLATIONS``), our reading of the paper's IT-k / CT-k rows: IT is the
-intermediate-transformer baseline (no final cross attention), CT the full model with it,
-k the number of attention heads. Defaults are the paper's sizes (EfficientFace stages
-29-116-232-464, 4-8-4 blocks, 1024-d frames; audio conv 64-128-256-128; temporal conv
-64-64-128-128); :mod:`models.zoo` has the CPU size.
+Ablations (``ABLATIONS``), the paper's rows: IT-k is the model with only the
+intermediate transformer fusion, CT-k the model with only the cross attention, k heads;
+the full AVT-CA (``FULL``) is IT-4 + CT-4. Defaults are the paper's sizes (EfficientFace
+stages 29-116-232-464, 4-8-4 blocks, 1024-d frames; audio conv 64-128-256-128; temporal
+conv 64-64-128-128); :mod:`models.zoo` has the CPU size.
 """
 
 from __future__ import annotations
@@ -34,16 +49,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The paper's ablation rows: IT-k keeps only the intermediate transformer fusion, CT-k
+# only the cross attention, with k heads; the full model is IT-4 + CT-4.
 ABLATIONS = {
-    "it-1": {"cross_attention": False, "num_heads": 1},
-    "it-4": {"cross_attention": False, "num_heads": 4},
-    "ct-1": {"cross_attention": True, "num_heads": 1},
-    "ct-4": {"cross_attention": True, "num_heads": 4},
+    "it-1": {"transformer_fusion": True, "cross_attention": False, "num_heads": 1},
+    "it-4": {"transformer_fusion": True, "cross_attention": False, "num_heads": 4},
+    "ct-1": {"transformer_fusion": False, "cross_attention": True, "num_heads": 1},
+    "ct-4": {"transformer_fusion": False, "cross_attention": True, "num_heads": 4},
 }
+FULL = {"transformer_fusion": True, "cross_attention": True, "num_heads": 4}
 
 
-def _conv1d_block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv1d(c_in, c_out, 3, padding=1), nn.BatchNorm1d(c_out), nn.ReLU(inplace=True))
+def _conv1d_block(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
+    """Convolution (kernel 3, same length), batch norm, ReLU; for audio, max pooling by 2
+    (ceil mode, so a short clip keeps one step)."""
+    layers = [nn.Conv1d(c_in, c_out, 3, padding=1), nn.BatchNorm1d(c_out), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool1d(2, ceil_mode=True))
+    return nn.Sequential(*layers)
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -161,26 +184,46 @@ class MultiHeadAttention(nn.Module):
         return self.out(attended.transpose(1, 2).flatten(2))
 
 
+class TokenBatchNorm(nn.BatchNorm1d):
+    """Batch norm of (B, L, C) tokens over the batch and the L positions, per channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
 class TransformerFusionBlock(nn.Module):
-    """Pre-norm transformer block whose attention reads the other modality:
-    x + attn(LN(x), LN(context)), then + MLP(LN(.))."""
+    """The paper's transformer block (its Algorithms 6 and 7), queries x (B, Lq, dim)
+    reading a context (B, Lk, context_dim) of the other modality:
+
+        attn = MHA(BN(x), BN(context));  out = attn + BN(MLP(BN(dropout(attn))))
+        MLP  = dropout(fc2(dropout(GELU(fc1(.)))))
+
+    BN is batch norm over the batch and positions (:class:`TokenBatchNorm`). The block
+    returns ``out`` without x: the caller adds it to its stream, as the paper adds h_AV to
+    the audio convolution output. (B, Lq, dim) out.
+    """
 
     def __init__(self, dim: int, context_dim: int, num_heads: int, dropout: float = 0.0, mlp_ratio: int = 2):
         super().__init__()
-        self.norm_query, self.norm_context = nn.LayerNorm(dim), nn.LayerNorm(context_dim)
-        self.norm_mlp = nn.LayerNorm(dim)
+        self.norm_query, self.norm_context = TokenBatchNorm(dim), TokenBatchNorm(context_dim)
         self.attention = MultiHeadAttention(dim, context_dim, num_heads, dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_attention, self.norm_mlp = TokenBatchNorm(dim), TokenBatchNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim)
+            nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_ratio * dim, dim),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm_query(x), self.norm_context(context))
-        return x + self.mlp(self.norm_mlp(x))
+        attended = self.attention(self.norm_query(x), self.norm_context(context))
+        return attended + self.norm_mlp(self.mlp(self.norm_attention(self.dropout(attended))))
 
 
 class AVTCA(nn.Module):
-    """AVT-CA. forward(audio (B, F, L) or (B, 1, F, L), frames (B, 3, T, H, W)) -> (B, num_classes)."""
+    """AVT-CA. forward(audio (B, F, L) or (B, 1, F, L), frames (B, 3, T, H, W)) -> (B, num_classes).
+
+    ``transformer_fusion`` and ``cross_attention`` switch the two fusion stages (the
+    ablations' IT and CT); ``num_heads`` is every attention's head count."""
 
     def __init__(
         self,
@@ -193,6 +236,7 @@ class AVTCA(nn.Module):
         frame_dim: int = 1024,
         temporal_channels: Sequence[int] = (64, 64, 128, 128),
         num_heads: int = 4,
+        transformer_fusion: bool = True,
         cross_attention: bool = True,
         dropout: float = 0.1,
     ):
@@ -201,21 +245,25 @@ class AVTCA(nn.Module):
             raise ValueError("audio_channels and temporal_channels need 4 entries: two blocks per stage")
         if audio_channels[-1] != temporal_channels[-1]:
             raise ValueError(
-                f"audio and video end in the same width to share attention and be summed, "
+                f"audio and video end in the same width to attend to each other and be summed, "
                 f"got {audio_channels[-1]} and {temporal_channels[-1]}"
             )
+        if not (transformer_fusion or cross_attention):
+            raise ValueError("AVT-CA needs transformer_fusion, cross_attention or both (the ablations keep one)")
         a, t = audio_channels, temporal_channels
-        self.audio_stage1 = nn.Sequential(_conv1d_block(audio_in, a[0]), _conv1d_block(a[0], a[1]))
-        self.audio_stage2 = nn.Sequential(_conv1d_block(a[1], a[2]), _conv1d_block(a[2], a[3]))
+        self.audio_stage1 = nn.Sequential(_conv1d_block(audio_in, a[0], pool=True), _conv1d_block(a[0], a[1], pool=True))
+        self.audio_stage2 = nn.Sequential(_conv1d_block(a[1], a[2], pool=True), _conv1d_block(a[2], a[3], pool=True))
         self.frame_encoder = FrameEncoder(stage_channels, stage_repeats, frame_dim)
         self.video_stage1 = nn.Sequential(_conv1d_block(frame_dim, t[0]), _conv1d_block(t[0], t[1]))
         self.video_stage2 = nn.Sequential(_conv1d_block(t[1], t[2]), _conv1d_block(t[2], t[3]))
-        self.fuse_audio = TransformerFusionBlock(a[1], t[1], num_heads, dropout)
-        self.fuse_video = TransformerFusionBlock(t[1], a[1], num_heads, dropout)
+        # IT: intermediate transformer fusion, after stage 1.
+        self.fuse_audio = TransformerFusionBlock(a[1], t[1], num_heads, dropout) if transformer_fusion else None
+        self.fuse_video = TransformerFusionBlock(t[1], a[1], num_heads, dropout) if transformer_fusion else None
+        # CT: after stage 2, each modality attends to the other, then multi-head attention over each stream.
         dim = a[3]
-        self.self_attention = MultiHeadAttention(dim, dim, num_heads, dropout)
-        self.cross_audio = MultiHeadAttention(dim, dim, num_heads, dropout) if cross_attention else None
-        self.cross_video = MultiHeadAttention(dim, dim, num_heads, dropout) if cross_attention else None
+        late = (lambda: MultiHeadAttention(dim, dim, num_heads, dropout)) if cross_attention else (lambda: None)
+        self.exchange_audio, self.exchange_video = late(), late()
+        self.late_audio, self.late_video = late(), late()
         self.classifier = nn.Linear(dim, num_classes)
 
     def forward(self, audio: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
@@ -226,10 +274,11 @@ class AVTCA(nn.Module):
         video = self.video_stage1(per_frame.unflatten(0, (batch, num_frames)).transpose(1, 2))
         audio = self.audio_stage1(audio)
         a, v = audio.transpose(1, 2), video.transpose(1, 2)  # (B, L, C) tokens
-        a, v = self.fuse_audio(a, v), self.fuse_video(v, a)
+        if self.fuse_audio is not None:
+            a, v = a + self.fuse_audio(a, v), v + self.fuse_video(v, a)
         a = self.audio_stage2(a.transpose(1, 2)).transpose(1, 2)
         v = self.video_stage2(v.transpose(1, 2)).transpose(1, 2)
-        a, v = a + self.self_attention(a, a), v + self.self_attention(v, v)
-        if self.cross_audio is not None:
-            a, v = a + self.cross_audio(a, v), v + self.cross_video(v, a)
-        return self.classifier(a.mean(1) + v.mean(1))
+        if self.exchange_audio is not None:
+            a, v = a + self.exchange_audio(a, v), v + self.exchange_video(v, a)
+            a, v = self.late_audio(a, a), self.late_video(v, v)
+        return self.classifier(a.amax(1) + v.amax(1))

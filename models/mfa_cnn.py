@@ -1,6 +1,12 @@
 """The CNN/MFA seed system: hand-crafted audio and video vectors
 (:mod:`models.handcrafted`), fused by Marginal Fisher Analysis (:mod:`models.mfa`), then
-classified by a 1D-CNN (:mod:`models.cnn1d`).
+classified by a 1D-CNN (:mod:`models.cnn1d`, the paper's layer table).
+
+The table's convolutions need an input of 162 steps (161 to 187 give its 32-wide
+flatten), but MFA gives at most as many components as the hand-crafted vectors have
+features (33 audio + 29 video), so the fused vector (B, n_components) is zero-padded at
+its end to the classifier's ``input_length``: every layer, shape and parameter of the
+table stays as printed, and the padded steps carry no information of their own.
 
 MFA is fitted in closed form on the training set, not by gradient descent, so the model
 is used in two steps::
@@ -18,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .cnn1d import Conv1DClassifier
@@ -42,6 +49,9 @@ class MFACNN(nn.Module):
         self.register_buffer("projection", torch.zeros(total, n_components))
         self.register_buffer("fitted", torch.tensor(False))
         self.classifier = Conv1DClassifier(num_classes, **(cnn or {}))
+        if n_components > self.classifier.input_length:
+            raise ValueError(f"n_components ({n_components}) exceeds the 1D-CNN's input_length "
+                             f"({self.classifier.input_length})")
 
     def fit_fusion(self, blocks: Sequence[np.ndarray | torch.Tensor], labels) -> None:
         """Fit MFA on one (n, d_m) block per modality and load it into the buffers. Each
@@ -77,4 +87,5 @@ class MFACNN(nn.Module):
         return (x - self.center.to(x.dtype)) @ self.projection.to(x.dtype)
 
     def forward(self, *vectors: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.fuse(*vectors))
+        fused = self.fuse(*vectors)
+        return self.classifier(F.pad(fused, (0, self.classifier.input_length - self.n_components)))

@@ -841,7 +841,7 @@ def make_model(args: argparse.Namespace, data: Data, task: str) -> nn.Module:
                                           dropout=args.dropout, **fusion)
     if args.model in seed_zoo.SEED_MODEL_NAMES:
         return seed_zoo.build_seed_model(args.model, size=args.size, num_classes=num_classes, dropout=args.dropout,
-                                         **fusion)
+                                         class_names=data.class_names, **fusion)
     return build_model(args.model, size=args.size, num_classes=num_classes, task=task, dropout=args.dropout)
 
 

@@ -14,14 +14,14 @@ import dataclasses
 
 from torch import nn
 
-from .avt_ca import ABLATIONS, AVTCA
+from .avt_ca import ABLATIONS, AVTCA, FULL
 from .backbones import AudioCNN, VideoCNN
 from .data import TINY, SyntheticConfig
 from .heads import HEAD_NAMES, AudioVideoClassifier, make_head
 from .sequence_fusion import AudioVideoSequences, LMFNet, TFNNet
 
-# "avt_ca" is the full model (CT, 4 heads); the others are the paper's ablations.
-AVT_CA_VARIANTS = {"avt_ca": "ct-4", **{f"avt_ca_{v.replace('-', '')}": v for v in ABLATIONS}}
+# "avt_ca" is the full model (IT-4 + CT-4); avt_ca_it1 ... avt_ca_ct4 are the paper's ablations.
+AVT_CA_VARIANTS = {"avt_ca": FULL, **{f"avt_ca_{v.replace('-', '')}": options for v, options in ABLATIONS.items()}}
 MODEL_NAMES = HEAD_NAMES + ("lmf_lstm", "tfn_lstm") + tuple(AVT_CA_VARIANTS)
 SIZES = ("tiny", "paper")
 
@@ -116,5 +116,4 @@ def build_model(
                          num_classes=num_classes, **drop)
         return AudioVideoSequences(net)
 
-    variant = ABLATIONS[AVT_CA_VARIANTS[name]]
-    return AVTCA(num_classes, audio_in=audio_height, **preset.avt_ca, **variant, **drop)
+    return AVTCA(num_classes, audio_in=audio_height, **preset.avt_ca, **AVT_CA_VARIANTS[name], **drop)

@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastfusion
 from models import MODEL_NAMES, build_model, data_config
-from models.avt_ca import ABLATIONS, AVTCA, LocalFeatureExtractor, MultiHeadAttention
+from models.zoo import AVT_CA_VARIANTS
+from models.avt_ca import AVTCA, LocalFeatureExtractor, MultiHeadAttention, TransformerFusionBlock
 from models.backbones import AudioCNN, VideoCNN, torchvision_r3d_18
 from models.heads import ADDITIVE_HEADS, HEAD_NAMES, HEAD_OPS, make_head
 from models.sequence_fusion import AudioVideoSequences, LMFNet, TFNNet
@@ -159,14 +161,71 @@ def test_attention_is_scaled_dot_product_attention(gen):
     torch.testing.assert_close(attention(q, c), expected)
 
 
-def test_avt_ca_ablations_switch_cross_attention_and_heads():
-    assert set(ABLATIONS) == {"it-1", "it-4", "ct-1", "ct-4"}
-    for variant, expected in ABLATIONS.items():
-        model = build_model(f"avt_ca_{variant.replace('-', '')}")
-        assert (model.cross_audio is not None) == expected["cross_attention"]
-        assert model.self_attention.num_heads == expected["num_heads"]
-    full = build_model("avt_ca")
-    assert full.cross_audio is not None and full.self_attention.num_heads == 4
+def _avt_blocks(model):
+    """Which fusion blocks a model has, and every attention's head count."""
+    blocks = {name for name in ("fuse_audio", "fuse_video", "exchange_audio", "exchange_video",
+                                "late_audio", "late_video") if getattr(model, name) is not None}
+    heads = {m.num_heads for m in model.modules() if isinstance(m, MultiHeadAttention)}
+    return blocks, heads
+
+
+def test_avt_ca_ablations_keep_one_fusion_stage():
+    it = {"fuse_audio", "fuse_video"}
+    ct = {"exchange_audio", "exchange_video", "late_audio", "late_video"}
+    expected = {"avt_ca_it1": (it, {1}), "avt_ca_it4": (it, {4}), "avt_ca_ct1": (ct, {1}), "avt_ca_ct4": (ct, {4}),
+                "avt_ca": (it | ct, {4})}  # the full model is IT-4 + CT-4
+    assert set(AVT_CA_VARIANTS) == set(expected)
+    for name, want in expected.items():
+        assert _avt_blocks(build_model(name)) == want, name
+    with pytest.raises(ValueError, match="transformer_fusion, cross_attention or both"):
+        AVTCA(2, transformer_fusion=False, cross_attention=False)
+
+
+def test_avt_ca_follows_the_paper(gen):
+    """Batch norm in the transformer fusion, max pooling on the audio convolutions only,
+    queries from the stream that receives the attention, max pooling over time at the end."""
+    torch.manual_seed(0)
+    model = build_model("avt_ca").eval()
+    block = model.fuse_audio
+    assert all(isinstance(m, nn.BatchNorm1d) for m in (block.norm_query, block.norm_context, block.norm_attention,
+                                                       block.norm_mlp))
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert sum(isinstance(m, nn.MaxPool1d) for m in model.audio_stage1.modules()) == 2
+    assert sum(isinstance(m, nn.MaxPool1d) for m in model.audio_stage2.modules()) == 2
+    assert not any(isinstance(m, nn.MaxPool1d) for m in (*model.video_stage1.modules(), *model.video_stage2.modules()))
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = (args[0].shape[1], args[1].shape[1], output)
+        return hook
+
+    for name in ("fuse_audio", "fuse_video", "exchange_audio", "exchange_video", "late_audio", "late_video"):
+        getattr(model, name).register_forward_hook(keep(name))
+    audio, video = _batch(gen)  # 32 audio frames pool to 8 after stage 1, 2 after stage 2; 4 video frames
+    logits = model(audio, video)
+    assert seen["fuse_audio"][:2] == (8, 4) and seen["fuse_video"][:2] == (4, 8)
+    assert seen["exchange_audio"][:2] == (2, 4) and seen["exchange_video"][:2] == (4, 2)
+    assert seen["late_audio"][:2] == (2, 2) and seen["late_video"][:2] == (4, 4)
+    pooled = seen["late_audio"][2].amax(1) + seen["late_video"][2].amax(1)
+    torch.testing.assert_close(logits, model.classifier(pooled))
+
+
+def test_transformer_fusion_block_is_the_papers_algorithm(gen):
+    block = TransformerFusionBlock(8, 6, num_heads=2).eval()
+    for m in block.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-1, 1, generator=gen)
+            m.running_var.uniform_(0.5, 2, generator=gen)
+
+    def bn(m, t):
+        return (t - m.running_mean) / torch.sqrt(m.running_var + m.eps) * m.weight + m.bias
+
+    x, c = torch.randn(3, 5, 8, generator=gen), torch.randn(3, 4, 6, generator=gen)
+    attended = block.attention(bn(block.norm_query, x), bn(block.norm_context, c))
+    fc1, fc2 = block.mlp[0], block.mlp[3]
+    mlp = fc2(F.gelu(fc1(bn(block.norm_attention, attended))))
+    torch.testing.assert_close(block(x, c), attended + bn(block.norm_mlp, mlp))
 
 
 def test_avt_ca_accepts_audio_with_or_without_channel_dim(gen):

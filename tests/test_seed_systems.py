@@ -11,10 +11,11 @@ from torch.utils.data import default_collate
 
 from models import seed_zoo
 from models.cnn1d import Conv1DClassifier
-from models.cross_attention_triplet import CrossAttentionTriplet, emotion_triplet_loss
-from models.data import train_test_split
+from models.cross_attention_triplet import CrossAttentionTriplet, emotion_distance, emotion_triplet_loss
+from models.data import CLASS_NAMES, train_test_split
 from models.decision_fusion import WeightedDecisionFusion
 from models.mfa_cnn import MFACNN
+from models.onn import SelfONN2d, key_frame_indices, select_key_frames
 
 
 @pytest.fixture(scope="module")
@@ -51,23 +52,59 @@ def assert_decreasing(losses):
 # --- 1D-CNN ---------------------------------------------------------------------------
 
 
-def test_conv1d_classifier_shapes():
-    torch.manual_seed(0)
-    net = Conv1DClassifier(5).eval()
-    assert net(torch.randn(3, 16)).shape == (3, 5)
-    assert net(torch.randn(2, 1)).shape == (2, 5)  # ceil-mode pooling keeps length 1 alive
-    multi = Conv1DClassifier(4, in_channels=7, channels=(8, 8)).eval()
-    assert multi(torch.randn(2, 7, 30)).shape == (2, 4)
-    with pytest.raises(ValueError, match=r"expected \(B, L\) or \(B, 7, L\)"):
-        multi(torch.randn(2, 3, 30))
-    with pytest.raises(ValueError, match="odd"):
-        Conv1DClassifier(2, kernel_size=4)
+def test_conv1d_classifier_is_the_papers_table():
+    """Seed 002's table, with its two misprinted rows read as derived in models/cnn1d.py:
+    (k c_in + 1) c_out per convolution, (n_in + 1) n_out per dense layer."""
+    net = Conv1DClassifier().eval()
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv1d)]
+    assert [m.out_channels for m in convs] == [256, 128, 64, 64, 32]
+    assert all(m.kernel_size == (3,) and m.padding == (0,) for m in convs)
+    assert [m.kernel_size for m in net.modules() if isinstance(m, nn.MaxPool1d)] == [3, 3, 3]
+    assert [m.p for m in net.modules() if isinstance(m, nn.Dropout)] == [0.2, 0.2, 0.2]
+    dense = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in dense] == [(32, 256), (256, 6)]
+    layers = convs + dense
+    assert [sum(p.numel() for p in m.parameters()) for m in layers] == [
+        (3 * 1 + 1) * 256, (3 * 256 + 1) * 128, (3 * 128 + 1) * 64, (3 * 64 + 1) * 64, (3 * 64 + 1) * 32,
+        (32 + 1) * 256, (256 + 1) * 6]
+    assert sum(p.numel() for p in net.parameters()) == 152_614  # the table's "Total params"
+    # The shape column: lengths after each convolution and each pooling, for 162 steps in.
+    lengths = []
+    for m in net.features:
+        if isinstance(m, (nn.Conv1d, nn.MaxPool1d)):
+            m.register_forward_hook(lambda mod, inp, out: lengths.append(out.shape[-1]))
+    assert net(torch.randn(2, 162)).shape == (2, 6)
+    assert lengths == [160, 53, 51, 17, 15, 5, 3, 1]
+    # The dropouts follow the 2nd and 3rd blocks' poolings; the 4th and 5th pool by 1.
+    assert [type(m).__name__ for m in net.features] == [
+        "Conv1d", "ReLU", "MaxPool1d", "Conv1d", "ReLU", "MaxPool1d", "Dropout",
+        "Conv1d", "ReLU", "MaxPool1d", "Dropout", "Conv1d", "ReLU", "Conv1d", "ReLU"]
+
+
+def test_conv1d_classifier_checks_its_sizes():
+    net = Conv1DClassifier(4, input_length=20, in_channels=7, channels=(8, 8), pools=(2, 1), dropout_after=())
+    assert net(torch.randn(2, 7, 20)).shape == (2, 4)
+    with pytest.raises(ValueError, match=r"expected \(B, 20\) or \(B, 7, 20\)"):
+        net(torch.randn(2, 3, 20))
+    with pytest.raises(ValueError, match=r"expected"):
+        net(torch.randn(2, 7, 21))
+    with pytest.raises(ValueError, match="input_length 160 is too short"):
+        Conv1DClassifier(input_length=160)  # 161 is the table's shortest input
+    Conv1DClassifier(input_length=161)
+    with pytest.raises(ValueError, match="pools needs one size per block"):
+        Conv1DClassifier(pools=(3, 3))
+    with pytest.raises(ValueError, match="dropout_after"):
+        Conv1DClassifier(dropout_after=(5,))
 
 
 def test_conv1d_trains_on_synthetic_mel_sequences(synthetic_batch):
     torch.manual_seed(0)
     mels = synthetic_batch["audio"].squeeze(1)  # (B, 32 mel bands, 32 frames)
-    net = Conv1DClassifier(4, in_channels=mels.shape[1], channels=(16, 32), hidden=32, dropout=0.0)
+    # Standardised per band: the table has no normalisation layer, and these dB images sit
+    # in a narrow band around 0.74.
+    mels = (mels - mels.mean((0, 2), keepdim=True)) / mels.std((0, 2), keepdim=True)
+    net = Conv1DClassifier(4, input_length=mels.shape[2], in_channels=mels.shape[1], channels=(16, 32),
+                           pools=(2, 2), dropout_after=(), hidden=32, dropout=0.0)
     assert_decreasing(train_steps(net, (mels,), synthetic_batch["label"]))
 
 
@@ -101,7 +138,7 @@ def test_mfa_cnn_prepares_then_trains(handcrafted_corpus):
     assert fused.shape == (24, 16)
     # Rescaled to unit variance per component over the fitting set.
     torch.testing.assert_close(fused.std(0, unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
-    assert_decreasing(train_steps(model, (batch["audio"], batch["video"]), batch["label"]))
+    assert_decreasing(train_steps(model, (batch["audio"], batch["video"]), batch["label"], steps=15, lr=1e-2))
     # The fitted fusion travels in the state dict.
     clone = seed_zoo.build_seed_model("mfa_cnn1d", num_classes=8)
     clone.load_state_dict(model.state_dict())
@@ -112,8 +149,16 @@ def test_mfa_cnn_prepares_then_trains(handcrafted_corpus):
 def test_mfa_cnn_checks_its_inputs():
     with pytest.raises(ValueError, match="n_components"):
         MFACNN({"audio": 3, "video": 2}, 2, n_components=6)
+    with pytest.raises(ValueError, match=r"n_components \(5\) exceeds the 1D-CNN's input_length \(4\)"):
+        MFACNN({"audio": 3, "video": 2}, 2, n_components=5,
+               cnn={"input_length": 4, "channels": (2,), "pools": (1,), "dropout_after": ()})
     model = MFACNN({"audio": 3, "video": 2}, 2, n_components=2)
     model.fit_fusion([torch.randn(20, 3), torch.randn(20, 2)], torch.arange(20) % 2)
+    # The fused vector reaches the table's 162 steps by zeros at its end.
+    a, v = torch.randn(4, 3), torch.randn(4, 2)
+    padded = torch.cat([model.fuse(a, v), torch.zeros(4, 160)], dim=1)
+    model.eval()
+    torch.testing.assert_close(model(a, v), model.classifier(padded))
     with pytest.raises(ValueError, match=r"widths \(3, 2\) for \('audio', 'video'\), got \(5,\)"):
         model(torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"got \(3, 3\)"):
@@ -160,9 +205,49 @@ def test_triplet_loss_edge_cases():
     assert torch.isfinite(same.grad).all()
 
 
+def test_emotion_constraint_on_a_hand_made_case():
+    # Happy (0), surprised (1), sad (2); D by hand: happy-surprised near, happy-sad farthest.
+    gap = torch.tensor([[0.0, 0.25, 1.0], [0.25, 0.0, 0.75], [1.0, 0.75, 0.0]])
+    labels = torch.tensor([0, 1, 2])
+    east, west, north = [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]
+    # Each anchor sits on its own clip of the other modality. Distances: 0 to itself, 2
+    # across (east-west), sqrt(2) at right angles; with margin 0.5 every plain triplet holds.
+    wrong = torch.tensor([east, west, north])  # surprised opposite happy, sad at right angles
+    plain = emotion_triplet_loss(wrong, wrong, labels, margin=0.5)
+    assert plain.item() == 0.0
+    # Ranked triples (i, j nearer emotion, k farther):
+    #   (happy; surprised, sad):  2 - sqrt(2) + 0.5 (1 - 0.25)    = 0.9608
+    #   (surprised; happy, sad):  2 - sqrt(2) + 0.5 (0.75 - 0.25) = 0.8358
+    #   (sad; surprised, happy):  sqrt(2) - sqrt(2) + 0.5 (1 - 0.75) = 0.125
+    expected = (2 - math.sqrt(2) + 0.375 + 2 - math.sqrt(2) + 0.25 + 0.125) / 3
+    got = emotion_triplet_loss(wrong, wrong, labels, margin=0.5, emotion_distance=gap)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    # Surprised at right angles to happy, sad opposite: only (surprised; happy, sad) still
+    # falls short, by its margin: sqrt(2) - sqrt(2) + 0.5 (0.75 - 0.25) = 0.25.
+    right = torch.tensor([east, north, west])
+    got = emotion_triplet_loss(right, right, labels, margin=0.5, emotion_distance=gap)
+    assert got.item() == pytest.approx(0.25 / 3, abs=1e-6)
+    # Emotions all equally far apart: nothing to rank, the plain loss.
+    flat = 1.0 - torch.eye(3)
+    assert emotion_triplet_loss(wrong, wrong, labels, margin=0.5, emotion_distance=flat).item() == 0.0
+
+
+def test_emotion_distance_places_the_emotions():
+    d = emotion_distance(("Happiness", "surprise", "sad", "calm", "anger", "fear", "disgust", "neutral"))
+    torch.testing.assert_close(d, d.T)
+    assert torch.equal(d.diagonal(), torch.zeros(8)) and d.max() == 1.0
+    happy, surprise, sad = 0, 1, 2
+    assert d[happy, surprise] < d[happy, sad]  # the review's two examples
+    assert d[happy].argmax() == sad
+    with pytest.raises(ValueError, match="class_names: no valence / arousal place for 'bored'"):
+        emotion_distance(("happy", "bored"))
+    with pytest.raises(ValueError, match="at least two distinct emotions"):
+        emotion_distance(("happy", "happiness"))
+
+
 def test_cross_attention_triplet_trains_on_synthetic(synthetic_batch):
     torch.manual_seed(0)
-    model = seed_zoo.build_seed_model("ca_triplet", dropout=0.0)
+    model = seed_zoo.build_seed_model("ca_triplet", dropout=0.0, class_names=CLASS_NAMES)
     inputs, target = (synthetic_batch["audio"], synthetic_batch["video"]), synthetic_batch["label"]
     assert model(*inputs).shape == (32, 4)
     assert_decreasing(train_steps(model, inputs, target))
@@ -240,6 +325,62 @@ def test_decision_fusion_trains_on_synthetic(synthetic_batch):
     assert_decreasing(train_steps(model, inputs, synthetic_batch["label"]))
 
 
+# --- operational neural network ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [1, 2, 4])
+def test_self_onn_layer_is_a_sum_of_convolutions_of_powers(q):
+    g = torch.Generator().manual_seed(q)
+    layer = SelfONN2d(3, 5, 3, q=q, padding=1, stride=2)
+    x = torch.rand(2, 3, 9, 9, generator=g) * 2 - 1
+    expected = sum(F.conv2d(x**p, layer.kernel(p), stride=2, padding=1) for p in range(1, q + 1))
+    torch.testing.assert_close(layer(x), expected + layer.conv.bias[:, None, None])
+    assert [layer.kernel(p).shape for p in range(1, q + 1)] == [(5, 3, 3, 3)] * q
+
+
+def test_self_onn_layer_with_q_one_is_a_plain_convolution():
+    layer = SelfONN2d(2, 4, 3, q=1)
+    conv = nn.Conv2d(2, 4, 3)
+    conv.load_state_dict(layer.conv.state_dict())
+    x = torch.randn(3, 2, 7, 6)
+    torch.testing.assert_close(layer(x), conv(x))
+    with pytest.raises(ValueError, match="q .* at least 1"):
+        SelfONN2d(2, 4, 3, q=0)
+    with pytest.raises(ValueError, match=r"power must lie in \[1, 1\]"):
+        layer.kernel(2)
+    with pytest.raises(ValueError, match=r"expected \(B, 2, H, W\)"):
+        layer(torch.randn(3, 3, 7, 6))
+
+
+def test_key_frame_is_the_sharpest_of_the_changing_frames():
+    board = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) % 2 * 1.0  # checkerboard of 0 and 1
+    # Frames: sharp and static, the same again, flat (a big change), a fainter board.
+    frames = torch.stack([2 * board, 2 * board, torch.zeros(8, 8), board])  # (T, H, W)
+    video = frames[None, None].expand(1, 3, 4, 8, 8)
+    # Changes 0 (as frame 1's), 0, 1, 0.5: median 0.25 keeps frames 2 and 3; 3 is sharper.
+    assert key_frame_indices(video).tolist() == [3]
+    # Reversed (faint, flat, sharp, sharp): changes 0.5, 0.5, 1, 0; median 0.5 keeps frames
+    # 0 to 2, and the sharp board that follows the flat frame (2) wins over the static one (3).
+    clips = torch.cat([video, video.flip(2)])
+    assert key_frame_indices(clips).tolist() == [3, 2]
+    torch.testing.assert_close(select_key_frames(clips), torch.stack([board, 2 * board])[:, None].expand(2, 3, 8, 8))
+    assert key_frame_indices(video[:, :, :1]).tolist() == [0]
+    with pytest.raises(ValueError, match=r"expected video \(B, C, T, H, W\)"):
+        key_frame_indices(frames)
+
+
+def test_onn_trains_on_synthetic(synthetic_batch):
+    torch.manual_seed(0)
+    model = seed_zoo.build_seed_model("onn", dropout=0.0)
+    inputs = (synthetic_batch["audio"], synthetic_batch["video"])
+    assert model(*inputs).shape == (32, 4)
+    assert sum(isinstance(m, SelfONN2d) for m in model.audio_branch) == 2
+    assert sum(isinstance(m, SelfONN2d) for m in model.video_branch) == 2
+    assert_decreasing(train_steps(model, inputs, synthetic_batch["label"], lr=1e-2))
+    paper = seed_zoo.build_seed_model("onn", size="paper", num_classes=8)
+    assert [m.conv.out_channels for m in paper.video_branch if isinstance(m, SelfONN2d)] == [32, 64, 128]
+
+
 # --- the zoo --------------------------------------------------------------------------
 
 
@@ -249,8 +390,16 @@ def test_seed_zoo_names_and_features():
     with pytest.raises(ValueError, match="unknown seed model"):
         seed_zoo.build_seed_model("cbgp")
     with pytest.raises(ValueError, match="size must be one of"):
-        seed_zoo.build_seed_model("ca_triplet", size="huge")
-    assert isinstance(seed_zoo.build_seed_model("ca_triplet", size="paper", num_classes=8), CrossAttentionTriplet)
+        seed_zoo.build_seed_model("ca_triplet", size="huge", class_names=CLASS_NAMES)
+    with pytest.raises(ValueError, match="ca_triplet needs class_names"):
+        seed_zoo.build_seed_model("ca_triplet")
+    with pytest.raises(ValueError, match="ca_triplet needs class_names, one per class"):
+        seed_zoo.build_seed_model("ca_triplet", num_classes=3, class_names=CLASS_NAMES)
+    ravdess = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
+    assert isinstance(seed_zoo.build_seed_model("ca_triplet", size="paper", num_classes=8, class_names=ravdess),
+                      CrossAttentionTriplet)
+    paper = seed_zoo.build_seed_model("mfa_cnn1d", size="paper", num_classes=6)
+    assert sum(p.numel() for p in paper.classifier.parameters()) == 152_614
 
 
 @pytest.mark.parametrize("name", seed_zoo.MOSEI_MODEL_NAMES)
