@@ -71,17 +71,31 @@ _SYNONYMS = {"anger": "angry", "fear": "fearful", "surprise": "surprised", "happ
              "sadness": "sad", "disgusted": "disgust"}
 
 
+def _sentiment(name: str) -> float | None:
+    try:
+        return float(name)
+    except ValueError:
+        return None
+
+
+def _valence_arousal(name: str) -> tuple[float, float]:
+    key = _SYNONYMS.get(name.lower(), name.lower())
+    if key not in VALENCE_AROUSAL:
+        raise ValueError(f"class_names: no valence / arousal place for {name!r}; "
+                         f"known: {sorted(VALENCE_AROUSAL) + sorted(_SYNONYMS)}, or all numbers (sentiment)")
+    return VALENCE_AROUSAL[key]
+
+
 def emotion_distance(class_names: Sequence[str]) -> torch.Tensor:
     """(C, C) distances of the classes' emotions on the valence / arousal plane, divided by
     the largest, so the farthest pair is 1. Names are matched case-insensitively, with
-    the corpora's synonyms (anger, fear, surprise, ...)."""
-    points = []
-    for name in class_names:
-        key = _SYNONYMS.get(name.lower(), name.lower())
-        if key not in VALENCE_AROUSAL:
-            raise ValueError(f"class_names: no valence / arousal place for {name!r}; "
-                             f"known: {sorted(VALENCE_AROUSAL) + sorted(_SYNONYMS)}")
-        points.append(VALENCE_AROUSAL[key])
+    the corpora's synonyms (anger, fear, surprise, ...). Classes named by numbers are
+    sentiment scores (CMU-MOSEI's -3 ... 3), which are valence: they lie on the valence axis."""
+    scores = [_sentiment(name) for name in class_names]
+    if all(score is not None for score in scores):
+        points = [(score, 0.0) for score in scores]
+    else:
+        points = [_valence_arousal(name) for name in class_names]
     distance = torch.cdist(torch.tensor(points, dtype=torch.float64), torch.tensor(points, dtype=torch.float64))
     if len(points) < 2 or distance.max() == 0:
         raise ValueError(f"class_names needs at least two distinct emotions, got {tuple(class_names)}")

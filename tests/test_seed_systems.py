@@ -245,6 +245,12 @@ def test_emotion_distance_places_the_emotions():
         emotion_distance(("happy", "happiness"))
 
 
+
+def test_sentiment_classes_lie_on_the_valence_axis():
+    # CMU-MOSEI's 7 sentiment classes: distance |a - b| over the range 6.
+    d = emotion_distance(tuple(str(v) for v in range(-3, 4)))
+    assert d[0, 6] == 1 and abs(float(d[2, 3]) - 1 / 6) < 1e-7 and abs(float(d[1, 5]) - 4 / 6) < 1e-7
+
 def test_cross_attention_triplet_trains_on_synthetic(synthetic_batch):
     torch.manual_seed(0)
     model = seed_zoo.build_seed_model("ca_triplet", dropout=0.0, class_names=CLASS_NAMES)
