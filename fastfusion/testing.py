@@ -201,8 +201,9 @@ def assert_matches_reference(
     eager_outputs = exact_outputs if in_float64 else _outputs(fn(*eager_inputs, backend="eager"), "backend='eager'")
     backend_inputs = _fresh(inputs, None)
     outputs = _outputs(fn(*backend_inputs, backend=backend), f"backend={backend!r}")
-    if len(outputs) != len(exact_outputs):
-        raise AssertionError(f"backend={backend!r} returned {len(outputs)} outputs, the reference {len(exact_outputs)}")
+    shapes, exact_shapes = [tuple(o.shape) for o in outputs], [tuple(o.shape) for o in exact_outputs]
+    if shapes != exact_shapes:
+        raise AssertionError(f"backend={backend!r} returned outputs of shapes {shapes}, the reference {exact_shapes}")
 
     exact_grads, eager_grads, grads = [], [], []
     if _grad_leaves(inputs):
@@ -249,7 +250,7 @@ def gradcheck(
     The defaults are gradcheck's own, which suit inputs and outputs of order one; each input
     element costs two forward calls, so keep the sizes small. Inputs must stay ``eps`` away
     from the ops' kinks (signed square root at 0). ``kwargs`` go to gradcheck (e.g.
-    ``fast_mode=True``). Returns True, or raises ``torch.autograd.gradcheck.GradcheckError``.
+    ``fast_mode=True``). Returns True, or raises gradcheck's ``GradcheckError``.
     There is no gradgradcheck: the ops do not support double backward.
     """
     if not isinstance(inputs, (list, tuple)):
