@@ -1,7 +1,8 @@
 """fastfusion: fused kernels for multimodal fusion operators.
 
 Functional ops, their nn.Modules and backend control. The plain-PyTorch references live
-in :mod:`fastfusion.reference`; FLOP counting in :mod:`fastfusion.flops` (needs fvcore).
+in :mod:`fastfusion.reference`; FLOP counting in :mod:`fastfusion.flops` (count_flops needs fvcore; FlopCounterMode
+counts the ops too), numerical checks for your own use in :mod:`fastfusion.testing`.
 """
 
 from ._dispatch import BackendUnavailableError, available_backends, backend, selected_backend, set_backend
@@ -40,6 +41,9 @@ def _load_triton_backend() -> None:
 _load_triton_backend()
 
 from . import cpp_backend as _cpp_backend  # noqa: E402,F401  (registers "cpp"; builds on first use)
+from . import flops as _flops  # noqa: E402  (no fvcore: that is imported by count_flops)
+
+_flops.register_flop_formulas_when_imported()  # FlopCounterMode then counts the fastfusion ops
 
 __all__ = [
     "BackendUnavailableError",

@@ -1,13 +1,22 @@
-"""FLOP counting with fvcore, including FFTs and the ``fastfusion::`` custom ops.
+"""FLOP counting of fastfusion ops and modules: with fvcore, and with PyTorch's FlopCounterMode.
 
     from fastfusion.flops import count_flops
-    count_flops(module.eval(), (x, y))      # -> int, forward FLOPs
+    count_flops(module.eval(), (x, y))      # -> int, forward FLOPs (needs fvcore)
 
-Needs fvcore (``pip install fastfusion[dev]``); ``import fastfusion`` alone does not.
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        module(x, y).sum().backward()
+    counter.get_total_flops()               # forward and backward FLOPs
+
+``count_flops`` needs fvcore (``pip install fastfusion[dev]``); ``import fastfusion`` alone
+does not import it. ``import fastfusion`` registers a formula for every ``fastfusion::`` custom
+op (forward and backward) with ``torch.utils.flop_counter``, so ``FlopCounterMode`` counts
+them; the registration waits until that module is first imported, which costs ~0.5 s.
 
 Convention: *real floating-point operations of the contractions, transforms and
 scatter-adds that define an op*; one multiply-add is 2 FLOPs, so the numbers compare with
-hardware peak FLOP/s. That is twice fvcore's own unit (it counts a multiply-add as 1).
+hardware peak FLOP/s. That is twice fvcore's own unit (it counts a multiply-add as 1), and
+the unit of FlopCounterMode's own formulas (mm, bmm, addmm, convolution).
 
 - ``contraction``: mm, bmm, matmul, addmm, linear, einsum, convolution: 2 per
   multiply-add (2 M N K for an (M, K) @ (K, N) product). A bias add is not counted. An
@@ -17,26 +26,49 @@ hardware peak FLOP/s. That is twice fvcore's own unit (it counts a multiply-add 
   5 N log2 N per complex one (fft, ifft): the split-radix operation count that FFTW's
   benchmarks use, whatever N is.
 - ``scatter_add``: 1 per accumulated element (index_add, scatter_add), so a count sketch
-  of (B, n) costs B n: its signs flip, they do not multiply.
+  of (B, n) costs B n: its signs flip, they do not multiply. A gather (its adjoint) is 0.
 - Pointwise work (activations, products, sums, normalisation, casts, shape ops) counts 0:
   it is bandwidth-bound and measured in bytes, not FLOPs.
 
-Each custom op's handle counts, from its input shapes, exactly what the handles above
-count on the plain-PyTorch path (``backend="eager"``) that computes the same math, so a
-module reports the same FLOPs under every backend; the tests hold both paths to a hand
-count. The ``*_backward`` custom ops have no handles: fvcore traces the forward only.
+Each custom op's formula (``_FORMULAS``) counts, from its argument shapes, exactly what the
+rules above count on the plain-PyTorch path (``backend="eager"``) that computes the same
+math, so a module reports the same FLOPs under every backend; the formula never reads the
+``backend`` argument. A ``*_backward`` op counts the adjoint of its forward given what the
+forward computed (as autograd of the plain path does), not what a backend recomputes:
+
+- count sketch, signed sqrt + L2: 0 (a gather; pointwise work).
+- compact bilinear, FFT path: the rfft of the output gradient (B transforms of length d)
+  and, per modality, the irfft of its correlation (B T transforms); the gathers count 0.
+  Gram path: dX = Y dG^T and dY = X dG, 4 B T n_1 n_2; the gather of dG counts 0.
+- factorized bilinear, tensor fusion: twice the forward (each product's two operands get a
+  gradient, one product of the forward's size each); the outer product's adjoint, products
+  and sums, is pointwise.
+- low-rank fusion: per modality dX and dW_m, 2 r B h n_m each, and the fusion weights'
+  gradient, 2 r B h.
+
+fvcore traces the forward only, so ``count_flops`` never sees a backward op; the same
+formulas serve both counters. Under ``backend="eager"`` no custom op runs: FlopCounterMode
+then counts PyTorch's own ops by its own formulas, which have no FFT or scatter-add.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.util
 import math
+import sys
 import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+
+__all__ = ["count_flops", "count_flops_by_kind", "fft_flops"]
+
+Handle = Callable[[list, list], Counter]
+Formula = Callable[[dict], Counter]
 
 
 @contextlib.contextmanager
@@ -46,15 +78,6 @@ def _jit_deprecation_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", DeprecationWarning)
         yield
-
-
-with _jit_deprecation_silenced():
-    from fvcore.nn import FlopCountAnalysis
-    from fvcore.nn.jit_handles import conv_flop_jit, get_shape
-
-__all__ = ["count_flops", "count_flops_by_kind", "fft_flops"]
-
-Handle = Callable[[list, list], Counter]
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -67,12 +90,19 @@ def fft_flops(batch: int, length: int, complex_input: bool) -> int:
     return round(batch * per_transform)
 
 
+def _shape(value) -> list[int]:
+    """The static shape of a traced tensor value (fvcore is imported by then)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    return get_shape(value)
+
+
 def _tensor_list(v: Any) -> list[list[int]]:
     """Shapes of the tensors in a ``Tensor[]`` graph input."""
     node = v.node()
     if node.kind() != "prim::ListConstruct":
         raise ValueError(f"cannot read the shapes of a tensor list made by {node.kind()}")
-    return [get_shape(t) for t in node.inputs()]
+    return [_shape(t) for t in node.inputs()]
 
 
 # --- aten ---------------------------------------------------------------------------
@@ -81,8 +111,8 @@ def _matmul_like(k_operand: int) -> Handle:
     """Any product whose output element is a K-long dot product, K = operand[-1]."""
 
     def handle(inputs, outputs):
-        k = get_shape(inputs[k_operand])[-1]
-        return Counter(contraction=2 * _numel(get_shape(outputs[0])) * k)
+        k = _shape(inputs[k_operand])[-1]
+        return Counter(contraction=2 * _numel(_shape(outputs[0])) * k)
 
     return handle
 
@@ -109,6 +139,8 @@ def _einsum(inputs, outputs):
 
 
 def _convolution(inputs, outputs):
+    from fvcore.nn.jit_handles import conv_flop_jit
+
     return Counter(contraction=2 * sum(conv_flop_jit(inputs, outputs).values()))
 
 
@@ -116,7 +148,7 @@ def _fft(real_data: bool, half_spectrum_input: bool) -> Handle:
     """fft_* (self, n, dim, norm); ``n``, when given, is the transform length."""
 
     def handle(inputs, outputs):
-        shape = get_shape(inputs[0])
+        shape = _shape(inputs[0])
         n, dim = inputs[1].toIValue(), inputs[2].toIValue()
         if n is None:
             n = 2 * (shape[dim] - 1) if half_spectrum_input else shape[dim]
@@ -127,22 +159,28 @@ def _fft(real_data: bool, half_spectrum_input: bool) -> Handle:
 
 def _scatter_add(inputs, outputs):
     """index_add(self, dim, index, source) / scatter_add(self, dim, index, src)."""
-    return Counter(scatter_add=_numel(get_shape(inputs[3])))
+    return Counter(scatter_add=_numel(_shape(inputs[3])))
 
 
-# --- fastfusion custom ops (canonical layouts, see fastfusion.ops) -------------------
+# --- fastfusion custom ops: one formula per op, shared by both counters ----------------
+# A formula takes the op's arguments by schema name, tensors as shapes, tensor lists as
+# lists of shapes (canonical layouts, see fastfusion.ops), and returns counts by kind.
 
-def _ff_count_sketch(inputs, outputs):
-    return Counter(scatter_add=_numel(get_shape(inputs[0])))
+
+def _sketch_algorithm(args: dict) -> str:
+    algorithm = args["algorithm"]
+    if algorithm not in ("gram", "fft"):
+        raise ValueError(f"fastfusion::compact_bilinear ran with algorithm={algorithm!r}; its FLOPs need 'gram' or 'fft'")
+    return algorithm
 
 
-def _ff_compact_bilinear(inputs, outputs):
+def _compact_bilinear(args: dict) -> Counter:
     # xs (B, T, n_m). FFT path: count sketch and rfft per position and modality, the product
     # pooled over T in the frequency domain, one irfft per sample. Gram path: X^T Y per sample
     # and the scatter of its n_1 n_2 entries.
-    xs, out_dim, algorithm = _tensor_list(inputs[0]), inputs[3].toIValue(), inputs[8].toIValue()
+    xs, out_dim = args["xs"], args["out_dim"]
     batch, positions = xs[0][0], xs[0][1]
-    if algorithm == "gram":
+    if _sketch_algorithm(args) == "gram":
         (_, _, n1), (_, _, n2) = xs
         return Counter(contraction=2 * batch * positions * n1 * n2, scatter_add=batch * n1 * n2)
     return Counter(
@@ -152,23 +190,98 @@ def _ff_compact_bilinear(inputs, outputs):
     )
 
 
-def _ff_factorized_bilinear(inputs, outputs):
-    x, y, weight_x = (get_shape(v) for v in inputs[:3])
+def _compact_bilinear_backward(args: dict) -> Counter:
+    xs, out_dim = args["xs"], args["out_dim"]
+    batch, positions = xs[0][0], xs[0][1]
+    if _sketch_algorithm(args) == "gram":
+        (_, _, n1), (_, _, n2) = xs
+        return Counter(contraction=2 * (2 * batch * positions * n1 * n2))
+    return Counter(
+        fft=fft_flops(batch, out_dim, complex_input=False)
+        + len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)
+    )
+
+
+def _factorized_bilinear(args: dict) -> Counter:
+    x, y, weight_x = args["x"], args["y"], args["weight_x"]
     return Counter(contraction=2 * x[0] * weight_x[0] * (x[1] + y[1]))
 
 
-def _ff_low_rank_fusion(inputs, outputs):
+def _low_rank_fusion(args: dict) -> Counter:
     # Per modality (B, n_m) @ (r, n_m, h), the constant row being added, not multiplied;
     # then the rank-weighted sum, an (r) . (r, B, h) contraction.
-    xs, factors = _tensor_list(inputs[0]), _tensor_list(inputs[1])
+    xs, factors = args["xs"], args["factors"]
     batch, (rank, _, hidden) = xs[0][0], factors[0]
     return Counter(contraction=2 * batch * rank * hidden * (sum(x[1] for x in xs) + 1))
 
 
-def _ff_tensor_fusion(inputs, outputs):
+def _low_rank_fusion_backward(args: dict) -> Counter:
+    xs, factors = args["xs"], args["factors"]
+    batch, (rank, _, hidden) = xs[0][0], factors[0]
+    return Counter(contraction=2 * batch * rank * hidden * (2 * sum(x[1] for x in xs) + 1))
+
+
+def _tensor_fusion(args: dict) -> Counter:
     # The outer product is pointwise; the linear layer over its prod_m(n_m+1) entries is not.
-    xs, weight = _tensor_list(inputs[0]), get_shape(inputs[1])
-    return Counter(contraction=2 * xs[0][0] * _numel(weight))
+    return Counter(contraction=2 * args["xs"][0][0] * _numel(args["weight"]))
+
+
+def _twice(formula: Formula) -> Formula:
+    """The backward of a forward whose every product gives both operands a gradient."""
+    return lambda args: Counter({kind: 2 * n for kind, n in formula(args).items()})
+
+
+def _pointwise(args: dict) -> Counter:
+    return Counter()
+
+
+# Op name in torch.ops.fastfusion -> formula. tests/test_flops.py holds this table to the ops
+# that exist, so a new op without a formula fails there.
+_FORMULAS: dict[str, Formula] = {
+    "count_sketch": lambda args: Counter(scatter_add=_numel(args["x"])),
+    "count_sketch_backward": _pointwise,  # dx_i = s(i) g_h(i), a gather
+    "signed_sqrt_l2": _pointwise,
+    "signed_sqrt_l2_backward": _pointwise,
+    "compact_bilinear": _compact_bilinear,
+    "compact_bilinear_backward": _compact_bilinear_backward,
+    "factorized_bilinear": _factorized_bilinear,
+    "factorized_bilinear_backward": _twice(_factorized_bilinear),
+    "low_rank_fusion": _low_rank_fusion,
+    "low_rank_fusion_backward": _low_rank_fusion_backward,
+    "tensor_fusion": _tensor_fusion,
+    "tensor_fusion_backward": _twice(_tensor_fusion),
+}
+
+
+def _bind(op: str, args: Sequence, kwargs: dict) -> dict:
+    """The arguments of a call of ``torch.ops.fastfusion.<op>`` by their schema names."""
+    names = [a.name for a in getattr(torch.ops.fastfusion, op).default._schema.arguments]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _traced_value(v: Any) -> Any:
+    """A traced graph input as a formula reads it: a shape, a list of them, or a constant."""
+    node = v.node()
+    if node.kind() == "prim::ListConstruct":
+        return [_traced_value(t) for t in node.inputs()]
+    if isinstance(v.type(), torch._C.TensorType):
+        return _shape(v)
+    return v.toIValue()
+
+
+def _fvcore_handle(op: str) -> Handle:
+    formula = _FORMULAS[op]
+    return lambda inputs, outputs: formula(_bind(op, [_traced_value(v) for v in inputs], {}))
+
+
+def _flop_counter_formula(op: str) -> Callable[..., int]:
+    """For torch.utils.flop_counter, which passes the arguments with tensors as shapes."""
+    formula = _FORMULAS[op]
+
+    def count(*args, out_shape=None, **kwargs) -> int:
+        return sum(formula(_bind(op, args, kwargs)).values())
+
+    return count
 
 
 _HANDLES: dict[str, Handle | None] = {
@@ -187,11 +300,7 @@ _HANDLES: dict[str, Handle | None] = {
     "aten::index_add_": _scatter_add,
     "aten::scatter_add": _scatter_add,
     "aten::scatter_add_": _scatter_add,
-    "fastfusion::count_sketch": _ff_count_sketch,
-    "fastfusion::compact_bilinear": _ff_compact_bilinear,
-    "fastfusion::factorized_bilinear": _ff_factorized_bilinear,
-    "fastfusion::low_rank_fusion": _ff_low_rank_fusion,
-    "fastfusion::tensor_fusion": _ff_tensor_fusion,
+    **{f"fastfusion::{op}": _fvcore_handle(op) for op in _FORMULAS},
 }
 
 # Pointwise and shape ops: 0 by the convention above. Listing them silences fvcore's
@@ -201,15 +310,17 @@ _POINTWISE = (
     "linalg_vector_norm log_softmax mean movedim mul neg new_ones new_zeros norm ones_like "
     "pad pow relu reshape rsqrt sigmoid sign slice softmax sqrt sub sum tanh to transpose "
     "unflatten unsqueeze upsample_bilinear2d upsample_nearest2d adaptive_avg_pool2d "
-    "grid_sampler where zeros_like fastfusion::signed_sqrt_l2"
+    "grid_sampler where zeros_like"
 ).split()
-_HANDLES.update({name if "::" in name else f"aten::{name}": None for name in _POINTWISE})
+_HANDLES.update({f"aten::{name}": None for name in _POINTWISE})
 
 
 def count_flops_by_kind(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> dict[str, int]:
     """Forward FLOPs of ``module(*inputs)`` split into "contraction", "fft", "scatter_add"."""
-    analysis = FlopCountAnalysis(module, inputs).clear_op_handles().set_op_handle(**_HANDLES)
     with _jit_deprecation_silenced():
+        from fvcore.nn import FlopCountAnalysis
+
+        analysis = FlopCountAnalysis(module, inputs).clear_op_handles().set_op_handle(**_HANDLES)
         counts = analysis.uncalled_modules_warnings(False).by_operator()
     return {kind: int(counts.get(kind, 0)) for kind in ("contraction", "fft", "scatter_add")}
 
@@ -218,3 +329,51 @@ def count_flops(module: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ..
     """Forward FLOPs of ``module(*inputs)`` (traced once with torch.jit.trace), by the
     convention in this module's docstring. Put dropout modules in eval mode first."""
     return sum(count_flops_by_kind(module, inputs).values())
+
+
+# --- FlopCounterMode ----------------------------------------------------------------
+
+_FLOP_COUNTER = "torch.utils.flop_counter"
+
+
+def _register_flop_formulas() -> None:
+    """Registers the formula of every fastfusion op defined so far with FlopCounterMode's
+    registry; ops already registered are left as they are."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    for op in torch.ops.fastfusion:
+        packet = getattr(torch.ops.fastfusion, op)
+        if op in _FORMULAS and packet not in flop_registry:
+            register_flop_formula(packet)(_flop_counter_formula(op))
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`_register_flop_formulas` right after torch.utils.flop_counter is first
+    imported. Importing it ourselves would add ~0.5 s to ``import fastfusion`` (it imports
+    Triton), and FlopCounterMode copies the registry when it is created, so the formulas
+    must be in place before any counter exists."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _FLOP_COUNTER:
+            return None
+        sys.meta_path.remove(self)  # once; and the lookup below must not come back here
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        execute = spec.loader.exec_module  # this spec's own loader object
+
+        def exec_module(module):
+            execute(module)
+            _register_flop_formulas()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_flop_formulas_when_imported() -> None:
+    """Registers the formulas with FlopCounterMode now if torch.utils.flop_counter is
+    imported, else as soon as it is. ``import fastfusion`` calls this."""
+    if _FLOP_COUNTER in sys.modules:
+        _register_flop_formulas()
+    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())

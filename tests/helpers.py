@@ -50,15 +50,16 @@ def backends_under_test() -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- metrics
+# The metric and the low-precision rule are fastfusion.testing's: the suite holds the
+# backends to the rule that users get. (Imported on use: see backends_under_test.)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected||, computed in float64 on the CPU (either may live on a GPU)."""
-    a = actual.detach().to(CPU, F64)
-    b = expected.detach().to(CPU, F64)
-    denom = torch.linalg.vector_norm(b)
-    assert denom > 0, "the expected tensor is all zeros: a relative error means nothing"
-    return (torch.linalg.vector_norm(a - b) / denom).item()
+    """fastfusion.testing.rel_err: ||actual - expected|| / ||expected|| in float64."""
+    from fastfusion.testing import rel_err as shared
+
+    return shared(actual, expected)
+
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
@@ -152,46 +153,27 @@ def assert_backends_agree(
         assert_rel_close(gt, ge, tol, f"grad of leaf {i} (shape {tuple(leaves[i].shape)})")
 
 
-def low_precision_errors(
-    fn: Callable[[Sequence[torch.Tensor], str], torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    dtype: torch.dtype,
-    gen: torch.Generator,
-) -> dict[str, tuple[float, float, float]]:
-    """The ingredients of flash-attention's rule "our error <= 2x PyTorch's own error in the
-    same dtype, both against a float64 result", for the output and the gradient w.r.t.
-    every input (``fn(inputs, backend)`` must be differentiable in all of them).
-
-    ``inputs`` (and the cotangent) are rounded to ``dtype`` first, so the float64 oracle sees
-    exactly the values the low-precision runs see. Returns, for "output" and "grad i":
-    (error of backend "torch" in ``dtype``, error of backend "eager" in ``dtype``, error of
-    the float64 result merely rounded to ``dtype``: the floor no kernel can beat).
-    """
-    low = [t.detach().to(dtype) for t in inputs]
-    exact_inputs = [t.to(F64).requires_grad_(True) for t in low]
-    exact = fn(exact_inputs, "eager")
-    cotangent = torch.randn(exact.shape, generator=gen, dtype=F64).to(dtype)
-    exact_grads = torch.autograd.grad(exact, exact_inputs, cotangent.to(F64))
-    results = {}
-    for backend in ("torch", "eager"):
-        leaves = [t.clone().requires_grad_(True) for t in low]
-        out = fn(leaves, backend)
-        grads = torch.autograd.grad(out, leaves, cotangent)
-        assert out.dtype == dtype and all(g.dtype == dtype for g in grads), backend
-        results[backend] = [out, *grads]
-    names = ["output"] + [f"grad {i}" for i in range(len(inputs))]
-    return {
-        name: (rel_err(t, e), rel_err(ea, e), rel_err(e.to(dtype), e))
-        for name, t, ea, e in zip(names, results["torch"], results["eager"], [exact, *exact_grads])
-    }
-
-
 def assert_low_precision(fn, inputs, dtype, gen, *, cap: float, grad_cap: float) -> dict:
-    """Backend "torch" within 2x of "eager"'s error (or of the rounding floor), and below
-    an absolute cap, for the output and every gradient. Returns the errors."""
-    errors = low_precision_errors(fn, inputs, dtype, gen)
-    for name, (err_torch, err_eager, floor) in errors.items():
-        assert err_torch <= 2 * max(err_eager, floor), f"{name}: {err_torch:.2e} vs eager {err_eager:.2e}, floor {floor:.2e}"
+    """fastfusion.testing's rule for backend "torch" in ``dtype``: within 2x of "eager"'s error in
+    ``dtype`` (or of the float64 result rounded to ``dtype``), both against float64, for the
+    output and the gradient w.r.t. every input (``fn(inputs, backend)`` must be differentiable
+    in all of them); and below an absolute cap. ``inputs`` are rounded to ``dtype`` first, so
+    the float64 reference sees exactly the values the low-precision runs see; the cotangent
+    is drawn from ``gen``.
+
+    Returns, for "output" and "grad i": (error of "torch", error of "eager", error of the
+    float64 result merely rounded to ``dtype``: the floor no kernel can beat).
+    """
+    from fastfusion.testing import assert_matches_reference
+
+    def call(*t, backend):
+        out = fn(list(t), backend)
+        assert t[0].dtype != dtype or out.dtype == dtype, f"{backend}: output in {out.dtype}, not {dtype}"
+        return out
+
+    low = [t.detach().to(dtype).requires_grad_(True) for t in inputs]
+    comparisons = assert_matches_reference(call, low, backend="torch", generator=gen)
+    for name, c in comparisons.items():
         limit = cap if name == "output" else grad_cap
-        assert err_torch <= limit, f"{name}: error {err_torch:.2e} > {limit:.1e}"
-    return errors
+        assert c.error <= limit, f"{name}: error {c.error:.2e} > {limit:.1e}"
+    return {name: (c.error, c.eager_error, c.rounding_error) for name, c in comparisons.items()}

@@ -1,9 +1,13 @@
-"""fastfusion.flops: hand counts on small shapes, and the same count on every backend."""
+"""fastfusion.flops: hand counts on small shapes, the same count on every backend, and
+PyTorch's FlopCounterMode counting the fastfusion ops (forward and backward) by the same
+formulas."""
 
 from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -11,9 +15,12 @@ import torch
 from torch import nn
 
 import fastfusion
+from fastfusion import flops
+from helpers import backends_under_test
 
 pytest.importorskip("fvcore")
 from fastfusion.flops import count_flops, count_flops_by_kind  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 
 def fft(batch: int, n: int, complex_input: bool = False) -> int:
@@ -116,6 +123,27 @@ CASES = {
 }
 
 
+# name -> backward FLOPs by hand (module docstring of fastfusion.flops): every input and
+# parameter requires grad. Gate and MFB/TFN/LMF layers: each product's two operands get a
+# gradient, one product of the forward's size each.
+BACKWARD = {
+    "count_sketch": 0,  # a gather
+    "cbp": fft(6, 16) + 2 * fft(6, 16),  # rfft of the gradient per sketch, irfft per modality and position
+    "cbp_three_modalities": fft(3, 16) + 3 * fft(3, 16),
+    "cbp_pooled_odd_d": fft(3, 15) + 2 * fft(12, 15),
+    "cbp_pooled_gram": 2 * (2 * 3 * 4 * 6 * 5),  # dX = Y dG^T, dY = X dG
+    "cbp_gram": 2 * (2 * 6 * 6 * 5),
+    "tensor_sketch_pooled_dim0": fft(3, 15) + 3 * fft(12, 15),
+    "cbgp_softmax": 2 * (2 * 3 * (6 + 5) * 16) + fft(3, 16) + 2 * fft(3, 16),
+    "cbgp_sigmoid_pooled": 2 * (2 * 3 * (6 + 5) * 16) + fft(3, 16) + 2 * fft(12, 16),
+    "mfb": 2 * (2 * 3 * (4 * 3) * (6 + 5)),
+    # dX_m and dW_m, 2 r B h n_m each, and the fusion weights' gradient, 2 r B h.
+    "lmf": 2 * (2 * 3 * 3 * 7 * (6 + 5 + 4)) + 2 * 3 * 3 * 7,
+    "tfn": 2 * (2 * 3 * 7 * (7 * 6 * 5)),
+    "signed_sqrt_l2": 0,
+}
+
+
 @pytest.mark.parametrize("backend", ["eager", "torch"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_backend_reports_the_hand_count(name, backend, caplog):
@@ -167,3 +195,101 @@ def test_fft_convention():
 def test_convolution_counts_two_per_multiply_add():
     conv = nn.Conv2d(3, 8, kernel_size=3, padding=1)
     assert count_flops(conv, (randn(2, 3, 5, 5),)) == 2 * (2 * 8 * 5 * 5) * (3 * 3 * 3)
+
+
+# --------------------------------------------------------------------------- FlopCounterMode
+
+
+def _counted(module, inputs, backward: bool) -> tuple[int, set[str]]:
+    """FlopCounterMode's total for module(*inputs) (and its backward), and the names of the
+    fastfusion ops it saw."""
+    leaves = [x.clone().requires_grad_(backward) for x in inputs]
+    with FlopCounterMode(display=False) as counter:
+        out = module(*leaves)
+        if backward:
+            out.backward(torch.ones_like(out))
+    seen = {str(op) for op in counter.get_flop_counts().get("Global", {}) if str(op).startswith("fastfusion.")}
+    return counter.get_total_flops(), seen
+
+
+def test_every_fastfusion_op_has_a_registered_formula():
+    from torch.utils.flop_counter import flop_registry
+
+    ops = set(torch.ops.fastfusion)
+    assert {"count_sketch", "tensor_fusion_backward"} <= ops  # the listing is the real one
+    assert ops == set(flops._FORMULAS)
+    assert all(getattr(torch.ops.fastfusion, op) in flop_registry for op in ops)
+
+
+CONCRETE_BACKENDS = ["auto", *(b for b in backends_under_test() if b != "eager")]
+
+
+@pytest.mark.parametrize("backend", CONCRETE_BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_flop_counter_mode_counts_the_ops_as_count_flops_does(name, backend):
+    factory, inputs, expected = CASES[name]
+    module = factory()
+    with fastfusion.backend("torch"):
+        forward = count_flops(module, inputs)
+    assert forward == sum(expected.values())
+    with fastfusion.backend(backend):
+        counted, seen = _counted(module, inputs, backward=False)
+        counted_with_backward, seen_with_backward = _counted(module, inputs, backward=True)
+    assert seen, "no fastfusion op ran: the comparison would be of PyTorch's own ops"
+    assert counted == forward
+    assert counted_with_backward == forward + BACKWARD[name]
+    assert any(op.endswith("_backward") for op in seen_with_backward)
+    if name != "signed_sqrt_l2":  # pointwise: 0 either way
+        assert counted > 0  # FlopCounterMode counted 0 for every fastfusion op before
+
+
+@pytest.mark.parametrize("name", ["mfb", "tfn"])
+def test_backward_counts_agree_with_pytorchs_own_formulas_on_the_plain_path(name):
+    """MFB and TFN run only mm/addmm on the plain path, which FlopCounterMode's own formulas
+    count (2 per multiply-add); their autograd is the adjoint our formulas count."""
+    factory, inputs, _ = CASES[name]
+    module = factory()
+    with fastfusion.backend("eager"):
+        plain, seen = _counted(module, inputs, backward=True)
+    assert not seen
+    with fastfusion.backend("torch"):
+        assert _counted(module, inputs, backward=True)[0] == plain
+
+
+def test_the_formulas_follow_the_algorithm_not_the_backend_argument():
+    # As FlopCounterMode passes them: tensors as their shapes. xs (B, T, n_m) = (2, 3, 4|5).
+    xs, per_modality = [torch.Size([2, 3, 4]), torch.Size([2, 3, 5])], [torch.Size([4]), torch.Size([5])]
+    call = (xs, per_modality, per_modality, 7, False, None, False, 1e-12)
+    fft_count = flops._flop_counter_formula("compact_bilinear")(*call, "fft", False, "cpp")
+    assert fft_count == 2 * fft(6, 7) + fft(2, 7) + 2 * 3 * (4 + 5)
+    for backend in ("auto", "torch", "some future name"):
+        assert flops._flop_counter_formula("compact_bilinear")(*call, "fft", True, backend) == fft_count
+    gram = flops._flop_counter_formula("compact_bilinear")(*call, "gram", False, "auto")
+    assert gram == 2 * 2 * 3 * 4 * 5 + 2 * 4 * 5
+    with pytest.raises(ValueError, match="algorithm='auto'"):
+        flops._flop_counter_formula("compact_bilinear")(*call, "auto", False, "torch")
+
+
+_COUNT_IN_A_FRESH_PROCESS = """
+import sys, torch
+{first}
+{second}
+from torch.utils.flop_counter import FlopCounterMode
+assert "fvcore" not in sys.modules
+x, w = torch.randn(3, 4), torch.randn(2, 5 * 5)
+with FlopCounterMode(display=False) as counter:
+    fastfusion.tensor_fusion([x, x], w, None, backend="torch")
+print(counter.get_total_flops())
+"""
+
+
+@pytest.mark.parametrize("fastfusion_first", [True, False])
+def test_registration_whichever_is_imported_first(fastfusion_first):
+    """The formulas are registered when torch.utils.flop_counter is imported after fastfusion
+    (a hook: fastfusion does not import it, it costs ~0.5 s), and when it was imported before."""
+    lines = ["import fastfusion", "import torch.utils.flop_counter"]
+    first, second = lines if fastfusion_first else lines[::-1]
+    script = _COUNT_IN_A_FRESH_PROCESS.format(first=first, second=second)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) == 2 * 3 * 2 * 25
