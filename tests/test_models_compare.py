@@ -45,6 +45,16 @@ def test_significance_picks_the_best_head_and_tests_each_rival():
     assert lmf["mcnemar_p_values"] == pytest.approx({"0": 1.0, "1": 1.0, "2": 1.0})
 
 
+def test_equal_differences_on_every_seed_need_mcnemar_too():
+    # 0.1 better on both seeds: t is infinite, its p 0; but one discordant sample a seed is no evidence
+    accuracy = {"a": {0: 1.0, 1: 1.0}, "b": {0: 0.9, 1: 0.9}}
+    predictions = {"a": {0: LABELS, 1: LABELS}, "b": {0: _wrong_on(1), 1: _wrong_on(1)}}
+    row = compare.significance(accuracy, predictions, LABELS)["against"]["b"]
+    assert row["t_p_value"] == pytest.approx(0.0, abs=1e-12)
+    assert row["mcnemar_p_values"] == pytest.approx({"0": 1.0, "1": 1.0})
+    assert not row["significant"]
+
+
 def test_significance_with_one_seed_has_no_t_test():
     result = compare.significance({"a": {0: 1.0}, "b": {0: 0.4}}, {"a": {0: LABELS}, "b": {0: _wrong_on(6)}}, LABELS)
     row = result["against"]["b"]
