@@ -1,19 +1,27 @@
 """The comparison report: every fusion head's size, FLOPs, throughput and accuracy, with
-fastfusion's fused backend ("auto") against its plain-PyTorch reference ("eager"), and the
-LMF-vs-TFN speed claim of the LMF paper.
+fastfusion's fused backend ("auto") against its plain-PyTorch reference ("eager"), which
+head is best and whether it is significantly so, and the LMF-vs-TFN speed claim of seed
+001 (its Table 4) and of the LMF paper.
 
-    python -m models.compare --quick      # CPU: a few minutes on 2 cores
-    python -m models.compare              # more seeds and epochs (the published numbers)
+    python -m models.compare --quick                     # CPU: a few minutes on 2 cores
+    python -m models.compare                             # more seeds and epochs (the published numbers)
+    python -m models.compare --difficulty hard           # the data where the heads differ
 
-Writes ``models/results/compare-<device>.json`` and ``.md`` and refreshes the table in
-``models/README.md``.
+Writes ``models/results/compare-<device>[-<difficulty>].json`` and ``.md`` and refreshes
+the matching block in ``models/README.md`` (no suffix for the default "easy" data).
 
 What is measured, and how:
 
 - Accuracy: each head on the CNN encoders (tiny size), trained from scratch on the
-  synthetic dataset (the same data for every run) with one seed per run; test accuracy
-  after the last epoch, mean and standard deviation over the seeds. Training runs go to
-  ``--jobs`` worker processes of one thread each.
+  synthetic dataset at ``--difficulty`` (the same data for every run) with one seed per
+  run; test accuracy after the last epoch, mean and standard deviation over the seeds.
+  Training runs go to ``--jobs`` worker processes of one thread each.
+- Significance: the head with the best mean accuracy (fused backend) against each other
+  head, by a paired t-test over seeds (``metrics.paired_test``: seed s of both heads saw
+  the same data) and by McNemar's exact test on the two heads' test predictions of each
+  seed (``metrics.mcnemar``; the largest p over the seeds is reported, so "p < 0.05" means
+  on every seed). "Significant" needs both below 0.05. No correction for the multiple
+  comparisons is applied.
 - Throughput (samples/s): a whole training step (forward, backward, Adam) and an
   inference forward pass on one fixed batch, timed with ``benchmarks.timing.measure``
   (median of repeated calls after a warm-up), for the whole model and for the head alone
@@ -41,30 +49,45 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 import fastfusion
 
-from .data import train_test_split
+from . import metrics
+from .data import DIFFICULTIES, at_difficulty, train_test_split
 from .heads import ADDITIVE_HEADS, HEAD_NAMES, HEAD_OPS
 from .sequence_fusion import LMFNet, TFNNet
-from .train import Distributed, evaluate, fit, loss_function, make_optimizer, seed_everything, train_step
+from .train import Distributed, fit, loss_function, make_optimizer, predict, seed_everything, train_step
 from .zoo import build_model, data_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent / "README.md"
 REFERENCE, FUSED = "eager", "auto"
+# Version of the report's JSON layout; --render refuses an older one (it lacks fields).
+SCHEMA = 2
+ALPHA = 0.05  # significance level of the verdicts
 
-# The LMF paper's efficiency table (CMU-MOSI, inferences per second).
-PAPER_IPS = {"lmf": {"train": 1134.82, "test": 2249.90}, "tfn": {"train": 340.74, "test": 1177.17}}
-# Sizes comparable to the LMF paper's CMU-MOSI runs (our choice, not its exact set-up): the
-# usual COVAREP audio (74), FACET video (35) and GloVe text (300) widths over 20 steps;
-# LSTM hidden sizes 32 / 32 / 128; rank 4; TFN's post-fusion width 128. The official code
-# encodes audio and video with MLPs on averaged features; here every modality has an LSTM.
-SEQUENCE_SETUP = {
-    "in_dims": (74, 35, 300), "steps": 20, "hidden_dims": (32, 32, 128), "rank": 4, "post_fusion_dim": 128,
+# Published LMF-vs-TFN speeds in inferences per second (IPS), training and testing, with the
+# setting each was measured at. Seed 001 (its Table 4) first: it is the paper this report
+# reproduces, and it fuses audio and video only. The LMF paper's efficiency table second.
+PAPER_IPS = {
+    "001 (Table 4)": {
+        "setting": "audio + video",
+        "lmf": {"train": 1153.54, "test": 2232.82}, "tfn": {"train": 321.67, "test": 1138.33},
+    },
+    "LMF paper": {
+        "setting": "CMU-MOSI, audio + video + text",
+        "lmf": {"train": 1134.82, "test": 2249.90}, "tfn": {"train": 340.74, "test": 1177.17},
+    },
 }
+# 001's setting: LSTM sub-networks over audio and video, then LMF or TFN. 001 gives no sizes;
+# ours (a choice) are the usual CMU-MOSI COVAREP audio (74) and FACET video (35) widths over
+# 20 steps, the LMF paper's LSTM hidden sizes for those modalities (32 / 32), rank 4 and
+# TFN's post-fusion width 128.
+SEQUENCE_SETUP = {"in_dims": (74, 35), "steps": 20, "hidden_dims": (32, 32), "rank": 4, "post_fusion_dim": 128}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +100,7 @@ class Settings:
     batch_size: int = 32
     lr: float = 1e-3
     timing_budget_s: float = 1.0
+    difficulty: str = "easy"  # a key of models.data.DIFFICULTIES
 
 
 QUICK = Settings(num_train=1024, num_test=256, epochs=8, seeds=(0, 1), reference_seeds=(0,), timing_budget_s=0.5)
@@ -147,39 +171,86 @@ def throughput(model: nn.Module, inputs, target, task: str, device: torch.device
 
 
 @functools.lru_cache(maxsize=2)
-def _datasets(num_train: int, num_test: int):
-    return train_test_split(num_train, num_test, seed=0, config=data_config("tiny"))
+def _datasets(num_train: int, num_test: int, difficulty: str):
+    return train_test_split(num_train, num_test, seed=0, config=at_difficulty(data_config("tiny"), difficulty))
 
 
-def _accuracy_job(head: str, seed: int, backend: str, settings: Settings, device: str) -> tuple[str, int, str, float]:
-    """One training run, in a worker process: test accuracy of ``head`` trained with ``seed``."""
+def _accuracy_job(head: str, seed: int, backend: str, settings: Settings, device: str):
+    """One training run, in a worker process: ``head`` trained with ``seed``; returns its
+    test-set class predictions (an int64 array in test-set order)."""
     if device == "cpu":
         torch.set_num_threads(1)
     fastfusion.set_backend(backend)
-    train_set, test_set = _datasets(settings.num_train, settings.num_test)
+    train_set, test_set = _datasets(settings.num_train, settings.num_test, settings.difficulty)
     seed_everything(seed)
     model = build_model(head, size="tiny")
     dist_device = torch.device(device)
     fit(model, train_set, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, seed=seed,
         dist=Distributed(device=dist_device))
-    return head, seed, backend, evaluate(model, test_set, "classification", device=dist_device)["accuracy"]
+    predictions, _ = predict(model, DataLoader(test_set, batch_size=64), "classification", dist_device)
+    return head, seed, backend, predictions
 
 
-def accuracy_runs(settings: Settings, device: torch.device, jobs: int, log: Callable[[str], None]) -> dict:
-    """{head: {backend: {seed: accuracy}}}. Heads without a fastfusion op run the same code
-    under both backends, so they are trained once."""
+def labels_of_test_set(settings: Settings) -> np.ndarray:
+    """The test set's labels (drawn at construction; no clip is rendered)."""
+    return _datasets(settings.num_train, settings.num_test, settings.difficulty)[1].labels.numpy()
+
+
+def accuracy_runs(settings: Settings, device: torch.device, jobs: int, log: Callable[[str], None]):
+    """({head: {backend: {seed: accuracy}}}, {head: {seed: predictions}} of the fused
+    backend). Heads without a fastfusion op run the same code under both backends, so they
+    are trained once."""
     plan = [(h, s, FUSED) for h in HEAD_NAMES for s in settings.seeds]
     plan += [(h, s, REFERENCE) for h in HEAD_NAMES if h in HEAD_OPS for s in settings.reference_seeds]
+    labels = labels_of_test_set(settings)
     results: dict = {h: {FUSED: {}, REFERENCE: {}} for h in HEAD_NAMES}
+    predictions: dict = {h: {} for h in HEAD_NAMES}
     # spawn, not fork: a forked child inherits torch's thread pools in an unusable state.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
         futures = [pool.submit(_accuracy_job, h, s, b, settings, device.type) for h, s, b in plan]
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            head, seed, backend, acc = future.result()
+            head, seed, backend, predicted = future.result()
+            acc = metrics.accuracy(labels, predicted)
             results[head][backend][seed] = acc
+            if backend == FUSED:
+                predictions[head][seed] = predicted
             log(f"[{done}/{len(plan)}] {head} seed {seed} {backend}: accuracy {acc:.3f}")
-    return results
+    return results, predictions
+
+
+def significance(accuracy: dict, predictions: dict, labels, alpha: float = ALPHA) -> dict:
+    """The head with the best mean accuracy against every other head.
+
+    ``accuracy``: {head: {seed: accuracy}}; ``predictions``: {head: {seed: test-set class
+    predictions}}; ``labels``: the test set's labels. Per other head, over the seeds both
+    ran: the mean accuracy difference best - head, the paired t-test's p-value (None with
+    fewer than 2 seeds) and McNemar's exact p-value of each seed. The best head is
+    "significantly better" than a head when both tests say so: the t-test's p and every
+    seed's McNemar p below ``alpha``. The t-test alone is not enough with few seeds: test
+    accuracy moves in steps of 1 / test-set size, so equal differences on every seed are
+    common, and they make t infinite and its p 0 whatever their size.
+    """
+    means = {head: statistics.fmean(by_seed.values()) for head, by_seed in accuracy.items()}
+    best = max(means, key=means.get)
+    rows = {}
+    for head, by_seed in accuracy.items():
+        if head == best:
+            continue
+        seeds = sorted(set(accuracy[best]) & set(by_seed))
+        paired = (
+            metrics.paired_test([accuracy[best][s] for s in seeds], [by_seed[s] for s in seeds]) if len(seeds) > 1
+            else None
+        )
+        mcnemar = {s: metrics.mcnemar(labels, predictions[best][s], predictions[head][s])["p_value"] for s in seeds}
+        rows[head] = {
+            "mean_difference": means[best] - means[head],
+            "seeds": seeds,
+            "t_p_value": paired["p_value"] if paired else None,
+            "mcnemar_p_values": {str(s): p for s, p in mcnemar.items()},
+            "significant": paired is not None and paired["p_value"] < alpha and max(mcnemar.values()) < alpha,
+        }
+    return {"best": best, "alpha": alpha, "against": rows}
 
 
 def _summary(values: list[float]) -> dict:
@@ -255,6 +326,7 @@ def sequence_rows(settings: Settings, device: torch.device, log: Callable[[str],
             }
         rows[name] = row
         log(f"timed {name}_lstm")
+
     def rate(name: str, requested: str, mode: str) -> float:
         return rows[name]["backends"][requested]["samples_per_s"][mode]
 
@@ -262,8 +334,15 @@ def sequence_rows(settings: Settings, device: torch.device, log: Callable[[str],
         requested: {mode: rate("lmf", requested, mode) / rate("tfn", requested, mode) for mode in ("train", "test")}
         for requested in (REFERENCE, FUSED)
     }
-    paper = {mode: PAPER_IPS["lmf"][mode] / PAPER_IPS["tfn"][mode] for mode in ("train", "test")}
-    return {"setup": {**setup, "batch": batch}, "models": rows, "lmf_over_tfn": ratios, "paper_lmf_over_tfn": paper}
+    return {"setup": {**setup, "batch": batch}, "models": rows, "lmf_over_tfn": ratios, "papers": paper_ratios()}
+
+
+def paper_ratios() -> dict:
+    """{source: {"setting", "lmf", "tfn", "lmf_over_tfn": {mode: LMF IPS / TFN IPS}}}."""
+    return {
+        source: {**table, "lmf_over_tfn": {mode: table["lmf"][mode] / table["tfn"][mode] for mode in ("train", "test")}}
+        for source, table in PAPER_IPS.items()
+    }
 
 
 def environment(device: torch.device, threads: int) -> dict:
@@ -330,8 +409,9 @@ def render_markdown(report: dict) -> str:
         f"· backends available: {', '.join(env['available_backends'])} · commit {env['git_commit']} · {env['date']}"
         f"{' · quick run' if report['quick'] else ''}",
         "",
-        f"Synthetic data: {settings['num_train']} training and {settings['num_test']} test clips "
-        f"(tiny size); {settings['epochs']} epochs, batch {settings['batch_size']}, Adam lr {settings['lr']}. "
+        f"Synthetic data at difficulty `{settings['difficulty']}`: {settings['num_train']} training and "
+        f"{settings['num_test']} test clips (tiny size); {settings['epochs']} epochs, batch {settings['batch_size']}, "
+        f"Adam lr {settings['lr']}. "
         f"Reference = backend `{REFERENCE}` (plain PyTorch); fused = backend `{FUSED}`, which ran the backend named "
         f"in the table. Accuracy: mean ± sd over seeds {_fmt_list(settings['seeds'])}.",
         "",
@@ -367,6 +447,7 @@ def render_markdown(report: dict) -> str:
         f"{verdict['additive_ceiling']:.3f}. Every multiplicative head beats every additive head on mean accuracy: "
         f"{'yes' if verdict['every_pair'] else 'no'}.",
     ]
+    lines += _render_significance(report["significance"])
     seq = report["lmf_vs_tfn"]
     setup = seq["setup"]
     lines += [
@@ -386,20 +467,55 @@ def render_markdown(report: dict) -> str:
                 f"| {_fmt_count(row['fusion_flops'])} | {requested} ({b['backend']}) "
                 f"| {_fmt_rate(b['samples_per_s']['train'])} | {_fmt_rate(b['samples_per_s']['test'])} |"
             )
-    ratio, paper = seq["lmf_over_tfn"], seq["paper_lmf_over_tfn"]
     lines += [
         "",
-        f"LMF / TFN speed: train {ratio[REFERENCE]['train']:.2f}x (reference), {ratio[FUSED]['train']:.2f}x (fused); "
-        f"test {ratio[REFERENCE]['test']:.2f}x (reference), {ratio[FUSED]['test']:.2f}x (fused). "
-        f"The LMF paper: train {paper['train']:.2f}x (1134.8 vs 340.7 IPS), "
-        f"test {paper['test']:.2f}x (2249.9 vs 1177.2 IPS).",
+        "LMF / TFN speed (LMF's samples/s over TFN's), measured here at 001's setting and published:",
+        "",
+        "| source | setting | LMF train / test IPS | TFN train / test IPS | LMF / TFN train | LMF / TFN test |",
+        "|---|---|---:|---:|---:|---:|",
     ]
+    for requested in (REFERENCE, FUSED):
+        ratio = seq["lmf_over_tfn"][requested]
+        speeds = {name: seq["models"][name]["backends"][requested]["samples_per_s"] for name in ("lmf", "tfn")}
+        lines.append(
+            f"| this run, {requested} | audio + video, batch {setup['batch']} "
+            + "".join(f"| {_fmt_rate(speeds[n]['train'])} / {_fmt_rate(speeds[n]['test'])} " for n in ("lmf", "tfn"))
+            + f"| {ratio['train']:.2f}x | {ratio['test']:.2f}x |"
+        )
+    for source, paper in seq["papers"].items():
+        lines.append(
+            f"| {source} | {paper['setting']} "
+            + "".join(f"| {paper[n]['train']:,.2f} / {paper[n]['test']:,.2f} " for n in ("lmf", "tfn"))
+            + f"| {paper['lmf_over_tfn']['train']:.2f}x | {paper['lmf_over_tfn']['test']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def update_readme(markdown: str, device: str, readme: Path = README) -> None:
-    """Replace the README's block for ``device`` (between its markers) with ``markdown``."""
-    start, end = f"<!-- compare:{device}:start -->", f"<!-- compare:{device}:end -->"
+def _render_significance(result: dict) -> list[str]:
+    best, alpha = result["best"], result["alpha"]
+    lines = [
+        "",
+        (f"**Best head: {best}** (highest mean test accuracy, fused backend) against each other head: paired t-test "
+         f"over seeds and McNemar's exact test on each seed's test predictions (largest p over the seeds); "
+         f"significant = both p < {alpha}, no correction for multiple comparisons."),
+        "",
+        f"| head | {best} − head (mean accuracy) | paired t p | McNemar p (largest) | significant |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for head, row in result["against"].items():
+        t_p = "n/a (1 seed)" if row["t_p_value"] is None else f"{row['t_p_value']:.3g}"
+        mcnemar = max(row["mcnemar_p_values"].values()) if row["mcnemar_p_values"] else None
+        lines.append(
+            f"| {head} | {row['mean_difference']:+.3f} | {t_p} | {'n/a' if mcnemar is None else f'{mcnemar:.3g}'} "
+            f"| {'yes' if row['significant'] else 'no'} |"
+        )
+    return lines
+
+
+def update_readme(markdown: str, key: str, readme: Path = README) -> None:
+    """Replace the README's block for ``key`` (the device, with the difficulty when not
+    "easy"; between its markers) with ``markdown``."""
+    start, end = f"<!-- compare:{key}:start -->", f"<!-- compare:{key}:end -->"
     block = f"{start}\n{markdown}{end}"
     text = readme.read_text() if readme.exists() else ""
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
@@ -410,6 +526,12 @@ def update_readme(markdown: str, device: str, readme: Path = README) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m models.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer seeds, epochs and timing (a few minutes on 2 CPU cores)")
+    p.add_argument("--difficulty", choices=sorted(DIFFICULTIES), default="easy",
+                   help="synthetic data setting (models.data.DIFFICULTIES); 'hard' is where the heads differ")
+    p.add_argument("--seeds", type=_positive, default=None, help="train seeds 0 .. N-1 (overrides the preset)")
+    p.add_argument("--epochs", type=_positive, default=None, help="training epochs (overrides the preset)")
+    p.add_argument("--num-train", type=_positive, default=None, help="training clips (overrides the preset)")
+    p.add_argument("--num-test", type=_positive, default=None, help="test clips (overrides the preset)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for the timings (CPU)")
     p.add_argument("--jobs", type=int, default=None, help="parallel training processes (default: CPU cores, 1 on CUDA)")
@@ -420,26 +542,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The --quick or full preset at ``--difficulty``, with the size flags applied. With
+    ``--seeds N`` the reference backend keeps those of its preset's seeds below N."""
+    settings = dataclasses.replace(QUICK if args.quick else FULL, difficulty=args.difficulty)
+    if args.seeds is not None:
+        seeds = tuple(range(args.seeds))
+        reference = tuple(s for s in settings.reference_seeds if s < args.seeds)
+        settings = dataclasses.replace(settings, seeds=seeds, reference_seeds=reference)
+    for field in ("epochs", "num_train", "num_test"):
+        if getattr(args, field) is not None:
+            settings = dataclasses.replace(settings, **{field: getattr(args, field)})
+    return settings
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    stem = args.out_dir / f"compare-{device.type}"
+    key = device.type if args.difficulty == "easy" else f"{device.type}-{args.difficulty}"
+    stem = args.out_dir / f"compare-{key}"
     if args.render:
-        return _publish(json.loads(stem.with_suffix(".json").read_text()), stem, device, readme=not args.no_readme)
-    settings = QUICK if args.quick else FULL
+        report = json.loads(stem.with_suffix(".json").read_text())
+        if report.get("schema") != SCHEMA:
+            raise SystemExit(f"{stem.with_suffix('.json')} was written by an older models.compare (layout "
+                             f"{report.get('schema', 1)}, this one reads {SCHEMA}): rerun it without --render")
+        return _publish(report, stem, key, readme=not args.no_readme)
+    settings = settings_from_args(args)
     jobs = args.jobs or (1 if device.type == "cuda" else os.cpu_count() or 1)
     logging.getLogger("fvcore").setLevel(logging.ERROR)  # its per-op "unsupported operator" notes
 
     def log(message: str) -> None:
         print(message, flush=True)
 
-    accuracy = accuracy_runs(settings, device, jobs, log)
+    accuracy, predictions = accuracy_runs(settings, device, jobs, log)
     torch.set_num_threads(args.threads)
     env = environment(device, args.threads)
     heads = head_rows(settings, accuracy, device, log)
     additive = [r["backends"][FUSED]["accuracy"]["mean"] for r in heads if r["kind"] == "additive"]
     multiplicative = [r["backends"][FUSED]["accuracy"]["mean"] for r in heads if r["kind"] == "multiplicative"]
     report = {
+        "schema": SCHEMA,
         "quick": args.quick,
         "environment": env,
         "settings": dataclasses.asdict(settings),
@@ -447,9 +596,12 @@ def main(argv: list[str] | None = None) -> dict:
         "bilinear_vs_concat": {
             "additive_mean": statistics.fmean(additive),
             "multiplicative_mean": statistics.fmean(multiplicative),
-            "additive_ceiling": data_config("tiny").additive_ceiling,
+            "additive_ceiling": at_difficulty(data_config("tiny"), settings.difficulty).additive_ceiling,
             "every_pair": min(multiplicative) > max(additive),
         },
+        "significance": significance(
+            {head: accuracy[head][FUSED] for head in HEAD_NAMES}, predictions, labels_of_test_set(settings)
+        ),
         "lmf_vs_tfn": sequence_rows(settings, device, log),
         "notes": [
             "FLOPs: fastfusion.flops counts neither aten::lstm nor attention; the LSTM models' FLOPs are "
@@ -459,14 +611,14 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    return _publish(report, stem, device, readme=not args.no_readme)
+    return _publish(report, stem, key, readme=not args.no_readme)
 
 
-def _publish(report: dict, stem: Path, device: torch.device, *, readme: bool) -> dict:
+def _publish(report: dict, stem: Path, key: str, *, readme: bool) -> dict:
     markdown = render_markdown(report)
     stem.with_suffix(".md").write_text(markdown)
     if readme:
-        update_readme(markdown, device.type)
+        update_readme(markdown, key)
     print(markdown)
     return report
 

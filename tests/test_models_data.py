@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import CLASS_NAMES, TINY, SyntheticAVEmotion, SyntheticConfig, train_test_split
+from models.data import (
+    CLASS_NAMES,
+    DIFFICULTIES,
+    TINY,
+    SyntheticAVEmotion,
+    SyntheticConfig,
+    at_difficulty,
+    train_test_split,
+)
 from models.frontends import (
     KINETICS_MEAN,
     KINETICS_STD,
@@ -119,8 +127,51 @@ def test_latent_factors_follow_the_documented_design():
     assert SMALL.additive_ceiling == pytest.approx(0.875)
 
 
+def test_default_latent_factors_are_unchanged():
+    # Drawn by the dataset before the difficulty settings existed (commit 320ba51): the
+    # default data, and the checkpoints trained on it, must stay as they were.
+    ds = SyntheticAVEmotion(16, seed=0, config=TINY)
+    assert ds.labels.tolist() == [0, 3, 1, 0, 3, 3, 3, 3, 1, 3, 1, 2, 0, 3, 2, 0]
+    assert ds.glide_up.tolist() == [1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 0]
+    assert ds.brows_up.tolist() == [1, 1, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert torch.equal(ds.labels, ds.true_labels)
+
+
+def test_label_noise_replaces_labels_by_other_classes_and_keeps_the_clips():
+    noisy_config = dataclasses.replace(SMALL, label_noise=0.3)
+    clean, noisy = SyntheticAVEmotion(4000, seed=1, config=SMALL), SyntheticAVEmotion(4000, seed=1, config=noisy_config)
+    # the clips are those of the noise-free set: same true labels and latent factors
+    assert torch.equal(noisy.true_labels, clean.labels)
+    for name in ("glide_up", "brows_up", "smile", "arousal", "intensity", "sentiment"):
+        assert torch.equal(getattr(noisy, name), getattr(clean, name)), name
+    torch.testing.assert_close(noisy[5]["video"], clean[5]["video"], rtol=0, atol=0)
+    flipped = noisy.labels != noisy.true_labels
+    assert flipped.float().mean() == pytest.approx(0.3, abs=0.025)
+    # a replaced label is each of the three other classes about equally often
+    shift = (noisy.labels[flipped] - noisy.true_labels[flipped]) % len(CLASS_NAMES)
+    assert torch.bincount(shift, minlength=4)[0] == 0
+    assert torch.bincount(shift, minlength=4)[1:].float().div(flipped.sum()).tolist() == pytest.approx([1 / 3] * 3, abs=0.04)
+    assert noisy[5]["label"] == noisy.labels[5]
+    # train_test_split keeps the test labels clean
+    train, test = train_test_split(500, 500, seed=0, config=noisy_config)
+    assert (train.labels != train.true_labels).any()
+    assert torch.equal(test.labels, test.true_labels) and test.config.label_noise == 0.0
+
+
+def test_difficulties():
+    assert at_difficulty(TINY, "easy") == TINY  # the default data, unchanged
+    hard = at_difficulty(TINY, "hard")
+    assert {k: getattr(hard, k) for k in DIFFICULTIES["hard"]} == DIFFICULTIES["hard"]
+    assert hard.audio_size == TINY.audio_size and hard.label_noise > 0
+    with pytest.raises(ValueError, match="difficulty"):
+        at_difficulty(TINY, "extreme")
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError, match="typical_positive"):
         SyntheticConfig(typical_positive=0.3)
+    for bad in (-0.1, 0.75):
+        with pytest.raises(ValueError, match="label_noise"):
+            SyntheticConfig(label_noise=bad)
     with pytest.raises(ValueError, match="num_samples"):
         SyntheticAVEmotion(0)

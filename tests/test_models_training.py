@@ -152,4 +152,4 @@ def test_cli_trains_evaluates_and_writes_its_outputs(tmp_path, capsys):
 def test_cli_regression_reports_the_sentiment_metrics(tmp_path):
     results = main(["--model", "tfn_lstm", "--task", "regression", "--epochs", "1", "--num-train", "8",
                     "--num-test", "8", "--batch-size", "4", "--no-progress"])
-    assert set(results["test"]) == {"mae", "pearson_r", "acc2", "acc7"}
+    assert set(results["test"]) == {"mae", "rmse", "pearson_r", "acc2", "acc7"}

@@ -32,7 +32,7 @@ def test_train_on_a_fake_mosei(tmp_path, model):
     make_mosei(tmp_path / "mosei_senti_data.pkl", sizes=(16, 4, 8))
     result = train.main(["--data", "mosei", "--root", str(tmp_path), "--model", *model,
                          "--epochs", "1", "--batch-size", "4", "--no-progress"])
-    assert set(result["test"]) == {"mae", "pearson_r", "acc2", "acc7"}
+    assert set(result["test"]) == {"mae", "rmse", "pearson_r", "acc2", "acc7"}
     assert result["config"]["task"] == "regression"  # MOSEI's own task, recorded as run
 
 
