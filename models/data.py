@@ -178,13 +178,18 @@ class SyntheticAVEmotion(Dataset):
         if self._cache is not None and index in self._cache:
             audio, video = self._cache[index]
         else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
             with torch.no_grad(), _single_thread():
-                audio = self._spectrogram(self._render_audio(index, g))
-                video = normalize_clip(self._render_frames(index, g))
+                wave, frames = self.render(index)
+                audio, video = self._spectrogram(wave), normalize_clip(frames)
             if self._cache is not None:
                 self._cache[index] = (audio, video)
         return {"audio": audio, "video": video, "label": self.labels[index], "sentiment": self.sentiment[index]}
+
+    def render(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip ``index`` as media, before the front-ends: its waveform (samples,) and its frames
+        (T, H, W, 3) in [0, 1], each clip from its own seeded generator (the same every call)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return self._render_audio(index, g), self._render_frames(index, g)
 
     def _render_audio(self, i: int, g: torch.Generator) -> torch.Tensor:
         c = self.config

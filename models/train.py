@@ -777,9 +777,7 @@ class HandcraftedClips(Dataset):
     (MFCC, ZCR, energy and pitch statistics; STIP descriptors), computed once and kept.
     Item: ``audio`` and ``video`` vectors, ``label``.
 
-    The synthetic dataset renders media only on its way to tensors, so its renderers are
-    called here, each clip from its own generator seeded as the dataset seeds it: the
-    clips are those its items show as images."""
+    The clips are those the dataset's items show as images (:meth:`SyntheticAVEmotion.render`)."""
 
     def __init__(self, clips: SyntheticAVEmotion):
         self.clips = clips
@@ -791,9 +789,7 @@ class HandcraftedClips(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index not in self._items:
-            g = torch.Generator().manual_seed(self.clips.seed * 1_000_003 + index)
-            wave = self.clips._render_audio(index, g)
-            frames = self.clips._render_frames(index, g)
+            wave, frames = self.clips.render(index)
             self._items[index] = {**self.frontend(wave, frames), "label": self.clips.labels[index]}
         return self._items[index]
 
