@@ -1,12 +1,13 @@
 """Named benchmark shapes, per kernel and shape set.
 
-Every kernel has one shape per set, named after the kernel (the rows of DESIGN.md §5), so
-results stay comparable across commits and devices: the name says *what* is measured, the
-set says at which size, and every result row records the sizes it actually ran.
+Every kernel has one shape per set, named after the kernel (the rows of "Reference sizes" in
+docs/design.md), so results stay comparable across commits and devices: the name says *what*
+is measured, the set says at which size, and every result row records the sizes it actually
+ran.
 
 Sets:
-- ``cuda``: DESIGN.md's GPU sizes.
-- ``cpu``: DESIGN.md's 2-core CPU sizes.
+- ``cuda``: the GPU sizes of docs/design.md.
+- ``cpu``: the 2-core CPU sizes of docs/design.md.
 - ``cpu-quick``: the CPU shapes shrunk (2-4x per dimension) so that ``--quick`` on two
   cores, torch.compile warm-up included, ends in under 3 minutes.
 - ``tiny``: a few kilobytes per tensor, for testing the harness itself.

@@ -1,4 +1,4 @@
-"""Independent float64 definitions of every operator, written from the math in DESIGN.md
+"""Independent float64 definitions of every operator, written from the math in docs/design.md
 (loops over index tuples and groups rather than the library's FFTs and einsums). They are
 the expected values of the tests; none of them calls fastfusion."""
 

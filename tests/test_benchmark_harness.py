@@ -219,7 +219,7 @@ def test_every_flag_has_help_and_quick_states_one_duration():
             assert action.help, action.option_strings
     quick = next(a for a in parser._actions if "--quick" in a.option_strings)
     assert run.QUICK_DURATION in quick.help
-    readme = (run.REPO / "README.md").read_text()
+    readme = (run.REPO / "benchmarks" / "README.md").read_text()
     assert f"`--quick` runs shrunk CPU shapes ({run.QUICK_DURATION}" in readme
 
 
