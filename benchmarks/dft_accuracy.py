@@ -1,5 +1,5 @@
 """How accurate a tensor-core DFT of compact bilinear pooling's length would be: the evidence
-behind the README's note on a fused vector-CBP kernel (issue 14, item 2).
+behind benchmarks/README.md's note on a fused vector-CBP kernel (issue 14, item 2).
 
 A length-N DFT, N = N1 N2, as two matmuls with the N1- and N2-point DFT matrices around a
 twiddle multiply (the four-step / Monarch decomposition FlashFFTConv runs on tensor cores),

@@ -60,7 +60,7 @@ CSV_PROVENANCE = (
     "git_commit", "date", "command", "shape_set", "copy_bandwidth_gb_per_s",
 )
 # How long `--quick` takes on CPU on this project's 2-core machines when nothing else runs
-# (27 s measured); stated in --help and the README.
+# (27 s measured); stated in --help and benchmarks/README.md.
 QUICK_DURATION = "about 30 s on 2 idle cores"
 
 CONVENTIONS = {

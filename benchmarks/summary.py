@@ -1,4 +1,4 @@
-"""A condensed markdown table of one results file, for the README.
+"""A condensed markdown table of one results file, for the READMEs.
 
     python -m benchmarks.summary benchmarks/results/<stamp>-cpu.json
 

@@ -343,7 +343,7 @@ def test_cases_capture_no_tensors_so_make_case_places_them_all(kernel):
 
 def test_dft_accuracy_four_step_is_the_dft():
     """benchmarks.dft_accuracy's decomposition with unrounded operands is the DFT (to its
-    float32 sums); with TF32 operands it is far less accurate (the README's argument rests on
+    float32 sums); with TF32 operands it is far less accurate (benchmarks/README.md's argument rests on
     both)."""
     from benchmarks import dft_accuracy
 
