@@ -77,10 +77,12 @@ def test_sdist_holds_the_sources_tests_and_their_helpers(dists):
         top = tar.getnames()[0].split("/")[0]
         names = {name.removeprefix(top + "/") for name in tar.getnames()}
     csrc = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastfusion" / "csrc").rglob("*") if p.is_file()}
-    tests = {f"tests/{p.name}" for p in (ROOT / "tests").glob("*.py")}
+    tests = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")}
     assert {"tests/conftest.py", "tests/helpers.py", "tests/oracles.py", "tests/fake_corpora.py"} <= tests
-    python = {p.relative_to(ROOT).as_posix() for d in ("benchmarks", "models") for p in (ROOT / d).glob("*.py")}
-    missing = (csrc | tests | python | {"LICENSE", "pyproject.toml", "setup.py", "MANIFEST.in"}) - names
+    python = {p.relative_to(ROOT).as_posix() for d in ("benchmarks", "models") for p in (ROOT / d).rglob("*.py")}
+    docs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md")}  # the README links them
+    assert docs
+    missing = (csrc | tests | python | docs | {"LICENSE", "pyproject.toml", "setup.py", "MANIFEST.in"}) - names
     assert not missing, sorted(missing)
     assert not [n for n in names if "/results/" in n or n.endswith((".so", ".pyc"))]  # outputs stay out
 
