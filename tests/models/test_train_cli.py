@@ -249,7 +249,7 @@ def test_resuming_a_matching_checkpoint_trains_on(adam_checkpoint, tmp_path, cap
 
 @pytest.fixture
 def fake_corpora():
-    """tests/fake_corpora.py, whose writers and our readers need the corpora extra."""
+    """tests/models/fake_corpora.py, whose writers and our readers need the corpora extra."""
     for name in ("av", "soundfile", "librosa"):
         pytest.importorskip(name)
     import fake_corpora
