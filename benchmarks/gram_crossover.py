@@ -18,8 +18,7 @@ import time
 import torch
 
 import fastfusion as ff
-
-from .timing import measure
+from fastfusion.timing import measure
 
 # (B, T, n1, n2, d); the first is the CPU benchmark shape cbp_seq (shapes.py).
 SHAPES = (

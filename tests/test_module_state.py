@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 import fastfusion as ff
-from models.heads import make_head
+from models.nets.heads import make_head
 
 D = 11
 

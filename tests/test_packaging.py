@@ -78,7 +78,7 @@ def test_sdist_holds_the_sources_tests_and_their_helpers(dists):
         names = {name.removeprefix(top + "/") for name in tar.getnames()}
     csrc = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastfusion" / "csrc").rglob("*") if p.is_file()}
     tests = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("*.py")}
-    assert {"tests/conftest.py", "tests/helpers.py", "tests/oracles.py", "tests/fake_corpora.py"} <= tests
+    assert {"tests/conftest.py", "tests/helpers.py", "tests/oracles.py", "tests/models/fake_corpora.py"} <= tests
     python = {p.relative_to(ROOT).as_posix() for d in ("benchmarks", "models") for p in (ROOT / d).rglob("*.py")}
     docs = {p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md")}  # the README links them
     assert docs

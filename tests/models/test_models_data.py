@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import (
+from models.datasets.data import (
     CLASS_NAMES,
     DIFFICULTIES,
     TINY,
@@ -15,7 +15,7 @@ from models.data import (
     at_difficulty,
     train_test_split,
 )
-from models.frontends import (
+from models.features.frontends import (
     KINETICS_MEAN,
     KINETICS_STD,
     SpectrogramImage,

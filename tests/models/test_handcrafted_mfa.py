@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import handcrafted as hc
-from models.mfa import MarginalFisherAnalysis, MFAFusion, mfa_graphs
+from models.features import handcrafted as hc
+from models.features.mfa import MarginalFisherAnalysis, MFAFusion, mfa_graphs
 
 SR = 22050
 

@@ -1,11 +1,11 @@
 """Cross-modal attention fusion trained with an emotion-constrained triplet loss, the
 review seed's system.
 
-Model: the CBGP paper's CNN encoders (:mod:`models.backbones`) without their pooling give
+Model: the CBGP paper's CNN encoders (:mod:`models.nets.backbones`) without their pooling give
 one token per position of their last feature maps (audio: frequency x time cells; video:
 time x height x width cells), projected to a common width. Audio tokens attend to video
 tokens and video tokens to audio tokens (AVT-CA's transformer blocks,
-:class:`models.avt_ca.TransformerFusionBlock`, each added to its stream); the two token
+:class:`models.nets.avt_ca.TransformerFusionBlock`, each added to its stream); the two token
 means are concatenated and classified.
 
 Loss, our reading of "emotion-constrained triplet loss" for two modalities: the anchor is
@@ -50,7 +50,6 @@ from torch import nn
 
 from .avt_ca import TransformerFusionBlock
 from .backbones import AudioCNN, VideoCNN
-
 
 # (valence, arousal) of each emotion, both in [-1, 1]: a coarse placement on Russell's
 # circumplex of affect (valence: unpleasant to pleasant; arousal: deactivated to

@@ -7,9 +7,11 @@ import random
 import pytest
 import torch
 
-from models import build_model, corpora, train
-from models.backbones import AudioCNN, VideoCNN
-from models.media import read_audio
+from models import build_model
+from models.datasets import corpora
+from models.datasets.media import read_audio
+from models.experiments import train
+from models.nets.backbones import AudioCNN, VideoCNN
 
 
 @pytest.fixture
@@ -247,7 +249,7 @@ def test_resuming_a_matching_checkpoint_trains_on(adam_checkpoint, tmp_path, cap
 
 @pytest.fixture
 def fake_corpora():
-    """tests/fake_corpora.py, whose writers and our readers need the corpora extra."""
+    """tests/models/fake_corpora.py, whose writers and our readers need the corpora extra."""
     for name in ("av", "soundfile", "librosa"):
         pytest.importorskip(name)
     import fake_corpora
@@ -396,7 +398,7 @@ def test_schedules_per_epoch():
 
 
 def test_a_cosine_run_resumed_mid_way_equals_an_uninterrupted_one(tmp_path):
-    from models.data import train_test_split
+    from models.datasets.data import train_test_split
 
     data, _ = train_test_split(8, 1, seed=0)
     settings = {"epochs": 3, "batch_size": 4, "lr": 0.01, "scheduler": "cosine"}

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import default_collate
 
-from models import seed_zoo
-from models.cnn1d import Conv1DClassifier
-from models.cross_attention_triplet import CrossAttentionTriplet, emotion_distance, emotion_triplet_loss
-from models.data import CLASS_NAMES, train_test_split
-from models.decision_fusion import WeightedDecisionFusion
-from models.mfa_cnn import MFACNN
-from models.onn import SelfONN2d, key_frame_indices, select_key_frames
+from models.datasets.data import CLASS_NAMES, train_test_split
+from models.nets.cnn1d import Conv1DClassifier
+from models.nets.cross_attention_triplet import CrossAttentionTriplet, emotion_distance, emotion_triplet_loss
+from models.nets.decision_fusion import WeightedDecisionFusion
+from models.nets.mfa_cnn import MFACNN
+from models.nets.onn import SelfONN2d, key_frame_indices, select_key_frames
+from models.zoo import MOSEI_MODEL_NAMES, build_model, features_for
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def assert_decreasing(losses):
 
 
 def test_conv1d_classifier_is_the_papers_table():
-    """Seed 002's table, with its two misprinted rows read as derived in models/cnn1d.py:
+    """Seed 002's table, with its two misprinted rows read as derived in models/nets/cnn1d.py:
     (k c_in + 1) c_out per convolution, (n_in + 1) n_out per dense layer."""
     net = Conv1DClassifier().eval()
     convs = [m for m in net.modules() if isinstance(m, nn.Conv1d)]
@@ -119,8 +119,8 @@ def handcrafted_corpus(tmp_path_factory):
     pytest.importorskip("librosa")
     from fake_corpora import make_ravdess
 
-    from models.corpora import RAVDESS
-    from models.handcrafted import HandcraftedFrontend
+    from models.datasets.corpora import RAVDESS
+    from models.features.handcrafted import HandcraftedFrontend
 
     root = tmp_path_factory.mktemp("ravdess")
     make_ravdess(root, actors=(1, 2, 3))
@@ -129,7 +129,7 @@ def handcrafted_corpus(tmp_path_factory):
 
 def test_mfa_cnn_prepares_then_trains(handcrafted_corpus):
     torch.manual_seed(0)
-    model = seed_zoo.build_seed_model("mfa_cnn1d", num_classes=8, dropout=0.0)
+    model = build_model("mfa_cnn1d", num_classes=8, dropout=0.0)
     batch = default_collate([handcrafted_corpus[i] for i in range(len(handcrafted_corpus))])
     with pytest.raises(RuntimeError, match="not fitted"):
         model(batch["audio"], batch["video"])
@@ -140,7 +140,7 @@ def test_mfa_cnn_prepares_then_trains(handcrafted_corpus):
     torch.testing.assert_close(fused.std(0, unbiased=False), torch.ones(16), atol=1e-4, rtol=0)
     assert_decreasing(train_steps(model, (batch["audio"], batch["video"]), batch["label"], steps=15, lr=1e-2))
     # The fitted fusion travels in the state dict.
-    clone = seed_zoo.build_seed_model("mfa_cnn1d", num_classes=8)
+    clone = build_model("mfa_cnn1d", num_classes=8)
     clone.load_state_dict(model.state_dict())
     model.eval(), clone.eval()
     torch.testing.assert_close(clone(batch["audio"], batch["video"]), model(batch["audio"], batch["video"]))
@@ -253,7 +253,7 @@ def test_sentiment_classes_lie_on_the_valence_axis():
 
 def test_cross_attention_triplet_trains_on_synthetic(synthetic_batch):
     torch.manual_seed(0)
-    model = seed_zoo.build_seed_model("ca_triplet", dropout=0.0, class_names=CLASS_NAMES)
+    model = build_model("ca_triplet", dropout=0.0, class_names=CLASS_NAMES)
     inputs, target = (synthetic_batch["audio"], synthetic_batch["video"]), synthetic_batch["label"]
     assert model(*inputs).shape == (32, 4)
     assert_decreasing(train_steps(model, inputs, target))
@@ -325,7 +325,7 @@ def test_decision_fusion_regression():
 
 def test_decision_fusion_trains_on_synthetic(synthetic_batch):
     torch.manual_seed(0)
-    model = seed_zoo.build_seed_model("decision_fusion", dropout=0.0, weights=(0.55, 0.45), learn_weights=True)
+    model = build_model("decision_fusion", dropout=0.0, weights=(0.55, 0.45), learn_weights=True)
     inputs = (synthetic_batch["audio"], synthetic_batch["video"])
     assert model(*inputs).shape == (32, 4)
     assert_decreasing(train_steps(model, inputs, synthetic_batch["label"]))
@@ -377,45 +377,45 @@ def test_key_frame_is_the_sharpest_of_the_changing_frames():
 
 def test_onn_trains_on_synthetic(synthetic_batch):
     torch.manual_seed(0)
-    model = seed_zoo.build_seed_model("onn", dropout=0.0)
+    model = build_model("onn", dropout=0.0)
     inputs = (synthetic_batch["audio"], synthetic_batch["video"])
     assert model(*inputs).shape == (32, 4)
     assert sum(isinstance(m, SelfONN2d) for m in model.audio_branch) == 2
     assert sum(isinstance(m, SelfONN2d) for m in model.video_branch) == 2
     assert_decreasing(train_steps(model, inputs, synthetic_batch["label"], lr=1e-2))
-    paper = seed_zoo.build_seed_model("onn", size="paper", num_classes=8)
+    paper = build_model("onn", size="paper", num_classes=8)
     assert [m.conv.out_channels for m in paper.video_branch if isinstance(m, SelfONN2d)] == [32, 64, 128]
 
 
 # --- the zoo --------------------------------------------------------------------------
 
 
-def test_seed_zoo_names_and_features():
-    assert seed_zoo.features_for("mfa_cnn1d") == "handcrafted"
-    assert seed_zoo.features_for("ca_triplet") == seed_zoo.features_for("cbgp") == "image"
-    with pytest.raises(ValueError, match="unknown seed model"):
-        seed_zoo.build_seed_model("cbgp")
+def test_seed_system_names_and_features():
+    assert features_for("mfa_cnn1d") == "handcrafted"
+    assert features_for("ca_triplet") == features_for("cbgp") == "image"
+    with pytest.raises(ValueError, match="input_dims .* needs one of"):
+        build_model("cbgp", input_dims=(5, 4, 7))
     with pytest.raises(ValueError, match="size must be one of"):
-        seed_zoo.build_seed_model("ca_triplet", size="huge", class_names=CLASS_NAMES)
+        build_model("ca_triplet", size="huge", class_names=CLASS_NAMES)
     with pytest.raises(ValueError, match="ca_triplet needs class_names"):
-        seed_zoo.build_seed_model("ca_triplet")
+        build_model("ca_triplet")
     with pytest.raises(ValueError, match="ca_triplet needs class_names, one per class"):
-        seed_zoo.build_seed_model("ca_triplet", num_classes=3, class_names=CLASS_NAMES)
+        build_model("ca_triplet", num_classes=3, class_names=CLASS_NAMES)
     ravdess = ("neutral", "calm", "happy", "sad", "angry", "fearful", "disgust", "surprised")
-    assert isinstance(seed_zoo.build_seed_model("ca_triplet", size="paper", num_classes=8, class_names=ravdess),
+    assert isinstance(build_model("ca_triplet", size="paper", num_classes=8, class_names=ravdess),
                       CrossAttentionTriplet)
-    paper = seed_zoo.build_seed_model("mfa_cnn1d", size="paper", num_classes=6)
+    paper = build_model("mfa_cnn1d", size="paper", num_classes=6)
     assert sum(p.numel() for p in paper.classifier.parameters()) == 152_614
 
 
-@pytest.mark.parametrize("name", seed_zoo.MOSEI_MODEL_NAMES)
+@pytest.mark.parametrize("name", MOSEI_MODEL_NAMES)
 def test_mosei_models_train_on_three_sequences(name):
     g = torch.Generator().manual_seed(0)
     audio, video, text = (torch.randn(16, 6, d, generator=g) for d in (5, 4, 7))
     sentiment = (text[:, :, 0].mean(1) * 3).clamp(-3, 3)
-    model = seed_zoo.build_mosei_model(name, (5, 4, 7), dropout=0.0)
+    model = build_model(name, input_dims=(5, 4, 7), task="regression", dropout=0.0)
     assert model(audio, video, text).shape == (16,)
     assert_decreasing(train_steps(model, (audio, video, text), sentiment, steps=15, lr=1e-2, task_loss=F.l1_loss))
-    classifier = seed_zoo.build_mosei_model(name, (5, 4, 7), task="classification", num_classes=7)
+    classifier = build_model(name, input_dims=(5, 4, 7), num_classes=7)
     assert classifier(audio, video, text).shape == (16, 7)
 

@@ -82,7 +82,7 @@ def torchvision_r3d_18(*, pretrained: bool = False) -> nn.Module:
 
     Optional: needs a torchvision that imports alongside the installed torch. ``pretrained``
     downloads the Kinetics-400 weights (clips normalised with
-    :data:`models.frontends.KINETICS_MEAN` / ``KINETICS_STD``, as :func:`normalize_clip` does).
+    :data:`models.features.frontends.KINETICS_MEAN` / ``KINETICS_STD``, as :func:`normalize_clip` does).
     """
     try:
         from torchvision.models.video import R3D_18_Weights, r3d_18

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models import compare
+from models.experiments import compare
 
 # All-correct predictions of the best head, and a rival wrong on the first k of 10 samples.
 LABELS = [0] * 10

@@ -1,6 +1,6 @@
 """Decoding the corpora's media files: mono waveforms and RGB frames.
 
-``.wav`` files go through :func:`models.frontends.load_audio` (librosa and soundfile);
+``.wav`` files go through :func:`models.features.frontends.load_audio` (librosa and soundfile);
 every other container (``.mp4``, ``.flv``, ...) through PyAV, whose wheels bundle FFmpeg
 (``pip install av``). The ``corpora`` extra installs all three. Both imports happen on
 first use, so the rest of :mod:`models` works without either library.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .frontends import load_audio
+from ..features.frontends import load_audio
 
 WAVE_SUFFIXES = (".wav",)
 VIDEO_SUFFIXES = (".mp4", ".flv", ".avi", ".mkv", ".mov")

@@ -301,7 +301,7 @@ def load_mosei_media(
 
     Splits are by video, so no video has segments in two of them: ``folds`` (split ->
     video ids), else the SDK's :func:`standard_folds` when importable, else
-    :func:`~models.corpora.speaker_split` of the video ids with ``val_fraction``,
+    :func:`~models.datasets.corpora.speaker_split` of the video ids with ``val_fraction``,
     ``test_fraction`` and ``seed``. The release names no speakers, and some of its ~1000
     speakers have several videos: no split is known to be speaker-independent. Each set's
     :attr:`~MOSEIMedia.folds` says which. Labelled videos with no file for one of
@@ -415,9 +415,9 @@ def _missing_media(what: str) -> str:
 class MOSEIMedia(Dataset):
     """Labelled segments of the CMU-MOSEI raw release (see :func:`load_mosei_media`).
 
-    Item: the frontend's tensors of the segment's span (:class:`~models.corpora.
+    Item: the frontend's tensors of the segment's span (:class:`~models.datasets.corpora.
     ImageFrontend` by default: ``audio`` (1, H, W) spectrogram image, ``video`` (3, T, H, W)
-    clip; or :class:`~models.handcrafted.HandcraftedFrontend` vectors), ``sentiment``
+    clip; or :class:`~models.features.handcrafted.HandcraftedFrontend` vectors), ``sentiment``
     float32 in [-3, 3], ``label`` int64 (the 7-class sentiment, index into
     :data:`CLASS_NAMES`), and ``emotions`` float32 (6,) when the labels have them. Features
     are cached per (files, span, frontend), as the other corpora's are per file.

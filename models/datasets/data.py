@@ -67,7 +67,7 @@ import math
 import torch
 from torch.utils.data import Dataset
 
-from .frontends import HOP_LENGTH, N_FFT, SAMPLE_RATE, SpectrogramImage, normalize_clip
+from ..features.frontends import HOP_LENGTH, N_FFT, SAMPLE_RATE, SpectrogramImage, normalize_clip
 
 CLASS_NAMES = ("happy", "calm", "angry", "sad")
 # (valence, arousal) of each class, in CLASS_NAMES order.

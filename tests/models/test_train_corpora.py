@@ -8,7 +8,8 @@ pytest.importorskip("librosa")
 
 from fake_corpora import make_mosei, make_ravdess  # noqa: E402
 
-from models import corpora, train  # noqa: E402
+from models.datasets import corpora  # noqa: E402
+from models.experiments import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ tfn       tensor fusion (fastfusion.TensorFusion)
 
 The first three are additive in the two modalities: each class score is an audio term
 plus a video term, which cannot express an interaction such as an XOR of one audio and one
-video attribute. The other five are multiplicative and can (see :mod:`models.data`).
+video attribute. The other five are multiplicative and can (see :mod:`models.datasets.data`).
 MFB and CBP(G) end in signed square root and L2 normalisation (rescaled, see
 :class:`OperatorFusion`); LMF and TFN feed their affine output straight to the classifier
 (with a ReLU between them, as in TFN's post-fusion network, Adam drove TFN's wide layer

@@ -1,10 +1,10 @@
 """Readers of the emotion corpora on local disk (never downloaded), in the item format of
-:class:`models.data.SyntheticAVEmotion`, so the training loop and models take them as
+:class:`models.datasets.data.SyntheticAVEmotion`, so the training loop and models take them as
 they are.
 
 - :class:`RAVDESS`: 24 actors, 8 emotions, speech (default) and song;
 - :class:`CremaD`: 91 actors, 6 emotions;
-- CMU-MOSEI lives in :mod:`models.mosei` (feature pickles, or the raw release's media);
+- CMU-MOSEI lives in :mod:`models.datasets.mosei` (feature pickles, or the raw release's media);
 - :func:`build_corpus`: train / validation / test sets of any of them by name.
 
 Splits are speaker-independent: every actor's clips fall in exactly one of train,
@@ -12,9 +12,9 @@ validation and test (:func:`speaker_split`), as the seed papers' protocols requi
 random clip-level splits leak the speaker's voice and face into the test set.
 
 What an item holds is the frontend's business: :class:`ImageFrontend` gives the synthetic
-dataset's tensors (spectrogram image, normalised clip), :class:`~models.handcrafted.
+dataset's tensors (spectrogram image, normalised clip), :class:`~models.features.handcrafted.
 HandcraftedFrontend` the seed system's hand-crafted vectors. Either way, features are
-computed once per file and kept in a :class:`~models.feature_cache.FeatureCache`, so a
+computed once per file and kept in a :class:`~models.datasets.feature_cache.FeatureCache`, so a
 second epoch (or a second run) decodes nothing. The expected layouts are in
 ``models/DATASETS.md`` and in the error raised when no file is found.
 """
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..features.frontends import N_FFT, SpectrogramImage, normalize_clip, sample_frame_indices
+from ..features.handcrafted import HandcraftedFrontend
 from .data import TINY, SyntheticConfig
 from .feature_cache import FeatureCache, default_cache_dir
-from .frontends import N_FFT, SpectrogramImage, normalize_clip, sample_frame_indices
-from .handcrafted import HandcraftedFrontend
 from .media import VIDEO_SUFFIXES, WAVE_SUFFIXES, read_audio, read_frames, wave_problem
 
 MODALITIES = ("audio", "video")
@@ -140,10 +140,10 @@ class MediaCorpus(Dataset):
     download, with no video file at all), and so are those whose ``.wav`` is damaged or
     shorter than :data:`MIN_AUDIO_SAMPLES` (each with a warning; :attr:`skipped` lists
     them with the reason). ``frontend``: :class:`ImageFrontend` (default),
-    :class:`~models.handcrafted.HandcraftedFrontend`, or any object with their
+    :class:`~models.features.handcrafted.HandcraftedFrontend`, or any object with their
     ``sample_rate``, ``frame_size``, ``config_key``, ``__call__(wave, frames)`` and
     ``finish(features)``. ``cache_dir``: "auto" for
-    :func:`~models.feature_cache.default_cache_dir`, a path, or None for no cache.
+    :func:`~models.datasets.feature_cache.default_cache_dir`, a path, or None for no cache.
 
     Item: the frontend's tensors plus ``label`` (int64, index into ``CLASS_NAMES``) and
     ``speaker`` (int64, the corpus's actor id).
@@ -338,7 +338,7 @@ class CremaD(MediaCorpus):
     1001-1091, 12 sentences, emotions ANG DIS FEA HAP NEU SAD (:attr:`CLASS_NAMES` order),
     levels LO MD HI and XX (unspecified). Audio comes from ``AudioWAV/*.wav``, else from
     the video file's track; video from ``VideoFlash/*.flv`` (or ``.mp4`` and the other
-    :data:`~models.media.VIDEO_SUFFIXES`). With ``VideoDemographics.csv`` anywhere under the
+    :data:`~models.datasets.media.VIDEO_SUFFIXES`). With ``VideoDemographics.csv`` anywhere under the
     root, the splits balance the actors' sexes.
     """
 

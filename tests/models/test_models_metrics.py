@@ -1,4 +1,4 @@
-"""models.metrics (scikit-learn and SciPy underneath) against hand-computed cases and
+"""models.experiments.metrics (scikit-learn and SciPy underneath) against hand-computed cases and
 independent numpy formulas."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from models import metrics
+from models.experiments import metrics
 
 # 3 classes, 8 samples. Confusion (rows true, columns predicted):
 #   [[2, 1, 0],

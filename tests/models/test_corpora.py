@@ -10,14 +10,26 @@ import types
 import numpy as np
 import pytest
 import torch
+from fake_corpora import (
+    FPS,
+    MOSEI_VIDEOS,
+    SAMPLE_RATE,
+    clip,
+    make_cremad,
+    make_mosei,
+    make_mosei_media,
+    make_ravdess,
+    write_csd,
+    write_video,
+    write_wav,
+)
 from torch.utils.data import DataLoader
 
-from fake_corpora import (FPS, MOSEI_VIDEOS, SAMPLE_RATE, clip, make_cremad, make_mosei, make_mosei_media,
-                          make_ravdess, write_csd, write_video, write_wav)
-from models import corpora, mosei, train
-from models.data import TINY
-from models.handcrafted import HandcraftedFrontend, autocorrelation_pitch
-from models.media import read_audio, read_frames
+from models.datasets import corpora, mosei
+from models.datasets.data import TINY
+from models.datasets.media import read_audio, read_frames
+from models.experiments import train
+from models.features.handcrafted import HandcraftedFrontend, autocorrelation_pitch
 
 # PyAV decodes (and writes) video, librosa reads .wav, soundfile writes it: the corpora extra.
 _MISSING = [name for name in ("av", "librosa", "soundfile") if importlib.util.find_spec(name) is None]

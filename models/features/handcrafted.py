@@ -1,9 +1,9 @@
 """Hand-crafted features of the CNN/MFA seed system: MFCC, zero-crossing rate, RMS energy
 and autocorrelation pitch for the audio; spatio-temporal interest points (Harris3D) for
 the video; and :class:`HandcraftedFrontend`, which turns a clip into one fixed-length
-vector per modality for Marginal Fisher Analysis (:mod:`models.mfa`).
+vector per modality for Marginal Fisher Analysis (:mod:`models.features.mfa`).
 
-Audio frames follow :mod:`models.frontends` (22050 Hz, 2048-sample frames, hop 512,
+Audio frames follow :mod:`models.features.frontends` (22050 Hz, 2048-sample frames, hop 512,
 centred, zero-padded), so MFCC here equals ``librosa.feature.mfcc`` with its defaults (the
 tests check it when librosa imports) without needing librosa.
 

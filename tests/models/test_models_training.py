@@ -11,8 +11,8 @@ import torch.distributed
 import torch.multiprocessing as mp
 
 from models import build_model
-from models.data import TINY, SyntheticAVEmotion
-from models.train import (
+from models.datasets.data import TINY, SyntheticAVEmotion
+from models.experiments.train import (
     Distributed,
     fit,
     init_distributed,

@@ -1,6 +1,6 @@
 """The CNN/MFA seed system: hand-crafted audio and video vectors
-(:mod:`models.handcrafted`), fused by Marginal Fisher Analysis (:mod:`models.mfa`), then
-classified by a 1D-CNN (:mod:`models.cnn1d`, the paper's layer table).
+(:mod:`models.features.handcrafted`), fused by Marginal Fisher Analysis (:mod:`models.features.mfa`), then
+classified by a 1D-CNN (:mod:`models.nets.cnn1d`, the paper's layer table).
 
 The table's convolutions need an input of 162 steps (161 to 187 give its 32-wide
 flatten), but MFA gives at most as many components as the hand-crafted vectors have
@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..features.mfa import MFAFusion
 from .cnn1d import Conv1DClassifier
-from .mfa import MFAFusion
 
 
 class MFACNN(nn.Module):
     """forward(*vectors) with one (B, d_m) tensor per entry of ``in_dims`` (in its order)
-    -> (B, num_classes) logits. ``mfa`` options go to :class:`~models.mfa.MFAFusion`
+    -> (B, num_classes) logits. ``mfa`` options go to :class:`~models.features.mfa.MFAFusion`
     (``k_intrinsic``, ``k_penalty``, ``regularization``), ``cnn`` options to
-    :class:`~models.cnn1d.Conv1DClassifier`."""
+    :class:`~models.nets.cnn1d.Conv1DClassifier`."""
 
     def __init__(self, in_dims: dict[str, int], num_classes: int, *, n_components: int = 32,
                  mfa: dict | None = None, cnn: dict | None = None):
