@@ -3,7 +3,7 @@
 Times fastfusion.compact_bilinear(..., backend="cpp", pool_dim=1, normalize=True) in float32
 with algorithm="fft" and "gram", forward alone (under no_grad) and forward + backward, at the
 shapes given (default: SHAPES), and prints a markdown table of medians. The two algorithms of a
-shape take turns within one run (benchmarks.timing.measure), so that load from other processes
+shape take turns within one run (fastfusion.timing.measure), so that load from other processes
 falls on both alike; compare ratios, not runs. The table is what the CPU constants of
 fastfusion.ops.compact_bilinear.algorithm_costs are calibrated from.
 
