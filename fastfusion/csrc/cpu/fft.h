@@ -1,4 +1,4 @@
-// Batched real FFTs of length d on rows in memory, for the sketch kernels.
+// Batched real FFTs of length d on rows in memory, for the compact_bilinear kernels.
 //
 // ATen's CPU FFT builds and commits an MKL descriptor on every call (~85 us for d = 8192
 // against ~6 us per transform), which dominated the small calls of the compact bilinear

@@ -1,6 +1,7 @@
 // Signed square root + L2 normalisation over the last dimension: one task per row, the row
 // staying in L1/L2 across its passes.
 #include "common.h"
+#include "signed_sqrt_l2.h"
 
 #include <torch/library.h>
 
@@ -42,6 +43,11 @@ at::Tensor signed_sqrt_l2_backward(const at::Tensor& grad_in, const at::Tensor& 
 }
 
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastfusion_cpu, m) {
+  m.def("signed_sqrt_l2(Tensor z, float eps) -> Tensor");
+  m.def("signed_sqrt_l2_backward(Tensor grad, Tensor z, float eps) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(fastfusion_cpu, CPU, m) {
   m.impl("signed_sqrt_l2", &signed_sqrt_l2);

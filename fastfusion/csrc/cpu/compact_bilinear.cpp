@@ -1,9 +1,4 @@
-// Count sketch and tensor sketch / compact bilinear pooling (math in
-// fastfusion/ops/count_sketch.py and fastfusion/ops/compact_bilinear.py).
-//
-// A row of the batch belongs to one thread, so the count sketch is a plain scatter into that
-// row: no atomics, a fixed summation order (ascending input index), and for d >> n cheaper
-// than the branchy bucket-by-bucket gather a GPU needs.
+// Tensor sketch / compact bilinear pooling (the math is in fastfusion/ops/compact_bilinear.py).
 //
 // Compact bilinear pooling has two algorithms ("fft" and "gram", chosen in Python) that share
 // the epilogue (finish_row, finish_row_backward: gate, signed sqrt + L2, and their gradients).
@@ -38,92 +33,18 @@
 // Y diag(s2)) so that the scatter only adds and the gather multiplies once. The GEMMs reduce
 // over what the reference Gram kernel's do (T for G, n2 for dX, n1 for dY).
 #include "common.h"
+#include "count_sketch.h"
 #include "fft.h"
+#include "signed_sqrt_l2.h"
 
 #include <c10/util/complex.h>
 #include <torch/library.h>
 
-#include <array>
 #include <atomic>
 #include <limits>
 
 namespace fastfusion {
 namespace {
-
-// One modality's hash (as int64, range-checked) and signs (in the compute type).
-template <typename T>
-struct Hashing {
-  std::vector<int64_t> hash;
-  std::vector<T> sign;
-
-  Hashing(const at::Tensor& h, const at::Tensor& s, int64_t n, int64_t d) {
-    TORCH_CHECK(h.numel() == n && s.numel() == n, "fastfusion cpp backend: hash and sign need ", n,
-                " entries (the input's last dimension), got ", h.numel(), " and ", s.numel());
-    const auto hc = h.to(at::kLong).contiguous();
-    const auto sc = s.to(c10::CppTypeToScalarType<T>::value).contiguous();
-    hash.assign(hc.template const_data_ptr<int64_t>(), hc.template const_data_ptr<int64_t>() + n);
-    sign.assign(sc.template const_data_ptr<T>(), sc.template const_data_ptr<T>() + n);
-    for (const int64_t j : hash)
-      TORCH_CHECK(0 <= j && j < d, "fastfusion cpp backend: hash value ", j, " is outside [0, ", d, ")");
-  }
-
-  int64_t size() const { return static_cast<int64_t>(hash.size()); }
-
-  void sketch(const T* x, T* out, int64_t d) const {
-    std::fill(out, out + d, T(0));
-    for (int64_t i = 0; i < size(); ++i) out[hash[i]] += sign[i] * x[i];
-  }
-
-  // The adjoint of sketch(): dx_i = s(i) g_{h(i)}.
-  void gather(const T* g, T* dx) const {
-    for (int64_t i = 0; i < size(); ++i) dx[i] = sign[i] * g[hash[i]];
-  }
-};
-
-at::Tensor count_sketch(const at::Tensor& x_in, const at::Tensor& hash, const at::Tensor& sign, int64_t out_dim) {
-  const auto type = compute_type(x_in, "count_sketch");
-  const auto x = prepared(x_in, type);
-  const int64_t n = x.size(-1);
-  auto shape = x.sizes().vec();
-  shape.back() = out_dim;
-  auto out = empty_output(shape, x.options());
-  const int64_t rows = out.numel() / std::max<int64_t>(out_dim, 1);
-  AT_DISPATCH_FLOATING_TYPES(type, "count_sketch", [&] {
-    const Hashing<scalar_t> hashing(hash, sign, n, out_dim);
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    parallel_rows(rows, out_dim + 2 * n, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) hashing.sketch(xp + r * n, op + r * out_dim, out_dim);
-    });
-  });
-  return out.to(x_in.scalar_type());
-}
-
-at::Tensor count_sketch_backward(const at::Tensor& grad_in, const at::Tensor& hash, const at::Tensor& sign) {
-  const auto type = compute_type(grad_in, "count_sketch_backward");
-  const auto grad = prepared(grad_in, type);
-  const int64_t d = grad.size(-1);
-  const int64_t n = hash.numel();
-  auto shape = grad.sizes().vec();
-  shape.back() = n;
-  auto dx = empty_output(shape, grad.options());
-  const int64_t rows = dx.numel() / std::max<int64_t>(n, 1);
-  AT_DISPATCH_FLOATING_TYPES(type, "count_sketch_backward", [&] {
-    const Hashing<scalar_t> hashing(hash, sign, n, d);
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    parallel_rows(rows, 2 * n, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        // The gather touches most cache lines of a row in random order, which the hardware
-        // prefetchers cannot follow: request the next row's lines in order meanwhile.
-        if (r + 1 < r1)
-          for (int64_t i = 0; i < d; i += 64 / sizeof(scalar_t)) __builtin_prefetch(gp + (r + 1) * d + i, 0, 3);
-        hashing.gather(gp + r * d, dp + r * n);
-      }
-    });
-  });
-  return dx.to(grad_in.scalar_type());
-}
 
 // How the batch is cut into tasks; a function of the shapes only (see the file comment). The
 // tasks supply the parallelism, so every FFT call runs on one MKL thread (OneMklThread): MKL
@@ -622,9 +543,16 @@ std::vector<at::Tensor> compact_bilinear_backward(const at::Tensor& grad_in, at:
 
 }  // namespace
 
+TORCH_LIBRARY_FRAGMENT(fastfusion_cpu, m) {
+  m.def(
+      "compact_bilinear(Tensor[] xs, Tensor[] hashes, Tensor[] signs, int out_dim, bool mean, Tensor? gate, "
+      "bool normalize, float eps, str algorithm, bool save_residuals) -> (Tensor, Tensor[])");
+  m.def(
+      "compact_bilinear_backward(Tensor grad, Tensor[] residuals, Tensor[] xs, Tensor[] hashes, Tensor[] signs, int out_dim, bool mean, "
+      "Tensor? gate, bool normalize, float eps, str algorithm) -> Tensor[]");
+}
+
 TORCH_LIBRARY_IMPL(fastfusion_cpu, CPU, m) {
-  m.impl("count_sketch", &count_sketch);
-  m.impl("count_sketch_backward", &count_sketch_backward);
   m.impl("compact_bilinear", &compact_bilinear);
   m.impl("compact_bilinear_backward", &compact_bilinear_backward);
 }
