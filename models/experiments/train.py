@@ -850,14 +850,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     dist = init_distributed(args.device)
     try:
-        return _run(args, dist)
+        # A context, not set_backend: main() called from Python leaves the caller's choice as it was.
+        with fastfusion.backend(args.backend):
+            return _run(args, dist)
     finally:
         if dist.world_size > 1:
             torch_dist.destroy_process_group()
 
 
 def _run(args: argparse.Namespace, dist: Distributed) -> dict:
-    fastfusion.set_backend(args.backend)
     seed_everything(args.seed)
     data = load_data(args)
     task = args.task or data.task

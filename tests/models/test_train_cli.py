@@ -482,3 +482,12 @@ def test_recalibrated_batchnorm_holds_the_statistics_that_evaluation_sees():
     assert torch.allclose(norm.running_mean, torch.stack([c.mean(0) for c in chunks]).mean(0), atol=1e-6)
     assert torch.allclose(norm.running_var, torch.stack([c.var(0) for c in chunks]).mean(0), atol=1e-6)
     assert norm.momentum == 0.5 and model.training
+
+
+def test_main_leaves_the_callers_backend_as_it_was():
+    # main() called from Python runs under --backend without changing the process-wide choice.
+    import fastfusion
+
+    before = fastfusion.selected_backend("low_rank_fusion")
+    train.main([*TINY_RUN, "--epochs", "1", "--backend", "eager"])
+    assert fastfusion.selected_backend("low_rank_fusion") == before != "eager"
