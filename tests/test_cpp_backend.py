@@ -108,11 +108,6 @@ def tensor_fusion_case(gen, B=3, dims=(2, 3, 4), hidden=5, bias=True, layout="co
 
 
 CASES = {
-    "count_sketch": count_sketch_case,
-    "count_sketch B=1 d>n": lambda g: count_sketch_case(g, lead=(1,), n=4, d=33),
-    "count_sketch leading dims, int32 hash, float sign, strided": lambda g: count_sketch_case(
-        g, lead=(2, 3), n=9, d=4, layout="strided", hash_dtype=torch.int32, sign_dtype=torch.float64
-    ),
     "compact_bilinear": compact_bilinear_case,
     "compact_bilinear B=1 odd d, no normalize": lambda g: compact_bilinear_case(g, B=1, d=17, normalize=False),
     "compact_bilinear M=3 gate": lambda g: compact_bilinear_case(g, dims=(3, 4, 5), d=16, gate=True),
@@ -218,7 +213,6 @@ def test_float32_within_twice_pytorch_error(gen, case):
 
 
 GRADCHECK = {
-    "count_sketch": lambda g: count_sketch_case(g, lead=(2,), n=5, d=3),
     # Normalisation only where no bucket of z is empty: the signed square root of FFT
     # round-off around 0 has no usable finite difference.
     "compact_bilinear gate pool": lambda g: compact_bilinear_case(

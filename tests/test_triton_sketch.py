@@ -17,12 +17,10 @@ import fastfusion  # noqa: E402
 from fastfusion import (  # noqa: E402
     _dispatch,
     compact_bilinear,
-    count_sketch,
     draw_hashes_and_signs,
     signed_sqrt_l2,
     tensor_sketch,
 )
-from fastfusion.triton_backend import count_sketch as triton_count_sketch  # noqa: E402
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -73,67 +71,6 @@ def check_against_float64(fn, inputs, dtype, tol=1e-12):
         bounds = [2 * rel_err(t, ref) + floor for t, ref in zip([eager_out] + eager_grads, [ref_out] + ref_grads)]
     for i, (t, ref, bound) in enumerate(zip(ours, [ref_out] + ref_grads, bounds)):
         assert rel_err(t, ref) <= bound, f"tensor {i}: error {rel_err(t, ref):.3g} > bound {bound:.3g}"
-
-
-# ------------------------------------------------------------------------------ count sketch
-
-@pytest.mark.parametrize("shape, out_dim", [((1, 37), 13), ((3, 5, 131), 67), ((4, 300), 7)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_count_sketch_matches_reference(shape, out_dim, dtype):
-    (hash,), (sign,) = sketch_params([shape[-1]], out_dim)
-    x = torch.randn(shape, device=DEVICE)
-    check_against_float64(lambda x, backend: count_sketch(x, hash, sign, out_dim, backend=backend), [x], dtype)
-
-
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-def test_count_sketch_half(dtype):
-    (hash,), (sign,) = sketch_params([53], 29)
-    x = torch.randn(3, 53, device=DEVICE)
-    check_against_float64(lambda x, backend: count_sketch(x, hash, sign, 29, backend=backend), [x], dtype)
-
-
-def test_count_sketch_non_contiguous_and_sign_dtypes():
-    hash = torch.randint(0, 19, (41,), device=DEVICE)[::1]
-    sign = (torch.randint(0, 2, (82,), device=DEVICE) * 2 - 1).float()[::2]  # strided sign
-    x = torch.randn(41, 6, device=DEVICE).t()  # column stride != 1
-    check_against_float64(lambda x, backend: count_sketch(x, hash, sign, 19, backend=backend), [x], torch.float32)
-
-
-def test_count_sketch_is_deterministic():
-    (hash,), (sign,) = sketch_params([257], 11)  # ~23 inputs per bucket
-    x = torch.randn(5, 257, device=DEVICE)
-    assert torch.equal(count_sketch(x, hash, sign, 11, backend="triton"), count_sketch(x, hash, sign, 11, backend="triton"))
-
-
-def test_inverse_table_follows_in_place_hash_changes():
-    (hash,), (sign,) = sketch_params([29], 17)
-    x = torch.randn(2, 29, device=DEVICE)
-    count_sketch(x, hash, sign, 17, backend="triton")
-    hash.copy_(torch.randint(0, 17, (29,), device=DEVICE))
-    sign.neg_()
-    expected = count_sketch(x.double(), hash, sign, 17, backend="eager")
-    assert rel_err(count_sketch(x, hash, sign, 17, backend="triton"), expected) < 1e-6
-    table = triton_count_sketch.inverse_table(hash, sign, 17)
-    assert triton_count_sketch.inverse_table(hash, sign, 17) is table
-
-
-def test_count_sketch_takes_inference_tensors():
-    # Inference tensors have no version counter, so their inverse table is rebuilt on every
-    # call: a write inside inference mode, invisible to any counter, is still seen.
-    with torch.inference_mode():
-        (hash,), (sign,) = sketch_params([29], 17)
-    x = torch.randn(2, 29, device=DEVICE)
-    for _ in range(2):
-        expected = count_sketch(x.double(), hash, sign, 17, backend="eager")
-        assert rel_err(count_sketch(x, hash, sign, 17, backend="triton"), expected) < 1e-6
-        with torch.inference_mode():
-            hash.copy_(torch.randint(0, 17, (29,), device=DEVICE))
-
-
-def test_count_sketch_gradcheck_float64():
-    (hash,), (sign,) = sketch_params([23], 9)
-    x = torch.randn(2, 23, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x: count_sketch(x, hash, sign, 9, backend="triton"), (x,))
 
 
 # --------------------------------------------------------------------------- signed sqrt + L2
