@@ -168,8 +168,24 @@ def conformance_params(cases: dict, backends: Sequence[str] | None = None) -> li
         for name, case in cases.items()
         for backend in backends
         for dtype in case.dtypes
-        if not (backend == "triton" and dtype == torch.bfloat16 and TRITON_INTERPRETED)
+        if checkable(backend, dtype)
     ]
+
+
+def backend_dtype_params(dtypes: Sequence[torch.dtype]) -> list:
+    """pytest params (backend, dtype): every concrete backend under test in every dtype."""
+    return [
+        pytest.param(backend, dtype, id=f"{backend}-{str(dtype).removeprefix('torch.')}")
+        for backend in backends_under_test()
+        if backend != "eager"
+        for dtype in dtypes
+        if checkable(backend, dtype)
+    ]
+
+
+def checkable(backend: str, dtype: torch.dtype) -> bool:
+    """Whether the rule can hold for ``backend`` in ``dtype`` here (see TRITON_INTERPRETED)."""
+    return not (backend == "triton" and dtype == torch.bfloat16 and TRITON_INTERPRETED)
 
 
 # Triton's CPU interpreter casts float32 to bfloat16 by truncation, not rounding to nearest:

@@ -20,7 +20,9 @@ from helpers import (
     Case,
     assert_conforms,
     assert_low_precision,
+    HALF,
     assert_rel_close,
+    backend_dtype_params,
     backends_under_test,
     conformance_params,
     randn,
@@ -144,9 +146,9 @@ def test_deterministic(gen, backend):
     assert torch.equal(ff.count_sketch(*args, 11, backend=backend), ff.count_sketch(*args, 11, backend=backend))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])
-@pytest.mark.parametrize("dtype, cap", [(torch.bfloat16, 8e-3), (torch.float16, 1e-3)])
-def test_low_precision(gen, backend, dtype, cap):
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params(HALF))
+def test_low_precision(gen, backend, dtype):
+    cap = {torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
     x = randn(gen, 16, 64, requires_grad=True)
     (hash,), (sign,) = random_hashes_signs(gen, [64], 24)
 

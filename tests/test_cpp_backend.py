@@ -146,8 +146,6 @@ CASES = {
     "compact_bilinear gram rows in blocks": lambda g: compact_bilinear_case(
         g, B=2, T=3, dims=(40, 3000), d=50, gate=True, algorithm="gram"
     ),
-    "signed_sqrt_l2": signed_sqrt_l2_case,
-    "signed_sqrt_l2 leading dims strided": lambda g: signed_sqrt_l2_case(g, lead=(2, 3), d=6, layout="strided"),
     "factorized_bilinear": factorized_bilinear_case,
     "factorized_bilinear B=1 k=1 no bias": lambda g: factorized_bilinear_case(g, B=1, k=1, bias=False),
     "factorized_bilinear mask no normalize strided": lambda g: factorized_bilinear_case(
@@ -226,7 +224,6 @@ GRADCHECK = {
     "compact_bilinear gram normalize mean": lambda g: compact_bilinear_case(
         g, B=2, T=3, dims=(5, 4), d=3, pool="mean", algorithm="gram"
     ),
-    "signed_sqrt_l2": lambda g: signed_sqrt_l2_case(g, lead=(3,), d=5, zeros=False),
     "factorized_bilinear": lambda g: factorized_bilinear_case(g, B=2, nx=3, ny=2, o=2, k=2, mask=True),
     "low_rank_fusion": lambda g: low_rank_fusion_case(g, B=2, dims=(2, 1, 2), rank=2, hidden=3),
     "tensor_fusion": lambda g: tensor_fusion_case(g, B=2, dims=(2, 1, 2), hidden=3),

@@ -18,7 +18,6 @@ from fastfusion import (  # noqa: E402
     _dispatch,
     compact_bilinear,
     draw_hashes_and_signs,
-    signed_sqrt_l2,
     tensor_sketch,
 )
 
@@ -71,23 +70,6 @@ def check_against_float64(fn, inputs, dtype, tol=1e-12):
         bounds = [2 * rel_err(t, ref) + floor for t, ref in zip([eager_out] + eager_grads, [ref_out] + ref_grads)]
     for i, (t, ref, bound) in enumerate(zip(ours, [ref_out] + ref_grads, bounds)):
         assert rel_err(t, ref) <= bound, f"tensor {i}: error {rel_err(t, ref):.3g} > bound {bound:.3g}"
-
-
-# --------------------------------------------------------------------------- signed sqrt + L2
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF_DTYPES])
-def test_signed_sqrt_l2_matches_reference(dtype):
-    z = torch.randn(3, 2, 1029, device=DEVICE)  # d spans two blocks and a partial one
-    z[0, 0, :7] = 0  # finite gradients at exact zeros
-    z[1, 1] = 0  # an all-zero row divides by eps
-    check_against_float64(lambda z, backend: signed_sqrt_l2(z, backend=backend), [z], dtype)
-
-
-def test_signed_sqrt_l2_non_contiguous_and_gradcheck():
-    z = torch.randn(37, 4, device=DEVICE).t()
-    check_against_float64(lambda z, backend: signed_sqrt_l2(z, backend=backend), [z], torch.float32)
-    z = torch.randn(2, 13, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda z: signed_sqrt_l2(z, 1e-3, backend="triton"), (z,))
 
 
 # ---------------------------------------------------------------------- compact bilinear pooling
