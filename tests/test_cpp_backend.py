@@ -155,13 +155,6 @@ CASES = {
     "low_rank_fusion": low_rank_fusion_case,
     "low_rank_fusion M=2 B=1 rank 1": lambda g: low_rank_fusion_case(g, B=1, dims=(3, 1), rank=1),
     "low_rank_fusion transposed": lambda g: low_rank_fusion_case(g, B=4, dims=(5, 2), layout="transposed"),
-    "tensor_fusion": tensor_fusion_case,
-    "tensor_fusion M=2 B=1 no bias": lambda g: tensor_fusion_case(g, B=1, dims=(3, 2), bias=False),
-    "tensor_fusion M=4 strided": lambda g: tensor_fusion_case(g, B=2, dims=(2, 1, 3, 2), layout="strided"),
-    # The split of the modalities into two groups is not always after the first.
-    "tensor_fusion split after two": lambda g: tensor_fusion_case(g, B=3, dims=(1, 1, 40), hidden=2),
-    # More rows than one batch chunk (the chunk bounds the buffers at 2^22 values).
-    "tensor_fusion two batch chunks": lambda g: tensor_fusion_case(g, B=300, dims=(255, 3), hidden=64),
 }
 
 
@@ -226,7 +219,6 @@ GRADCHECK = {
     ),
     "factorized_bilinear": lambda g: factorized_bilinear_case(g, B=2, nx=3, ny=2, o=2, k=2, mask=True),
     "low_rank_fusion": lambda g: low_rank_fusion_case(g, B=2, dims=(2, 1, 2), rank=2, hidden=3),
-    "tensor_fusion": lambda g: tensor_fusion_case(g, B=2, dims=(2, 1, 2), hidden=3),
 }
 
 

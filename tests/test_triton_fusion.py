@@ -60,43 +60,6 @@ def _randn(*shape):
     return torch.randn(*shape, dtype=torch.float64)
 
 
-# ---- tensor fusion ---------------------------------------------------------------------
-
-TFN_CASES = [  # (B, dims, h, bias)
-    (1, (3, 4), 5, True),
-    (5, (5, 2, 6), 7, False),
-    (5, (17, 2), 19, True),
-    (3, (2, 1, 20), 6, False),  # the trailing modality spans two of the dx kernel's j chunks
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,dims,h,has_bias", TFN_CASES)
-def test_tensor_fusion(B, dims, h, has_bias, dtype):
-    fused = 1
-    for n in dims:
-        fused *= n + 1
-    tensors = [_randn(B, n) for n in dims] + [_randn(h, fused)] + ([_randn(h)] if has_bias else [])
-    M = len(dims)
-
-    def op(*a, backend):
-        return tensor_fusion(list(a[:M]), a[M], a[M + 1] if has_bias else None, backend=backend)
-
-    _check(op, tensors, dtype, noncontiguous=B > 1)
-
-
-def test_tensor_fusion_rejects_huge_modality():
-    xs = [torch.randn(1, 1100, device=DEVICE), torch.randn(1, 1, device=DEVICE)]
-    with pytest.raises(ValueError, match="modality sizes up to"):
-        tensor_fusion(xs, torch.randn(2, 1101 * 2, device=DEVICE), None, backend="triton")
-
-
-def test_tensor_fusion_rejects_wide_leading_modalities():
-    xs = [torch.randn(1, 600, device=DEVICE), torch.randn(1, 600, device=DEVICE), torch.randn(1, 1, device=DEVICE)]
-    with pytest.raises(ValueError, match="all modalities but the last"):
-        tensor_fusion(xs, torch.randn(1, 601 * 601 * 2, device=DEVICE), None, backend="triton")
-
-
 # ---- low-rank fusion -------------------------------------------------------------------
 
 LMF_CASES = [  # (B, dims, rank, h)

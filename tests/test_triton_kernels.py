@@ -13,7 +13,7 @@ skip_module_unless_triton_runs()
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fastfusion import count_sketch, draw_hashes_and_signs  # noqa: E402
+from fastfusion import count_sketch, draw_hashes_and_signs, tensor_fusion  # noqa: E402
 from fastfusion.triton_backend import count_sketch as triton_count_sketch  # noqa: E402
 
 
@@ -68,3 +68,18 @@ def test_count_sketch_takes_inference_tensors():
         assert rel_err(count_sketch(x, hash, sign, 17, backend="triton"), expected) < 1e-6
         with torch.inference_mode():
             hash.copy_(torch.randint(0, 17, (29,), device=DEVICE))
+
+
+# The tensor_fusion kernels' limits on the modality sizes: clear errors, not wrong results.
+
+
+def test_tensor_fusion_rejects_huge_modality():
+    xs = [torch.randn(1, 1100, device=DEVICE), torch.randn(1, 1, device=DEVICE)]
+    with pytest.raises(ValueError, match="modality sizes up to"):
+        tensor_fusion(xs, torch.randn(2, 1101 * 2, device=DEVICE), None, backend="triton")
+
+
+def test_tensor_fusion_rejects_wide_leading_modalities():
+    xs = [torch.randn(1, 600, device=DEVICE), torch.randn(1, 600, device=DEVICE), torch.randn(1, 1, device=DEVICE)]
+    with pytest.raises(ValueError, match="all modalities but the last"):
+        tensor_fusion(xs, torch.randn(1, 601 * 601 * 2, device=DEVICE), None, backend="triton")
