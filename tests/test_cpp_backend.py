@@ -152,9 +152,6 @@ CASES = {
         g, k=3, mask=True, normalize=False, layout="strided"
     ),
     "factorized_bilinear mask normalize": lambda g: factorized_bilinear_case(g, B=3, o=4, k=5, mask=True),
-    "low_rank_fusion": low_rank_fusion_case,
-    "low_rank_fusion M=2 B=1 rank 1": lambda g: low_rank_fusion_case(g, B=1, dims=(3, 1), rank=1),
-    "low_rank_fusion transposed": lambda g: low_rank_fusion_case(g, B=4, dims=(5, 2), layout="transposed"),
 }
 
 
@@ -218,7 +215,6 @@ GRADCHECK = {
         g, B=2, T=3, dims=(5, 4), d=3, pool="mean", algorithm="gram"
     ),
     "factorized_bilinear": lambda g: factorized_bilinear_case(g, B=2, nx=3, ny=2, o=2, k=2, mask=True),
-    "low_rank_fusion": lambda g: low_rank_fusion_case(g, B=2, dims=(2, 1, 2), rank=2, hidden=3),
 }
 
 

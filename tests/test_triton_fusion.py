@@ -62,27 +62,6 @@ def _randn(*shape):
 
 # ---- low-rank fusion -------------------------------------------------------------------
 
-LMF_CASES = [  # (B, dims, rank, h)
-    (1, (3, 4), 1, 5),
-    (5, (5, 2, 6), 3, 7),
-    (5, (33, 2), 2, 17),
-    (37, (3, 33), 2, 40),  # several B, h and K blocks of the forward, B blocks of the backward
-    (5, (2, 3, 4, 2), 2, 130),  # four modalities; several h blocks of the backward's grad_proj kernel
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,dims,rank,h", LMF_CASES)
-def test_low_rank_fusion(B, dims, rank, h, dtype):
-    M = len(dims)
-    tensors = [_randn(B, n) for n in dims] + [_randn(rank, n + 1, h) for n in dims] + [_randn(rank), _randn(h)]
-
-    def op(*a, backend):
-        return low_rank_fusion(list(a[:M]), list(a[M : 2 * M]), a[-2], a[-1], backend=backend)
-
-    _check(op, tensors, dtype, noncontiguous=B > 1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dims", [(3, 4), (2, 3, 4, 2, 3)], ids=["two", "five"])  # five > _MAX_SAVED
 def test_low_rank_fusion_residuals(dims, dtype):
