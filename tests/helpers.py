@@ -132,10 +132,12 @@ class Case(NamedTuple):
     # Triton's interpreter, so "triton" runs it only where its kernels are compiled.
     too_big_to_interpret: bool = False
     # (backend, dtype) pairs known to break the rule, each an expected failure (strict: one
-    # that starts to pass fails), with the reason: results of a handful of values, where
-    # fastfusion.testing's rule does not apply ("check sizes with some hundreds of values
-    # per result"), yet which today's private rules (floor 4 eps) checked.
+    # that starts to pass fails) for the reason ``why``: cases outside the scope that
+    # fastfusion.testing states for its rule (results of a handful of values; the signed
+    # square root of values near 0), yet which the backend files' private rules (floor
+    # 4 eps) used to check.
     known_failures: tuple[tuple[str, torch.dtype], ...] = ()
+    why: str = ""
 
 
 def custom_op_ran(out: torch.Tensor) -> bool:
@@ -172,11 +174,10 @@ def conformance_params(cases: dict, backends: Sequence[str] | None = None) -> li
     """pytest params (case, backend, dtype) for every case of an op's case table, every
     concrete backend under test (not "eager", the reference) and every dtype of the case."""
     backends = [b for b in backends_under_test() if b != "eager"] if backends is None else backends
-    few_values = pytest.mark.xfail(strict=True, reason="a result of at most 10 values: below the rule's resolution")
     return [
         pytest.param(
             name, backend, dtype, id=f"{name}-{backend}-{str(dtype).removeprefix('torch.')}",
-            marks=[few_values] if (backend, dtype) in case.known_failures else [],
+            marks=[pytest.mark.xfail(strict=True, reason=case.why)] if (backend, dtype) in case.known_failures else [],
         )
         for name, case in cases.items()
         for backend in backends

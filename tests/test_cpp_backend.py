@@ -146,12 +146,6 @@ CASES = {
     "compact_bilinear gram rows in blocks": lambda g: compact_bilinear_case(
         g, B=2, T=3, dims=(40, 3000), d=50, gate=True, algorithm="gram"
     ),
-    "factorized_bilinear": factorized_bilinear_case,
-    "factorized_bilinear B=1 k=1 no bias": lambda g: factorized_bilinear_case(g, B=1, k=1, bias=False),
-    "factorized_bilinear mask no normalize strided": lambda g: factorized_bilinear_case(
-        g, k=3, mask=True, normalize=False, layout="strided"
-    ),
-    "factorized_bilinear mask normalize": lambda g: factorized_bilinear_case(g, B=3, o=4, k=5, mask=True),
 }
 
 
@@ -214,7 +208,6 @@ GRADCHECK = {
     "compact_bilinear gram normalize mean": lambda g: compact_bilinear_case(
         g, B=2, T=3, dims=(5, 4), d=3, pool="mean", algorithm="gram"
     ),
-    "factorized_bilinear": lambda g: factorized_bilinear_case(g, B=2, nx=3, ny=2, o=2, k=2, mask=True),
 }
 
 

@@ -90,66 +90,6 @@ def test_low_rank_fusion_residuals(dims, dtype):
 
 # ---- factorized bilinear pooling -------------------------------------------------------
 
-MFB_CASES = [  # (B, n_x, n_y, o, k, bias, dropout mask, normalize)
-    (1, 3, 5, 3, 2, True, False, True),
-    (5, 7, 4, 5, 3, False, True, False),
-    (5, 7, 4, 5, 3, True, True, True),
-    (5, 33, 6, 17, 1, True, False, True),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,nx,ny,o,k,has_bias,has_mask,normalize", MFB_CASES)
-def test_factorized_bilinear(B, nx, ny, o, k, has_bias, has_mask, normalize, dtype):
-    mask = ((torch.rand(B, o * k) > 0.3) / 0.7).to(DEVICE, dtype) if has_mask else None
-    tensors = [_randn(B, nx), _randn(B, ny), _randn(o * k, nx), _randn(o * k, ny)]
-    if has_bias:
-        tensors += [_randn(o * k), _randn(o * k)]
-
-    def op(x, y, wx, wy, bx=None, by=None, *, backend):
-        m = None if mask is None else mask.to(x.dtype)
-        return factorized_bilinear(x, y, wx, bx, wy, by, k, normalize, dropout_mask=m, backend=backend)
-
-    _check(op, tensors, dtype, noncontiguous=B > 1)
-
-
-# o = 1100 is past the whole-row limit (_MAX_ROW_O): z is written and normalised by a second kernel.
-MFB_NORMALIZE_CASES = [(3, 4, 3, 24, 2), (2, 3, 2, 1100, 1)]  # (B, n_x, n_y, o, k)
-MFB_NORMALIZE_IDS = ["whole-rows", "two-pass"]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B,nx,ny,o,k", MFB_NORMALIZE_CASES, ids=MFB_NORMALIZE_IDS)
-def test_factorized_bilinear_normalize_paths(B, nx, ny, o, k, dtype):
-    tensors = [_randn(B, nx), _randn(B, ny), _randn(o * k, nx), _randn(o * k, ny), _randn(o * k), _randn(o * k)]
-
-    def op(x, y, wx, wy, bx, by, *, backend):
-        return factorized_bilinear(x, y, wx, bx, wy, by, k, True, backend=backend)
-
-    _check(op, tensors, dtype)
-
-
-@pytest.mark.parametrize("B,nx,ny,o,k", MFB_NORMALIZE_CASES, ids=MFB_NORMALIZE_IDS)
-def test_factorized_bilinear_nan_row(B, nx, ny, o, k):
-    x, y = torch.randn(B, nx, device=DEVICE), torch.randn(B, ny, device=DEVICE)
-    x[0, 0] = float("nan")
-    wx, wy = torch.randn(o * k, nx, device=DEVICE), torch.randn(o * k, ny, device=DEVICE)
-    out = factorized_bilinear(x, y, wx, None, wy, None, k, True, backend="triton")
-    assert out[0].isnan().all()
-    torch.testing.assert_close(out[1:], factorized_bilinear(x, y, wx, None, wy, None, k, True, backend="eager")[1:])
-
-
-@pytest.mark.parametrize("o", [24, 1100], ids=MFB_NORMALIZE_IDS)
-def test_factorized_bilinear_huge_row_stays_unit_norm(o):
-    # z_j = 1.5e19 * 1.5e19 = 2.25e38 for every j: float32 holds each z, but any plain sum
-    # of the squared signed roots (o * 2.25e38) overflows to inf.
-    x = torch.full((2, 1), 1.5e19, device=DEVICE)
-    w = torch.ones(o, 1, device=DEVICE)
-    out = factorized_bilinear(x, x, w, None, w, None, 1, True, backend="triton")
-    torch.testing.assert_close(out, torch.full_like(out, o**-0.5))
-
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "B,nx,ny,o,k,normalize",
