@@ -8,19 +8,14 @@ device (helpers.backend_device); the expected values are computed on the CPU."""
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import fastfusion as ff
 from helpers import (
     ALL_DTYPES,
-    F32_F64,
     F64,
+    HALF,
     LAYOUTS,
     Case,
     assert_conforms,
     assert_low_precision,
-    HALF,
     assert_rel_close,
     backend_dtype_params,
     backends_under_test,
@@ -29,7 +24,11 @@ from helpers import (
     random_hashes_signs,
     to_backend,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from oracles import dense_sketch_matrix
+
+import fastfusion as ff
 
 BACKENDS = backends_under_test()
 

@@ -8,18 +8,16 @@ the norm. Every test runs on every backend under test, each on its device.
 
 import pytest
 import torch
-
-import fastfusion as ff
 from helpers import (
     ALL_DTYPES,
     F64,
+    HALF,
     LAYOUTS,
     Case,
     assert_conforms,
     assert_low_precision,
     assert_rel_close,
     away_from_zero,
-    HALF,
     backend_device,
     backend_dtype_params,
     backends_under_test,
@@ -28,6 +26,8 @@ from helpers import (
     to_backend,
 )
 from oracles import signed_sqrt_l2_oracle
+
+import fastfusion as ff
 
 BACKENDS = backends_under_test()
 

@@ -9,11 +9,8 @@ import math
 
 import pytest
 import torch
-
-import fastfusion as ff
 from helpers import (
     ALL_DTYPES,
-    F32_F64,
     F64,
     HALF,
     LAYOUTS,
@@ -28,6 +25,8 @@ from helpers import (
     to_backend,
 )
 from oracles import tfn_oracle
+
+import fastfusion as ff
 
 BACKENDS = backends_under_test()
 
