@@ -128,9 +128,10 @@ class Case(NamedTuple):
 
     build: Callable[[torch.Generator], tuple[Callable, list]]
     dtypes: tuple[torch.dtype, ...] = F32_F64
-    # Sized for compiled kernels (e.g. the C++ kernels' chunking): a minute or more in
-    # Triton's interpreter, so "triton" runs it only where its kernels are compiled.
-    too_big_to_interpret: bool = False
+    # False for cases sized for compiled kernels (e.g. the C++ kernels' chunking: a minute in
+    # Triton's interpreter) or too many to interpret in the suite's time (a second each):
+    # "triton" runs them only where its kernels are compiled.
+    interpret: bool = True
     # (backend, dtype) pairs known to break the rule, each an expected failure (strict: one
     # that starts to pass fails) for the reason ``why``: cases outside the scope that
     # fastfusion.testing states for its rule (results of a handful of values; the signed
@@ -182,7 +183,7 @@ def conformance_params(cases: dict, backends: Sequence[str] | None = None) -> li
         for name, case in cases.items()
         for backend in backends
         for dtype in case.dtypes
-        if checkable(backend, dtype) and not (backend == "triton" and TRITON_INTERPRETED and case.too_big_to_interpret)
+        if checkable(backend, dtype) and (case.interpret or backend != "triton" or not TRITON_INTERPRETED)
     ]
 
 
