@@ -19,11 +19,11 @@ cd "$(dirname "$0")/.." || exit 1
 
 PYTHON=${PYTHON:-python3}
 COMPAT_DIR=${COMPAT_DIR:-/tmp/fastfusion-compat}
-TRITON_TESTS="tests/test_triton_sketch.py tests/test_triton_fusion.py tests/test_bad_input.py tests/test_signed_sqrt_l2.py -k triton"
+TRITON_TESTS="tests/test_triton_kernels.py tests/test_bad_input.py tests/test_count_sketch.py tests/test_signed_sqrt_l2.py -k triton"
 # The ops end to end in every backend, torch.compile and the module API: what a torch release
 # can break. (The models, corpora and benchmark-harness tests are left out: slow, not the ops.)
-OP_TESTS=$(printf 'tests/test_%s.py ' triton_sketch triton_fusion bad_input signed_sqrt_l2 count_sketch compact_bilinear \
-    factorized_bilinear low_rank_fusion tensor_fusion compile validation backend modules module_state flops cpp_backend)
+OP_TESTS=$(printf 'tests/test_%s.py ' triton_kernels bad_input signed_sqrt_l2 count_sketch compact_bilinear \
+    factorized_bilinear low_rank_fusion tensor_fusion compile validation backend modules module_state flops cpp_extension)
 
 # name -> "requirements|tests|interpreter expected (ok or broken)"
 declare -A CONFIGS=(

@@ -174,7 +174,7 @@ if [[ $INTERPRETER == broken ]]; then
 elif [[ $DEVICE != none ]]; then
     # The tests of the "triton" backend: its own files, and its cases in the files that
     # parametrize over every backend.
-    read -r -a TESTS <<<"${GPU_CHECK_TESTS:-tests/test_triton_sketch.py tests/test_triton_fusion.py tests/test_bad_input.py tests/test_signed_sqrt_l2.py -k triton}"
+    read -r -a TESTS <<<"${GPU_CHECK_TESTS:-tests/test_count_sketch.py tests/test_compact_bilinear.py tests/test_signed_sqrt_l2.py tests/test_factorized_bilinear.py tests/test_low_rank_fusion.py tests/test_tensor_fusion.py tests/test_triton_kernels.py tests/test_bad_input.py -k triton}"
     PARALLEL=()
     # Compiling the kernels is most of the time: spread over workers where xdist is installed.
     if "$PYTHON" -c "import xdist" 2>/dev/null && [[ $DEVICE == cuda ]]; then PARALLEL=(-n 8); fi

@@ -96,7 +96,7 @@ def dry_run(tree: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
         "GPU_CHECK_DRY_RUN": "1",
         "GPU_CHECK_COMMIT": COMMIT,
         # One kernel test and one benchmark case: the steps are under test, not the kernels.
-        "GPU_CHECK_TESTS": "tests/test_triton_sketch.py::test_count_sketch_is_deterministic",
+        "GPU_CHECK_TESTS": "tests/test_count_sketch.py::test_deterministic[triton]",
         "GPU_CHECK_BENCH_ARGS": "--tiny --compile-backend eager --ops count_sketch --providers eager torch",
         **env,
     }
