@@ -84,10 +84,12 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (torch.linalg.vector_norm(a - b) / denom).item()
 
 
-def error_bound(eager_error: float, rounding_error: float, dtype: torch.dtype) -> float:
-    """2 * max(eager_error, rounding_error, floor(dtype)): the most error a result in
-    ``dtype`` may have (see the module docstring)."""
-    return 2 * max(eager_error, rounding_error, _FLOOR.get(dtype, 0.0))
+def error_bound(
+    eager_error: float, rounding_error: float, dtype: torch.dtype, floor: float | None = None, factor: float = 2.0
+) -> float:
+    """factor * max(eager_error, rounding_error, floor): the most error a result in ``dtype``
+    may have (see the module docstring); ``floor`` defaults to floor(dtype), ``factor`` to 2."""
+    return factor * max(eager_error, rounding_error, _FLOOR.get(dtype, 0.0) if floor is None else floor)
 
 
 def _is_value(t: Any) -> bool:
@@ -141,7 +143,15 @@ def _grads(outputs: list[torch.Tensor], inputs: list, cotangents: list[torch.Ten
     return list(grads)
 
 
-def _compare(name: str, got: torch.Tensor, eager: torch.Tensor, exact: torch.Tensor, problems: list[str]) -> Comparison:
+def _compare(
+    name: str,
+    got: torch.Tensor,
+    eager: torch.Tensor,
+    exact: torch.Tensor,
+    floor: float | None,
+    factor: float,
+    problems: list[str],
+) -> Comparison:
     if tuple(got.shape) != tuple(exact.shape) or got.dtype != eager.dtype:
         problems.append(
             f"{name}: shape {tuple(got.shape)} and dtype {got.dtype}, but the reference gives "
@@ -158,11 +168,12 @@ def _compare(name: str, got: torch.Tensor, eager: torch.Tensor, exact: torch.Ten
     else:
         error, eager_error = rel_err(got, exact), rel_err(eager, exact)
         rounding_error = rel_err(exact.to(got.dtype), exact)
-    bound = error_bound(eager_error, rounding_error, got.dtype)
+    bound = error_bound(eager_error, rounding_error, got.dtype, floor, factor)
     if not error <= bound:
         problems.append(
-            f"{name}: error {error:.3e} > {bound:.3e} = 2 x max(PyTorch's own error {eager_error:.3e}, "
-            f"rounding {rounding_error:.3e}, floor {_FLOOR.get(got.dtype, 0.0):.1e}) in {got.dtype}"
+            f"{name}: error {error:.3e} > {bound:.3e} = {factor:g} x max(PyTorch's own error {eager_error:.3e}, "
+            f"rounding {rounding_error:.3e}, floor {_FLOOR.get(got.dtype, 0.0) if floor is None else floor:.1e}) "
+            f"in {got.dtype}"
         )
     return Comparison(error, eager_error, rounding_error, bound)
 
@@ -173,12 +184,19 @@ def assert_matches_reference(
     *,
     backend: str,
     generator: torch.Generator | None = None,
+    floor: float | None = None,
+    factor: float = 2.0,
 ) -> dict[str, Comparison]:
     """Checks ``fn(*inputs, backend=backend)`` against the float64 eager reference by the
     rule in this module's docstring: every output, and the gradient w.r.t. every floating
     input that requires grad, for one random cotangent per output (standard normal, drawn
     in float64 from ``generator``, a CPU generator, seeded 0 if None, then rounded to the
     output's dtype so that every run sees the same values).
+
+    ``floor`` replaces floor(dtype) of the rule, and ``factor`` its 2: for results outside the
+    rule's scope (the module docstring), such as a handful of values, where both runs' errors
+    hang on one or two roundings, or gradients through the signed square root of values near
+    0, where both are noise amplified by 1 / sqrt|z|. Loosen them only for such results.
 
     Returns ``{"output": Comparison, "grad 0": ..., "grad 2[1]": ...}`` ("output i" when fn
     returns several; a gradient is named by its input's position, then its index within a
@@ -192,6 +210,10 @@ def assert_matches_reference(
         raise TypeError(f"backend must be a backend name (str), got {type(backend).__name__}")
     if backend == "eager":
         raise ValueError("backend='eager' is the reference itself; pass the backend to check (e.g. 'cpp', 'auto')")
+    if floor is not None and not floor >= 0:
+        raise ValueError(f"floor must be a non-negative error, got {floor!r}")
+    if not factor >= 1:
+        raise ValueError(f"factor must be at least 1, got {factor!r}")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
 
@@ -220,7 +242,7 @@ def assert_matches_reference(
     names += [f"grad {name}" for name, _ in _grad_leaves(inputs)]
     problems: list[str] = []
     comparisons = {
-        name: _compare(name, got, eager, exact, problems)
+        name: _compare(name, got, eager, exact, floor, factor, problems)
         for name, got, eager, exact in zip(names, outputs + grads, eager_outputs + eager_grads, exact_outputs + exact_grads)
     }
     if problems:

@@ -132,13 +132,25 @@ class Case(NamedTuple):
     # Triton's interpreter) or too many to interpret in the suite's time (a second each):
     # "triton" runs them only where its kernels are compiled.
     interpret: bool = True
-    # (backend, dtype) pairs known to break the rule, each an expected failure (strict: one
-    # that starts to pass fails) for the reason ``why``: cases outside the scope that
-    # fastfusion.testing states for its rule (results of a handful of values; the signed
-    # square root of values near 0), yet which the backend files' private rules (floor
-    # 4 eps) used to check.
-    known_failures: tuple[tuple[str, torch.dtype], ...] = ()
+    # (backend, dtype) pairs checked by the LOOSE rule instead of the rule itself, for the
+    # reason ``why``: cases outside the scope that fastfusion.testing states for its rule
+    # (results of a handful of values; gradients through the signed square root of values
+    # near 0), which the backend files' own rules (floor 4 eps) checked before the one rule,
+    # by the luck of their seeds.
+    loose: tuple[tuple[str, torch.dtype], ...] = ()
     why: str = ""
+
+    def tolerance(self, backend: str, dtype: torch.dtype) -> dict:
+        """assert_conforms's keyword arguments for ``backend`` in ``dtype``: the rule, or LOOSE."""
+        if (backend, dtype) not in self.loose:
+            return {}
+        return {"floor": LOOSE["floor_eps"] * torch.finfo(dtype).eps, "factor": LOOSE["factor"]}
+
+
+# The loose rule: 8 x max(PyTorch's own error, rounding, 4 eps). Measured on the loose cases:
+# up to 6.4x PyTorch's error (C++ CBP gradients through sketch bins near 0) and 1.04x the old
+# 4 eps floor (an LMF result of one value).
+LOOSE = {"floor_eps": 4, "factor": 8.0}
 
 
 def custom_op_ran(out: torch.Tensor) -> bool:
@@ -178,7 +190,6 @@ def conformance_params(cases: dict, backends: Sequence[str] | None = None) -> li
     return [
         pytest.param(
             name, backend, dtype, id=f"{name}-{backend}-{str(dtype).removeprefix('torch.')}",
-            marks=[pytest.mark.xfail(strict=True, reason=case.why)] if (backend, dtype) in case.known_failures else [],
         )
         for name, case in cases.items()
         for backend in backends
@@ -209,7 +220,10 @@ def checkable(backend: str, dtype: torch.dtype) -> bool:
 TRITON_INTERPRETED = TRITON_DEVICE.type == "cpu"
 
 
-def assert_conforms(fn, inputs: Sequence, backend: str, dtype: torch.dtype, gen: torch.Generator) -> dict:
+def assert_conforms(
+    fn, inputs: Sequence, backend: str, dtype: torch.dtype, gen: torch.Generator, floor: float | None = None,
+    factor: float = 2.0,
+) -> dict:
     """The one rule of the suite, fastfusion.testing's, for ``fn(*inputs, backend=backend)``:
     ``inputs`` (float64, on the CPU) are moved to the backend's device and cast to ``dtype``
     (layouts kept); then every output and the gradient w.r.t. every input that requires grad
@@ -225,7 +239,7 @@ def assert_conforms(fn, inputs: Sequence, backend: str, dtype: torch.dtype, gen:
     out = fn(*moved, backend=backend)
     assert custom_op_ran(out) and not custom_op_ran(fn(*moved, backend="eager")), "the op did not run the backend"
     assert out.dtype == dtype and out.is_contiguous(), f"output in {out.dtype}, strides {out.stride()}"
-    return assert_matches_reference(fn, moved, backend=backend, generator=gen)
+    return assert_matches_reference(fn, moved, backend=backend, generator=gen, floor=floor, factor=factor)
 
 
 def _flatten(items) -> list:

@@ -82,7 +82,7 @@ CASES = {
 @pytest.mark.parametrize("case, backend, dtype", conformance_params(CASES))
 def test_conforms(gen, case, backend, dtype):
     fn, inputs = CASES[case].build(gen)
-    assert_conforms(fn, inputs, backend, dtype, gen)
+    assert_conforms(fn, inputs, backend, dtype, gen, **CASES[case].tolerance(backend, dtype))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "eager"])

@@ -92,7 +92,7 @@ CONFORMANCE = {
 @pytest.mark.parametrize("case, backend, dtype", conformance_params(CONFORMANCE))
 def test_conforms(gen, case, backend, dtype):
     fn, inputs = CONFORMANCE[case].build(gen)
-    assert_conforms(fn, inputs, backend, dtype, gen)
+    assert_conforms(fn, inputs, backend, dtype, gen, **CONFORMANCE[case].tolerance(backend, dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

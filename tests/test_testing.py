@@ -115,6 +115,31 @@ def test_twice_pytorchs_own_error_is_the_limit():
         assert_matches_reference(off_by(1.5), [x], backend="other")
 
 
+def test_factor_and_floor_loosen_the_rule_only_as_asked():
+    # The same construction: 2.5x PyTorch's own error breaks the rule, passes with factor 3,
+    # and a floor above both errors passes it too; nonsense values are refused by name.
+    x = leaf(200, seed=3)
+
+    def fn(x, backend):
+        own = (x + 1e4) - 1e4
+        return own if backend == "eager" else (own.double() + 1.5 * (own.double() - x.double())).to(x.dtype)
+
+    with pytest.raises(AssertionError, match="2 x max"):
+        assert_matches_reference(fn, [x], backend="other")
+    assert assert_matches_reference(fn, [x], backend="other", factor=3)["output"].bound > 0
+
+    def scaled_wrong(x, backend):  # a 1e-3 relative error on top: far beyond 3x
+        return fn(x, backend) * (1 if backend == "eager" else 1 + 1e-3)
+
+    with pytest.raises(AssertionError, match="3 x max"):
+        assert_matches_reference(scaled_wrong, [x], backend="other", factor=3)
+    assert assert_matches_reference(fn, [x], backend="other", floor=1e-2)["output"].bound == 2e-2
+    with pytest.raises(ValueError, match="factor"):
+        assert_matches_reference(fn, [x], backend="other", factor=0.5)
+    with pytest.raises(ValueError, match="floor"):
+        assert_matches_reference(fn, [x], backend="other", floor=-1.0)
+
+
 def test_an_all_zero_reference_is_compared_absolutely():
     x, y = leaf(8, 5), leaf(8, 5, seed=1)
 
