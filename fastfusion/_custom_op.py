@@ -98,15 +98,8 @@ class OpSpec:
         return self.arg_names if self.saved is None else self.saved
 
 
-@dataclasses.dataclass(frozen=True)
-class _Registered:
-    spec: OpSpec
-    op: Callable
-    backward_op: Callable
-
-
 SPECS: dict[str, OpSpec] = {}
-_OPS: dict[str, _Registered] = {}
+_FORWARD_OPS: dict[str, Callable] = {}  # the fastfusion::<op> custom op of each spec
 
 
 def _single_gradient(spec: OpSpec) -> bool:
@@ -219,7 +212,7 @@ def register(spec: OpSpec) -> OpSpec:
 
     def setup_context(ctx, inputs, output):
         args, backend = inputs[:num_args], inputs[-1]
-        ctx.backend = _dispatch.backend_for(spec.name, backend, *args)  # what the forward ran
+        ctx.backend = _dispatch.backend_for(spec.name, args[0], backend, *args[1:])  # what the forward ran
         residuals = list(output[1]) if spec.has_residuals else []
         if spec.has_residuals:
             mark_residuals(ctx, residuals)
@@ -261,7 +254,7 @@ def register(spec: OpSpec) -> OpSpec:
     once_differentiable(spec.name, backward_op)
     _dispatch.register_kernel(spec.name, "torch", forward=spec.forward, backward=spec.backward)
     SPECS[spec.name] = spec
-    _OPS[spec.name] = _Registered(spec, op, backward_op)
+    _FORWARD_OPS[spec.name] = op
     return spec
 
 
@@ -325,7 +318,7 @@ def call(name: str, backend: str | None, *args):
     ``backend``: the custom op, or the "torch" forward kernel for "eager" and ONNX export, in
     either case under the op's autocast policy (differentiable arguments cast, autocast off inside).
     Returns the output; an op with residuals asks for them when autograd records the call."""
-    spec, op = SPECS[name], _OPS[name].op
+    spec, op = SPECS[name], _FORWARD_OPS[name]
     first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
     lowered = cast_dtype(spec, first.device.type)
     if lowered is not None:

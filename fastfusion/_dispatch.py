@@ -177,7 +177,7 @@ def _first_tensor(arg) -> torch.Tensor:
 def run_forward(op: str, backend: str, *args):
     """Run the forward kernel of ``op`` that ``backend`` resolves to (called inside the custom
     op); ``args[0]`` is the batch, or the list of modality batches."""
-    return _contiguous(_KERNELS[op][backend_for(op, backend, *args)].forward(*args))
+    return _contiguous(_KERNELS[op][backend_for(op, args[0], backend, *args[1:])].forward(*args))
 
 
 def run_backward(op: str, backend: str, *args):
@@ -189,14 +189,14 @@ def run_backward(op: str, backend: str, *args):
 def residuals_saved(op: str, backend: str, save_residuals: bool, *args) -> bool:
     """Whether a forward call with ``save_residuals`` returns residuals (fake kernels ask);
     ``args``: the forward's arguments, which a kernel that saves for some calls only needs."""
-    saves = _KERNELS[op][backend_for(op, backend, *args)].saves_residuals
+    saves = _KERNELS[op][backend_for(op, args[0], backend, *args[1:])].saves_residuals
     return bool(save_residuals and (saves(*args) if callable(saves) else saves))
 
 
 def run_forward_saving(op: str, backend: str, save_residuals: bool, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(output, residuals)`` of the forward kernel of an op with residuals that ``backend``
     resolves to; residuals is empty unless :func:`residuals_saved`."""
-    kernel = _KERNELS[op][backend_for(op, backend, *args)]
+    kernel = _KERNELS[op][backend_for(op, args[0], backend, *args[1:])]
     if not kernel.saves_residuals:
         return _contiguous(kernel.forward(*args)), []
     output, residuals = kernel.forward(*args, save_residuals)
@@ -313,14 +313,15 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
     return name
 
 
-def backend_for(op: str, backend: str, *args) -> str:
+def backend_for(op: str, first, backend: str, *rest) -> str:
     """The concrete backend that a custom-op call of ``op`` requested as ``backend`` runs with,
-    given the forward's arguments ``args``: resolved for the device of the op's first batched
-    input (``args[0]``, or its first entry), and "torch" instead when that batch is empty or
-    the kernel does not take the call's dtype (module docstring)."""
-    batch = _first_tensor(args[0])
+    given the forward's arguments ``(first, *rest)``: resolved for the device of the op's first
+    batched input (``first``, or its first entry), and "torch" instead when that batch is empty
+    or the kernel does not take the call's dtype (module docstring). ``first`` alone suffices
+    unless the kernel's ``dtypes`` is a predicate."""
+    batch = _first_tensor(first)
     name = resolve_backend(op, device_type(batch), backend)
-    if batch.numel() == 0 or not _KERNELS[op][name].accepts(*args):
+    if batch.numel() == 0 or not _KERNELS[op][name].accepts(first, *rest):
         return "torch"
     return name
 
