@@ -29,6 +29,7 @@ formulas and the benchmarks read it instead of keeping their own lists.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import Callable, Mapping
 
 import torch
@@ -65,6 +66,9 @@ class OpSpec:
     ``autocast``: one of :data:`AUTOCAST_POLICIES`; under it the differentiable arguments are
     cast before the call (the public function casts others that must match, such as a mask,
     to :func:`cast_dtype` itself).
+    ``flops``, ``backward_flops``: the FLOPs of a forward and a backward call by kind, from the
+    arguments by schema name with tensors as shapes (the convention of :mod:`fastfusion.flops`,
+    which counts the ops with them).
     ``cpp_saves_residuals``: whether the C++ kernels return residuals (csrc/cpu).
     """
 
@@ -74,6 +78,8 @@ class OpSpec:
     backward: Callable
     fake: Callable
     differentiable: tuple[str, ...]
+    flops: Callable[[dict], Counter]
+    backward_flops: Callable[[dict], Counter]
     residuals: Callable | None = None
     saved: tuple[str, ...] | None = None
     backward_fake: Callable | None = None
@@ -222,15 +228,11 @@ def register(spec: OpSpec) -> OpSpec:
         ctx.num_saved = len(tensors)
         ctx.save_for_backward(*tensors, *residuals)
 
-    def no_gradients(ctx):
-        nested = [[None] * s if not isinstance(s, bool) else None for s in ctx.structure]
-        return (*nested, *([None] * (len(names_all) - num_args)))
-
-    names_all = names + (("save_residuals",) if spec.has_residuals else ()) + ("backend",)
+    trailing = (None,) * (2 if spec.has_residuals else 1)  # save_residuals, backend: no gradients
 
     def backward(ctx, grad, *_grad_residuals):
         if grad is None:  # the output's gradient is undefined: so are the inputs'
-            return no_gradients(ctx)
+            return (*(None if isinstance(s, bool) else [None] * s for s in ctx.structure), *trailing)
         saved = ctx.saved_tensors
         args = _unpack(ctx.layout, saved[: ctx.num_saved])
         residual_list = [list(saved[ctx.num_saved :])] if spec.has_residuals else []
@@ -248,7 +250,7 @@ def register(spec: OpSpec) -> OpSpec:
                 grads.append(None)
             else:
                 grads.append(next(flat))
-        return (*grads, *([None] * (len(names_all) - num_args)))
+        return (*grads, *trailing)
 
     op.register_autograd(backward, setup_context=setup_context)
     once_differentiable(spec.name, backward_op)

@@ -329,9 +329,8 @@ def backend_for(op: str, first, backend: str, *rest) -> str:
 def selected_backend(op: str, device: str | torch.device = "cpu", backend: str | None = None) -> str:
     """The concrete backend that a call of ``op`` on ``device`` runs now, given the call's
     ``backend`` argument, the context, set_backend and FASTFUSION_BACKEND ("eager" if so
-    chosen). ``op`` names the kernel family: "count_sketch", "compact_bilinear" (also
-    tensor_sketch), "signed_sqrt_l2", "factorized_bilinear", "low_rank_fusion" or
-    "tensor_fusion"."""
+    chosen). ``op`` names an op (fastfusion._custom_op.SPECS), e.g. "compact_bilinear", which
+    also serves tensor_sketch."""
     if op not in _KERNELS:
         raise ValueError(f"op must be one of {sorted(_KERNELS)}, got {op!r}")
     return resolve_backend(op, torch.device(device).type, requested_backend(backend))

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import List, Optional, Tuple
+from collections import Counter
 
 import torch
 
@@ -55,6 +55,7 @@ from .._validation import (
     check_shape,
     check_tensor,
 )
+from ..flops import fft_flops
 from ._common import product
 from .count_sketch import check_sketch_args, count_sketch_backward_reference, count_sketch_reference
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
@@ -254,6 +255,41 @@ def _residuals(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm
     return residuals
 
 
+def _flop_algorithm(args: dict) -> str:
+    algorithm = args["algorithm"]
+    if algorithm not in ("gram", "fft"):
+        raise ValueError(f"fastfusion::compact_bilinear ran with algorithm={algorithm!r}; its FLOPs need 'gram' or 'fft'")
+    return algorithm
+
+
+def _flops(args: dict) -> Counter:
+    """FFT path: count sketch and rfft per position and modality, the product pooled over T in
+    the frequency domain, one irfft per sample. Gram path: X^T Y per sample and the scatter of
+    its n_1 n_2 entries. (xs (B, T, n_m), as shapes.)"""
+    xs, out_dim = args["xs"], args["out_dim"]
+    batch, positions = xs[0][0], xs[0][1]
+    if _flop_algorithm(args) == "gram":
+        (_, _, n1), (_, _, n2) = xs
+        return Counter(contraction=2 * batch * positions * n1 * n2, scatter_add=batch * n1 * n2)
+    return Counter(
+        scatter_add=sum(math.prod(x) for x in xs),
+        fft=len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)
+        + fft_flops(batch, out_dim, complex_input=False),
+    )
+
+
+def _backward_flops(args: dict) -> Counter:
+    xs, out_dim = args["xs"], args["out_dim"]
+    batch, positions = xs[0][0], xs[0][1]
+    if _flop_algorithm(args) == "gram":
+        (_, _, n1), (_, _, n2) = xs
+        return Counter(contraction=2 * (2 * batch * positions * n1 * n2))
+    return Counter(
+        fft=fft_flops(batch, out_dim, complex_input=False)
+        + len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)
+    )
+
+
 SPEC = _custom_op.register(_custom_op.OpSpec(
     name="compact_bilinear",
     args="Tensor[] xs, Tensor[] hashes, Tensor[] signs, SymInt out_dim, bool mean, Tensor? gate, bool normalize, "
@@ -263,6 +299,8 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
     fake=lambda xs, hashes, signs, out_dim, *_: xs[0].new_empty((xs[0].shape[0], out_dim)),
     residuals=_residuals,
     differentiable=("xs", "gate"),
+    flops=_flops,
+    backward_flops=_backward_flops,
     autocast="float32",  # the transforms run in float32 under autocast, like torch.fft's own policy
     cpp_saves_residuals=True,
 ))

@@ -9,10 +9,14 @@ C is linear, so its backward is its adjoint, a gather: dx_i = s(i) g_{h(i)}.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import torch
 
 from .. import _custom_op
 from .._validation import check_hash, check_positive_int, check_sign, check_tensor
+from ..flops import no_flops
 
 
 def count_sketch_reference(x: torch.Tensor, hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -> torch.Tensor:
@@ -37,6 +41,8 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
     backward=count_sketch_backward_reference,
     fake=lambda x, hash, sign, out_dim: x.new_empty(x.shape[:-1] + (out_dim,)),
     differentiable=("x",),
+    flops=lambda args: Counter(scatter_add=math.prod(args["x"])),
+    backward_flops=no_flops,  # dx_i = s(i) g_h(i), a gather
     saved=("hash", "sign"),  # the adjoint needs no x
     backward_fake=lambda grad, hash, sign: grad.new_empty(grad.shape[:-1] + hash.shape),
 ))

@@ -12,7 +12,7 @@ stays deterministic and the mask is reused by the backward.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .. import _custom_op
 from .._dispatch import compute_dtype
 from .._validation import check_eps, check_like, check_positive_int, check_shape, check_tensor
+from ..flops import twice
 from ._common import flatten_leading
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
@@ -61,6 +62,11 @@ def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor: int, dropo
     ]
 
 
+def _flops(args: dict) -> Counter:
+    x, y, weight_x = args["x"], args["y"], args["weight_x"]
+    return Counter(contraction=2 * x[0] * weight_x[0] * (x[1] + y[1]))
+
+
 SPEC = _custom_op.register(_custom_op.OpSpec(
     name="factorized_bilinear",
     args="Tensor x, Tensor y, Tensor weight_x, Tensor? bias_x, Tensor weight_y, Tensor? bias_y, SymInt factor, "
@@ -73,6 +79,8 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
         x.new_empty((x.shape[0], weight_x.shape[0]), dtype=compute_dtype(x.dtype)) for _ in range(2)
     ],
     differentiable=("x", "y", "weight_x", "bias_x", "weight_y", "bias_y"),
+    flops=_flops,
+    backward_flops=twice(_flops),
     # The kernels return bias gradients even without biases (see _backward).
     none_grads={"bias_x": lambda a: a["weight_x"].shape[:1], "bias_y": lambda a: a["weight_y"].shape[:1]},
     autocast="lower",

@@ -12,7 +12,7 @@ tensor fusion with W = sum_r w_r (x)_m W_m[r] without ever forming that tensor.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from collections import Counter
 
 import torch
 
@@ -47,6 +47,20 @@ def _backward(grad, xs, factors, weights, bias) -> list[torch.Tensor]:
     return grad_xs + grad_factors + [grad_weights, grad.sum(0)]
 
 
+def _flops(args: dict) -> Counter:
+    # Per modality (B, n_m) @ (r, n_m, h), the constant row being added, not multiplied;
+    # then the rank-weighted sum, an (r) . (r, B, h) contraction.
+    xs, factors = args["xs"], args["factors"]
+    batch, (rank, _, hidden) = xs[0][0], factors[0]
+    return Counter(contraction=2 * batch * rank * hidden * (sum(x[1] for x in xs) + 1))
+
+
+def _backward_flops(args: dict) -> Counter:
+    xs, factors = args["xs"], args["factors"]
+    batch, (rank, _, hidden) = xs[0][0], factors[0]
+    return Counter(contraction=2 * batch * rank * hidden * (2 * sum(x[1] for x in xs) + 1))
+
+
 SPEC = _custom_op.register(_custom_op.OpSpec(
     name="low_rank_fusion",
     args="Tensor[] xs, Tensor[] factors, Tensor weights, Tensor bias",
@@ -58,6 +72,8 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
         x.new_empty((x.shape[0], weights.shape[0] * bias.shape[0]), dtype=compute_dtype(x.dtype)) for x in xs
     ],
     differentiable=("xs", "factors", "weights", "bias"),
+    flops=_flops,
+    backward_flops=_backward_flops,
     autocast="lower",
     cpp_saves_residuals=True,
 ))

@@ -16,6 +16,7 @@ import torch
 from .. import _custom_op
 from .._dispatch import compute_dtype
 from .._validation import check_eps, check_tensor
+from ..flops import no_flops
 
 DEFAULT_EPS = 1e-12
 
@@ -58,6 +59,8 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
     backward=signed_sqrt_l2_backward_reference,
     fake=lambda z, eps: z.new_empty(z.shape),
     differentiable=("z",),
+    flops=no_flops,
+    backward_flops=no_flops,
 ))
 
 

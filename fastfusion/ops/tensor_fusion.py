@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import string
-from typing import List, Optional, Tuple
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import _custom_op
 from .._dispatch import compute_dtype
 from .._validation import check_like, check_modality_tensors, check_shape, check_tensor
+from ..flops import twice
 from ._common import flatten_leading
 
 
@@ -73,6 +74,11 @@ def _residuals(xs, weight, bias) -> list[torch.Tensor]:
     return [xs[0].new_empty((xs[0].shape[0], width), dtype=compute_dtype(xs[0].dtype))]
 
 
+def _flops(args: dict) -> Counter:
+    # The outer product is pointwise; the linear layer over its prod_m(n_m+1) entries is not.
+    return Counter(contraction=2 * args["xs"][0][0] * math.prod(args["weight"]))
+
+
 SPEC = _custom_op.register(_custom_op.OpSpec(
     name="tensor_fusion",
     args="Tensor[] xs, Tensor weight, Tensor? bias",
@@ -81,6 +87,8 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
     fake=lambda xs, weight, bias: xs[0].new_empty((xs[0].shape[0], weight.shape[0])),
     residuals=_residuals,
     differentiable=("xs", "weight", "bias"),
+    flops=_flops,
+    backward_flops=twice(_flops),
     none_grads={"bias": lambda a: a["weight"].shape[:1]},  # the kernels return it even without a bias
     autocast="lower",
     cpp_saves_residuals=True,

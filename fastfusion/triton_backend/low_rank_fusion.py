@@ -47,8 +47,8 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
-from .._tensor_cache import TensorCache
 from .._dispatch import compute_dtype
+from .._tensor_cache import TensorCache
 from . import DEVICE_TYPES
 from ._common import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile, pack_with_ones
 
