@@ -207,6 +207,8 @@ def run_backward_saving(op: str, backend: str, grad: torch.Tensor, residuals: li
     """``backend``'s backward kernel of an op with residuals, given what its forward saved
     (``backend``: the concrete one its forward ran, as in :func:`run_backward`)."""
     kernel = _KERNELS[op][backend]
+    if not kernel.accepts(*args):  # called directly with a backend its forward did not run (dtypes)
+        kernel = _KERNELS[op]["torch"]
     if not kernel.saves_residuals:
         return _contiguous(kernel.backward(grad, *args))
     return _contiguous(kernel.backward(grad, residuals, *args))
