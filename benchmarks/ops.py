@@ -29,7 +29,9 @@ import torch
 from torch import nn
 
 import fastfusion
-from fastfusion import reference, testing
+from fastfusion import _custom_op, reference, testing
+
+from .shapes import KERNELS
 
 MODES = ("forward", "forward+backward")
 # Reference-based providers; the fastfusion backends follow them.
@@ -150,18 +152,6 @@ def _tfn(s, gen):
     return args, (), lambda f, b, *a: f(list(a[:m]), a[m], a[m + 1])
 
 
-# kernel -> the fastfusion op family it exercises (for fastfusion.selected_backend)
-OP_FAMILY = {
-    "count_sketch": "count_sketch",
-    "signed_sqrt_l2": "signed_sqrt_l2",
-    "cbp_vec": "compact_bilinear",
-    "cbp_seq": "compact_bilinear",
-    "cbgp_vec": "compact_bilinear",
-    "mfb": "factorized_bilinear",
-    "lmf": "low_rank_fusion",
-    "tfn": "tensor_fusion",
-}
-
 _CBP = (reference.compact_bilinear_reference, fastfusion.compact_bilinear)
 # kernel -> (build, reference, fastfusion function)
 _KERNELS: dict[str, tuple[Callable, Callable, Callable]] = {
@@ -174,6 +164,14 @@ _KERNELS: dict[str, tuple[Callable, Callable, Callable]] = {
     "lmf": (_lmf, reference.low_rank_fusion_reference, fastfusion.low_rank_fusion),
     "tfn": (_tfn, reference.tensor_fusion_reference, fastfusion.tensor_fusion),
 }
+if set(_KERNELS) != set(KERNELS):
+    raise RuntimeError(f"benchmarks.ops builds {sorted(_KERNELS)} but benchmarks.shapes has shapes for {sorted(KERNELS)}")
+
+# kernel -> the fastfusion op it exercises (for fastfusion.selected_backend): the public
+# function's name is its op's (fastfusion._custom_op.SPECS).
+OP_FAMILY = {kernel: fused.__name__ for kernel, (_, _, fused) in _KERNELS.items()}
+if not set(OP_FAMILY.values()) <= set(_custom_op.SPECS):
+    raise RuntimeError(f"benchmarks.ops exercises {sorted(set(OP_FAMILY.values()))}, not all of them ops")
 
 
 def make_case(kernel: str, sizes: dict, dtype: torch.dtype, device: torch.device, seed: int = 0) -> Case:

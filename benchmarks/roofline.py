@@ -273,8 +273,8 @@ def _no_dots(args, c, programs):
 TRITON_FLOPS: dict[str, Callable[[dict, dict, int], dict[str, int]]] = {
     "count_sketch._gather_sketch_kernel": _no_dots,
     "count_sketch._gather_adjoint_kernel": _no_dots,
-    "signed_sqrt_l2._epilogue_forward_kernel": _no_dots,
-    "signed_sqrt_l2._epilogue_backward_kernel": _no_dots,
+    "_common._epilogue_forward_kernel": _no_dots,
+    "_common._epilogue_backward_kernel": _no_dots,
     "compact_bilinear._product_pool_kernel": _no_dots,
     "compact_bilinear._adjoint_product_kernel": _no_dots,
     "compact_bilinear._gram_sketch_kernel": _gram_sketch,

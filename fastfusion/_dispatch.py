@@ -35,6 +35,14 @@ shapes; nothing runs), and "auto" to "torch". Inside :func:`meta_stands_for` met
 count as another device type instead, for tools that trace what a call would do on a device
 this machine lacks (benchmarks.roofline).
 
+Dtypes. A kernel is registered with the dtypes it computes (``dtypes``; None: any). A call in
+another dtype runs the "torch" kernels instead (:func:`backend_for`), whatever was asked:
+``tl.dot`` has no float64 form, so the Triton fusion kernels take float32 and half inputs and
+float64, the oracle's dtype, runs the reference. ``dtypes`` may also be a predicate of the
+forward's arguments (shapes, dtypes, non-tensor arguments only, as for ``saves_residuals``), for
+a kernel that computes a dtype on some of its paths only. Kernels compute half-precision
+inputs in float32 (:func:`compute_dtype`).
+
 Empty batches (an empty leading dimension of the inputs) have nothing to compute: whatever the
 backend, they run the "torch" kernels (:func:`backend_for`), whose PyTorch ops give empty
 results and zero gradients for the parameters, so no C++ or Triton kernel is ever launched on
@@ -75,6 +83,15 @@ class Kernel:
     backward: Callable
     device_types: frozenset[str] | None  # None: any device
     saves_residuals: bool | Callable[..., bool] = False  # see the module docstring
+    dtypes: frozenset[torch.dtype] | Callable[..., bool] | None = None  # None: any; see the module docstring
+
+    def accepts(self, *args) -> bool:
+        """Whether this kernel computes a call with the forward arguments ``args``."""
+        if self.dtypes is None:
+            return True
+        if callable(self.dtypes):
+            return self.dtypes(*args)
+        return _first_tensor(args[0]).dtype in self.dtypes
 
 
 _KERNELS: dict[str, dict[str, Kernel]] = {}
@@ -95,13 +112,15 @@ def register_kernel(
     backward: Callable,
     device_types: tuple[str, ...] | None = None,
     saves_residuals: bool | Callable[..., bool] = False,
+    dtypes: tuple[torch.dtype, ...] | Callable[..., bool] | None = None,
 ) -> None:
-    """Make ``backend`` provide ``op`` (its forward and backward) on ``device_types``;
-    ``saves_residuals``: see the module docstring."""
+    """Make ``backend`` provide ``op`` (its forward and backward) on ``device_types`` for inputs
+    in ``dtypes``; ``saves_residuals`` and ``dtypes``: see the module docstring."""
     if backend not in BACKEND_NAMES or backend in ("auto", "eager"):
         raise ValueError(f"backend must be one of 'torch', 'triton', 'cpp', 'cuda', got {backend!r}")
     types = None if device_types is None else frozenset(device_types)
-    _KERNELS.setdefault(op, {})[backend] = Kernel(forward, backward, types, saves_residuals)
+    accepted = dtypes if dtypes is None or callable(dtypes) else frozenset(dtypes)
+    _KERNELS.setdefault(op, {})[backend] = Kernel(forward, backward, types, saves_residuals, accepted)
 
 
 def register_probe(backend: str, probe: Callable[[], str | None]) -> None:
@@ -131,6 +150,12 @@ def _usable_for_auto(backend: str) -> bool:
     return not reason
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels compute in: float32 for half-precision inputs (FFTs, norms,
+    accumulators), else the inputs' own."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _contiguous(result):
     # The ops' fake kernels promise contiguous outputs; hold every backend to that.
     if isinstance(result, torch.Tensor):
@@ -152,8 +177,7 @@ def _first_tensor(arg) -> torch.Tensor:
 def run_forward(op: str, backend: str, *args):
     """Run the forward kernel of ``op`` that ``backend`` resolves to (called inside the custom
     op); ``args[0]`` is the batch, or the list of modality batches."""
-    name = backend_for(op, _first_tensor(args[0]), backend)
-    return _contiguous(_KERNELS[op][name].forward(*args))
+    return _contiguous(_KERNELS[op][backend_for(op, args[0], backend, *args[1:])].forward(*args))
 
 
 def run_backward(op: str, backend: str, *args):
@@ -165,14 +189,14 @@ def run_backward(op: str, backend: str, *args):
 def residuals_saved(op: str, backend: str, save_residuals: bool, *args) -> bool:
     """Whether a forward call with ``save_residuals`` returns residuals (fake kernels ask);
     ``args``: the forward's arguments, which a kernel that saves for some calls only needs."""
-    saves = _KERNELS[op][backend_for(op, _first_tensor(args[0]), backend)].saves_residuals
+    saves = _KERNELS[op][backend_for(op, args[0], backend, *args[1:])].saves_residuals
     return bool(save_residuals and (saves(*args) if callable(saves) else saves))
 
 
 def run_forward_saving(op: str, backend: str, save_residuals: bool, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(output, residuals)`` of the forward kernel of an op with residuals that ``backend``
     resolves to; residuals is empty unless :func:`residuals_saved`."""
-    kernel = _KERNELS[op][backend_for(op, _first_tensor(args[0]), backend)]
+    kernel = _KERNELS[op][backend_for(op, args[0], backend, *args[1:])]
     if not kernel.saves_residuals:
         return _contiguous(kernel.forward(*args)), []
     output, residuals = kernel.forward(*args, save_residuals)
@@ -183,6 +207,8 @@ def run_backward_saving(op: str, backend: str, grad: torch.Tensor, residuals: li
     """``backend``'s backward kernel of an op with residuals, given what its forward saved
     (``backend``: the concrete one its forward ran, as in :func:`run_backward`)."""
     kernel = _KERNELS[op][backend]
+    if not kernel.accepts(*args):  # called directly with a backend its forward did not run (dtypes)
+        kernel = _KERNELS[op]["torch"]
     if not kernel.saves_residuals:
         return _contiguous(kernel.backward(grad, *args))
     return _contiguous(kernel.backward(grad, residuals, *args))
@@ -289,20 +315,24 @@ def resolve_backend(op: str, device_type: str, name: str) -> str:
     return name
 
 
-def backend_for(op: str, batch: torch.Tensor, backend: str) -> str:
-    """The concrete backend that a custom-op call of ``op`` requested as ``backend`` runs with:
-    resolved for the device of ``batch``, the op's first batched input, and "torch" instead
-    of a compiled backend when that batch is empty (module docstring)."""
+def backend_for(op: str, first, backend: str, *rest) -> str:
+    """The concrete backend that a custom-op call of ``op`` requested as ``backend`` runs with,
+    given the forward's arguments ``(first, *rest)``: resolved for the device of the op's first
+    batched input (``first``, or its first entry), and "torch" instead when that batch is empty
+    or the kernel does not take the call's dtype (module docstring). ``first`` alone suffices
+    unless the kernel's ``dtypes`` is a predicate."""
+    batch = _first_tensor(first)
     name = resolve_backend(op, device_type(batch), backend)
-    return "torch" if batch.numel() == 0 else name
+    if batch.numel() == 0 or not _KERNELS[op][name].accepts(first, *rest):
+        return "torch"
+    return name
 
 
 def selected_backend(op: str, device: str | torch.device = "cpu", backend: str | None = None) -> str:
     """The concrete backend that a call of ``op`` on ``device`` runs now, given the call's
     ``backend`` argument, the context, set_backend and FASTFUSION_BACKEND ("eager" if so
-    chosen). ``op`` names the kernel family: "count_sketch", "compact_bilinear" (also
-    tensor_sketch), "signed_sqrt_l2", "factorized_bilinear", "low_rank_fusion" or
-    "tensor_fusion"."""
+    chosen). ``op`` names an op (fastfusion._custom_op.SPECS), e.g. "compact_bilinear", which
+    also serves tensor_sketch."""
     if op not in _KERNELS:
         raise ValueError(f"op must be one of {sorted(_KERNELS)}, got {op!r}")
     return resolve_backend(op, torch.device(device).type, requested_backend(backend))

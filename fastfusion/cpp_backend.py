@@ -3,30 +3,19 @@
 The ``fastfusion::`` ops are Python custom ops that take a backend name and dispatch through
 :mod:`fastfusion._dispatch`, which keeps torch.compile support, fake kernels and autograd in
 one place and lets one op have several backends at once. The C++ library therefore defines
-its own operators, ``torch.ops.fastfusion_cpu.<op>`` and ``<op>_backward``, with exactly the
-signatures of each op's "torch" kernels (plus the residuals, for the ops in
-``SAVES_RESIDUALS``), and this module registers them as the "cpp" kernels of the CPU.
+its own operators, ``torch.ops.fastfusion_cpu.<op>`` and ``<op>_backward`` for every op of
+:data:`fastfusion._custom_op.SPECS`, with exactly the signatures of each op's "torch" kernels
+(plus the residuals, for the ops whose spec says ``cpp_saves_residuals``), and this module
+registers them as the "cpp" kernels of the CPU.
 Importing it builds nothing: :mod:`fastfusion._extension` builds or loads the library the
-first time a call resolves to "cpp".
+first time a call resolves to "cpp". Import it after the op files, which register the specs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _extension
-
-OPS = (
-    "count_sketch",
-    "compact_bilinear",
-    "signed_sqrt_l2",
-    "factorized_bilinear",
-    "low_rank_fusion",
-    "tensor_fusion",
-)
-
-# Ops whose C++ kernels hand intermediates of the forward to the backward (see _dispatch).
-SAVES_RESIDUALS = frozenset({"compact_bilinear", "factorized_bilinear", "low_rank_fusion", "tensor_fusion"})
+from . import _custom_op, _dispatch, _extension
 
 
 def _kernel(name: str):
@@ -40,13 +29,13 @@ def _kernel(name: str):
     return kernel
 
 
-for _op in OPS:
+for _spec in _custom_op.SPECS.values():
     _dispatch.register_kernel(
-        _op,
+        _spec.name,
         "cpp",
-        forward=_kernel(_op),
-        backward=_kernel(_op + "_backward"),
+        forward=_kernel(_spec.name),
+        backward=_kernel(_spec.name + "_backward"),
         device_types=("cpu",),
-        saves_residuals=_op in SAVES_RESIDUALS,
+        saves_residuals=_spec.cpp_saves_residuals,
     )
 _dispatch.register_probe("cpp", _extension.unavailable_reason)

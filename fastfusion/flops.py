@@ -65,6 +65,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from . import _custom_op
+
 __all__ = ["count_flops", "count_flops_by_kind", "fft_flops"]
 
 Handle = Callable[[list, list], Counter]
@@ -164,93 +166,28 @@ def _scatter_add(inputs, outputs):
 
 # --- fastfusion custom ops: one formula per op, shared by both counters ----------------
 # A formula takes the op's arguments by schema name, tensors as shapes, tensor lists as
-# lists of shapes (canonical layouts, see fastfusion.ops), and returns counts by kind.
+# lists of shapes (canonical layouts, see fastfusion.ops), and returns counts by kind. Each
+# op's spec (fastfusion._custom_op.OpSpec.flops, .backward_flops) holds its two formulas.
 
 
-def _sketch_algorithm(args: dict) -> str:
-    algorithm = args["algorithm"]
-    if algorithm not in ("gram", "fft"):
-        raise ValueError(f"fastfusion::compact_bilinear ran with algorithm={algorithm!r}; its FLOPs need 'gram' or 'fft'")
-    return algorithm
+def no_flops(args: dict) -> Counter:
+    """The formula of a pointwise op (or a gather): 0 by the convention above."""
+    return Counter()
 
 
-def _compact_bilinear(args: dict) -> Counter:
-    # xs (B, T, n_m). FFT path: count sketch and rfft per position and modality, the product
-    # pooled over T in the frequency domain, one irfft per sample. Gram path: X^T Y per sample
-    # and the scatter of its n_1 n_2 entries.
-    xs, out_dim = args["xs"], args["out_dim"]
-    batch, positions = xs[0][0], xs[0][1]
-    if _sketch_algorithm(args) == "gram":
-        (_, _, n1), (_, _, n2) = xs
-        return Counter(contraction=2 * batch * positions * n1 * n2, scatter_add=batch * n1 * n2)
-    return Counter(
-        scatter_add=sum(_numel(x) for x in xs),
-        fft=len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)
-        + fft_flops(batch, out_dim, complex_input=False),
-    )
-
-
-def _compact_bilinear_backward(args: dict) -> Counter:
-    xs, out_dim = args["xs"], args["out_dim"]
-    batch, positions = xs[0][0], xs[0][1]
-    if _sketch_algorithm(args) == "gram":
-        (_, _, n1), (_, _, n2) = xs
-        return Counter(contraction=2 * (2 * batch * positions * n1 * n2))
-    return Counter(
-        fft=fft_flops(batch, out_dim, complex_input=False)
-        + len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)
-    )
-
-
-def _factorized_bilinear(args: dict) -> Counter:
-    x, y, weight_x = args["x"], args["y"], args["weight_x"]
-    return Counter(contraction=2 * x[0] * weight_x[0] * (x[1] + y[1]))
-
-
-def _low_rank_fusion(args: dict) -> Counter:
-    # Per modality (B, n_m) @ (r, n_m, h), the constant row being added, not multiplied;
-    # then the rank-weighted sum, an (r) . (r, B, h) contraction.
-    xs, factors = args["xs"], args["factors"]
-    batch, (rank, _, hidden) = xs[0][0], factors[0]
-    return Counter(contraction=2 * batch * rank * hidden * (sum(x[1] for x in xs) + 1))
-
-
-def _low_rank_fusion_backward(args: dict) -> Counter:
-    xs, factors = args["xs"], args["factors"]
-    batch, (rank, _, hidden) = xs[0][0], factors[0]
-    return Counter(contraction=2 * batch * rank * hidden * (2 * sum(x[1] for x in xs) + 1))
-
-
-def _tensor_fusion(args: dict) -> Counter:
-    # The outer product is pointwise; the linear layer over its prod_m(n_m+1) entries is not.
-    return Counter(contraction=2 * args["xs"][0][0] * _numel(args["weight"]))
-
-
-def _twice(formula: Formula) -> Formula:
+def twice(formula: Formula) -> Formula:
     """The backward of a forward whose every product gives both operands a gradient."""
     return lambda args: Counter({kind: 2 * n for kind, n in formula(args).items()})
 
 
-def _pointwise(args: dict) -> Counter:
-    return Counter()
-
-
-# Op name in torch.ops.fastfusion -> formula. tests/test_flops.py holds this table to the ops
-# that exist, so a new op without a formula fails there.
-_FORMULAS: dict[str, Formula] = {
-    "count_sketch": lambda args: Counter(scatter_add=_numel(args["x"])),
-    "count_sketch_backward": _pointwise,  # dx_i = s(i) g_h(i), a gather
-    "signed_sqrt_l2": _pointwise,
-    "signed_sqrt_l2_backward": _pointwise,
-    "compact_bilinear": _compact_bilinear,
-    "compact_bilinear_backward": _compact_bilinear_backward,
-    "factorized_bilinear": _factorized_bilinear,
-    "factorized_bilinear_backward": _twice(_factorized_bilinear),
-    "low_rank_fusion": _low_rank_fusion,
-    "low_rank_fusion_backward": _low_rank_fusion_backward,
-    "tensor_fusion": _tensor_fusion,
-    "tensor_fusion_backward": _twice(_tensor_fusion),
-}
+def _formulas() -> dict[str, Formula]:
+    """Op name in torch.ops.fastfusion -> formula, for every registered op and its backward.
+    Read when counting, not at import: the op files, which register the specs, import this
+    module for the helpers above."""
+    found = {}
+    for name, spec in _custom_op.SPECS.items():
+        found[name], found[f"{name}_backward"] = spec.flops, spec.backward_flops
+    return found
 
 
 def _bind(op: str, args: Sequence, kwargs: dict) -> dict:
@@ -270,13 +207,13 @@ def _traced_value(v: Any) -> Any:
 
 
 def _fvcore_handle(op: str) -> Handle:
-    formula = _FORMULAS[op]
+    formula = _formulas()[op]
     return lambda inputs, outputs: formula(_bind(op, [_traced_value(v) for v in inputs], {}))
 
 
 def _flop_counter_formula(op: str) -> Callable[..., int]:
     """For torch.utils.flop_counter, which passes the arguments with tensors as shapes."""
-    formula = _FORMULAS[op]
+    formula = _formulas()[op]
 
     def count(*args, out_shape=None, **kwargs) -> int:
         return sum(formula(_bind(op, args, kwargs)).values())
@@ -300,7 +237,6 @@ _HANDLES: dict[str, Handle | None] = {
     "aten::index_add_": _scatter_add,
     "aten::scatter_add": _scatter_add,
     "aten::scatter_add_": _scatter_add,
-    **{f"fastfusion::{op}": _fvcore_handle(op) for op in _FORMULAS},
 }
 
 # Pointwise and shape ops: 0 by the convention above. Listing them silences fvcore's
@@ -320,7 +256,8 @@ def count_flops_by_kind(module: nn.Module, inputs: torch.Tensor | tuple[torch.Te
     with _jit_deprecation_silenced():
         from fvcore.nn import FlopCountAnalysis
 
-        analysis = FlopCountAnalysis(module, inputs).clear_op_handles().set_op_handle(**_HANDLES)
+        handles = {**_HANDLES, **{f"fastfusion::{op}": _fvcore_handle(op) for op in _formulas()}}
+        analysis = FlopCountAnalysis(module, inputs).clear_op_handles().set_op_handle(**handles)
         counts = analysis.uncalled_modules_warnings(False).by_operator()
     return {kind: int(counts.get(kind, 0)) for kind in ("contraction", "fft", "scatter_add")}
 
@@ -341,9 +278,10 @@ def _register_flop_formulas() -> None:
     registry; ops already registered are left as they are."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
+    formulas = _formulas()
     for op in torch.ops.fastfusion:
         packet = getattr(torch.ops.fastfusion, op)
-        if op in _FORMULAS and packet not in flop_registry:
+        if op in formulas and packet not in flop_registry:
             register_flop_formula(packet)(_flop_counter_formula(op))
 
 

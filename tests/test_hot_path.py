@@ -26,7 +26,7 @@ if "triton" not in _dispatch.available_backends("cuda"):
     pytest.skip("the triton backend is not registered (needs CUDA or TRITON_INTERPRET=1)", allow_module_level=True)
 
 from benchmarks import trace  # noqa: E402
-from fastfusion.triton_backend import _fusion  # noqa: E402
+from fastfusion.triton_backend import _common  # noqa: E402
 
 META = "meta"
 D = 8  # sketch length
@@ -142,7 +142,7 @@ def test_second_call_makes_no_host_sync_or_copy(case):
 def test_without_the_caches_every_call_syncs_or_copies(monkeypatch, case):
     # The control: what the probe sees when nothing is cached, as before the caches existed.
     monkeypatch.setattr(_tensor_cache.TensorCache, "get", lambda self, tensors, compute, extra=None: compute())
-    monkeypatch.setattr(_fusion, "_modality_layout", _fusion._modality_layout.__wrapped__)
+    monkeypatch.setattr(_common, "_modality_layout", _common._modality_layout.__wrapped__)
     call, leaves = CASES[case](3)
     _probe(call, leaves)
     second = _probe(call, leaves)

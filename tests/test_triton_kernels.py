@@ -157,7 +157,8 @@ def test_compact_bilinear_residuals_agree_with_the_fake_kernel(algorithm, dtype)
     op, backward = torch.ops.fastfusion.compact_bilinear, torch.ops.fastfusion.compact_bilinear_backward
     torch.library.opcheck(op, (*args, True, "triton"), test_utils=("test_schema", "test_faketensor"))
     out, residuals = op(*args, True, "triton")
-    assert len(residuals) == (1 if algorithm == "gram" else 0)
+    # float64 Gram calls run the "torch" kernels (tl.dot has no float64), which save nothing.
+    assert len(residuals) == (1 if algorithm == "gram" and dtype != torch.float64 else 0)
     grad = torch.randn(3, out_dim, generator=gen, dtype=dtype).to(DEVICE)
     detached = ([x.detach() for x in xs], hashes, signs, out_dim, True, gate.detach(), True, 1e-12, algorithm)
     saved = backward(grad, residuals, *detached, "triton")

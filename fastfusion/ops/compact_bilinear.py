@@ -40,11 +40,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import List, Optional, Tuple
+from collections import Counter
 
 import torch
 
-from .. import _dispatch
+from .. import _custom_op, _dispatch
+from .._dispatch import compute_dtype
 from .._validation import (
     check_eps,
     check_like,
@@ -54,7 +55,8 @@ from .._validation import (
     check_shape,
     check_tensor,
 )
-from ._common import autocast_dtype, compute_dtype, mark_residuals, once_differentiable, product
+from ..flops import fft_flops
+from ._common import product
 from .count_sketch import check_sketch_args, count_sketch_backward_reference, count_sketch_reference
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
@@ -238,99 +240,70 @@ def _backward(
     return grads + grads_gate
 
 
-# Residuals (backends that save them): on the FFT path the spectra rfft(C_m(x_m)) of every
-# modality, (B, T, d//2 + 1) complex; then, on either path, with a gate or normalisation, the
-# pooled sketch z before the gate (B, d); all in the compute dtype. ``algorithm`` is resolved:
-# "gram" or "fft".
-@torch.library.custom_op("fastfusion::compact_bilinear", mutates_args=())
-def _compact_bilinear_op(
-    xs: List[torch.Tensor],
-    hashes: List[torch.Tensor],
-    signs: List[torch.Tensor],
-    out_dim: int,
-    mean: bool,
-    gate: Optional[torch.Tensor],
-    normalize: bool,
-    eps: float,
-    algorithm: str,
-    save_residuals: bool,
-    backend: str,
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    return _dispatch.run_forward_saving(
-        "compact_bilinear", backend, save_residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm
-    )
-
-
-@_compact_bilinear_op.register_fake
-def _(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm, save_residuals, backend):
+def _residuals(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm) -> list[torch.Tensor]:
+    """The residuals a saving backend returns: on the FFT path the spectra rfft(C_m(x_m)) of
+    every modality, (B, T, d//2 + 1) complex; then, on either path, with a gate or
+    normalisation, the pooled sketch z before the gate (B, d); all in the compute dtype.
+    ``algorithm`` is resolved: "gram" or "fft"."""
     batch, positions = xs[0].shape[:2]
+    work = compute_dtype(xs[0].dtype)
     residuals = []
-    if _dispatch.residuals_saved(
-        "compact_bilinear", backend, save_residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm
-    ):
-        work = compute_dtype(xs[0].dtype)
-        if algorithm == "fft":
-            residuals = [xs[0].new_empty((batch, positions, out_dim // 2 + 1), dtype=work.to_complex()) for _ in xs]
-        if gate is not None or normalize:
-            residuals.append(xs[0].new_empty((batch, out_dim), dtype=work))
-    return xs[0].new_empty((batch, out_dim)), residuals
+    if algorithm == "fft":
+        residuals = [xs[0].new_empty((batch, positions, out_dim // 2 + 1), dtype=work.to_complex()) for _ in xs]
+    if gate is not None or normalize:
+        residuals.append(xs[0].new_empty((batch, out_dim), dtype=work))
+    return residuals
 
 
-@torch.library.custom_op("fastfusion::compact_bilinear_backward", mutates_args=())
-def _compact_bilinear_backward_op(
-    grad: torch.Tensor,
-    residuals: List[torch.Tensor],
-    xs: List[torch.Tensor],
-    hashes: List[torch.Tensor],
-    signs: List[torch.Tensor],
-    out_dim: int,
-    mean: bool,
-    gate: Optional[torch.Tensor],
-    normalize: bool,
-    eps: float,
-    algorithm: str,
-    backend: str,
-) -> List[torch.Tensor]:
-    return _dispatch.run_backward_saving(
-        "compact_bilinear", backend, grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm
+def _flop_algorithm(args: dict) -> str:
+    algorithm = args["algorithm"]
+    if algorithm not in ("gram", "fft"):
+        raise ValueError(f"fastfusion::compact_bilinear ran with algorithm={algorithm!r}; its FLOPs need 'gram' or 'fft'")
+    return algorithm
+
+
+def _flops(args: dict) -> Counter:
+    """FFT path: count sketch and rfft per position and modality, the product pooled over T in
+    the frequency domain, one irfft per sample. Gram path: X^T Y per sample and the scatter of
+    its n_1 n_2 entries. (xs (B, T, n_m), as shapes.)"""
+    xs, out_dim = args["xs"], args["out_dim"]
+    batch, positions = xs[0][0], xs[0][1]
+    if _flop_algorithm(args) == "gram":
+        (_, _, n1), (_, _, n2) = xs
+        return Counter(contraction=2 * batch * positions * n1 * n2, scatter_add=batch * n1 * n2)
+    return Counter(
+        scatter_add=sum(math.prod(x) for x in xs),
+        fft=len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)
+        + fft_flops(batch, out_dim, complex_input=False),
     )
 
 
-@_compact_bilinear_backward_op.register_fake
-def _(grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm, backend):
-    return [x.new_empty(x.shape) for x in xs] + ([] if gate is None else [gate.new_empty(gate.shape)])
-
-
-def _setup_context(ctx, inputs, output):
-    xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps, ctx.algorithm, _, backend = inputs
-    ctx.backend = _dispatch.backend_for("compact_bilinear", xs[0], backend)  # what the forward ran
-    residuals = output[1]
-    mark_residuals(ctx, residuals)
-    ctx.num_modalities = len(xs)
-    ctx.has_gate = gate is not None
-    ctx.save_for_backward(*xs, *hashes, *signs, *([gate] if gate is not None else []), *residuals)
-
-
-def _autograd_backward(ctx, grad, _grad_residuals):
-    m = ctx.num_modalities
-    if grad is None:  # the output's gradient is undefined: so are the inputs'
-        return [None] * m, [None] * m, [None] * m, None, None, None, None, None, None, None, None
-    saved = ctx.saved_tensors
-    xs, hashes, signs = list(saved[:m]), list(saved[m : 2 * m]), list(saved[2 * m : 3 * m])
-    gate = saved[3 * m] if ctx.has_gate else None
-    residuals = list(saved[3 * m + ctx.has_gate :])
-    grads = _compact_bilinear_backward_op(
-        grad.contiguous(), residuals, xs, hashes, signs, ctx.out_dim, ctx.mean, gate, ctx.normalize, ctx.eps,
-        ctx.algorithm, ctx.backend,
+def _backward_flops(args: dict) -> Counter:
+    xs, out_dim = args["xs"], args["out_dim"]
+    batch, positions = xs[0][0], xs[0][1]
+    if _flop_algorithm(args) == "gram":
+        (_, _, n1), (_, _, n2) = xs
+        return Counter(contraction=2 * (2 * batch * positions * n1 * n2))
+    return Counter(
+        fft=fft_flops(batch, out_dim, complex_input=False)
+        + len(xs) * fft_flops(batch * positions, out_dim, complex_input=False)
     )
-    grad_gate = grads[m] if ctx.has_gate else None
-    return list(grads[:m]), [None] * m, [None] * m, None, None, grad_gate, None, None, None, None, None
 
 
-_compact_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-once_differentiable("compact_bilinear", _compact_bilinear_backward_op)
-
-_dispatch.register_kernel("compact_bilinear", "torch", forward=_forward, backward=_backward)
+SPEC = _custom_op.register(_custom_op.OpSpec(
+    name="compact_bilinear",
+    args="Tensor[] xs, Tensor[] hashes, Tensor[] signs, SymInt out_dim, bool mean, Tensor? gate, bool normalize, "
+    "float eps, str algorithm",
+    forward=_forward,
+    backward=_backward,
+    fake=lambda xs, hashes, signs, out_dim, *_: xs[0].new_empty((xs[0].shape[0], out_dim)),
+    residuals=_residuals,
+    differentiable=("xs", "gate"),
+    flops=_flops,
+    backward_flops=_backward_flops,
+    autocast="float32",  # the transforms run in float32 under autocast, like torch.fft's own policy
+    cpp_saves_residuals=True,
+))
 
 
 def check_algorithm(algorithm, modalities: int) -> str:
@@ -391,32 +364,21 @@ def sketch_and_pool(
     xs, hashes, signs, out_dim, pool_dim, eps = _check_inputs(
         xs, hashes, signs, out_dim, pool_dim, pool, gate, eps, algorithm, check_values
     )
-    device_type = xs[0].device.type
-    if autocast_dtype(device_type) is not None:
-        # The transforms run in float32 under autocast, like torch.fft's own autocast policy.
-        with torch.autocast(device_type, enabled=False):
-            xs = [x.float() for x in xs]
-            gate = None if gate is None else gate.float()
-            return sketch_and_pool(
-                xs, hashes, signs, out_dim, pool_dim, pool, gate, normalize, eps, backend, algorithm, check_values=False
-            )
+    # Under autocast the inputs are cast (SPEC.autocast) when the op is called: the algorithm and
+    # the gate's dtype follow the dtype the op computes in.
+    dtype = _custom_op.cast_dtype(SPEC, xs[0].device.type) or xs[0].dtype
     if gate is not None:
-        gate = gate.to(xs[0].dtype)
-    name = _dispatch.requested_backend(backend)
+        gate = gate.to(dtype)
     canonical, out_lead = _canonical(xs, pool_dim)
-    mean = pool == "mean"
     flat_gate = None if gate is None else gate.reshape(-1, out_dim)
     batch, positions = canonical[0].shape[:2]
     algorithm = choose_algorithm(
-        algorithm, _dispatch.device_type(xs[0]), batch, positions, [x.shape[-1] for x in xs], out_dim, xs[0].dtype
+        algorithm, _dispatch.device_type(xs[0]), batch, positions, [x.shape[-1] for x in xs], out_dim, dtype
     )
-    if _dispatch.runs_reference(name):
-        out = _forward(canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, algorithm)
-    else:
-        save = _dispatch.wants_residuals(*canonical, flat_gate)
-        out = _compact_bilinear_op(
-            canonical, hashes, signs, out_dim, mean, flat_gate, normalize, eps, algorithm, save, name
-        )[0]
+    out = _custom_op.call(
+        "compact_bilinear", backend, canonical, hashes, signs, out_dim, pool == "mean", flat_gate, normalize, eps,
+        algorithm,
+    )
     return out.reshape(tuple(out_lead) + (out_dim,))
 
 

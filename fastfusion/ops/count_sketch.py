@@ -9,11 +9,14 @@ C is linear, so its backward is its adjoint, a gather: dx_i = s(i) g_{h(i)}.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import torch
 
-from .. import _dispatch
+from .. import _custom_op
 from .._validation import check_hash, check_positive_int, check_sign, check_tensor
-from ._common import once_differentiable
+from ..flops import no_flops
 
 
 def count_sketch_reference(x: torch.Tensor, hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -> torch.Tensor:
@@ -31,46 +34,18 @@ def count_sketch_backward_reference(grad: torch.Tensor, hash: torch.Tensor, sign
     return grad.index_select(-1, hash) * sign.to(grad.dtype)
 
 
-@torch.library.custom_op("fastfusion::count_sketch", mutates_args=())
-def _count_sketch_op(x: torch.Tensor, hash: torch.Tensor, sign: torch.Tensor, out_dim: int, backend: str) -> torch.Tensor:
-    return _dispatch.run_forward("count_sketch", backend, x, hash, sign, out_dim)
-
-
-@_count_sketch_op.register_fake
-def _(x, hash, sign, out_dim, backend):
-    return x.new_empty(x.shape[:-1] + (out_dim,))
-
-
-@torch.library.custom_op("fastfusion::count_sketch_backward", mutates_args=())
-def _count_sketch_backward_op(grad: torch.Tensor, hash: torch.Tensor, sign: torch.Tensor, backend: str) -> torch.Tensor:
-    return _dispatch.run_backward("count_sketch", backend, grad, hash, sign)
-
-
-@_count_sketch_backward_op.register_fake
-def _(grad, hash, sign, backend):
-    return grad.new_empty(grad.shape[:-1] + hash.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, hash, sign, _, backend = inputs
-    ctx.backend = _dispatch.backend_for("count_sketch", x, backend)  # what the forward ran
-    ctx.save_for_backward(hash, sign)
-
-
-def _backward(ctx, grad):
-    hash, sign = ctx.saved_tensors
-    return _count_sketch_backward_op(grad.contiguous(), hash, sign, ctx.backend), None, None, None, None
-
-
-_count_sketch_op.register_autograd(_backward, setup_context=_setup_context)
-once_differentiable("count_sketch", _count_sketch_backward_op)
-
-_dispatch.register_kernel(
-    "count_sketch",
-    "torch",
+SPEC = _custom_op.register(_custom_op.OpSpec(
+    name="count_sketch",
+    args="Tensor x, Tensor hash, Tensor sign, SymInt out_dim",
     forward=count_sketch_reference,
     backward=count_sketch_backward_reference,
-)
+    fake=lambda x, hash, sign, out_dim: x.new_empty(x.shape[:-1] + (out_dim,)),
+    differentiable=("x",),
+    flops=lambda args: Counter(scatter_add=math.prod(args["x"])),
+    backward_flops=no_flops,  # dx_i = s(i) g_h(i), a gather
+    saved=("hash", "sign"),  # the adjoint needs no x
+    backward_fake=lambda grad, hash, sign: grad.new_empty(grad.shape[:-1] + hash.shape),
+))
 
 
 def check_sketch_args(index: str, x: torch.Tensor, hash, sign, out_dim: int, *, values: bool = True) -> None:
@@ -96,7 +71,4 @@ def count_sketch(
     check_tensor("x", x, batched=True)
     out_dim = check_positive_int("out_dim", out_dim)
     check_sketch_args("", x, hash, sign, out_dim)
-    name = _dispatch.requested_backend(backend)
-    if _dispatch.runs_reference(name):
-        return count_sketch_reference(x, hash, sign, out_dim)
-    return _count_sketch_op(x, hash, sign, out_dim, name)
+    return _custom_op.call("count_sketch", backend, x, hash, sign, out_dim)

@@ -12,14 +12,16 @@ stays deterministic and the mask is reused by the backward.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch
+from .. import _custom_op
+from .._dispatch import compute_dtype
 from .._validation import check_eps, check_like, check_positive_int, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals, once_differentiable
+from ..flops import twice
+from ._common import flatten_leading
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
 
 
@@ -60,98 +62,30 @@ def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor: int, dropo
     ]
 
 
-# Residuals (backends that save them): the projections [x W_x^T + b_x, y W_y^T + b_y], each
-# (B, o*k) in the compute dtype.
-@torch.library.custom_op("fastfusion::factorized_bilinear", mutates_args=())
-def _factorized_bilinear_op(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    weight_x: torch.Tensor,
-    bias_x: Optional[torch.Tensor],
-    weight_y: torch.Tensor,
-    bias_y: Optional[torch.Tensor],
-    factor: int,
-    dropout_mask: Optional[torch.Tensor],
-    normalize: bool,
-    eps: float,
-    save_residuals: bool,
-    backend: str,
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    return _dispatch.run_forward_saving(
-        "factorized_bilinear", backend, save_residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps
-    )
+def _flops(args: dict) -> Counter:
+    x, y, weight_x = args["x"], args["y"], args["weight_x"]
+    return Counter(contraction=2 * x[0] * weight_x[0] * (x[1] + y[1]))
 
 
-@_factorized_bilinear_op.register_fake
-def _(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, save_residuals, backend):
-    hidden = weight_x.shape[0]
-    residuals = []
-    if _dispatch.residuals_saved(
-        "factorized_bilinear", backend, save_residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps
-    ):
-        residuals = [x.new_empty((x.shape[0], hidden), dtype=compute_dtype(x.dtype)) for _ in range(2)]
-    return x.new_empty((x.shape[0], hidden // factor)), residuals
-
-
-@torch.library.custom_op("fastfusion::factorized_bilinear_backward", mutates_args=())
-def _factorized_bilinear_backward_op(
-    grad: torch.Tensor,
-    residuals: List[torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    weight_x: torch.Tensor,
-    bias_x: Optional[torch.Tensor],
-    weight_y: torch.Tensor,
-    bias_y: Optional[torch.Tensor],
-    factor: int,
-    dropout_mask: Optional[torch.Tensor],
-    normalize: bool,
-    eps: float,
-    backend: str,
-) -> List[torch.Tensor]:
-    return _dispatch.run_backward_saving(
-        "factorized_bilinear", backend, grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps
-    )
-
-
-@_factorized_bilinear_backward_op.register_fake
-def _(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, backend):
-    hidden = weight_x.shape[:1]
-    return [t.new_empty(t.shape) for t in (x, y, weight_x)] + [x.new_empty(hidden), weight_y.new_empty(weight_y.shape), y.new_empty(hidden)]
-
-
-def _setup_context(ctx, inputs, output):
-    x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, _, backend = inputs
-    ctx.backend = _dispatch.backend_for("factorized_bilinear", x, backend)  # what the forward ran
-    residuals = output[1]
-    mark_residuals(ctx, residuals)
-    ctx.has_bias = (bias_x is not None, bias_y is not None)
-    ctx.has_mask = dropout_mask is not None
-    ctx.num_residuals = len(residuals)
-    optional = [t for t in (bias_x, bias_y, dropout_mask) if t is not None]
-    ctx.save_for_backward(x, y, weight_x, weight_y, *residuals, *optional)
-
-
-def _autograd_backward(ctx, grad, _grad_residuals):
-    if grad is None:  # the output's gradient is undefined: so are the inputs'
-        return (None,) * 12
-    x, y, weight_x, weight_y, *rest = ctx.saved_tensors
-    residuals, optional = rest[: ctx.num_residuals], iter(rest[ctx.num_residuals :])
-    bias_x = next(optional) if ctx.has_bias[0] else None
-    bias_y = next(optional) if ctx.has_bias[1] else None
-    dropout_mask = next(optional) if ctx.has_mask else None
-    gx, gy, gwx, gbx, gwy, gby = _factorized_bilinear_backward_op(
-        grad.contiguous(), residuals, x, y, weight_x, bias_x, weight_y, bias_y, ctx.factor, dropout_mask, ctx.normalize, ctx.eps, ctx.backend
-    )
-    gbx = gbx if ctx.has_bias[0] else None
-    gby = gby if ctx.has_bias[1] else None
-    return gx, gy, gwx, gbx, gwy, gby, None, None, None, None, None, None
-
-
-_factorized_bilinear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-once_differentiable("factorized_bilinear", _factorized_bilinear_backward_op)
-
-_dispatch.register_kernel("factorized_bilinear", "torch", forward=_forward, backward=_backward)
+SPEC = _custom_op.register(_custom_op.OpSpec(
+    name="factorized_bilinear",
+    args="Tensor x, Tensor y, Tensor weight_x, Tensor? bias_x, Tensor weight_y, Tensor? bias_y, SymInt factor, "
+    "Tensor? dropout_mask, bool normalize, float eps",
+    forward=_forward,
+    backward=_backward,
+    fake=lambda x, y, weight_x, bias_x, weight_y, bias_y, factor, *_: x.new_empty((x.shape[0], weight_x.shape[0] // factor)),
+    # Residuals: the projections [x W_x^T + b_x, y W_y^T + b_y], each (B, o*k) in the compute dtype.
+    residuals=lambda x, y, weight_x, *_: [
+        x.new_empty((x.shape[0], weight_x.shape[0]), dtype=compute_dtype(x.dtype)) for _ in range(2)
+    ],
+    differentiable=("x", "y", "weight_x", "bias_x", "weight_y", "bias_y"),
+    flops=_flops,
+    backward_flops=twice(_flops),
+    # The kernels return bias gradients even without biases (see _backward).
+    none_grads={"bias_x": lambda a: a["weight_x"].shape[:1], "bias_y": lambda a: a["weight_y"].shape[:1]},
+    autocast="lower",
+    cpp_saves_residuals=True,
+))
 
 
 def factorized_bilinear(
@@ -199,22 +133,13 @@ def factorized_bilinear(
         check_tensor("dropout_mask", dropout_mask, batched=True)
         check_shape("dropout_mask", dropout_mask, tuple(x.shape[:-1]) + (hidden,))
         check_like("dropout_mask", dropout_mask, "x", x, dtype=False)
-    lowered = autocast_dtype(x.device.type)
-    if lowered is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            x, y, weight_x, bias_x, weight_y, bias_y = cast_all((x, y, weight_x, bias_x, weight_y, bias_y), lowered)
-            return factorized_bilinear(
-                x, y, weight_x, bias_x, weight_y, bias_y, factor, normalize, dropout_mask=dropout_mask, eps=eps, backend=backend
-            )
     if dropout_mask is not None:
-        dropout_mask = flatten_leading(dropout_mask.to(x.dtype))
-    name = _dispatch.requested_backend(backend)
-    args = (flatten_leading(x), flatten_leading(y), weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
-    if _dispatch.runs_reference(name):
-        out = _forward(*args)
-    else:
-        save = _dispatch.wants_residuals(x, y, weight_x, bias_x, weight_y, bias_y)
-        out = _factorized_bilinear_op(*args, save, name)[0]
+        # In the dtype the op computes in (under autocast, the autocast dtype; SPEC.autocast).
+        dropout_mask = flatten_leading(dropout_mask.to(_custom_op.cast_dtype(SPEC, x.device.type) or x.dtype))
+    out = _custom_op.call(
+        "factorized_bilinear", backend, flatten_leading(x), flatten_leading(y), weight_x, bias_x, weight_y, bias_y, factor,
+        dropout_mask, normalize, eps,
+    )
     return out.reshape(tuple(x.shape[:-1]) + (hidden // factor,))
 
 

@@ -12,13 +12,14 @@ tensor fusion with W = sum_r w_r (x)_m W_m[r] without ever forming that tensor.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from collections import Counter
 
 import torch
 
-from .. import _dispatch
+from .. import _custom_op
+from .._dispatch import compute_dtype
 from .._validation import check_like, check_modality_tensors, check_same_count, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals, once_differentiable, product
+from ._common import flatten_leading, product
 
 
 def _rank_projections(xs, factors) -> list[torch.Tensor]:
@@ -46,64 +47,36 @@ def _backward(grad, xs, factors, weights, bias) -> list[torch.Tensor]:
     return grad_xs + grad_factors + [grad_weights, grad.sum(0)]
 
 
-# Residuals (backends that save them): the projections x~_m W_m[r] for all ranks, (B, r*h)
-# per modality, in the compute dtype.
-@torch.library.custom_op("fastfusion::low_rank_fusion", mutates_args=())
-def _low_rank_fusion_op(
-    xs: List[torch.Tensor], factors: List[torch.Tensor], weights: torch.Tensor, bias: torch.Tensor, save_residuals: bool, backend: str
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    return _dispatch.run_forward_saving("low_rank_fusion", backend, save_residuals, xs, factors, weights, bias)
+def _flops(args: dict) -> Counter:
+    # Per modality (B, n_m) @ (r, n_m, h), the constant row being added, not multiplied;
+    # then the rank-weighted sum, an (r) . (r, B, h) contraction.
+    xs, factors = args["xs"], args["factors"]
+    batch, (rank, _, hidden) = xs[0][0], factors[0]
+    return Counter(contraction=2 * batch * rank * hidden * (sum(x[1] for x in xs) + 1))
 
 
-@_low_rank_fusion_op.register_fake
-def _(xs, factors, weights, bias, save_residuals, backend):
-    batch, width = xs[0].shape[0], weights.shape[0] * bias.shape[0]
-    residuals = []
-    if _dispatch.residuals_saved("low_rank_fusion", backend, save_residuals, xs, factors, weights, bias):
-        residuals = [x.new_empty((batch, width), dtype=compute_dtype(x.dtype)) for x in xs]
-    return xs[0].new_empty((batch, bias.shape[0])), residuals
+def _backward_flops(args: dict) -> Counter:
+    xs, factors = args["xs"], args["factors"]
+    batch, (rank, _, hidden) = xs[0][0], factors[0]
+    return Counter(contraction=2 * batch * rank * hidden * (2 * sum(x[1] for x in xs) + 1))
 
 
-@torch.library.custom_op("fastfusion::low_rank_fusion_backward", mutates_args=())
-def _low_rank_fusion_backward_op(
-    grad: torch.Tensor,
-    residuals: List[torch.Tensor],
-    xs: List[torch.Tensor],
-    factors: List[torch.Tensor],
-    weights: torch.Tensor,
-    bias: torch.Tensor,
-    backend: str,
-) -> List[torch.Tensor]:
-    return _dispatch.run_backward_saving("low_rank_fusion", backend, grad, residuals, xs, factors, weights, bias)
-
-
-@_low_rank_fusion_backward_op.register_fake
-def _(grad, residuals, xs, factors, weights, bias, backend):
-    return [t.new_empty(t.shape) for t in (*xs, *factors, weights, bias)]
-
-
-def _setup_context(ctx, inputs, output):
-    xs, factors, weights, bias, _, backend = inputs
-    ctx.backend = _dispatch.backend_for("low_rank_fusion", xs[0], backend)  # what the forward ran
-    residuals = output[1]
-    mark_residuals(ctx, residuals)
-    ctx.num_modalities = len(xs)
-    ctx.save_for_backward(*xs, *factors, weights, bias, *residuals)
-
-
-def _autograd_backward(ctx, grad, _grad_residuals):
-    if grad is None:  # the output's gradient is undefined: so are the inputs'
-        return [None] * ctx.num_modalities, [None] * ctx.num_modalities, None, None, None, None
-    m, saved = ctx.num_modalities, ctx.saved_tensors
-    xs, factors, (weights, bias), residuals = saved[:m], saved[m : 2 * m], saved[2 * m : 2 * m + 2], saved[2 * m + 2 :]
-    grads = _low_rank_fusion_backward_op(grad.contiguous(), list(residuals), list(xs), list(factors), weights, bias, ctx.backend)
-    return list(grads[:m]), list(grads[m : 2 * m]), grads[2 * m], grads[2 * m + 1], None, None
-
-
-_low_rank_fusion_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-once_differentiable("low_rank_fusion", _low_rank_fusion_backward_op)
-
-_dispatch.register_kernel("low_rank_fusion", "torch", forward=_forward, backward=_backward)
+SPEC = _custom_op.register(_custom_op.OpSpec(
+    name="low_rank_fusion",
+    args="Tensor[] xs, Tensor[] factors, Tensor weights, Tensor bias",
+    forward=_forward,
+    backward=_backward,
+    fake=lambda xs, factors, weights, bias: xs[0].new_empty((xs[0].shape[0], bias.shape[0])),
+    # Residuals: the projections x~_m W_m[r] for all ranks, (B, r*h) per modality, in the compute dtype.
+    residuals=lambda xs, factors, weights, bias: [
+        x.new_empty((x.shape[0], weights.shape[0] * bias.shape[0]), dtype=compute_dtype(x.dtype)) for x in xs
+    ],
+    differentiable=("xs", "factors", "weights", "bias"),
+    flops=_flops,
+    backward_flops=_backward_flops,
+    autocast="lower",
+    cpp_saves_residuals=True,
+))
 
 
 def low_rank_fusion(xs, factors, weights, bias, *, backend: str | None = None) -> torch.Tensor:
@@ -128,17 +101,9 @@ def low_rank_fusion(xs, factors, weights, bias, *, backend: str | None = None) -
         check_like(f"factors[{m}]", w, "xs[0]", xs[0])
     check_like("weights", weights, "xs[0]", xs[0])
     check_like("bias", bias, "xs[0]", xs[0])
-    lowered = autocast_dtype(xs[0].device.type)
-    if lowered is not None:
-        with torch.autocast(xs[0].device.type, enabled=False):
-            return low_rank_fusion(cast_all(xs, lowered), cast_all(factors, lowered), weights.to(lowered), bias.to(lowered), backend=backend)
-    name = _dispatch.requested_backend(backend)
-    args = ([flatten_leading(x) for x in xs], factors, weights.reshape(rank), bias.reshape(hidden))
-    if _dispatch.runs_reference(name):
-        out = _forward(*args)
-    else:
-        save = _dispatch.wants_residuals(*xs, *factors, weights, bias)
-        out = _low_rank_fusion_op(*args, save, name)[0]
+    out = _custom_op.call(
+        "low_rank_fusion", backend, [flatten_leading(x) for x in xs], factors, weights.reshape(rank), bias.reshape(hidden)
+    )
     return out.reshape(tuple(xs[0].shape[:-1]) + (hidden,))
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dispatch
+from .. import _custom_op
+from .._dispatch import compute_dtype
 from .._validation import check_eps, check_tensor
-from ._common import compute_dtype, once_differentiable
+from ..flops import no_flops
 
 DEFAULT_EPS = 1e-12
 
@@ -51,46 +52,16 @@ def signed_sqrt_l2_backward_reference(grad: torch.Tensor, z: torch.Tensor, eps: 
     return (grad_s * torch.sign(z).abs() / (2 * root)).to(dtype)
 
 
-@torch.library.custom_op("fastfusion::signed_sqrt_l2", mutates_args=())
-def _signed_sqrt_l2_op(z: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
-    return _dispatch.run_forward("signed_sqrt_l2", backend, z, eps)
-
-
-@_signed_sqrt_l2_op.register_fake
-def _(z, eps, backend):
-    return z.new_empty(z.shape)
-
-
-@torch.library.custom_op("fastfusion::signed_sqrt_l2_backward", mutates_args=())
-def _signed_sqrt_l2_backward_op(grad: torch.Tensor, z: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
-    return _dispatch.run_backward("signed_sqrt_l2", backend, grad, z, eps)
-
-
-@_signed_sqrt_l2_backward_op.register_fake
-def _(grad, z, eps, backend):
-    return z.new_empty(z.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    z, ctx.eps, backend = inputs
-    ctx.backend = _dispatch.backend_for("signed_sqrt_l2", z, backend)  # what the forward ran
-    ctx.save_for_backward(z)
-
-
-def _backward(ctx, grad):
-    (z,) = ctx.saved_tensors
-    return _signed_sqrt_l2_backward_op(grad.contiguous(), z, ctx.eps, ctx.backend), None, None
-
-
-_signed_sqrt_l2_op.register_autograd(_backward, setup_context=_setup_context)
-once_differentiable("signed_sqrt_l2", _signed_sqrt_l2_backward_op)
-
-_dispatch.register_kernel(
-    "signed_sqrt_l2",
-    "torch",
+SPEC = _custom_op.register(_custom_op.OpSpec(
+    name="signed_sqrt_l2",
+    args="Tensor z, float eps",
     forward=signed_sqrt_l2_reference,
     backward=signed_sqrt_l2_backward_reference,
-)
+    fake=lambda z, eps: z.new_empty(z.shape),
+    differentiable=("z",),
+    flops=no_flops,
+    backward_flops=no_flops,
+))
 
 
 def signed_sqrt_l2(z: torch.Tensor, eps: float = DEFAULT_EPS, *, backend: str | None = None) -> torch.Tensor:
@@ -101,7 +72,4 @@ def signed_sqrt_l2(z: torch.Tensor, eps: float = DEFAULT_EPS, *, backend: str | 
     """
     check_tensor("z", z, batched=True)
     eps = check_eps("eps", eps)
-    name = _dispatch.requested_backend(backend)
-    if _dispatch.runs_reference(name):
-        return signed_sqrt_l2_reference(z, eps)
-    return _signed_sqrt_l2_op(z, eps, name)
+    return _custom_op.call("signed_sqrt_l2", backend, z, eps)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import math
 import string
-from typing import List, Optional, Tuple
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 
-from .. import _dispatch
+from .. import _custom_op
+from .._dispatch import compute_dtype
 from .._validation import check_like, check_modality_tensors, check_shape, check_tensor
-from ._common import autocast_dtype, cast_all, compute_dtype, flatten_leading, mark_residuals, once_differentiable
+from ..flops import twice
+from ._common import flatten_leading
 
 
 def _with_one(x: torch.Tensor) -> torch.Tensor:
@@ -65,68 +67,32 @@ def _residual_width(dims, hidden: int) -> int:
     return hidden * math.prod(sizes[:split])
 
 
-# Residuals (backends that save them): Y = u @ W.view(h * P_A, P_B)^T, (B, h * P_A) in the
-# compute dtype, u the trailing group's outer product (see _residual_width).
-@torch.library.custom_op("fastfusion::tensor_fusion", mutates_args=())
-def _tensor_fusion_op(
-    xs: List[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor], save_residuals: bool, backend: str
-) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    return _dispatch.run_forward_saving("tensor_fusion", backend, save_residuals, xs, weight, bias)
+def _residuals(xs, weight, bias) -> list[torch.Tensor]:
+    """The residual a saving backend returns: Y = u @ W.view(h * P_A, P_B)^T, (B, h * P_A) in
+    the compute dtype, u the trailing group's outer product (see _residual_width)."""
+    width = _residual_width([x.shape[1] for x in xs], weight.shape[0])
+    return [xs[0].new_empty((xs[0].shape[0], width), dtype=compute_dtype(xs[0].dtype))]
 
 
-@_tensor_fusion_op.register_fake
-def _(xs, weight, bias, save_residuals, backend):
-    batch, hidden = xs[0].shape[0], weight.shape[0]
-    residuals = []
-    if _dispatch.residuals_saved("tensor_fusion", backend, save_residuals, xs, weight, bias):
-        width = _residual_width([x.shape[1] for x in xs], hidden)
-        residuals = [xs[0].new_empty((batch, width), dtype=compute_dtype(xs[0].dtype))]
-    return xs[0].new_empty((batch, hidden)), residuals
+def _flops(args: dict) -> Counter:
+    # The outer product is pointwise; the linear layer over its prod_m(n_m+1) entries is not.
+    return Counter(contraction=2 * args["xs"][0][0] * math.prod(args["weight"]))
 
 
-@torch.library.custom_op("fastfusion::tensor_fusion_backward", mutates_args=())
-def _tensor_fusion_backward_op(
-    grad: torch.Tensor,
-    residuals: List[torch.Tensor],
-    xs: List[torch.Tensor],
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    backend: str,
-) -> List[torch.Tensor]:
-    return _dispatch.run_backward_saving("tensor_fusion", backend, grad, residuals, xs, weight, bias)
-
-
-@_tensor_fusion_backward_op.register_fake
-def _(grad, residuals, xs, weight, bias, backend):
-    return [x.new_empty(x.shape) for x in xs] + [weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])]
-
-
-def _setup_context(ctx, inputs, output):
-    xs, weight, bias, _, backend = inputs
-    ctx.backend = _dispatch.backend_for("tensor_fusion", xs[0], backend)  # what the forward ran
-    residuals = output[1]
-    mark_residuals(ctx, residuals)
-    ctx.num_modalities = len(xs)
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(*xs, weight, *([bias] if bias is not None else []), *residuals)
-
-
-def _autograd_backward(ctx, grad, _grad_residuals):
-    m = ctx.num_modalities
-    if grad is None:  # the output's gradient is undefined: so are the inputs'
-        return [None] * m, None, None, None, None
-    saved = ctx.saved_tensors
-    xs, weight = list(saved[:m]), saved[m]
-    bias = saved[m + 1] if ctx.has_bias else None
-    residuals = list(saved[m + 1 + ctx.has_bias :])
-    grads = _tensor_fusion_backward_op(grad.contiguous(), residuals, xs, weight, bias, ctx.backend)
-    return list(grads[:m]), grads[m], grads[m + 1] if ctx.has_bias else None, None, None
-
-
-_tensor_fusion_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-once_differentiable("tensor_fusion", _tensor_fusion_backward_op)
-
-_dispatch.register_kernel("tensor_fusion", "torch", forward=_forward, backward=_backward)
+SPEC = _custom_op.register(_custom_op.OpSpec(
+    name="tensor_fusion",
+    args="Tensor[] xs, Tensor weight, Tensor? bias",
+    forward=_forward,
+    backward=_backward,
+    fake=lambda xs, weight, bias: xs[0].new_empty((xs[0].shape[0], weight.shape[0])),
+    residuals=_residuals,
+    differentiable=("xs", "weight", "bias"),
+    flops=_flops,
+    backward_flops=twice(_flops),
+    none_grads={"bias": lambda a: a["weight"].shape[:1]},  # the kernels return it even without a bias
+    autocast="lower",
+    cpp_saves_residuals=True,
+))
 
 
 def tensor_fusion(xs, weight, bias, *, backend: str | None = None) -> torch.Tensor:
@@ -146,18 +112,7 @@ def tensor_fusion(xs, weight, bias, *, backend: str | None = None) -> torch.Tens
         check_tensor("bias", bias)
         check_shape("bias", bias, weight.shape[:1])
         check_like("bias", bias, "xs[0]", xs[0])
-    lowered = autocast_dtype(xs[0].device.type)
-    if lowered is not None:
-        with torch.autocast(xs[0].device.type, enabled=False):
-            weight, bias = cast_all((weight, bias), lowered)
-            return tensor_fusion(cast_all(xs, lowered), weight, bias, backend=backend)
-    name = _dispatch.requested_backend(backend)
-    args = ([flatten_leading(x) for x in xs], weight, bias)
-    if _dispatch.runs_reference(name):
-        out = _forward(*args)
-    else:
-        save = _dispatch.wants_residuals(*xs, weight, bias)
-        out = _tensor_fusion_op(*args, save, name)[0]
+    out = _custom_op.call("tensor_fusion", backend, [flatten_leading(x) for x in xs], weight, bias)
     return out.reshape(tuple(xs[0].shape[:-1]) + (weight.shape[0],))
 
 

@@ -23,10 +23,9 @@ backward
 
 What it materialises: z (B, d) (and dz in the backward) and the outputs; no per-position
 sketch, no spectrum and no (B, n1, n2) Gram matrix exists in memory. The atomics make z's
-summation order vary between runs (see ops.compact_bilinear.choose_algorithm). float64 runs
-the plain-PyTorch Gram kernels (tl.dot has no float64 form; see _fusion.py) with the Triton
-epilogue; float16 and
-bfloat16 dots accumulate in float32.
+summation order vary between runs (see ops.compact_bilinear.choose_algorithm). The Gram path
+takes float32, float16 and bfloat16 (tl.dot has no float64 form; see _common.py), whose dots
+accumulate in float32; float64 Gram calls run the "torch" kernels (``_accepts``).
 
 FFT path (any number M of modalities): fused Triton kernels around torch.fft (cuFFT on CUDA),
 with K = d // 2 + 1 and the work dtype float32 (float64 for float64 inputs; half inputs are
@@ -66,12 +65,19 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
-from ..ops import compact_bilinear as _reference
-from ..ops._common import compute_dtype
+from .._dispatch import compute_dtype
 from . import DEVICE_TYPES
-from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile
+from ._common import (
+    KERNEL_DTYPES,
+    autotune_configs,
+    batch_bucket,
+    dot,
+    dot_precision,
+    epilogue_backward,
+    epilogue_forward,
+    matmul_tile,
+)
 from .count_sketch import adjoint_into, inverse_table, sketch_into
-from .signed_sqrt_l2 import epilogue_backward, epilogue_forward
 
 _BLOCK_FREQS = 256
 
@@ -308,14 +314,6 @@ def _gram_pooled_sketch(xs, hashes, signs, out_dim: int, mean: bool) -> torch.Te
     return z
 
 
-def _gram_z(xs, hashes, signs, out_dim: int, mean: bool) -> torch.Tensor:
-    """z (B, d) in the compute dtype: the Triton kernel, or for float64, which tl.dot lacks (see
-    _fusion), the torch kernels' bmm and index_add."""
-    if xs[0].dtype in KERNEL_DTYPES:
-        return _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
-    return _reference._gram_pooled_sketch(xs, hashes, signs, out_dim, mean, compute_dtype(xs[0].dtype))
-
-
 def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torch.Tensor:
     """The gradient w.r.t. x (B, T, n_own), modality ``own`` of the two, given the other
     modality's input ``other`` and grad_z (B, d): x's shape and dtype, contiguous."""
@@ -343,7 +341,7 @@ def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool,
     B * d values. The FFT path saves nothing (its residuals would be the per-position spectra):
     its backward recomputes."""
     if algorithm == "gram":
-        z = _gram_z(xs, hashes, signs, out_dim, mean)
+        z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
         residuals = [z] if save_residuals and (gate is not None or normalize) else []
         return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), residuals
     work = compute_dtype(xs[0].dtype)
@@ -356,14 +354,10 @@ def _gram_backward(grad, residuals, xs, hashes, signs, out_dim: int, mean: bool,
     adjoint launch per modality, roles swapped."""
     grads_gate = []
     if gate is not None or normalize:
-        z = residuals[0] if residuals else _gram_z(xs, hashes, signs, out_dim, mean)
+        z = residuals[0] if residuals else _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
         grad, grad_gate = epilogue_backward(grad, z, gate, normalize, eps, z.dtype)
         if grad_gate is not None:
             grads_gate = [grad_gate]
-    if xs[0].dtype not in KERNEL_DTYPES:  # float64: the torch kernels' GEMMs (see _gram_z)
-        work = compute_dtype(xs[0].dtype)
-        g = grad.to(work) / xs[0].shape[1] if mean else grad.to(work)
-        return _reference._gram_input_grads(g, xs, hashes, signs, out_dim, work) + grads_gate
     x, y = xs
     return [_gram_adjoint(grad, x, 0, hashes, signs, y, mean), _gram_adjoint(grad, y, 1, hashes, signs, x, mean)] + grads_gate
 
@@ -406,7 +400,12 @@ def _saves_residuals(xs, hashes, signs, out_dim, mean, gate, normalize, eps, alg
     return algorithm == "gram"  # see _forward
 
 
+def _accepts(xs, hashes, signs, out_dim, mean, gate, normalize, eps, algorithm) -> bool:
+    """The FFT path computes every dtype (float64 in float64); the Gram path's tl.dot lacks float64."""
+    return algorithm == "fft" or xs[0].dtype in KERNEL_DTYPES
+
+
 _dispatch.register_kernel(
     "compact_bilinear", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES,
-    saves_residuals=_saves_residuals,
+    saves_residuals=_saves_residuals, dtypes=_accepts,
 )

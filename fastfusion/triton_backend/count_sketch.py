@@ -22,15 +22,11 @@ import triton.language as tl
 from .. import _dispatch
 from .._tensor_cache import TensorCache
 from . import DEVICE_TYPES
+from ._common import tl_compute_dtype
 
 _BLOCK_ROWS = 8
 _BLOCK_BUCKETS = 128
 _BLOCK_INPUTS = 128
-
-
-def tl_compute_dtype(dtype: torch.dtype):
-    """The Triton accumulator type for ``dtype`` (ops._common.compute_dtype, in Triton's terms)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ The whole-row path trades parallelism for the fusion: it launches cdiv(B, BLOCK_
 instead of that times cdiv(o, BLOCK_O), with the same weight traffic (every B block reads
 all of W either way).
 
-dtypes: see :mod:`._fusion`.
+dtypes: see :mod:`._common`.
 """
 
 from __future__ import annotations
@@ -46,17 +46,20 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
-from ..ops import factorized_bilinear as _reference
-from ..ops._common import compute_dtype
+from .._dispatch import compute_dtype
 from . import DEVICE_TYPES
-from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile
-from .signed_sqrt_l2 import (
-    _accumulate_norm,
-    _finish_norm,
-    _signed_root,
+from ._common import (
+    KERNEL_DTYPES,
+    accumulate_norm,
+    autotune_configs,
+    batch_bucket,
+    dot_precision,
     epilogue_backward,
     epilogue_forward,
+    finish_norm,
+    matmul_tile,
     normalized_grad,
+    signed_root,
 )
 
 # Largest o whose rows one program holds for the fused normalisation. The kernel keeps three
@@ -125,11 +128,11 @@ def _kernel(
         if NORMALIZE:
             # The launch guarantees BLOCK_O >= O: the tile holds whole rows, and the padding
             # columns are z == 0, whose signed root is 0 and adds nothing to the norm.
-            s, _ = _signed_root(z, eps)
-            # Each element starts as its own lane of the rescaled sum of squares; _finish_norm
+            s, _ = signed_root(z, eps)
+            # Each element starts as its own lane of the rescaled sum of squares; finish_norm
             # reduces over axis 0, hence the transposes.
-            scale, sum_sq = _accumulate_norm(tl.zeros_like(s), tl.zeros_like(s), s)
-            norm = _finish_norm(tl.trans(scale), tl.trans(sum_sq))
+            scale, sum_sq = accumulate_norm(tl.zeros_like(s), tl.zeros_like(s), s)
+            norm = finish_norm(tl.trans(scale), tl.trans(sum_sq))
             z = s / tl.where(norm < eps, eps, norm)[:, None]  # not tl.maximum, which drops a NaN norm
         tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
@@ -242,10 +245,10 @@ def _normalized_grad_proj_kernel(
     for start in range(0, O, BLOCK_O):
         groups, group_mask, z, g = _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb,
                                              stride_go, stride_pb, stride_pc, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
-        s, _ = _signed_root(z, eps)
-        scale, sum_sq = _accumulate_norm(scale, sum_sq, s)
+        s, _ = signed_root(z, eps)
+        scale, sum_sq = accumulate_norm(scale, sum_sq, s)
         dot += g * s
-    norm = _finish_norm(scale, sum_sq)
+    norm = finish_norm(scale, sum_sq)
     denom = tl.where(norm < eps, eps, norm)  # not tl.maximum, which drops a NaN norm
     radial = tl.sum(dot, axis=0) / denom
     for start in range(0, O, BLOCK_O):
@@ -344,8 +347,6 @@ def _grad_projections(grad, proj_x, proj_y, factor, dropout_mask, dtype, normali
 def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, save_residuals):
     """(output, residuals): the residuals are the projections [x W_x^T + b_x, y W_y^T + b_y],
     each (B, o*k) in compute_dtype(x.dtype), when ``save_residuals``, else []."""
-    if x.dtype not in KERNEL_DTYPES:
-        return _reference._forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps), []
     projections = None
     if save_residuals:
         shape = (x.shape[0], weight_x.shape[0])
@@ -360,8 +361,6 @@ def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, nor
 
 
 def _backward(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
-    if x.dtype not in KERNEL_DTYPES:
-        return _reference._backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps)
     if residuals:
         grad_px, grad_py = _grad_projections(grad, *residuals, factor, dropout_mask, x.dtype, normalize, eps)
     else:
@@ -375,5 +374,6 @@ def _backward(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor,
 
 
 _dispatch.register_kernel(
-    "factorized_bilinear", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES, saves_residuals=True
+    "factorized_bilinear", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES, saves_residuals=True,
+    dtypes=KERNEL_DTYPES,
 )

@@ -37,7 +37,7 @@
   (before this design) at 0.05x eager in float32 and 0.17x in bfloat16 at the GPU shape,
   against GEMMs that form each product once.
 
-dtypes: see :mod:`._fusion`.
+dtypes: see :mod:`._common`.
 """
 
 from __future__ import annotations
@@ -47,11 +47,10 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
+from .._dispatch import compute_dtype
 from .._tensor_cache import TensorCache
-from ..ops import low_rank_fusion as _reference
-from ..ops._common import compute_dtype
 from . import DEVICE_TYPES
-from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile, pack_with_ones
+from ._common import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile, pack_with_ones
 
 # Every config compiles without register spills for sm_90 in every dtype and mode (saving the
 # projections or not) at the benchmark's GPU shape, with Triton 3.6's and 3.9's ptxas
@@ -213,8 +212,6 @@ def _forward(xs, factors, weights, bias, save_residuals):
     """(out (B, H), residuals): the residuals are the projections P_m = x~_m W_m, (B, R*H) with
     column r*H + h holding (x~_m W_m[r])[:, h], in compute_dtype(x.dtype), one per modality,
     when ``save_residuals``, else []."""
-    if bias.dtype not in KERNEL_DTYPES:
-        return _reference._forward(xs, factors, weights, bias), []
     packed, table, _, _ = pack_with_ones(xs)
     (B, S), (R, _, H), M = packed.shape, factors[0].shape, len(xs)
     packed_factors = _flat_factors(factors).view(S, R, H).permute(1, 0, 2)  # (R, S, H)
@@ -246,8 +243,6 @@ def _forward(xs, factors, weights, bias, save_residuals):
 def _backward(grad, residuals, xs, factors, weights, bias):
     """Gradients [*xs, *factors, weights, bias] from the forward's residuals, or, when they
     are [], from recomputed projections."""
-    if bias.dtype not in KERNEL_DTYPES:
-        return _reference._backward(grad, xs, factors, weights, bias)
     (B, H), R, M = grad.shape, weights.shape[0], len(xs)
     flat = _flat_factors(factors).split([x.shape[1] + 1 for x in xs])
     if residuals and M <= _MAX_SAVED:
@@ -283,5 +278,6 @@ def _backward(grad, residuals, xs, factors, weights, bias):
 
 
 _dispatch.register_kernel(
-    "low_rank_fusion", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES, saves_residuals=True
+    "low_rank_fusion", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES, saves_residuals=True,
+    dtypes=KERNEL_DTYPES,
 )

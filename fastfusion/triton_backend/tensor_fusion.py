@@ -20,7 +20,7 @@ i_m = (k // stride_m) % (n_m + 1), one gather per modality, multiplied in float3
 Any number of modalities M >= 2. Modality sizes are limited to ``MAX_MODALITY_DIM``, and
 the dx kernel keeps a (B block, pow2(sum_{m < L} (n_m + 1))) accumulator, so that sum is
 limited to ``MAX_LEADING_WIDTH``; larger ones raise.
-dtypes: see :mod:`._fusion`.
+dtypes: see :mod:`._common`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch
-from ..ops import tensor_fusion as _reference
 from . import DEVICE_TYPES
-from ._fusion import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile, pack_with_ones
+from ._common import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile, pack_with_ones
 
 MAX_MODALITY_DIM = 1023
 # The dx kernel accumulates all modalities but the last in one (BLOCK_B, pow2) register tile.
@@ -214,8 +213,6 @@ def _lead_pad(offsets) -> int:
 
 
 def _forward(xs, weight, bias):
-    if weight.dtype not in KERNEL_DTYPES:
-        return _reference._forward(xs, weight, bias)
     _check_supported(xs)
     packed, table, offsets, P = pack_with_ones(xs)
     B, H = packed.shape[0], weight.shape[0]
@@ -231,8 +228,6 @@ def _forward(xs, weight, bias):
 
 
 def _backward(grad, xs, weight, bias):
-    if weight.dtype not in KERNEL_DTYPES:
-        return _reference._backward(grad, xs, weight, bias)
     _check_supported(xs)
     packed, table, offsets, P = pack_with_ones(xs)
     B, H = packed.shape[0], weight.shape[0]
@@ -259,4 +254,6 @@ def _backward(grad, xs, weight, bias):
     return grad_xs + [grad_weight, grad.sum(0)]
 
 
-_dispatch.register_kernel("tensor_fusion", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES)
+_dispatch.register_kernel(
+    "tensor_fusion", "triton", forward=_forward, backward=_backward, device_types=DEVICE_TYPES, dtypes=KERNEL_DTYPES
+)
