@@ -37,8 +37,8 @@ import torch
 import triton
 from torch._library.custom_ops import OPDEFS
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import KernelInterface
 

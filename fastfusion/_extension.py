@@ -239,7 +239,7 @@ def _build_holding_lock(build_dir: pathlib.Path, sources: list[pathlib.Path]) ->
         library = _published_library(build_dir)
     except _BrokenEntry as e:  # still broken now that no one else is building here
         library = None
-        warnings.warn(f"fastfusion: {e}; rebuilding the C++ extension in {build_dir} from scratch", RuntimeWarning)
+        warnings.warn(f"fastfusion: {e}; rebuilding the C++ extension in {build_dir} from scratch", RuntimeWarning, stacklevel=2)
         _clear_build_outputs(build_dir)
     if library is not None:  # published, possibly by another process while we waited
         return library

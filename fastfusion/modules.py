@@ -23,8 +23,8 @@ from torch import nn
 from ._validation import check_hash, check_positive_int, check_shape, check_sign
 from .ops.compact_bilinear import check_algorithm, sketch_and_pool
 from .ops.factorized_bilinear import factorized_bilinear
-from .ops.signed_sqrt_l2 import DEFAULT_EPS
 from .ops.low_rank_fusion import low_rank_fusion
+from .ops.signed_sqrt_l2 import DEFAULT_EPS
 from .ops.tensor_fusion import tensor_fusion
 
 _POOLS = (None, "sum", "mean")

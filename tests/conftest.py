@@ -4,6 +4,7 @@ import zlib
 import numpy
 import pytest
 import torch
+
 from helpers import TRITON_DEVICE
 
 # Without a GPU, the Triton kernels run (and are tested) on Triton's CPU interpreter. It must

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import fastfusion as ff
+
 from helpers import custom_op_ran, randn, random_hashes_signs
 
 CONCRETE = ("torch", "triton", "cpp", "cuda")

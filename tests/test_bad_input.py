@@ -27,6 +27,7 @@ import torch
 
 import fastfusion as ff
 from fastfusion import _dispatch
+
 from helpers import F64, assert_rel_close, backend_device, backends_under_test, randn, random_hashes_signs
 from oracles import explicit_tensor_sketch, mfb_oracle, signed_sqrt_l2_oracle
 

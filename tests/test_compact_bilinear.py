@@ -15,6 +15,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastfusion as ff
+import fastfusion.ops.compact_bilinear as compact_bilinear_ops
+from fastfusion.ops.compact_bilinear import choose_algorithm
+
 from helpers import (
     ALL_DTYPES,
     F32,
@@ -34,14 +42,7 @@ from helpers import (
     rel_err,
     to_backend,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from oracles import explicit_tensor_sketch, signed_sqrt_l2_oracle
-from torch.utils._python_dispatch import TorchDispatchMode
-
-import fastfusion as ff
-import fastfusion.ops.compact_bilinear as compact_bilinear_ops
-from fastfusion.ops.compact_bilinear import choose_algorithm
 
 BACKENDS = backends_under_test()
 ALGORITHMS = ("gram", "fft")  # of two modalities; "auto" picks one of them (tests at the end)

@@ -10,6 +10,7 @@ import torch
 from torch.library import opcheck
 
 import fastfusion as ff
+
 from helpers import assert_rel_close, randn, random_hashes_signs
 
 F64 = torch.float64

@@ -8,6 +8,11 @@ device (helpers.backend_device); the expected values are computed on the CPU."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastfusion as ff
+
 from helpers import (
     ALL_DTYPES,
     F64,
@@ -25,11 +30,7 @@ from helpers import (
     random_hashes_signs,
     to_backend,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from oracles import dense_sketch_matrix
-
-import fastfusion as ff
 
 BACKENDS = backends_under_test()
 

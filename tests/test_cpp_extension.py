@@ -18,10 +18,11 @@ import warnings
 
 import pytest
 import torch
-from helpers import F64, LAYOUTS, assert_rel_close, custom_op_ran, randn, random_hashes_signs
 
 import fastfusion as ff
 from fastfusion import _dispatch, _extension, cpp_backend  # noqa: F401 - registers "cpp"
+
+from helpers import F64, LAYOUTS, assert_rel_close, custom_op_ran, randn, random_hashes_signs
 
 
 @pytest.fixture(scope="module", autouse=True)

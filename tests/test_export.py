@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastfusion as ff
+
 from helpers import rel_err
 
 # Odd sizes, B = 3; every module and every operator form (vector and pooled CBP, the gate).

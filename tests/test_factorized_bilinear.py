@@ -6,6 +6,9 @@ device."""
 
 import pytest
 import torch
+
+import fastfusion as ff
+
 from helpers import (
     ALL_DTYPES,
     F32,
@@ -22,8 +25,6 @@ from helpers import (
     to_backend,
 )
 from oracles import mfb_oracle
-
-import fastfusion as ff
 
 BACKENDS = backends_under_test()
 BIASES = ["none", "x", "y", "both"]

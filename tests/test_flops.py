@@ -16,11 +16,13 @@ from torch import nn
 
 import fastfusion
 from fastfusion import flops
+
 from helpers import backends_under_test
 
 pytest.importorskip("fvcore")
-from fastfusion.flops import count_flops, count_flops_by_kind  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from fastfusion.flops import count_flops, count_flops_by_kind  # noqa: E402
 
 
 def fft(batch: int, n: int, complex_input: bool = False) -> int:

@@ -9,6 +9,7 @@ import scipy.stats
 import torch
 
 import fastfusion as ff
+
 from helpers import assert_rel_close, randn
 from oracles import explicit_tensor_sketch, lmf_oracle, mfb_oracle, signed_sqrt_l2_oracle, tfn_oracle
 

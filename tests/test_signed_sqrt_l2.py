@@ -8,6 +8,9 @@ the norm. Every test runs on every backend under test, each on its device.
 
 import pytest
 import torch
+
+import fastfusion as ff
+
 from helpers import (
     ALL_DTYPES,
     F64,
@@ -27,8 +30,6 @@ from helpers import (
     to_backend,
 )
 from oracles import signed_sqrt_l2_oracle
-
-import fastfusion as ff
 
 BACKENDS = backends_under_test()
 

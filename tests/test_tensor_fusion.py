@@ -9,6 +9,9 @@ import math
 
 import pytest
 import torch
+
+import fastfusion as ff
+
 from helpers import (
     ALL_DTYPES,
     F64,
@@ -25,8 +28,6 @@ from helpers import (
     to_backend,
 )
 from oracles import tfn_oracle
-
-import fastfusion as ff
 
 BACKENDS = backends_under_test()
 

@@ -11,6 +11,7 @@ from torch.autograd.gradcheck import GradcheckError
 
 import fastfusion as ff
 from fastfusion.testing import Comparison, assert_matches_reference, error_bound, gradcheck, rel_err
+
 from helpers import backend_device, backends_under_test
 
 F32_EPS = torch.finfo(torch.float32).eps

@@ -7,6 +7,7 @@ Runs on helpers.TRITON_DEVICE: CUDA when present, else the CPU under Triton's in
 
 import pytest
 import torch
+
 from helpers import TRITON_DEVICE as DEVICE
 from helpers import TRITON_INTERPRETED, rel_err, skip_module_unless_triton_runs
 

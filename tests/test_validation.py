@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastfusion as ff
+
 from helpers import randn, random_hashes_signs
 
 D = 9

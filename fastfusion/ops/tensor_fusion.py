@@ -60,7 +60,7 @@ def _backward(grad, xs, weight, bias) -> list[torch.Tensor]:
 def _residual_width(dims, hidden: int) -> int:
     """h * P_A: the modalities split into a leading group [0, k) and a trailing one [k, M),
     with P_A, P_B the groups' outer-product sizes and k the first split minimising
-    h * P_A + P_B (csrc/cpu/fusion.cpp splits by the same rule)."""
+    h * P_A + P_B (csrc/cpu/tensor_fusion.cpp splits by the same rule)."""
     sizes = [n + 1 for n in dims]
     costs = [(hidden * math.prod(sizes[:k]) + math.prod(sizes[k:]), k) for k in range(1, len(sizes))]
     split = min(costs, key=lambda cost_split: cost_split[0])[1]  # min keeps the first of equals

@@ -9,9 +9,12 @@ import os
 
 DEVICE_TYPES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 
-from . import count_sketch  # noqa: E402,F401  (registers the kernels)
-from . import signed_sqrt_l2  # noqa: E402,F401
-from . import compact_bilinear  # noqa: E402,F401
-from . import tensor_fusion  # noqa: E402,F401
-from . import low_rank_fusion  # noqa: E402,F401
-from . import factorized_bilinear  # noqa: E402,F401
+# After DEVICE_TYPES, which the kernel files read; importing each registers its kernels.
+from . import (  # noqa: E402
+    compact_bilinear,  # noqa: F401
+    count_sketch,  # noqa: F401
+    factorized_bilinear,  # noqa: F401
+    low_rank_fusion,  # noqa: F401
+    signed_sqrt_l2,  # noqa: F401
+    tensor_fusion,  # noqa: F401
+)

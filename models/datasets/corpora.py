@@ -221,7 +221,7 @@ class MediaCorpus(Dataset):
             if problem is None:
                 kept.append(recording)
             else:
-                warnings.warn(f"skipping {self.CORPUS} recording {recording.name}: {recording.audio} {problem}")
+                warnings.warn(f"skipping {self.CORPUS} recording {recording.name}: {recording.audio} {problem}", stacklevel=2)
                 skipped.append((recording.audio, problem))
         return kept, tuple(skipped)
 

@@ -278,7 +278,7 @@ def standard_folds() -> dict[str, tuple[str, ...]] | None:
     except ImportError as error:
         if importlib.util.find_spec("mmsdk") is not None:  # installed but broken: say so rather than fall back quietly
             warnings.warn(f"the CMU Multimodal SDK is installed but its standard folds do not import ({error}); "
-                          "using a seeded split of the videos instead")
+                          "using a seeded split of the videos instead", stacklevel=2)
         return None
     return {"train": tuple(folds.standard_train_fold), "valid": tuple(folds.standard_valid_fold),
             "test": tuple(folds.standard_test_fold)}
@@ -403,7 +403,7 @@ def _usable_segments(
                          for row in late]
             rows = [row for row in rows if row.start < duration]
     for path, problem in problems:
-        warnings.warn(f"skipping CMU-MOSEI: {path} {problem}")
+        warnings.warn(f"skipping CMU-MOSEI: {path} {problem}", stacklevel=2)
     return rows, problems
 
 

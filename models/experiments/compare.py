@@ -424,7 +424,7 @@ def render_markdown(report: dict) -> str:
     for row in report["heads"]:
         ref, fused = row["backends"][REFERENCE], row["backends"][FUSED]
 
-        def pair(key: str, mode: str) -> str:
+        def pair(key: str, mode: str, ref=ref, fused=fused) -> str:
             a, b = ref[key][mode], fused[key][mode]
             return f"{_fmt_rate(a)} → {_fmt_rate(b)} ({b / a:.2f}x)"
 

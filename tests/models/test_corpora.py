@@ -10,6 +10,14 @@ import types
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
+from models.datasets import corpora, mosei
+from models.datasets.data import TINY
+from models.datasets.media import read_audio, read_frames
+from models.experiments import train
+from models.features.handcrafted import HandcraftedFrontend, autocorrelation_pitch
+
 from fake_corpora import (
     FPS,
     MOSEI_VIDEOS,
@@ -23,13 +31,6 @@ from fake_corpora import (
     write_video,
     write_wav,
 )
-from torch.utils.data import DataLoader
-
-from models.datasets import corpora, mosei
-from models.datasets.data import TINY
-from models.datasets.media import read_audio, read_frames
-from models.experiments import train
-from models.features.handcrafted import HandcraftedFrontend, autocorrelation_pitch
 
 # PyAV decodes (and writes) video, librosa reads .wav, soundfile writes it: the corpora extra.
 _MISSING = [name for name in ("av", "librosa", "soundfile") if importlib.util.find_spec(name) is None]

@@ -117,10 +117,10 @@ def handcrafted_corpus(tmp_path_factory):
     pytest.importorskip("av")
     pytest.importorskip("soundfile")
     pytest.importorskip("librosa")
-    from fake_corpora import make_ravdess
-
     from models.datasets.corpora import RAVDESS
     from models.features.handcrafted import HandcraftedFrontend
+
+    from fake_corpora import make_ravdess
 
     root = tmp_path_factory.mktemp("ravdess")
     make_ravdess(root, actors=(1, 2, 3))

@@ -6,10 +6,10 @@ pytest.importorskip("av")
 pytest.importorskip("soundfile")
 pytest.importorskip("librosa")
 
-from fake_corpora import make_mosei, make_ravdess  # noqa: E402
-
 from models.datasets import corpora  # noqa: E402
 from models.experiments import train  # noqa: E402
+
+from fake_corpora import make_mosei, make_ravdess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
