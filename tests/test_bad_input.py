@@ -27,6 +27,7 @@ import torch
 
 import fastfusion as ff
 from fastfusion import _dispatch
+from fastfusion._custom_op import SPECS
 
 from helpers import F64, assert_rel_close, backend_device, backends_under_test, randn, random_hashes_signs
 from oracles import explicit_tensor_sketch, mfb_oracle, signed_sqrt_l2_oracle
@@ -337,6 +338,11 @@ OPS = {
     "low_rank_fusion": "low_rank_fusion",
     "tensor_fusion": "tensor_fusion",
 }
+
+def test_every_op_has_bad_input_cases():
+    # The case lists name ops by hand: a new op (a spec) must join them.
+    assert set(OPS.values()) == set(SPECS) and {name.split()[0] for name in EMPTY_FEATURES} >= set(SPECS)
+
 
 # name -> (factory, input feature sizes); pooling modules take (B, T, n) inputs.
 MODULES = {

@@ -10,6 +10,7 @@ import torch
 from torch.library import opcheck
 
 import fastfusion as ff
+from fastfusion._custom_op import SPECS
 
 from helpers import assert_rel_close, randn, random_hashes_signs
 
@@ -173,6 +174,11 @@ OPCHECK_CASES = [
     "factorized_bilinear_backward", "low_rank_fusion", "low_rank_fusion_backward", "tensor_fusion", "tensor_fusion_no_bias",
     "tensor_fusion_backward",
 ]  # fmt: skip
+
+
+def test_every_op_and_its_backward_has_an_opcheck_case():
+    # OPCHECK_CASES names ops by hand: a new op (a spec) must join it, forward and backward.
+    assert {op for name in SPECS for op in (name, f"{name}_backward")} <= set(OPCHECK_CASES)
 
 
 def cast_floats(args, dtype):
