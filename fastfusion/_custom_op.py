@@ -69,7 +69,8 @@ class OpSpec:
     ``flops``, ``backward_flops``: the FLOPs of a forward and a backward call by kind, from the
     arguments by schema name with tensors as shapes (the convention of :mod:`fastfusion.flops`,
     which counts the ops with them).
-    ``cpp_saves_residuals``: whether the C++ kernels return residuals (csrc/cpu).
+    ``cpp_kernels``: whether csrc/cpu has the op's C++ kernels (an op may start with the
+    "torch" kernels alone); ``cpp_saves_residuals``: whether they return residuals.
     """
 
     name: str
@@ -85,6 +86,7 @@ class OpSpec:
     backward_fake: Callable | None = None
     none_grads: Mapping[str, Callable[[dict], tuple]] = dataclasses.field(default_factory=dict)
     autocast: str | None = None
+    cpp_kernels: bool = True
     cpp_saves_residuals: bool = False
 
     @property

@@ -4,7 +4,7 @@ The ``fastfusion::`` ops are Python custom ops that take a backend name and disp
 :mod:`fastfusion._dispatch`, which keeps torch.compile support, fake kernels and autograd in
 one place and lets one op have several backends at once. The C++ library therefore defines
 its own operators, ``torch.ops.fastfusion_cpu.<op>`` and ``<op>_backward`` for every op of
-:data:`fastfusion._custom_op.SPECS`, with exactly the signatures of each op's "torch" kernels
+:data:`fastfusion._custom_op.SPECS` whose spec says ``cpp_kernels`` (the default), with exactly the signatures of each op's "torch" kernels
 (plus the residuals, for the ops whose spec says ``cpp_saves_residuals``), and this module
 registers them as the "cpp" kernels of the CPU.
 Importing it builds nothing: :mod:`fastfusion._extension` builds or loads the library the
@@ -29,7 +29,7 @@ def _kernel(name: str):
     return kernel
 
 
-for _spec in _custom_op.SPECS.values():
+for _spec in (s for s in _custom_op.SPECS.values() if s.cpp_kernels):
     _dispatch.register_kernel(
         _spec.name,
         "cpp",

@@ -236,3 +236,30 @@ def test_import_stays_light():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == []
+
+
+# Runs in a fresh interpreter: registering an op is process-wide, and the suite's own lists
+# of ops follow the specs.
+_OP_WITHOUT_CPP = textwrap.dedent(
+    """
+    import dataclasses, importlib, torch
+    import fastfusion
+    from fastfusion import _custom_op, _dispatch, cpp_backend
+    spec = _custom_op.SPECS["signed_sqrt_l2"]
+    _custom_op.register(dataclasses.replace(spec, name="sqrt_l2_copy", cpp_kernels=False))
+    _custom_op.register(dataclasses.replace(spec, name="sqrt_l2_copy_cpp"))
+    importlib.reload(cpp_backend)  # registers "cpp" for the specs as at import
+    z = torch.randn(3, 7)
+    out = _custom_op.call("sqrt_l2_copy", None, z, 1e-12)
+    print(_dispatch.selected_backend("sqrt_l2_copy", "cpu"), _dispatch.selected_backend("sqrt_l2_copy_cpp", "cpu"),
+          torch.equal(out, fastfusion.signed_sqrt_l2(z, backend="torch")))
+    """
+)
+
+
+def test_an_op_may_start_without_cpp_kernels():
+    if "cpp" not in ff.available_backends("cpu"):
+        pytest.skip("the C++ backend is unavailable here: 'auto' runs 'torch' for every op")
+    result = subprocess.run([sys.executable, "-c", _OP_WITHOUT_CPP], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["torch", "cpp", "True"]
