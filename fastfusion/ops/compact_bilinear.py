@@ -57,8 +57,8 @@ from .._validation import (
 )
 from ..flops import fft_flops
 from ._common import product
-from .count_sketch import check_sketch_args, count_sketch_backward_reference, count_sketch_reference
-from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
+from .count_sketch import check_sketch_args, count_sketch_adjoint, count_sketch_reference
+from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_reference, signed_sqrt_l2_vjp
 
 POOL_MODES = ("sum", "mean")
 ALGORITHMS = ("auto", "gram", "fft")
@@ -222,7 +222,7 @@ def _backward(
             z = _pooled_sketch(spectra, out_dim, mean)
         gated = z if gate is None else z * gate.to(work)
         if normalize:
-            g = signed_sqrt_l2_backward_reference(g, gated, eps)
+            g = signed_sqrt_l2_vjp(g, gated, eps)
         if gate is not None:
             grads_gate = [(g * z).to(gate.dtype)]
             g = g * gate.to(work)
@@ -236,7 +236,7 @@ def _backward(
         others = product([f for m, f in enumerate(spectra) if m != k])
         # conj_physical, not the lazy conj: AOT-compiled graphs drop the lazy conjugate bit.
         grad_sketch = _transform(torch.fft.irfft, g_hat * others.conj_physical(), out_dim)
-        grads.append(count_sketch_backward_reference(grad_sketch, h, s).to(x.dtype))
+        grads.append(count_sketch_adjoint(grad_sketch, h, s).to(x.dtype))
     return grads + grads_gate
 
 

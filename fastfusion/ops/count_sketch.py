@@ -29,7 +29,7 @@ def count_sketch_reference(x: torch.Tensor, hash: torch.Tensor, sign: torch.Tens
     return out.index_add_(-1, hash, x * sign.to(x.dtype))
 
 
-def count_sketch_backward_reference(grad: torch.Tensor, hash: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+def count_sketch_adjoint(grad: torch.Tensor, hash: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """The adjoint of the count sketch: grad (..., d) -> (..., n), dx_i = s(i) grad_{h(i)}."""
     return grad.index_select(-1, hash) * sign.to(grad.dtype)
 
@@ -38,7 +38,7 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
     name="count_sketch",
     args="Tensor x, Tensor hash, Tensor sign, SymInt out_dim",
     forward=count_sketch_reference,
-    backward=count_sketch_backward_reference,
+    backward=count_sketch_adjoint,
     fake=lambda x, hash, sign, out_dim: x.new_empty(x.shape[:-1] + (out_dim,)),
     differentiable=("x",),
     flops=lambda args: Counter(scatter_add=math.prod(args["x"])),

@@ -22,7 +22,7 @@ from .._dispatch import compute_dtype
 from .._validation import check_eps, check_like, check_positive_int, check_shape, check_tensor
 from ..flops import twice
 from ._common import flatten_leading
-from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_backward_reference, signed_sqrt_l2_reference
+from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_reference, signed_sqrt_l2_vjp
 
 
 def _projections(x, y, weight_x, bias_x, weight_y, bias_y):
@@ -47,7 +47,7 @@ def _backward(grad, x, y, weight_x, bias_x, weight_y, bias_y, factor: int, dropo
         expanded = proj_x * proj_y
         if dropout_mask is not None:
             expanded = expanded * dropout_mask
-        grad = signed_sqrt_l2_backward_reference(grad, expanded.unflatten(-1, (-1, factor)).sum(-1), eps)
+        grad = signed_sqrt_l2_vjp(grad, expanded.unflatten(-1, (-1, factor)).sum(-1), eps)
     grad_expanded = grad.repeat_interleave(factor, dim=-1)
     if dropout_mask is not None:
         grad_expanded = grad_expanded * dropout_mask

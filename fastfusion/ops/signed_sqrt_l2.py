@@ -38,7 +38,7 @@ def signed_sqrt_l2_reference(z: torch.Tensor, eps: float = DEFAULT_EPS) -> torch
     return out.to(z.dtype)
 
 
-def signed_sqrt_l2_backward_reference(grad: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+def signed_sqrt_l2_vjp(grad: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
     """Vector-Jacobian product of :func:`signed_sqrt_l2_reference` at ``z``, in z's dtype."""
     dtype, work = z.dtype, compute_dtype(z.dtype)
     z, grad = z.to(work), grad.to(work)
@@ -56,7 +56,7 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
     name="signed_sqrt_l2",
     args="Tensor z, float eps",
     forward=signed_sqrt_l2_reference,
-    backward=signed_sqrt_l2_backward_reference,
+    backward=signed_sqrt_l2_vjp,
     fake=lambda z, eps: z.new_empty(z.shape),
     differentiable=("z",),
     flops=no_flops,
