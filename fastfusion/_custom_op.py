@@ -304,9 +304,10 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 def cast_dtype(spec: OpSpec, device_type: str) -> torch.dtype | None:
     """The dtype that ``spec``'s policy casts a call's floating tensors to under the autocast in
     force on ``device_type``, or None when nothing is cast."""
-    if spec.autocast is None or autocast_dtype(device_type) is None:
+    lowered = None if spec.autocast is None else autocast_dtype(device_type)
+    if lowered is None:
         return None
-    return torch.float32 if spec.autocast == "float32" else autocast_dtype(device_type)
+    return torch.float32 if spec.autocast == "float32" else lowered
 
 
 def _cast(value, dtype: torch.dtype):
@@ -323,7 +324,7 @@ def call(name: str, backend: str | None, *args):
     either case under the op's autocast policy (differentiable arguments cast, autocast off inside).
     Returns the output; an op with residuals asks for them when autograd records the call."""
     spec, op = SPECS[name], _FORWARD_OPS[name]
-    first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+    first = _dispatch._first_tensor(args[0])
     lowered = cast_dtype(spec, first.device.type)
     if lowered is not None:
         with torch.autocast(first.device.type, enabled=False):

@@ -204,11 +204,10 @@ def run_forward_saving(op: str, backend: str, save_residuals: bool, *args) -> tu
 
 
 def run_backward_saving(op: str, backend: str, grad: torch.Tensor, residuals: list[torch.Tensor], *args):
-    """``backend``'s backward kernel of an op with residuals, given what its forward saved
-    (``backend``: the concrete one its forward ran, as in :func:`run_backward`)."""
-    kernel = _KERNELS[op][backend]
-    if not kernel.accepts(*args):  # called directly with a backend its forward did not run (dtypes)
-        kernel = _KERNELS[op]["torch"]
+    """The backward kernel of an op with residuals, given what its forward saved. ``args`` are
+    the forward's arguments, so ``backend`` resolves as the forward's did (:func:`backend_for`:
+    the same kernel also when the backward op is called directly with the requested name)."""
+    kernel = _KERNELS[op][backend_for(op, args[0], backend, *args[1:])]
     if not kernel.saves_residuals:
         return _contiguous(kernel.backward(grad, *args))
     return _contiguous(kernel.backward(grad, residuals, *args))
