@@ -30,9 +30,9 @@ the unit of FlopCounterMode's own formulas (mm, bmm, addmm, convolution).
 - Pointwise work (activations, products, sums, normalisation, casts, shape ops) counts 0:
   it is bandwidth-bound and measured in bytes, not FLOPs.
 
-Each custom op's formula (``_FORMULAS``) counts, from its argument shapes, exactly what the
-rules above count on the plain-PyTorch path (``backend="eager"``) that computes the same
-math, so a module reports the same FLOPs under every backend; the formula never reads the
+Each custom op's formula (its spec's ``flops`` and ``backward_flops``) counts, from its
+argument shapes, exactly what the rules above count on the plain-PyTorch path
+(``backend="eager"``) that computes the same math, so a module reports the same FLOPs under every backend; the formula never reads the
 ``backend`` argument. A ``*_backward`` op counts the adjoint of its forward given what the
 forward computed (as autograd of the plain path does), not what a backend recomputes:
 
