@@ -161,9 +161,9 @@ def opcheck_cases(gen):
             ops.factorized_bilinear_backward, (g6, [], *d([x, y, wx, bx, wy, by]), 3, mask, True, 1e-12, "torch")),
         "low_rank_fusion": (ops.low_rank_fusion, ([x, y], factors, lmf_w, lmf_b, True, "torch")),
         "low_rank_fusion_backward": (ops.low_rank_fusion_backward, (g3, [], d([x, y]), d(factors), lmf_w.detach(), lmf_b.detach(), "torch")),
-        "tensor_fusion": (ops.tensor_fusion, ([x, y], tfn_w, tfn_b, True, "torch")),
-        "tensor_fusion_no_bias": (ops.tensor_fusion, ([x, y], tfn_w, None, False, "torch")),
-        "tensor_fusion_backward": (ops.tensor_fusion_backward, (g3, [], d([x, y]), tfn_w.detach(), None, "torch")),
+        "tensor_fusion": (ops.tensor_fusion, ([x, y], tfn_w, tfn_b, 1, True, "torch")),
+        "tensor_fusion_no_bias": (ops.tensor_fusion, ([x, y], tfn_w, None, 1, False, "torch")),
+        "tensor_fusion_backward": (ops.tensor_fusion_backward, (g3, [], d([x, y]), tfn_w.detach(), None, 1, "torch")),
     }  # fmt: skip
 
 

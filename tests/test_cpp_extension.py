@@ -268,10 +268,10 @@ def residual_cases(gen):
     gram = (gram_xs, [h0, h1], [s0, s1], 9, True, gram_gate, True, 1e-12, "gram")
     mfb = (x, y, wx, bx, wy, by, 2, mask, True, 1e-12)
     lmf = (lmf_xs, factors, lmf_w, lmf_b)
-    # The residual's width depends on where the modalities are split: after the first here,
-    # after the second in the next case (the fake kernel must agree with the C++ rule).
-    tfn = ([randn(gen, 4, 3), randn(gen, 4, 2), randn(gen, 4, 4)], randn(gen, 5, 60), randn(gen, 5))
-    tfn_late_split = ([randn(gen, 3, 1), randn(gen, 3, 1), randn(gen, 3, 40)], randn(gen, 2, 164), None)
+    # The residual's width depends on where the modalities are split (the op's argument): after
+    # the first here, after the second in the next case (the fake kernel must agree with the C++).
+    tfn = ([randn(gen, 4, 3), randn(gen, 4, 2), randn(gen, 4, 4)], randn(gen, 5, 60), randn(gen, 5), 1)
+    tfn_late_split = ([randn(gen, 3, 1), randn(gen, 3, 1), randn(gen, 3, 40)], randn(gen, 2, 164), None, 2)
     return {
         "compact_bilinear M=3 mean normalize": ("compact_bilinear", cbp3, (3, 9)),
         "compact_bilinear long sequence gate": ("compact_bilinear", cbp_long, (2, 4096)),
@@ -312,6 +312,24 @@ def test_opcheck_with_residuals(gen, case):
     detached = tuple([t.detach() for t in a] if isinstance(a, list) else a.detach() if isinstance(a, torch.Tensor) else a
                      for a in args)
     torch.library.opcheck(getattr(torch.ops.fastfusion, name + "_backward"), (randn(gen, *out_shape), residuals, *detached, "cpp"))
+
+
+def test_tensor_fusion_kernels_take_any_split(gen):
+    # The split is the op's argument (fastfusion.ops.tensor_fusion.residual_split chooses it):
+    # every split computes the same TFN, and one outside [1, M) is refused by name.
+    xs, weight, bias = [randn(gen, 3, 2), randn(gen, 3, 4), randn(gen, 3, 1)], randn(gen, 4, 30), randn(gen, 4)
+    grad = randn(gen, 3, 4)
+    expected = torch.ops.fastfusion.tensor_fusion_backward(grad, [], xs, weight, bias, 1, "torch")
+    reference = ff.tensor_fusion(xs, weight, bias, backend="eager")
+    for split in (1, 2):
+        out, residuals = torch.ops.fastfusion.tensor_fusion(xs, weight, bias, split, True, "cpp")
+        assert_rel_close(out, reference, 1e-14, f"split {split}")
+        grads = torch.ops.fastfusion.tensor_fusion_backward(grad, residuals, xs, weight, bias, split, "cpp")
+        for got, want in zip(grads, expected, strict=True):
+            assert_rel_close(got, want, 1e-14, f"split {split} gradient")
+    for split in (0, 3):
+        with pytest.raises(RuntimeError, match=rf"split must be in \[1, 3\) for 3 modalities, got {split}"):
+            torch.ops.fastfusion.tensor_fusion(xs, weight, bias, split, False, "cpp")
 
 
 def test_foreign_residuals_are_rejected_by_name(gen):

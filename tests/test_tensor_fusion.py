@@ -148,3 +148,21 @@ def test_low_precision(gen, backend, dtype):
 
     inputs = xs + [(weight / 8).requires_grad_(True), bias.requires_grad_(True)]
     assert_low_precision(fn, inputs, dtype, gen, backend=backend, cap=cap, grad_cap=cap)
+
+
+@pytest.mark.parametrize(
+    "in_dims, hidden, expected",
+    [
+        # sizes n + 1 = (4, 3, 5), h = 5: h P_A + P_B is 5*4 + 15 = 35 after the first, 5*12 + 5 = 65 after the second
+        ((3, 2, 4), 5, 1),
+        # (2, 2, 41), h = 2: 2*2 + 82 = 86 after the first, 2*4 + 41 = 49 after the second
+        ((1, 1, 40), 2, 2),
+        # (2, 2, 2), h = 1: 2 + 4 = 6 either way; the first of equals
+        ((1, 1, 1), 1, 1),
+        ((7, 9), 3, 1),  # two modalities: one possible split
+    ],
+)
+def test_residual_split_minimises_the_buffers(in_dims, hidden, expected):
+    from fastfusion.ops.tensor_fusion import residual_split
+
+    assert residual_split(in_dims, hidden) == expected

@@ -8,6 +8,14 @@ with the outer product flattened modality-0-major (the official order: index
 i_0 * prod_{m>0}(n_m+1) + ...), W in nn.Linear's layout (h, prod_m (n_m + 1)), so the
 official post-fusion layer's weights load directly. The reference materialises the outer
 product, (B, prod_m (n_m + 1)) values, which is what fused kernels avoid.
+
+Kernels that avoid it split the modalities into a leading group [0, k) and a trailing one
+[k, M): the outer product is then that of the groups' own outer products, of sizes P_A and
+P_B, and W (h, P_A P_B) is W (h P_A, P_B) in memory, so TFN is one GEMM, Y = u W'^T with u the
+trailing group's outer product, and a contraction of Y (B, h P_A) with the leading group's.
+The op takes k as its argument ``split``, chosen once here (:func:`residual_split`), so that
+every kernel and the residual's shape (Y, which a saving kernel hands to its backward) follow
+the same choice.
 """
 
 from __future__ import annotations
@@ -38,12 +46,13 @@ def _outer(xs) -> torch.Tensor:
     return result
 
 
-def _forward(xs, weight, bias) -> torch.Tensor:
-    """Plain-PyTorch TFN on (B, n_m) inputs -> (B, h); differentiable."""
+def _forward(xs, weight, bias, split) -> torch.Tensor:
+    """Plain-PyTorch TFN on (B, n_m) inputs -> (B, h); differentiable. It materialises the
+    whole outer product, so ``split`` does not change what it computes."""
     return F.linear(_outer(xs), weight, bias)
 
 
-def _backward(grad, xs, weight, bias) -> list[torch.Tensor]:
+def _backward(grad, xs, weight, bias, split) -> list[torch.Tensor]:
     """Gradients [*xs, weight, bias]; the bias gradient is returned even when bias is None."""
     grad_outer = (grad @ weight).unflatten(-1, [x.shape[-1] + 1 for x in xs])
     padded = [_with_one(x) for x in xs]
@@ -57,20 +66,18 @@ def _backward(grad, xs, weight, bias) -> list[torch.Tensor]:
     return grad_xs + [grad.t() @ _outer(xs), grad.sum(0)]
 
 
-def _residual_width(dims, hidden: int) -> int:
-    """h * P_A: the modalities split into a leading group [0, k) and a trailing one [k, M),
-    with P_A, P_B the groups' outer-product sizes and k the first split minimising
-    h * P_A + P_B (csrc/cpu/tensor_fusion.cpp splits by the same rule)."""
+def residual_split(dims, hidden: int) -> int:
+    """The split k of the modalities (module docstring) for modality sizes ``dims`` (n_m) and
+    output size ``hidden``: the first k in [1, M) minimising the per-sample buffers h P_A + P_B."""
     sizes = [n + 1 for n in dims]
     costs = [(hidden * math.prod(sizes[:k]) + math.prod(sizes[k:]), k) for k in range(1, len(sizes))]
-    split = min(costs, key=lambda cost_split: cost_split[0])[1]  # min keeps the first of equals
-    return hidden * math.prod(sizes[:split])
+    return min(costs, key=lambda cost_split: cost_split[0])[1]  # min keeps the first of equals
 
 
-def _residuals(xs, weight, bias) -> list[torch.Tensor]:
+def _residuals(xs, weight, bias, split) -> list[torch.Tensor]:
     """The residual a saving backend returns: Y = u @ W.view(h * P_A, P_B)^T, (B, h * P_A) in
-    the compute dtype, u the trailing group's outer product (see _residual_width)."""
-    width = _residual_width([x.shape[1] for x in xs], weight.shape[0])
+    the compute dtype, u the trailing group's outer product (module docstring)."""
+    width = weight.shape[0] * math.prod(x.shape[1] + 1 for x in xs[:split])
     return [xs[0].new_empty((xs[0].shape[0], width), dtype=compute_dtype(xs[0].dtype))]
 
 
@@ -81,10 +88,10 @@ def _flops(args: dict) -> Counter:
 
 SPEC = _custom_op.register(_custom_op.OpSpec(
     name="tensor_fusion",
-    args="Tensor[] xs, Tensor weight, Tensor? bias",
+    args="Tensor[] xs, Tensor weight, Tensor? bias, int split",
     forward=_forward,
     backward=_backward,
-    fake=lambda xs, weight, bias: xs[0].new_empty((xs[0].shape[0], weight.shape[0])),
+    fake=lambda xs, weight, bias, split: xs[0].new_empty((xs[0].shape[0], weight.shape[0])),
     residuals=_residuals,
     differentiable=("xs", "weight", "bias"),
     flops=_flops,
@@ -112,7 +119,8 @@ def tensor_fusion(xs, weight, bias, *, backend: str | None = None) -> torch.Tens
         check_tensor("bias", bias)
         check_shape("bias", bias, weight.shape[:1])
         check_like("bias", bias, "xs[0]", xs[0])
-    out = _custom_op.call("tensor_fusion", backend, [flatten_leading(x) for x in xs], weight, bias)
+    split = residual_split([x.shape[-1] for x in xs], weight.shape[0])
+    out = _custom_op.call("tensor_fusion", backend, [flatten_leading(x) for x in xs], weight, bias, split)
     return out.reshape(tuple(xs[0].shape[:-1]) + (weight.shape[0],))
 
 

@@ -212,7 +212,8 @@ def _lead_pad(offsets) -> int:
     return max(16, triton.next_power_of_2(offsets[-1]))
 
 
-def _forward(xs, weight, bias):
+def _forward(xs, weight, bias, split):
+    # split: the residual layout of saving kernels; these save none and need no split.
     _check_supported(xs)
     packed, table, offsets, P = pack_with_ones(xs)
     B, H = packed.shape[0], weight.shape[0]
@@ -227,7 +228,7 @@ def _forward(xs, weight, bias):
     return out
 
 
-def _backward(grad, xs, weight, bias):
+def _backward(grad, xs, weight, bias, split):
     _check_supported(xs)
     packed, table, offsets, P = pack_with_ones(xs)
     B, H = packed.shape[0], weight.shape[0]

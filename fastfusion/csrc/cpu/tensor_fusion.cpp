@@ -16,9 +16,9 @@
 //
 // i.e. one GEMM forward and two backward (three without the residual), each as many FLOPs
 // as one of the reference's, with buffers of B * (2 h * P_A + P_B) values instead of the
-// reference's B * P_A * P_B outer product (6x fewer at the CPU reference shape). The split
-// is the one minimising h * P_A + P_B (fastfusion/ops/tensor_fusion.py states the same rule
-// for the residual's shape).
+// reference's B * P_A * P_B outer product (6x fewer at the CPU reference shape). The split k
+// is the op's argument: fastfusion/ops/tensor_fusion.py chooses it (residual_split), and the
+// residual's shape, which its fake kernel states, follows from it.
 #include "common.h"
 #include "gemm.h"
 
@@ -32,19 +32,12 @@ struct Modalities {
   int64_t split;               // k: modalities [0, k) form group A
   int64_t PA, PB;
 
-  Modalities(const std::vector<at::Tensor>& xs, int64_t hidden) {
+  Modalities(const std::vector<at::Tensor>& xs, int64_t split_at, const char* op) : split(split_at) {
     for (const auto& x : xs) sizes.push_back(x.size(1) + 1);
-    // The split minimising the per-sample buffers h * P_A + P_B.
-    int64_t best = -1;
-    for (int64_t k = 1; k < static_cast<int64_t>(sizes.size()); ++k) {
-      const int64_t pa = product(0, k), pb = product(k, sizes.size());
-      if (best < 0 || hidden * pa + pb < best) {
-        best = hidden * pa + pb;
-        split = k;
-        PA = pa;
-        PB = pb;
-      }
-    }
+    TORCH_CHECK(split >= 1 && split < static_cast<int64_t>(sizes.size()), "fastfusion cpp backend: ", op,
+                ": split must be in [1, ", sizes.size(), ") for ", sizes.size(), " modalities, got ", split);
+    PA = product(0, split);
+    PB = product(split, sizes.size());
   }
 
   int64_t product(int64_t begin, int64_t end) const {
@@ -121,12 +114,12 @@ int64_t batch_chunk(int64_t per_row) {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> tensor_fusion(at::TensorList xs_in, const at::Tensor& weight_in,
                                                                const std::optional<at::Tensor>& bias_in,
-                                                               bool save_residuals) {
+                                                               int64_t split, bool save_residuals) {
   const auto type = compute_type(xs_in[0], "tensor_fusion");
   const auto xs = prepared(xs_in, type);
   const auto weight = prepared(weight_in, type);
   const int64_t B = xs[0].size(0), H = weight.size(0);
-  const Modalities mods(xs, H);
+  const Modalities mods(xs, split, "tensor_fusion");
   const int64_t M = xs.size(), PA = mods.PA, PB = mods.PB, k = mods.split;
   const auto w2 = weight.view({H * PA, PB});
   const auto bias = bias_in ? prepared(*bias_in, type) : at::zeros({H}, options_of(type));
@@ -159,13 +152,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> tensor_fusion(at::TensorList xs_
 
 std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::TensorList residuals,
                                                at::TensorList xs_in, const at::Tensor& weight_in,
-                                               const std::optional<at::Tensor>&) {
+                                               const std::optional<at::Tensor>&, int64_t split) {
   const auto type = compute_type(xs_in[0], "tensor_fusion_backward");
   const auto xs = prepared(xs_in, type);
   const auto weight = prepared(weight_in, type);
   const auto grad = prepared(grad_in, type);
   const int64_t B = xs[0].size(0), H = weight.size(0);
-  const Modalities mods(xs, H);
+  const Modalities mods(xs, split, "tensor_fusion_backward");
   const int64_t M = xs.size(), PA = mods.PA, PB = mods.PB, k = mods.split;
   const bool saved = !residuals.empty();
   if (saved) check_residuals(residuals, {{type, {B, H * PA}}}, "tensor_fusion_backward");
@@ -235,9 +228,9 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastfusion_cpu, m) {
-  m.def("tensor_fusion(Tensor[] xs, Tensor weight, Tensor? bias, bool save_residuals) -> (Tensor, Tensor[])");
+  m.def("tensor_fusion(Tensor[] xs, Tensor weight, Tensor? bias, int split, bool save_residuals) -> (Tensor, Tensor[])");
   m.def(
-      "tensor_fusion_backward(Tensor grad, Tensor[] residuals, Tensor[] xs, Tensor weight, Tensor? bias) "
+      "tensor_fusion_backward(Tensor grad, Tensor[] residuals, Tensor[] xs, Tensor weight, Tensor? bias, int split) "
       "-> Tensor[]");
 }
 
