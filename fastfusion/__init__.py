@@ -14,12 +14,12 @@ from .modules import (
     TensorFusion,
     draw_hashes_and_signs,
 )
-from .ops.compact_bilinear import compact_bilinear, tensor_sketch
-from .ops.count_sketch import count_sketch
-from .ops.factorized_bilinear import factorized_bilinear
-from .ops.low_rank_fusion import low_rank_fusion
-from .ops.signed_sqrt_l2 import signed_sqrt_l2
-from .ops.tensor_fusion import tensor_fusion
+from .ops import EXPORTS as _OP_EXPORTS
+
+# The public functions of the ops (each op file's __all__ names them; their references are
+# fastfusion.reference's).
+_PUBLIC_OPS = {name: f for name, f in _OP_EXPORTS.items() if not name.endswith("_reference")}
+globals().update(_PUBLIC_OPS)
 
 __version__ = "0.1.0"
 
@@ -54,14 +54,8 @@ __all__ = [
     "TensorFusion",
     "available_backends",
     "backend",
-    "compact_bilinear",
-    "count_sketch",
     "draw_hashes_and_signs",
-    "factorized_bilinear",
-    "low_rank_fusion",
     "selected_backend",
     "set_backend",
-    "signed_sqrt_l2",
-    "tensor_fusion",
-    "tensor_sketch",
+    *_PUBLIC_OPS,
 ]

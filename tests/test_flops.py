@@ -16,6 +16,7 @@ from torch import nn
 
 import fastfusion
 from fastfusion import flops
+from fastfusion._custom_op import SPECS
 
 from helpers import backends_under_test
 
@@ -243,6 +244,17 @@ def test_flop_counter_mode_counts_the_ops_as_count_flops_does(name, backend):
     assert any(op.endswith("_backward") for op in seen_with_backward)
     if name != "signed_sqrt_l2":  # pointwise: 0 either way
         assert counted > 0  # FlopCounterMode counted 0 for every fastfusion op before
+
+
+def test_the_hand_counts_cover_every_op():
+    # Every op is counted by hand in CASES (forward) and BACKWARD, through its custom op.
+    assert set(BACKWARD) == set(CASES)
+    seen = set()
+    with fastfusion.backend("torch"):
+        for factory, inputs, _ in CASES.values():
+            seen |= _counted(factory(), inputs, backward=False)[1]
+    missing = {f"fastfusion.{name}" for name in SPECS} - {op.split(".default")[0] for op in seen}
+    assert not missing, f"no hand count exercises {sorted(missing)}"
 
 
 @pytest.mark.parametrize("name", ["mfb", "tfn"])

@@ -60,6 +60,9 @@ from ._common import product
 from .count_sketch import check_sketch_args, count_sketch_adjoint, count_sketch_reference
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_reference, signed_sqrt_l2_vjp
 
+# The public function(s), exported by fastfusion, and their references, by fastfusion.reference.
+__all__ = ["compact_bilinear", "tensor_sketch", "compact_bilinear_reference", "tensor_sketch_reference"]
+
 POOL_MODES = ("sum", "mean")
 ALGORITHMS = ("auto", "gram", "fft")
 

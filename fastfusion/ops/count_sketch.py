@@ -18,6 +18,9 @@ from .. import _custom_op
 from .._validation import check_hash, check_positive_int, check_sign, check_tensor
 from ..flops import no_flops
 
+# The public function(s), exported by fastfusion, and their references, by fastfusion.reference.
+__all__ = ["count_sketch", "count_sketch_reference"]
+
 
 def count_sketch_reference(x: torch.Tensor, hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -> torch.Tensor:
     """Plain PyTorch (a scatter-add), differentiable by autograd.

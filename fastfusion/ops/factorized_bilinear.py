@@ -24,6 +24,9 @@ from ..flops import twice
 from ._common import flatten_leading
 from .signed_sqrt_l2 import DEFAULT_EPS, signed_sqrt_l2_reference, signed_sqrt_l2_vjp
 
+# The public function(s), exported by fastfusion, and their references, by fastfusion.reference.
+__all__ = ["factorized_bilinear", "factorized_bilinear_reference"]
+
 
 def _projections(x, y, weight_x, bias_x, weight_y, bias_y):
     return F.linear(x, weight_x, bias_x), F.linear(y, weight_y, bias_y)

@@ -21,6 +21,9 @@ from .._dispatch import compute_dtype
 from .._validation import check_like, check_modality_tensors, check_same_count, check_shape, check_tensor
 from ._common import flatten_leading, product
 
+# The public function(s), exported by fastfusion, and their references, by fastfusion.reference.
+__all__ = ["low_rank_fusion", "low_rank_fusion_reference"]
+
 
 def _rank_projections(xs, factors) -> list[torch.Tensor]:
     """x~_m W_m[r] for every modality: (r, B, h) each; the constant row is added, not

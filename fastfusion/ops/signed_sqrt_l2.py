@@ -18,6 +18,9 @@ from .._dispatch import compute_dtype
 from .._validation import check_eps, check_tensor
 from ..flops import no_flops
 
+# The public function(s), exported by fastfusion, and their references, by fastfusion.reference.
+__all__ = ["signed_sqrt_l2", "signed_sqrt_l2_reference"]
+
 DEFAULT_EPS = 1e-12
 
 

@@ -33,6 +33,9 @@ from .._validation import check_like, check_modality_tensors, check_shape, check
 from ..flops import twice
 from ._common import flatten_leading
 
+# The public function(s), exported by fastfusion, and their references, by fastfusion.reference.
+__all__ = ["tensor_fusion", "tensor_fusion_reference"]
+
 
 def _with_one(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (1, 0), value=1.0)
