@@ -55,6 +55,18 @@ def test_call_runs_every_public_function(call):
     assert set(call.ops) == {name for name in ff.ops.EXPORTS if not name.endswith("_reference")}
 
 
+def test_every_op_is_exported_with_its_reference():
+    # Exported from the op files' __all__: nothing else lists them.
+    from fastfusion import _custom_op, reference
+
+    for name in _custom_op.SPECS:
+        assert name in ff.__all__ and callable(getattr(ff, name)), name
+        assert f"{name}_reference" in reference.__all__ and callable(getattr(reference, f"{name}_reference")), name
+    namespace = {}
+    exec("from fastfusion import *; from fastfusion.reference import *", namespace)
+    assert {"tensor_sketch", "tensor_sketch_reference", "CompactBilinearPooling"} <= set(namespace)
+
+
 def test_available_backends():
     names = ff.available_backends()
     assert "torch" in names and "torch" in ff.available_backends("cpu")
