@@ -48,7 +48,6 @@ from typing import Callable
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,8 +56,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _WIDEN_BF16_DOT = tl.constexpr(_INTERPRET)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# What @triton.jit returns: a JITFunction, or under TRITON_INTERPRET=1 an InterpretedFunction.
-JIT_FUNCTION_TYPES = (JITFunction, InterpretedFunction)
+# What @triton.jit returns: a JITFunction, or under TRITON_INTERPRET=1 an InterpretedFunction
+# (the interpreter module is imported only then, as triton.jit itself does).
+if _INTERPRET:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    JIT_FUNCTION_TYPES = (JITFunction, InterpretedFunction)
+else:
+    JIT_FUNCTION_TYPES = (JITFunction,)
 
 
 def tl_compute_dtype(dtype: torch.dtype):
