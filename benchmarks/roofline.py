@@ -44,12 +44,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 from unittest import mock
 
 import torch
@@ -198,98 +199,6 @@ def _matmul_precision() -> str:
 
 # --- Triton launches -------------------------------------------------------------------
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pad(a: int, b: int) -> int:
-    return _cdiv(a, b) * b
-
-
-def _modality_dims(args: dict) -> list[int]:
-    """n_m + 1 per modality, from the (offset, dim, stride) table of the modality layout,
-    whose values the trace remembers from its copy to the device (once per layout)."""
-    table = args["table_ptr"].values
-    if table is None:
-        raise ValueError(
-            "the modality table's values are unknown: it was copied to the device outside benchmarks.trace"
-        )
-    return list(table[1::3])
-
-
-def _dot_unit(args: dict, pointer: str) -> str:
-    return _unit(args[pointer].dtype, args["PRECISION"])
-
-
-def _lmf_projections(args: dict, c: dict) -> int:
-    """FLOPs of one program's projections of all modalities for one rank and (B, H) tile."""
-    return sum(2 * c["BLOCK_B"] * c["BLOCK_H"] * _pad(d, c["BLOCK_K"]) for d in _modality_dims(args))
-
-
-def _lmf_forward(args, c, programs):
-    return {_dot_unit(args, "xt_ptr"): programs * args["R"] * _lmf_projections(args, c)}
-
-
-def _mfb(args, c, programs):
-    per_factor = 2 * c["BLOCK_B"] * c["BLOCK_O"] * (_pad(args["NX"], c["BLOCK_N"]) + _pad(args["NY"], c["BLOCK_N"]))
-    return {_dot_unit(args, "x_ptr"): programs * args["FACTOR"] * per_factor}
-
-
-def _tfn_forward(args, c, programs):
-    chunks = _cdiv(args["P"], c["BLOCK_K"])
-    return {_dot_unit(args, "w_ptr"): programs * chunks * 2 * c["BLOCK_B"] * c["BLOCK_K"] * c["BLOCK_H"]}
-
-
-def _tfn_grad_weight(args, c, programs):
-    chunks = _cdiv(args["B"], c["BLOCK_B"])
-    return {_dot_unit(args, "g_ptr"): programs * chunks * 2 * c["BLOCK_H"] * c["BLOCK_B"] * c["BLOCK_K"]}
-
-
-def _tfn_grad_input(args, c, programs):
-    # One (BLOCK_B, BLOCK_J) tile of g W per leading index a and chunk of the trailing
-    # modality's d_L = n_L + 1; the contractions with the factors are not dots.
-    last = _modality_dims(args)[-1]
-    tiles = programs * _cdiv(last, c["BLOCK_J"]) * (args["P"] // last)
-    return {_dot_unit(args, "w_ptr"): tiles * 2 * c["BLOCK_B"] * c["BLOCK_J"] * _pad(args["H"], c["BLOCK_H"])}
-
-
-def _gram_sketch(args, c, programs):
-    # One (BLOCK_I, BLOCK_J) tile of X_b^T Y_b per program, over T padded to BLOCK_T steps.
-    return {_dot_unit(args, "x_ptr"): programs * 2 * c["BLOCK_I"] * c["BLOCK_J"] * _pad(args["T"], c["BLOCK_T"])}
-
-
-def _gram_adjoint(args, c, programs):
-    # One (BLOCK_I, BLOCK_T) output tile per program, over the other modality's features
-    # padded to BLOCK_J steps.
-    return {_dot_unit(args, "other_ptr"): programs * 2 * c["BLOCK_I"] * c["BLOCK_T"] * _pad(args["N_OTHER"], c["BLOCK_J"])}
-
-
-def _no_dots(args, c, programs):
-    return {}
-
-
-# FLOPs of each Triton kernel's dots: (arguments by name, constexprs incl. the config, number
-# of programs) -> FLOPs by unit. Kernels without dots are bandwidth-bound: their time is bytes.
-TRITON_FLOPS: dict[str, Callable[[dict, dict, int], dict[str, int]]] = {
-    "count_sketch._gather_sketch_kernel": _no_dots,
-    "count_sketch._gather_adjoint_kernel": _no_dots,
-    "_common._epilogue_forward_kernel": _no_dots,
-    "_common._epilogue_backward_kernel": _no_dots,
-    "compact_bilinear._product_pool_kernel": _no_dots,
-    "compact_bilinear._adjoint_product_kernel": _no_dots,
-    "compact_bilinear._gram_sketch_kernel": _gram_sketch,
-    "compact_bilinear._gram_adjoint_kernel": _gram_adjoint,
-    "low_rank_fusion._forward_kernel": _lmf_forward,
-    "low_rank_fusion._grad_proj_kernel": _no_dots,
-    "factorized_bilinear._kernel": _mfb,
-    "factorized_bilinear._normalized_grad_proj_kernel": _no_dots,
-    "factorized_bilinear._grad_proj_kernel": _no_dots,
-    "tensor_fusion._forward_kernel": _tfn_forward,
-    "tensor_fusion._grad_weight_kernel": _tfn_grad_weight,
-    "tensor_fusion._grad_input_kernel": _tfn_grad_input,
-}
-
-
 def _config_name(config: triton.Config | None) -> str | None:
     if config is None:
         return None
@@ -297,16 +206,33 @@ def _config_name(config: triton.Config | None) -> str | None:
     return f"{sizes},warps={config.num_warps},stages={config.num_stages}"
 
 
+def _dot_flops(launch: TritonLaunch, constexprs: dict, programs: int) -> dict[str, int]:
+    """The FLOPs of a launch's dots by unit, from the formula declared beside its kernel
+    (fastfusion.triton_backend._common.dot_flops: FLOPs by dot-operand pointer, whose dtype
+    and PRECISION select the unit)."""
+    formula = getattr(launch.fn, "dot_flops", None)
+    if formula is None:
+        source = Path(inspect.getsourcefile(launch.fn.fn)).resolve()
+        where = source.relative_to(REPO) if source.is_relative_to(REPO) else source
+        raise KeyError(
+            f"no FLOP formula for Triton kernel {launch.kernel}: declare one beside it in {where} "
+            "(@dot_flops(formula), or @dot_flops(no_dots) for a kernel without tl.dot)"
+        )
+    flops: dict[str, int] = {}
+    for pointer, count in formula(launch.args, constexprs, programs).items():
+        unit = _unit(launch.args[pointer].dtype, constexprs["PRECISION"])
+        flops[unit] = flops.get(unit, 0) + count
+    return flops
+
+
 def triton_costs(launch: TritonLaunch) -> list[Cost]:
     """One Cost per config the launch may run with."""
-    if launch.kernel not in TRITON_FLOPS:
-        raise KeyError(f"no FLOP formula for Triton kernel {launch.kernel}: add one to benchmarks/roofline.py")
     nbytes = sum(_distinct(v for v in launch.args.values() if isinstance(v, Buffer)).values())
     costs = []
     for config, grid in zip(launch.configs, launch.grids):
         constexprs = {k: v for k, v in launch.args.items() if not isinstance(v, Buffer)}
         constexprs |= config.kwargs if config else {}
-        flops = TRITON_FLOPS[launch.kernel](launch.args, constexprs, math.prod(grid))
+        flops = _dot_flops(launch, constexprs, math.prod(grid))
         costs.append(Cost(launch.kernel, nbytes, flops, _config_name(config), programs=math.prod(grid)))
     return costs
 

@@ -8,22 +8,31 @@ would, where every config is costed.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib
+import inspect
 import itertools
 import json
 import math
 import os
+import pkgutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 pytest.importorskip("fvcore")
+from triton.runtime import Autotuner, Heuristics  # noqa: E402
+
+import fastfusion.triton_backend as triton_backend  # noqa: E402
 from benchmarks import ops, roofline, trace  # noqa: E402
 from benchmarks.shapes import KERNELS, SHAPE_SETS  # noqa: E402
+from fastfusion.triton_backend import _common  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 H100 = roofline.GPUS["h100"]
@@ -89,7 +98,7 @@ def test_low_rank_fusion_reads_the_modality_table_copied_from_the_host():
     launch, config, cost = _only_launch(
         "low_rank_fusion._forward_kernel", "lmf", dict(B=5, n=(2, 3, 4), rank=2, h=6), dtype=torch.bfloat16
     )
-    assert roofline._modality_dims(launch.args) == [3, 4, 5]
+    assert _common.modality_dims(launch.args) == [3, 4, 5]
     assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_K"]) == (32, 32, 32)
     # One (32 x 32) program, per rank and modality a projection padded to BLOCK_K = 32.
     assert cost.flops == {"bf16": 2 * 3 * (2 * 32 * 32 * 32)}
@@ -133,7 +142,38 @@ def _unnormalised_mfb_launches(mode):
     return _launches(trace.trace_call(fn, case, mode, grad_out))
 
 
-def test_every_triton_launch_has_a_flop_formula_and_none_is_stale():
+def _package_kernels() -> dict:
+    """Every @triton.jit function defined in fastfusion.triton_backend that no other one calls,
+    i.e. the kernels a host launches, named "<module>.<function>" as benchmarks.trace names
+    launches. Found by walking the package's modules and parsing each function's calls."""
+    jits = {}
+    for info in pkgutil.iter_modules(triton_backend.__path__):
+        module = importlib.import_module(f"{triton_backend.__name__}.{info.name}")
+        for obj in vars(module).values():
+            while isinstance(obj, (Autotuner, Heuristics)):
+                obj = obj.fn
+            if isinstance(obj, _common.JIT_FUNCTION_TYPES) and obj.fn.__module__ == module.__name__:
+                jits[f"{info.name}.{obj.fn.__name__}"] = obj
+    called = set()
+    for jit in jits.values():
+        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(jit.fn)))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                callee = jit.fn.__globals__.get(node.func.id)
+                if isinstance(callee, _common.JIT_FUNCTION_TYPES):
+                    called.add(id(callee))
+    return {name: jit for name, jit in jits.items() if id(jit) not in called}
+
+
+def test_every_triton_kernel_of_the_package_declares_its_dot_flops():
+    kernels = _package_kernels()
+    # The walk finds kernels, and only kernels: device functions are called by them.
+    assert "tensor_fusion._forward_kernel" in kernels and "_common._epilogue_forward_kernel" in kernels
+    assert "_common.matmul_tile" not in kernels and "_common.dot" not in kernels
+    undeclared = sorted(name for name, jit in kernels.items() if not callable(getattr(jit, "dot_flops", None)))
+    assert not undeclared, f"kernels without @dot_flops (fastfusion.triton_backend._common): {undeclared}"
+
+
+def test_every_triton_launch_has_a_flop_formula_and_every_kernel_is_launched():
     # Both sets: compact bilinear pooling's algorithm="auto" takes the FFT path at the tiny
     # sizes and the Gram path at cbp_seq's GPU sizes.
     launches = [launch for mode in ops.MODES for launch in _unnormalised_mfb_launches(mode)]
@@ -143,7 +183,28 @@ def test_every_triton_launch_has_a_flop_formula_and_none_is_stale():
                 launches += _launches(_trace(kernel, SHAPE_SETS[shape_set][kernel], "fastfusion", mode, dtype))
     for launch in launches:
         roofline.triton_costs(launch)  # raises for a kernel without a formula
-    assert set(roofline.TRITON_FLOPS) == {launch.kernel for launch in launches}
+    # No kernel the benchmarks never launch, whose formula the model would never check.
+    assert set(_package_kernels()) == {launch.kernel for launch in launches}
+
+
+@triton.jit
+def _undeclared_kernel(x_ptr):
+    tl = triton.language
+    tl.store(x_ptr, 0.0)
+
+
+def test_a_launch_without_a_formula_fails_naming_the_file_to_declare_it_in():
+    (launch,) = _launches(_trace("signed_sqrt_l2", dict(B=2, d=3), "fastfusion"))
+    with pytest.raises(KeyError, match=r"declare one beside it in tests/test_roofline\.py"):
+        roofline.triton_costs(dataclasses.replace(launch, fn=_undeclared_kernel))
+
+
+def test_dot_flops_decorates_only_jit_functions():
+    with pytest.raises(TypeError, match="formula must be callable"):
+        _common.dot_flops(None)
+    tuned = triton.autotune(configs=[triton.Config({})], key=[])(_undeclared_kernel)
+    with pytest.raises(TypeError, match="must decorate a @triton.jit function directly"):
+        _common.dot_flops(_common.no_dots)(tuned)
 
 
 def test_cli_writes_the_model_and_its_error_against_measurements(tmp_path):

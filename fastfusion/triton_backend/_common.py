@@ -1,5 +1,6 @@
-"""Pieces shared by the Triton kernels: the dtype policy, autotuning helpers, tiles of matmuls
-(LMF, MFB, TFN), the modality packing (LMF, TFN) and the row epilogue (signed sqrt, CBP, MFB).
+"""Pieces shared by the Triton kernels: the dtype policy, autotuning helpers, the FLOP
+declarations, tiles of matmuls (LMF, MFB, TFN), the modality packing (LMF, TFN) and the row
+epilogue (signed sqrt, CBP, MFB).
 
 dtype policy: float32, float16 and bfloat16 run the kernels, which accumulate in float32
 and round once when storing. float32 products use IEEE precision unless the user allowed
@@ -8,6 +9,25 @@ matmuls obey). The kernels that use ``tl.dot`` are registered for ``KERNEL_DTYPE
 the dispatcher runs float64 calls on the "torch" kernels: ``tl.dot`` has no float64 form on
 every GPU generation and Triton release the project supports, and float64 is the oracle's
 dtype rather than a speed path.
+
+FLOP declarations: every launched kernel (a ``@triton.jit`` function that no other one calls)
+declares the FLOPs of its ``tl.dot``s beside it, ``@dot_flops(formula)`` between
+``@triton.autotune`` and ``@triton.jit``; a kernel without dots declares ``@dot_flops(no_dots)``,
+so that a forgotten declaration stays an error for whoever costs the kernel (a GPU cost model,
+benchmarks/roofline.py, reads ``kernel.dot_flops``; tests/test_roofline.py walks this package
+for kernels without one). ``formula(args, constexprs, programs) -> {pointer name: FLOPs}``:
+
+- ``args``: every launch argument by name; scalars as their values, tensors as objects with
+  ``.shape`` and ``.dtype`` and, for small tables copied from the host (the modality table of
+  :func:`pack_with_ones`), ``.values``, a tuple of the table's entries (None when unknown);
+- ``constexprs``: the scalar and constexpr arguments and the autotune config's block sizes;
+- ``programs``: the number of programs in the grid.
+
+FLOPs count 2 per multiply-add of the dots as the programs run them: every program's tiles,
+padded to the block sizes, recomputation included. Each count is keyed by the argument name
+of a pointer the dot reads (its first operand's), whose dtype with the ``PRECISION``
+constexpr selects the unit that multiplies; which unit and its speed are the cost model's
+business, not the kernel's.
 
 The row epilogue (``epilogue_forward``/``epilogue_backward``): optional gate multiply, then
 optionally signed sqrt and L2 norm. One program per row, looping over the row in blocks: a
@@ -23,10 +43,12 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter's tl.dot is numpy.matmul on the raw storage, and numpy holds bfloat16 as
@@ -34,6 +56,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _WIDEN_BF16_DOT = tl.constexpr(_INTERPRET)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What @triton.jit returns: a JITFunction, or under TRITON_INTERPRET=1 an InterpretedFunction
+# (the interpreter module is imported only then, as triton.jit itself does).
+if _INTERPRET:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    JIT_FUNCTION_TYPES = (JITFunction, InterpretedFunction)
+else:
+    JIT_FUNCTION_TYPES = (JITFunction,)
 
 
 def tl_compute_dtype(dtype: torch.dtype):
@@ -91,6 +121,47 @@ def pack_with_ones(xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, 
     packed = torch.cat([t for x in xs for t in (ones, x)], dim=1)
     table, offsets, size = _modality_layout(tuple(x.shape[1] + 1 for x in xs), packed.device)
     return packed, table, offsets, size
+
+
+def dot_flops(formula: Callable[[dict, dict, int], dict[str, int]]):
+    """Decorator: declare ``formula`` (module docstring) as the FLOPs of a ``@triton.jit``
+    kernel's dots, stored as its ``dot_flops`` attribute. Goes directly above ``@triton.jit``
+    (below ``@triton.autotune``), where the JITFunction is what it decorates."""
+    if not callable(formula):
+        raise TypeError(f"dot_flops: formula must be callable (args, constexprs, programs), got {formula!r}")
+
+    def declare(kernel):
+        if not isinstance(kernel, JIT_FUNCTION_TYPES):
+            raise TypeError(
+                f"dot_flops must decorate a @triton.jit function directly (below @triton.autotune), got {kernel!r}"
+            )
+        kernel.dot_flops = formula
+        return kernel
+
+    return declare
+
+
+def no_dots(args: dict, constexprs: dict, programs: int) -> dict[str, int]:
+    """The FLOP formula of a kernel without ``tl.dot``: its pointwise work counts 0 (it is
+    bandwidth-bound; the cost model times it by its bytes)."""
+    return {}
+
+
+def padded(n: int, block: int) -> int:
+    """``n`` rounded up to a multiple of ``block``: the extent a loop of ``block`` steps covers."""
+    return triton.cdiv(n, block) * block
+
+
+def modality_dims(args: dict) -> list[int]:
+    """n_m + 1 per modality, for a FLOP formula: every third value of the (offset, n_m + 1,
+    stride) table of :func:`pack_with_ones`, the kernel argument ``table_ptr``."""
+    table = args["table_ptr"].values
+    if table is None:
+        raise ValueError(
+            "table_ptr: the modality table's values are unknown; the FLOP formula needs them "
+            "(the caller must record the table's host values when it is copied to the device)"
+        )
+    return list(table[1::3])
 
 
 @triton.jit
@@ -174,6 +245,7 @@ def _gated(z_ptr, gate_ptr, row, cols, mask, stride_z_row, stride_z_col, stride_
     return z, gate
 
 
+@dot_flops(no_dots)
 @triton.jit
 def _epilogue_forward_kernel(
     z_ptr, gate_ptr, out_ptr,
@@ -207,6 +279,7 @@ def _epilogue_forward_kernel(
         tl.store(out_ptr + row * stride_out_row + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@dot_flops(no_dots)
 @triton.jit
 def _epilogue_backward_kernel(
     grad_ptr, z_ptr, gate_ptr, grad_z_ptr, grad_gate_ptr,

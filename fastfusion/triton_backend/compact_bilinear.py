@@ -72,10 +72,13 @@ from ._common import (
     autotune_configs,
     batch_bucket,
     dot,
+    dot_flops,
     dot_precision,
     epilogue_backward,
     epilogue_forward,
     matmul_tile,
+    no_dots,
+    padded,
 )
 from .count_sketch import adjoint_into, inverse_table, sketch_into
 
@@ -92,6 +95,7 @@ def _sample_and_frequencies(freqs, BLOCK: tl.constexpr):
     return (pid // freq_blocks).to(tl.int64), f, f < freqs
 
 
+@dot_flops(no_dots)
 @triton.jit
 def _product_pool_kernel(
     f_ptr, out_ptr,
@@ -123,6 +127,7 @@ def _product_pool_kernel(
     tl.store(out + 1, acc_im, mask=mask)
 
 
+@dot_flops(no_dots)
 @triton.jit
 def _adjoint_product_kernel(
     f_ptr, g_ptr, out_ptr,
@@ -213,7 +218,14 @@ _GRAM_CONFIGS = autotune_configs([
 ])
 
 
+def _gram_sketch_flops(args, constexprs, programs):
+    # One (BLOCK_I, BLOCK_J) tile of X_b^T Y_b per program, over T padded to BLOCK_T steps.
+    c = constexprs
+    return {"x_ptr": programs * 2 * c["BLOCK_I"] * c["BLOCK_J"] * padded(args["T"], c["BLOCK_T"])}
+
+
 @triton.autotune(configs=_GRAM_CONFIGS, key=["B_BUCKET", "T", "N1", "N2", "D", "MEAN"], reset_to_zero=["z_ptr"])
+@dot_flops(_gram_sketch_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _gram_sketch_kernel(
     x_ptr, y_ptr, h1_ptr, s1_ptr, h2_ptr, s2_ptr, z_ptr,
@@ -256,7 +268,15 @@ _GRAM_ADJOINT_CONFIGS = autotune_configs([
 ])
 
 
+def _gram_adjoint_flops(args, constexprs, programs):
+    # One (BLOCK_I, BLOCK_T) output tile per program, over the other modality's features
+    # padded to BLOCK_J steps.
+    c = constexprs
+    return {"other_ptr": programs * 2 * c["BLOCK_I"] * c["BLOCK_T"] * padded(args["N_OTHER"], c["BLOCK_J"])}
+
+
 @triton.autotune(configs=_GRAM_ADJOINT_CONFIGS, key=["B_BUCKET", "T", "N_OWN", "N_OTHER", "D", "MEAN"])
+@dot_flops(_gram_adjoint_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _gram_adjoint_kernel(
     other_ptr, h_own_ptr, s_own_ptr, h_other_ptr, s_other_ptr, dz_ptr, out_ptr,

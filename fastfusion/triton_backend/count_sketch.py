@@ -22,7 +22,7 @@ import triton.language as tl
 from .. import _dispatch
 from .._tensor_cache import TensorCache
 from . import DEVICE_TYPES
-from ._common import tl_compute_dtype
+from ._common import dot_flops, no_dots, tl_compute_dtype
 
 _BLOCK_ROWS = 8
 _BLOCK_BUCKETS = 128
@@ -58,6 +58,7 @@ def inverse_table(hash: torch.Tensor, sign: torch.Tensor, out_dim: int) -> Inver
     return _TABLES.get((hash, sign), lambda: _build_inverse_table(hash, sign, out_dim), out_dim)
 
 
+@dot_flops(no_dots)
 @triton.jit
 def _gather_sketch_kernel(
     x_ptr, offsets_ptr, perm_ptr, sign_ptr, out_ptr,
@@ -91,6 +92,7 @@ def _gather_sketch_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & bucket_ok[None, :])
 
 
+@dot_flops(no_dots)
 @triton.jit
 def _gather_adjoint_kernel(
     g_ptr, hash_ptr, sign_ptr, out_ptr,

@@ -53,12 +53,15 @@ from ._common import (
     accumulate_norm,
     autotune_configs,
     batch_bucket,
+    dot_flops,
     dot_precision,
     epilogue_backward,
     epilogue_forward,
     finish_norm,
     matmul_tile,
+    no_dots,
     normalized_grad,
+    padded,
     signed_root,
 )
 
@@ -83,6 +86,15 @@ def _projection(a_ptr, stride_ab, stride_an, w_ptr, stride_wo, stride_wn, bias_p
     return proj
 
 
+def _flops(args, constexprs, programs):
+    # Per program and factor, the two (BLOCK_B, BLOCK_O) projections, over n_x and n_y padded
+    # to BLOCK_N steps; the backward mode recomputes them.
+    c = constexprs
+    per_factor = 2 * c["BLOCK_B"] * c["BLOCK_O"] * (padded(args["NX"], c["BLOCK_N"]) + padded(args["NY"], c["BLOCK_N"]))
+    return {"x_ptr": programs * args["FACTOR"] * per_factor}
+
+
+@dot_flops(_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _kernel(
     x_ptr, y_ptr, wx_ptr, bx_ptr, wy_ptr, by_ptr, mask_ptr, z_ptr, ex_ptr, ey_ptr,
@@ -226,6 +238,7 @@ def _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb,
     return groups, group_mask, z, g
 
 
+@dot_flops(no_dots)
 @triton.jit
 def _normalized_grad_proj_kernel(
     g_ptr, px_ptr, py_ptr, mask_ptr, gpx_ptr, gpy_ptr, O, FACTOR, eps,
@@ -266,6 +279,7 @@ def _normalized_grad_proj_kernel(
             tl.store(gpy_ptr + row * stride_eb + cols, (ge * px).to(gpy_ptr.dtype.element_ty), mask=group_mask)
 
 
+@dot_flops(no_dots)
 @triton.jit
 def _grad_proj_kernel(
     g_ptr, px_ptr, py_ptr, mask_ptr, gpx_ptr, gpy_ptr, B, C, FACTOR,

@@ -50,7 +50,18 @@ from .. import _dispatch
 from .._dispatch import compute_dtype
 from .._tensor_cache import TensorCache
 from . import DEVICE_TYPES
-from ._common import KERNEL_DTYPES, autotune_configs, batch_bucket, dot_precision, matmul_tile, pack_with_ones
+from ._common import (
+    KERNEL_DTYPES,
+    autotune_configs,
+    batch_bucket,
+    dot_flops,
+    dot_precision,
+    matmul_tile,
+    modality_dims,
+    no_dots,
+    pack_with_ones,
+    padded,
+)
 
 # Every config compiles without register spills for sm_90 in every dtype and mode (saving the
 # projections or not) at the benchmark's GPU shape, with Triton 3.6's and 3.9's ptxas
@@ -94,7 +105,16 @@ def _select(m, p0, p1, p2, p3):
     return p
 
 
+def _forward_flops(args, constexprs, programs):
+    # Per program and rank, one (BLOCK_B, BLOCK_H) projection per modality, over its
+    # n_m + 1 columns padded to BLOCK_K steps.
+    c = constexprs
+    per_rank = sum(2 * c["BLOCK_B"] * c["BLOCK_H"] * padded(d, c["BLOCK_K"]) for d in modality_dims(args))
+    return {"xt_ptr": programs * args["R"] * per_rank}
+
+
 @triton.autotune(configs=_CONFIGS, key=["B_BUCKET", "H", "S", "R", "SAVE"])
+@dot_flops(_forward_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _forward_kernel(
     xt_ptr, table_ptr, f_ptr, weights_ptr, bias_ptr, out_ptr, res0_ptr, res1_ptr, res2_ptr, res3_ptr,
@@ -127,6 +147,7 @@ def _forward_kernel(
 
 
 @triton.autotune(configs=_GRAD_PROJ_CONFIGS, key=["B_BUCKET", "H", "R", "num_modalities"])
+@dot_flops(no_dots)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_proj_kernel(
     p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, gp_ptr, gw_rows_ptr,

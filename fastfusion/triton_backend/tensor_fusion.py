@@ -31,7 +31,18 @@ import triton.language as tl
 
 from .. import _dispatch
 from . import DEVICE_TYPES
-from ._common import KERNEL_DTYPES, autotune_configs, batch_bucket, dot, dot_precision, matmul_tile, pack_with_ones
+from ._common import (
+    KERNEL_DTYPES,
+    autotune_configs,
+    batch_bucket,
+    dot,
+    dot_flops,
+    dot_precision,
+    matmul_tile,
+    modality_dims,
+    pack_with_ones,
+    padded,
+)
 
 MAX_MODALITY_DIM = 1023
 # The dx kernel accumulates all modalities but the last in one (BLOCK_B, pow2) register tile.
@@ -79,7 +90,14 @@ def _configs(names, sizes=_SIZES):
     return autotune_configs([triton.Config(dict(zip(names, s[:3])), num_warps=s[3]) for s in sizes])
 
 
+def _forward_flops(args, constexprs, programs):
+    # Per program, one (BLOCK_B, BLOCK_K) @ (BLOCK_K, BLOCK_H) dot per BLOCK_K chunk of P.
+    c = constexprs
+    return {"w_ptr": programs * triton.cdiv(args["P"], c["BLOCK_K"]) * 2 * c["BLOCK_B"] * c["BLOCK_K"] * c["BLOCK_H"]}
+
+
 @triton.autotune(configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_K")), key=["B_BUCKET", "H", "P"])
+@dot_flops(_forward_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _forward_kernel(
     xt_ptr, table_ptr, w_ptr, bias_ptr, out_ptr,
@@ -105,7 +123,14 @@ def _forward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+def _grad_weight_flops(args, constexprs, programs):
+    # Per program, one (BLOCK_H, BLOCK_B) @ (BLOCK_B, BLOCK_K) dot per BLOCK_B chunk of the batch.
+    c = constexprs
+    return {"g_ptr": programs * triton.cdiv(args["B"], c["BLOCK_B"]) * 2 * c["BLOCK_H"] * c["BLOCK_B"] * c["BLOCK_K"]}
+
+
 @triton.autotune(configs=_configs(("BLOCK_H", "BLOCK_K", "BLOCK_B")), key=["B_BUCKET", "H", "P"])
+@dot_flops(_grad_weight_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_weight_kernel(
     xt_ptr, table_ptr, g_ptr, gw_ptr,
@@ -129,9 +154,20 @@ def _grad_weight_kernel(
     tl.store(out, acc.to(gw_ptr.dtype.element_ty), mask=col_mask[:, None] & k_mask[None, :])
 
 
+def _grad_input_flops(args, constexprs, programs):
+    # One (BLOCK_B, BLOCK_J) tile of g W per leading index a and chunk of the trailing
+    # modality's d_L = n_L + 1, over h padded to BLOCK_H; the contractions with the factors
+    # are not dots.
+    c = constexprs
+    last = modality_dims(args)[-1]
+    tiles = programs * triton.cdiv(last, c["BLOCK_J"]) * (args["P"] // last)
+    return {"w_ptr": tiles * 2 * c["BLOCK_B"] * c["BLOCK_J"] * padded(args["H"], c["BLOCK_H"])}
+
+
 @triton.autotune(
     configs=_configs(("BLOCK_B", "BLOCK_H", "BLOCK_J"), _GRAD_INPUT_SIZES), key=["B_BUCKET", "H", "P", "LEAD_PAD"]
 )
+@dot_flops(_grad_input_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_input_kernel(
     xt_ptr, table_ptr, g_ptr, w_ptr, gxt_ptr,
