@@ -38,7 +38,7 @@ import torch
 import fastfusion
 
 from . import ops, timing
-from .shapes import KERNELS, SHAPE_SETS, shape_set_for
+from .shapes import BENCHMARKS, KERNELS, SHAPE_SETS, shape_set_for
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -220,7 +220,7 @@ def _row(kernel: str, sizes: dict, dtype: str, mode: str, provider: str, measure
     if provider in ops.BASELINES:
         backend = None
     elif provider == "fastfusion":
-        backend = fastfusion.selected_backend(ops.OP_FAMILY[kernel], device)
+        backend = fastfusion.selected_backend(BENCHMARKS[kernel].op, device)
     else:
         backend = provider
     base = {
