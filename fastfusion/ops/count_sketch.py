@@ -76,6 +76,7 @@ def count_sketch(
 
 
 def _benchmark_case(s, randn):
+    """x (B, n), and the hash and sign drawn as the modules draw them (seed 0)."""
     from ..modules import draw_hashes_and_signs  # modules imports the ops: imported on use
 
     [(hash, sign)] = draw_hashes_and_signs([s["n"]], s["d"], seed=0)
