@@ -1,3 +1,3 @@
-"""fastfusion's benchmarks: named shapes (shapes.py), kernels and providers (ops.py),
+"""fastfusion's benchmarks: the kernels and named shapes the ops declare (shapes.py), cases and providers (ops.py),
 timing and memory (timing.py), the report CLI (``python -m benchmarks.run``) and a
 pytest-benchmark suite (``pytest benchmarks/ --benchmark-only``)."""

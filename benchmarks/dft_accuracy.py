@@ -7,7 +7,7 @@ with the operands of each matmul rounded as tensor cores round them (TF32: 10 ma
 bf16: 7) and float32 accumulation (emulated: float64 products of the rounded operands, the
 sum rounded to float32), once, or three times with hi/lo splits of both operands
 (hi*hi + hi*lo + lo*hi, the "3xTF32" scheme). Input: the count sketch of a random 2048-vector,
-as cbp_vec's. Printed: ||X - X_64|| / ||X_64|| for each, beside torch.fft in float32.
+as compact_bilinear[vec]'s. Printed: ||X - X_64|| / ||X_64|| for each, beside torch.fft in float32.
 
     python -m benchmarks.dft_accuracy [--n1 128] [--n2 128] [--seed 0]
 """

@@ -20,7 +20,7 @@ import torch
 import fastfusion as ff
 from fastfusion.timing import measure
 
-# (B, T, n1, n2, d); the first is the CPU benchmark shape cbp_seq (shapes.py).
+# (B, T, n1, n2, d); the first is the CPU benchmark shape compact_bilinear[seq] (declared in fastfusion/ops/compact_bilinear.py).
 SHAPES = (
     (8, 49, 256, 256, 4096),
     (8, 196, 256, 256, 4096),

@@ -38,7 +38,7 @@ import torch
 import fastfusion
 
 from . import ops, timing
-from .shapes import KERNELS, SHAPE_SETS, shape_set_for
+from .shapes import BENCHMARKS, KERNELS, SHAPE_SETS, shape_set_for
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -84,7 +84,8 @@ CONVENTIONS = {
     "frac_copy_bw": "gb_per_s / the copy bandwidth: dst.copy_(src) of 64 MiB on CPU, 256 MiB on CUDA, read + "
     "write, the faster of one measurement before and one after the kernels; above 1 when a kernel's working "
     "set fits in cache",
-    "eager": "best plain PyTorch; for count_sketch the fastest of index_add, sparse_mm and dense_mm, measured",
+    "eager": "best plain PyTorch: the reference, or the fastest, measured, of the eager variants the kernel declares "
+    "(named in the row's note; count_sketch: index_add, sparse_mm, dense_mm)",
     "modes": "forward runs under no_grad; forward+backward differentiates every input, parameters included",
 }
 
@@ -220,7 +221,7 @@ def _row(kernel: str, sizes: dict, dtype: str, mode: str, provider: str, measure
     if provider in ops.BASELINES:
         backend = None
     elif provider == "fastfusion":
-        backend = fastfusion.selected_backend(ops.OP_FAMILY[kernel], device)
+        backend = fastfusion.selected_backend(BENCHMARKS[kernel].op, device)
     else:
         backend = provider
     base = {
@@ -529,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quick", action="store_true",
         help=f"shorter timing; on CPU the shrunk cpu-quick shapes ({QUICK_DURATION}, compiling included)")
     add("--ops", nargs="+", choices=KERNELS, default=list(KERNELS), metavar="KERNEL",
-        help=f"kernels to run, of {', '.join(KERNELS)} (default: all)")
+        help=f"kernels to run, of {', '.join(KERNELS)} (default: all; quote bracketed names in a shell)")
     add("--dtypes", nargs="+", choices=("float32", "float16", "bfloat16"),
         help="dtypes to run (default: float32 on CPU, all 3 on CUDA)")
     add("--providers", nargs="+", metavar="PROVIDER",

@@ -24,12 +24,18 @@ export, the "torch" forward kernel under PyTorch's own autograd.
 
 :data:`SPECS` lists every registered op, in registration order; the C++ backend, the FLOP
 formulas and the benchmarks read it instead of keeping their own lists.
+
+Each op file also declares its benchmark cases, after its public function, as
+:class:`Benchmark` objects passed to :func:`declare_benchmark`; the harness (``benchmarks/``)
+reads them through :func:`benchmarks` and keeps no per-op code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
+from types import MappingProxyType
 from typing import Callable, Mapping
 
 import torch
@@ -338,3 +344,81 @@ def call(name: str, backend: str | None, *args):
     named = dict(zip(spec.arg_names, args))
     tensors, _ = _pack([named[n] for n in spec.differentiable])
     return op(*args, _dispatch.wants_residuals(*tensors), requested)[0]
+
+
+# The benchmark shape sets every declaration sizes its case for, by name:
+SHAPE_SETS = MappingProxyType({
+    "cuda": "the GPU sizes (docs/design.md, Reference sizes)",
+    "cpu": "the 2-core CPU sizes (docs/design.md, Reference sizes)",
+    "cpu-quick": "the CPU sizes shrunk 2-4x per dimension, so that a quick run on two cores, "
+                 "torch.compile warm-up included, ends in under 3 minutes",
+    "tiny": "a few kilobytes per tensor, for testing the harness itself",
+})
+
+_VARIANT = re.compile(r"[a-z][a-z0-9_]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """One benchmark case of an op, named ``<op>`` or ``<op>[<variant>]``.
+
+    ``function``: the op's public function; ``reference``: its plain-PyTorch reference, with
+    the same signature (the eager and torch.compile baselines and the float64 oracle).
+    ``shapes``: per shape set of :data:`SHAPE_SETS` (every one of them), the sizes, a dict of
+    ints and tuples of ints with the same keys in every set. ``build(sizes, randn)`` returns
+    ``(args, buffers, apply)``: the floating inputs drawn with ``randn(*shape, scale=1.0)``
+    (float64 CPU values from the case's generator, or meta tensors without values; the
+    harness casts and moves them and differentiates all of them, parameters included), the
+    integer buffers (hashes, signs) on the CPU, and ``apply(f, buffers, *args)``, the case
+    computed by ``f``, which has the public function's signature. ``apply`` receives the
+    buffers, never captures them, so that the harness alone places every tensor on the device.
+    ``eager_variants(buffers, sizes, dtype)``: the plain-PyTorch ways of computing the case
+    the eager baseline picks the fastest of, by name, each with the reference's signature and
+    built from the buffers already on the device (setup, not timed); None: the reference alone.
+    ``formulations(sizes)``: exact plain-PyTorch formulations besides the reference, by name,
+    with the reference's signature (the roofline floor is the cheapest); None: none.
+    """
+
+    op: str
+    variant: str | None
+    function: Callable
+    reference: Callable
+    shapes: Mapping[str, Mapping]
+    build: Callable
+    eager_variants: Callable | None = None
+    formulations: Callable | None = None
+
+    @property
+    def name(self) -> str:
+        return self.op if self.variant is None else f"{self.op}[{self.variant}]"
+
+
+_BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def declare_benchmark(benchmark: Benchmark) -> Benchmark:
+    """Record ``benchmark`` (its op must be registered); raises ValueError naming what is wrong."""
+    if benchmark.op not in SPECS:
+        raise ValueError(f"benchmark op must be a registered op, one of {sorted(SPECS)}; got {benchmark.op!r}")
+    if benchmark.variant is not None and not (isinstance(benchmark.variant, str) and _VARIANT.fullmatch(benchmark.variant)):
+        raise ValueError(f"benchmark variant must be None or a lowercase word, got {benchmark.variant!r}")
+    if benchmark.name in _BENCHMARKS:
+        raise ValueError(f"benchmark {benchmark.name!r} is declared already")
+    missing = [s for s in SHAPE_SETS if s not in benchmark.shapes]
+    unknown = [s for s in benchmark.shapes if s not in SHAPE_SETS]
+    if missing or unknown:
+        raise ValueError(
+            f"benchmark {benchmark.name!r}: shapes must size every shape set of {tuple(SHAPE_SETS)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    keys = {s: set(sizes) for s, sizes in benchmark.shapes.items()}
+    if len({frozenset(k) for k in keys.values()}) != 1:
+        raise ValueError(f"benchmark {benchmark.name!r}: shapes must have the same size keys in every set, got {keys}")
+    _BENCHMARKS[benchmark.name] = benchmark
+    return benchmark
+
+
+def benchmarks() -> tuple[Benchmark, ...]:
+    """Every declared benchmark, in report order: the ops' registration order, then declaration order."""
+    order = {op: i for i, op in enumerate(SPECS)}
+    return tuple(sorted(_BENCHMARKS.values(), key=lambda b: order[b.op]))  # sorted is stable

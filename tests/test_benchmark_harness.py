@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import fastfusion
+from fastfusion import _custom_op
 
 pytest.importorskip("fvcore")
 from benchmarks import ops, run, summary, timing  # noqa: E402
-from benchmarks.shapes import KERNELS, SHAPE_SETS  # noqa: E402
+from benchmarks.shapes import BENCHMARKS, KERNELS, SHAPE_SETS  # noqa: E402
 
 CPU = torch.device("cpu")
 # The harness's plumbing is under test, not the providers: dynamo without inductor (whose
@@ -63,7 +64,7 @@ def test_one_complete_row_per_kernel_mode_and_provider(report):
         assert r["dtype"] == "float32"
         expected_backend = {
             "eager": None, "compile": None, "torch": "torch",
-            "fastfusion": fastfusion.selected_backend(ops.OP_FAMILY[r["kernel"]], CPU),
+            "fastfusion": fastfusion.selected_backend(BENCHMARKS[r["kernel"]].op, CPU),
         }[r["provider"]]
         assert r["backend"] == expected_backend
         assert 0 < r["p20_ms"] <= r["p50_ms"] <= r["p80_ms"]
@@ -92,8 +93,8 @@ def test_backward_adds_flops_and_bytes(report):
         fwd, both = by_key[kernel, "forward", "eager"], by_key[kernel, "forward+backward", "eager"]
         assert both["bytes"] > fwd["bytes"]
         assert both["flops"] >= fwd["flops"]
-    mfb = by_key["mfb", "forward", "eager"]["flops"]
-    assert by_key["mfb", "forward+backward", "eager"]["flops"] == 3 * mfb  # contractions only
+    mfb = by_key["factorized_bilinear", "forward", "eager"]["flops"]
+    assert by_key["factorized_bilinear", "forward+backward", "eager"]["flops"] == 3 * mfb  # contractions only
 
 
 def test_markdown_and_plot_are_written(report):
@@ -102,7 +103,7 @@ def test_markdown_and_plot_are_written(report):
     assert paths["md"].name == "latest-cpu-tiny.md" and paths["json"].name in table
     assert data["header"]["device"] in table
     for kernel in KERNELS:
-        auto = fastfusion.selected_backend(ops.OP_FAMILY[kernel], CPU)
+        auto = fastfusion.selected_backend(BENCHMARKS[kernel].op, CPU)
         assert f"| {kernel} | float32 | forward+backward | fastfusion ({auto}) |" in table
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -153,7 +154,7 @@ def test_kineto_filter_keeps_every_other_line(capfd):
 def _synthetic_row(provider, backend, p50, p20, p80, eager_p50=2.0, mode="forward"):
     speedup = None if p50 is None else eager_p50 / p50
     return dict.fromkeys(run.ROW_FIELDS) | {
-        "kernel": "mfb", "provider": provider, "backend": backend, "mode": mode, "dtype": "float32",
+        "kernel": "factorized_bilinear", "provider": provider, "backend": backend, "mode": mode, "dtype": "float32",
         "p50_ms": p50, "p20_ms": p20, "p80_ms": p80, "speedup_vs_eager": speedup,
         "error": "boom" if p50 is None else None,
     }
@@ -178,15 +179,15 @@ def _synthetic_head(load):
 def test_plot_draws_one_bar_per_backend_with_p20_p80_range():
     bars = run.plot_bars(SYNTHETIC_ROWS)
     # auto ran cpp, which also ran on its own: one cpp bar, marked as auto's pick.
-    assert set(bars) == {("forward", label, "mfb", "float32") for label in ("compile", "cpp", "torch")}
-    cpp = bars["forward", "cpp", "mfb", "float32"]
+    assert set(bars) == {("forward", label, "factorized_bilinear", "float32") for label in ("compile", "cpp", "torch")}
+    cpp = bars["forward", "cpp", "factorized_bilinear", "float32"]
     assert cpp.picked_by_auto and cpp.speedup == pytest.approx(2.0)
     assert (cpp.low, cpp.high) == (pytest.approx(2.0 / 1.25), pytest.approx(2.0 / 0.8))
-    assert not bars["forward", "compile", "mfb", "float32"].picked_by_auto
-    assert math.isnan(bars["forward", "torch", "mfb", "float32"].speedup)  # failed: an empty slot
+    assert not bars["forward", "compile", "factorized_bilinear", "float32"].picked_by_auto
+    assert math.isnan(bars["forward", "torch", "factorized_bilinear", "float32"].speedup)  # failed: an empty slot
     # Without the cpp provider, auto's row is drawn, named by the backend it ran.
     alone = run.plot_bars([r for r in SYNTHETIC_ROWS if r["provider"] != "cpp"])
-    auto = alone["forward", "fastfusion (cpp)", "mfb", "float32"]
+    auto = alone["forward", "fastfusion (cpp)", "factorized_bilinear", "float32"]
     assert auto.picked_by_auto and auto.speedup == pytest.approx(2.0 / 1.1)
 
 
@@ -224,7 +225,7 @@ def test_every_flag_has_help_and_quick_states_one_duration():
 
 
 def test_a_failing_provider_is_recorded_not_fatal(tmp_path):
-    paths = run.main([*FAST, "--compile-backend", "no-such-backend", "--ops", "mfb", "--out-dir", str(tmp_path)])
+    paths = run.main([*FAST, "--compile-backend", "no-such-backend", "--ops", "factorized_bilinear", "--out-dir", str(tmp_path)])
     rows = json.loads(paths["json"].read_text())["rows"]
     for r in rows:
         if r["provider"] == "compile":
@@ -279,7 +280,58 @@ def test_every_available_provider_is_offered():
     assert set(ops.providers("cpu")) - set(PROVIDERS) <= {"triton", "cpp"}
 
 
+def test_kernels_are_named_after_their_op_in_registration_order():
+    assert KERNELS == (
+        "count_sketch", "signed_sqrt_l2", "compact_bilinear[vec]", "compact_bilinear[seq]", "compact_bilinear[gated]",
+        "factorized_bilinear", "low_rank_fusion", "tensor_fusion",
+    )
+    for kernel, bench in BENCHMARKS.items():
+        assert kernel.split("[")[0] == bench.op == bench.function.__name__
+        assert bench.reference.__name__ == f"{bench.op}_reference"
+
+
+def test_a_bracketed_kernel_name_filters_a_run(tmp_path):
+    paths = run.main([*FAST, "--ops", "compact_bilinear[gated]", "--providers", "eager", "--out-dir", str(tmp_path)])
+    rows = json.loads(paths["json"].read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"compact_bilinear[gated]"} and all(r["error"] is None for r in rows)
+    assert "| compact_bilinear[gated] | float32 | forward | eager |" in paths["md"].read_text()
+
+
+def test_only_two_modality_compact_bilinear_adds_the_gram_formulation():
+    for kernel in KERNELS:
+        case = ops.make_case(kernel, SHAPE_SETS["tiny"][kernel], torch.float64, CPU)
+        found = ops.formulations(case)
+        assert set(found) == ({"reference", "gram"} if kernel.startswith("compact_bilinear[") else {"reference"})
+        reference = found["reference"](*case.args)
+        for fn in found.values():  # exact up to rounding, which the signed sqrt amplifies near 0
+            assert ops.rel_err((fn(*case.args),), (reference,)) < 1e-6
+    three = dict(SHAPE_SETS["tiny"]["compact_bilinear[vec]"], n=(4, 5, 6))
+    assert set(ops.formulations(ops.make_case("compact_bilinear[vec]", three, torch.float64, CPU))) == {"reference"}
+
+
+def _declaration(**override):
+    bench = BENCHMARKS["signed_sqrt_l2"]
+    fields = dict(op="signed_sqrt_l2", variant="other", function=bench.function, reference=bench.reference,
+                  shapes=dict(bench.shapes), build=bench.build)
+    return _custom_op.Benchmark(**(fields | override))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"shapes": {"cuda": {"B": 2}, "cpu": {"B": 2}, "tiny": {"B": 2}}}, r"every shape set.*missing \['cpu-quick'\]"),
+    ({"shapes": dict.fromkeys(("cuda", "cpu", "cpu-quick", "tiny", "huge"), {"B": 2})}, r"unknown \['huge'\]"),
+    ({"shapes": {"cuda": {"B": 2}, "cpu": {"B": 2}, "cpu-quick": {"B": 2}, "tiny": {"d": 2}}}, "same size keys"),
+    ({"op": "no_such_op"}, "registered op.*'no_such_op'"),
+    ({"variant": "Two words"}, "variant"),
+    ({"variant": None}, "'signed_sqrt_l2' is declared already"),
+])
+def test_a_bad_declaration_fails_at_registration(override, message):
+    with pytest.raises(ValueError, match=message):
+        _custom_op.declare_benchmark(_declaration(**override))
+    assert tuple(b.name for b in _custom_op.benchmarks()) == KERNELS  # nothing was recorded
+
+
 def test_every_shape_set_names_the_same_kernels_and_sizes():
+    assert tuple(SHAPE_SETS) == ("cuda", "cpu", "cpu-quick", "tiny")
     for name, shapes in SHAPE_SETS.items():
         assert tuple(shapes) == KERNELS, name
         for kernel in KERNELS:

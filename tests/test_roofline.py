@@ -78,7 +78,7 @@ def _only_launch(name, kernel, sizes, mode="forward", dtype=torch.float32):
 
 
 def test_tensor_fusion_forward_flops_follow_the_program_tiles():
-    _, config, cost = _only_launch("tensor_fusion._forward_kernel", "tfn", dict(B=5, n=(2, 3, 4), h=6))
+    _, config, cost = _only_launch("tensor_fusion._forward_kernel", "tensor_fusion", dict(B=5, n=(2, 3, 4), h=6))
     assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_K"]) == (64, 64, 32)
     # P = 3 * 4 * 5 = 60: one program, two K chunks of a 64 x 32 @ 32 x 64 float32 dot.
     assert cost.flops == {"fp32": 1 * 2 * (2 * 64 * 32 * 64)}
@@ -86,7 +86,7 @@ def test_tensor_fusion_forward_flops_follow_the_program_tiles():
 
 def test_tensor_fusion_grad_input_flops_are_one_g_w_tile_per_leading_index_and_j_chunk():
     _, config, cost = _only_launch(
-        "tensor_fusion._grad_input_kernel", "tfn", dict(B=5, n=(2, 3, 20), h=6), mode="forward+backward"
+        "tensor_fusion._grad_input_kernel", "tensor_fusion", dict(B=5, n=(2, 3, 20), h=6), mode="forward+backward"
     )
     assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_J"]) == (32, 128, 16)
     # One program; d_L = 21 in two j chunks, 3 * 4 leading indices, a 32 x 128 @ 128 x 16 dot
@@ -96,7 +96,7 @@ def test_tensor_fusion_grad_input_flops_are_one_g_w_tile_per_leading_index_and_j
 
 def test_low_rank_fusion_reads_the_modality_table_copied_from_the_host():
     launch, config, cost = _only_launch(
-        "low_rank_fusion._forward_kernel", "lmf", dict(B=5, n=(2, 3, 4), rank=2, h=6), dtype=torch.bfloat16
+        "low_rank_fusion._forward_kernel", "low_rank_fusion", dict(B=5, n=(2, 3, 4), rank=2, h=6), dtype=torch.bfloat16
     )
     assert _common.modality_dims(launch.args) == [3, 4, 5]
     assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_K"]) == (32, 32, 32)
@@ -119,7 +119,7 @@ def test_host_syncs_and_copies_are_counted():
 
 def test_eager_contractions_count_two_flops_per_multiply_add():
     sizes = dict(B=3, n=(4, 5), o=2, k=3)
-    t = _trace("mfb", sizes, "eager")
+    t = _trace("factorized_bilinear", sizes, "eager")
     flops = sum(e.flops for e in t.events if isinstance(e, trace.AtenCall) and e.kind == "contraction")
     assert flops == 2 * 3 * (2 * 3) * (4 + 5)  # the two projections x W_x^T and y W_y^T
 
@@ -132,8 +132,8 @@ def test_gathers_cost_the_sectors_they_touch():
 
 def _unnormalised_mfb_launches(mode):
     # The benchmark normalises MFB; without normalisation its backward takes another kernel.
-    sizes = SHAPE_SETS["tiny"]["mfb"]
-    case, grad_out = trace.meta_case("mfb", sizes, torch.float32)
+    sizes = SHAPE_SETS["tiny"]["factorized_bilinear"]
+    case, grad_out = trace.meta_case("factorized_bilinear", sizes, torch.float32)
     import fastfusion
 
     def fn(*args):
@@ -175,7 +175,7 @@ def test_every_triton_kernel_of_the_package_declares_its_dot_flops():
 
 def test_every_triton_launch_has_a_flop_formula_and_every_kernel_is_launched():
     # Both sets: compact bilinear pooling's algorithm="auto" takes the FFT path at the tiny
-    # sizes and the Gram path at cbp_seq's GPU sizes.
+    # sizes and the Gram path at compact_bilinear[seq]'s GPU sizes.
     launches = [launch for mode in ops.MODES for launch in _unnormalised_mfb_launches(mode)]
     for kernel, shape_set in itertools.product(KERNELS, ("tiny", "cuda")):
         for mode in ops.MODES:
@@ -209,16 +209,16 @@ def test_dot_flops_decorates_only_jit_functions():
 
 def test_cli_writes_the_model_and_its_error_against_measurements(tmp_path):
     """Every config costed (no interpreter), JSON + markdown + plot, and --measured's ratio."""
-    sizes = SHAPE_SETS["cuda"]["tfn"]
+    sizes = SHAPE_SETS["cuda"]["tensor_fusion"]
     measured_rows = [
-        {"kernel": "tfn", "dtype": "bfloat16", "mode": mode, "provider": provider, "sizes": sizes, "p50_ms": 2.0}
+        {"kernel": "tensor_fusion", "dtype": "bfloat16", "mode": mode, "provider": provider, "sizes": sizes, "p50_ms": 2.0}
         for mode in ops.MODES for provider in ("eager", "compile", "triton")
     ]
     measured = tmp_path / "gpu-run.json"
     measured.write_text(json.dumps({"header": {"device": "NVIDIA H200", "git_commit": "x"}, "rows": measured_rows}))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.roofline", "--ops", "tfn", "--dtypes", "bfloat16",
+        [sys.executable, "-m", "benchmarks.roofline", "--ops", "tensor_fusion", "--dtypes", "bfloat16",
          "--measured", str(measured), "--out-dir", str(tmp_path)],
         cwd=REPO, env=env, check=True, capture_output=True, text=True, timeout=300,
     )
@@ -237,7 +237,7 @@ def test_cli_writes_the_model_and_its_error_against_measurements(tmp_path):
     vs = (tmp_path / "roofline-h200-vs-gpu-run.md").read_text()
     model_ms = {(r["mode"], r["provider"]): r["model_ms"] for r in rows}
     for mode in ops.MODES:
-        assert f"| tfn | bfloat16 | {mode} | fastfusion | {model_ms[(mode, 'fastfusion')]:.3g} | 2 | " \
+        assert f"| tensor_fusion | bfloat16 | {mode} | fastfusion | {model_ms[(mode, 'fastfusion')]:.3g} | 2 | " \
                f"{model_ms[(mode, 'fastfusion')] / 2:.2f} |" in vs
 
 

@@ -38,6 +38,7 @@ unpooled calls use T = 1. Inputs in float16/bfloat16 are transformed in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from collections import Counter
@@ -425,3 +426,60 @@ def compact_bilinear_reference(
         xs, hashes, signs, out_dim, pool_dim=pool_dim, pool=pool, gate=gate, normalize=normalize, eps=eps,
         backend="eager", algorithm="fft",
     )
+
+
+def _benchmark_build(pooled: bool, gated: bool):
+    """The case builder of two-or-more-modality CBP: vectors, or sequences sum-pooled over
+    dim 1 (``pooled``), with a softmax gate over the output (``gated``)."""
+
+    def build(s, randn):
+        from ..modules import draw_hashes_and_signs  # modules imports the ops: imported on use
+
+        drawn = draw_hashes_and_signs(s["n"], s["d"], seed=0)
+        lead = (s["B"], s["T"]) if pooled else (s["B"],)
+        args = tuple(randn(*lead, n) for n in s["n"])
+        if gated:
+            args += (randn(s["B"], s["d"]),)  # gate logits
+        m = len(drawn)
+
+        def apply(f, b, *args):
+            gate = torch.softmax(args[-1], dim=-1) if gated else None
+            return f(list(args[:m]), list(b[:m]), list(b[m:]), s["d"], pool_dim=1 if pooled else None, gate=gate)
+
+        return args, (*(h for h, _ in drawn), *(g for _, g in drawn)), apply
+
+    return build
+
+
+def _benchmark_formulations(sizes) -> dict:
+    """Besides the FFT reference, the Gram identity (module docstring) for two modalities."""
+    if len(sizes["n"]) != 2:
+        return {}
+    return {"gram": functools.partial(compact_bilinear, backend="eager", algorithm="gram")}
+
+
+def _declare_benchmark(variant: str, pooled: bool, gated: bool, shapes: dict) -> None:
+    _custom_op.declare_benchmark(_custom_op.Benchmark(
+        op="compact_bilinear", variant=variant, function=compact_bilinear, reference=compact_bilinear_reference,
+        shapes=shapes, build=_benchmark_build(pooled, gated), formulations=_benchmark_formulations,
+    ))
+
+
+_declare_benchmark("vec", pooled=False, gated=False, shapes={
+    "cuda": dict(B=512, n=(2048, 2048), d=16384),
+    "cpu": dict(B=64, n=(512, 1024), d=8192),
+    "cpu-quick": dict(B=32, n=(256, 512), d=4096),
+    "tiny": dict(B=4, n=(8, 12), d=32),
+})
+_declare_benchmark("seq", pooled=True, gated=False, shapes={
+    "cuda": dict(B=32, T=784, n=(512, 512), d=8192),
+    "cpu": dict(B=8, T=49, n=(256, 256), d=4096),
+    "cpu-quick": dict(B=4, T=49, n=(128, 128), d=2048),
+    "tiny": dict(B=2, T=3, n=(8, 12), d=31),
+})
+_declare_benchmark("gated", pooled=False, gated=True, shapes={  # the vec case with a softmax gate
+    "cuda": dict(B=512, n=(2048, 2048), d=16384),
+    "cpu": dict(B=64, n=(512, 1024), d=8192),
+    "cpu-quick": dict(B=32, n=(256, 512), d=4096),
+    "tiny": dict(B=4, n=(8, 12), d=32),
+})

@@ -10,6 +10,7 @@ C is linear, so its backward is its adjoint, a gather: dx_i = s(i) g_{h(i)}.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 
 import torch
@@ -75,3 +76,48 @@ def count_sketch(
     out_dim = check_positive_int("out_dim", out_dim)
     check_sketch_args("", x, hash, sign, out_dim)
     return _custom_op.call("count_sketch", backend, x, hash, sign, out_dim)
+
+
+def _benchmark_case(s, randn):
+    """x (B, n), and the hash and sign drawn as the modules draw them (seed 0)."""
+    from ..modules import draw_hashes_and_signs  # modules imports the ops: imported on use
+
+    [(hash, sign)] = draw_hashes_and_signs([s["n"]], s["d"], seed=0)
+    return (randn(s["B"], s["n"]),), (hash, sign), lambda f, b, x: f(x, b[0], b[1], s["d"])
+
+
+def _eager_variants(buffers, sizes, dtype: torch.dtype) -> dict:
+    """The plain-PyTorch ways to count-sketch: the scatter-add (the reference), a sparse and a
+    dense matmul with the (n, d) sketch matrix, each with the reference's signature."""
+    hash, sign = buffers
+    n, out_dim = hash.numel(), sizes["d"]
+    if hash.device.type == "meta":  # sparse tensors have no meta kernels: the dense ways only
+        sketch = torch.empty(n, out_dim, dtype=dtype, device="meta")
+        return {"index_add": count_sketch_reference, "dense_mm": lambda x, hash, sign, out_dim: x @ sketch}
+    rows = torch.arange(n, device=hash.device)
+    # (d, n) so that the sparse operand comes first, the layout torch.sparse.mm differentiates.
+    sketch_t = torch.sparse_coo_tensor(
+        torch.stack([hash, rows]), sign.to(dtype), (out_dim, n), check_invariants=True
+    ).coalesce()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        sketch_t_csr = sketch_t.to_sparse_csr()
+    sketch = sketch_t.to_dense().t().contiguous()
+    return {
+        "index_add": count_sketch_reference,
+        "sparse_mm": lambda x, hash, sign, out_dim: torch.sparse.mm(sketch_t_csr, x.t()).t(),
+        "dense_mm": lambda x, hash, sign, out_dim: x @ sketch,
+    }
+
+
+_custom_op.declare_benchmark(_custom_op.Benchmark(
+    op="count_sketch", variant=None, function=count_sketch, reference=count_sketch_reference,
+    shapes={
+        "cuda": dict(B=8192, n=2048, d=16384),
+        "cpu": dict(B=1024, n=1024, d=8192),
+        "cpu-quick": dict(B=256, n=512, d=4096),
+        "tiny": dict(B=4, n=16, d=32),
+    },
+    build=_benchmark_case,
+    eager_variants=_eager_variants,
+))

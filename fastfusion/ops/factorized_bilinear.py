@@ -153,3 +153,29 @@ def factorized_bilinear_reference(
     return factorized_bilinear(
         x, y, weight_x, bias_x, weight_y, bias_y, factor, normalize, dropout_mask=dropout_mask, eps=eps, backend="eager"
     )
+
+
+def _benchmark_case(s, randn):
+    """Two modalities and the MFB parameters, initialised at the scale of nn.Linear's."""
+    (n_x, n_y), hidden = s["n"], s["o"] * s["k"]
+    args = (
+        randn(s["B"], n_x),
+        randn(s["B"], n_y),
+        randn(hidden, n_x, scale=n_x**-0.5),
+        randn(hidden, scale=n_x**-0.5),
+        randn(hidden, n_y, scale=n_y**-0.5),
+        randn(hidden, scale=n_y**-0.5),
+    )
+    return args, (), lambda f, b, *a: f(*a, s["k"])
+
+
+_custom_op.declare_benchmark(_custom_op.Benchmark(
+    op="factorized_bilinear", variant=None, function=factorized_bilinear, reference=factorized_bilinear_reference,
+    shapes={
+        "cuda": dict(B=4096, n=(2048, 1024), o=1000, k=5),
+        "cpu": dict(B=512, n=(512, 512), o=500, k=5),
+        "cpu-quick": dict(B=128, n=(256, 256), o=250, k=5),
+        "tiny": dict(B=4, n=(8, 12), o=6, k=3),
+    },
+    build=_benchmark_case,
+))

@@ -113,3 +113,25 @@ def low_rank_fusion(xs, factors, weights, bias, *, backend: str | None = None) -
 def low_rank_fusion_reference(xs, factors, weights, bias) -> torch.Tensor:
     """Plain-PyTorch :func:`low_rank_fusion` (autograd, no custom op)."""
     return low_rank_fusion(xs, factors, weights, bias, backend="eager")
+
+
+def _benchmark_case(s, randn):
+    """Modalities, Xavier-scaled factors, and rank weights and a bias of small scale."""
+    dims, rank, h = s["n"], s["rank"], s["h"]
+    xs = tuple(randn(s["B"], n) for n in dims)
+    factors = tuple(randn(rank, n + 1, h, scale=(2 / (n + 1 + h)) ** 0.5) for n in dims)
+    args = xs + factors + (randn(rank, scale=rank**-0.5), randn(h, scale=0.1))
+    m = len(dims)
+    return args, (), lambda f, b, *a: f(list(a[:m]), list(a[m : 2 * m]), a[2 * m], a[2 * m + 1])
+
+
+_custom_op.declare_benchmark(_custom_op.Benchmark(
+    op="low_rank_fusion", variant=None, function=low_rank_fusion, reference=low_rank_fusion_reference,
+    shapes={
+        "cuda": dict(B=4096, n=(512, 1024, 768), rank=8, h=256),
+        "cpu": dict(B=1024, n=(32, 32, 64), rank=4, h=64),
+        "cpu-quick": dict(B=256, n=(32, 32, 64), rank=4, h=64),
+        "tiny": dict(B=4, n=(3, 4, 5), rank=2, h=6),
+    },
+    build=_benchmark_case,
+))

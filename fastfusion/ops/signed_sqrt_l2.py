@@ -76,3 +76,15 @@ def signed_sqrt_l2(z: torch.Tensor, eps: float = DEFAULT_EPS, *, backend: str | 
     check_tensor("z", z, batched=True)
     eps = check_eps("eps", eps)
     return _custom_op.call("signed_sqrt_l2", backend, z, eps)
+
+
+_custom_op.declare_benchmark(_custom_op.Benchmark(
+    op="signed_sqrt_l2", variant=None, function=signed_sqrt_l2, reference=signed_sqrt_l2_reference,
+    shapes={
+        "cuda": dict(B=8192, d=16384),
+        "cpu": dict(B=1024, d=8192),
+        "cpu-quick": dict(B=256, d=4096),
+        "tiny": dict(B=4, d=32),
+    },
+    build=lambda s, randn: ((randn(s["B"], s["d"]),), (), lambda f, b, z: f(z)),
+))

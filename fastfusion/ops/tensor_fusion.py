@@ -130,3 +130,24 @@ def tensor_fusion(xs, weight, bias, *, backend: str | None = None) -> torch.Tens
 def tensor_fusion_reference(xs, weight, bias) -> torch.Tensor:
     """Plain-PyTorch :func:`tensor_fusion` (autograd, no custom op)."""
     return tensor_fusion(xs, weight, bias, backend="eager")
+
+
+def _benchmark_case(s, randn):
+    """Modalities, and a weight of 1/sqrt(fan-in) scale with a small bias."""
+    fused_dim = math.prod(n + 1 for n in s["n"])
+    xs = tuple(randn(s["B"], n) for n in s["n"])
+    args = xs + (randn(s["h"], fused_dim, scale=fused_dim**-0.5), randn(s["h"], scale=0.1))
+    m = len(s["n"])
+    return args, (), lambda f, b, *a: f(list(a[:m]), a[m], a[m + 1])
+
+
+_custom_op.declare_benchmark(_custom_op.Benchmark(
+    op="tensor_fusion", variant=None, function=tensor_fusion, reference=tensor_fusion_reference,
+    shapes={
+        "cuda": dict(B=4096, n=(32, 32, 64), h=128),
+        "cpu": dict(B=256, n=(32, 32, 64), h=128),
+        "cpu-quick": dict(B=64, n=(16, 16, 32), h=64),
+        "tiny": dict(B=4, n=(3, 4, 5), h=6),
+    },
+    build=_benchmark_case,
+))
