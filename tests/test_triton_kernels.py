@@ -335,7 +335,8 @@ def test_fused_vector_cbp_rejects_bad_factors():
         with pytest.raises(ValueError, match="factors"):
             triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim, factors=factors)
     assert triton_cbp.fused_factors(16384) == (128, 128)
-    assert triton_cbp.fused_factors(4096) == (128, 32)
+    assert triton_cbp.fused_factors(4096) == (64, 64)
+    assert triton_cbp.fused_factors(512) == (32, 16)
     assert triton_cbp.fused_factors(96) is None
 
 
