@@ -5,6 +5,7 @@ values and gradients are checked in tests/test_<op>.py, on every backend.
 
 Runs on helpers.TRITON_DEVICE: CUDA when present, else the CPU under Triton's interpreter."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -384,3 +385,37 @@ def test_fused_vector_cbp_routing(fused_calls):
     leaf = xs[0][:, 0].detach().requires_grad_()
     compact_bilinear([leaf, xs[1][:, 0]], hashes, signs, 256, backend="triton", algorithm="fft").sum().backward()
     assert len(fused_calls) == 2 and leaf.grad is not None
+
+
+def _round_tf32(a):
+    # To the nearest 10-bit mantissa, ties away from zero, as cvt.rna.tf32.f32 rounds.
+    if a.dtype != np.float32:
+        return a
+    return ((a.view(np.int32) + 0x1000) & ~0x1FFF).astype(np.int32).view(np.float32)
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="emulates a GPU's TF32 dots in the interpreter")
+def test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes(monkeypatch):
+    # With every dot's operands rounded to TF32, as on a GPU, z rounded to bfloat16 stays
+    # within 2x of PyTorch's own bfloat16 error, but z rounded to float16 does not: why only
+    # bfloat16 is routed to the kernel. Rounding to the output dtype is torch's (to nearest),
+    # as a GPU's cast rounds; the interpreter's own bfloat16 cast truncates.
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a = interpreter.TensorHandle(_round_tf32(a.data), a.dtype.scalar)
+        b = interpreter.TensorHandle(_round_tf32(b.data), b.dtype.scalar)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
+    ratios = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        xs, hashes, signs = _vector_cbp_inputs(2, (512, 1024), 4096, dtype)
+        expected = _unnormalized_cbp64(xs, hashes, signs, 4096)
+        z = triton_cbp.fused_vector_sketch(*xs, hashes, signs, 4096)
+        assert 1e-4 < rel_err(z, expected) < 1e-3  # TF32's error, not float32's
+        torch_half = compact_bilinear(xs, hashes, signs, 4096, normalize=False, backend="eager")
+        ratios[dtype] = rel_err(z.to(dtype), expected) / rel_err(torch_half, expected)
+    assert ratios[torch.bfloat16] < 1.3 and ratios[torch.float16] > 2, ratios
