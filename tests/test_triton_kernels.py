@@ -5,11 +5,12 @@ values and gradients are checked in tests/test_<op>.py, on every backend.
 
 Runs on helpers.TRITON_DEVICE: CUDA when present, else the CPU under Triton's interpreter."""
 
+import numpy as np
 import pytest
 import torch
 
 from helpers import TRITON_DEVICE as DEVICE
-from helpers import TRITON_INTERPRETED, rel_err, skip_module_unless_triton_runs
+from helpers import TRITON_INTERPRETED, assert_rel_close, randn, rel_err, skip_module_unless_triton_runs
 
 skip_module_unless_triton_runs()
 
@@ -278,3 +279,143 @@ def test_autocast_bfloat16(index):
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, reference)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in module.parameters())
+
+
+# ---- the fused vector CBP kernel (four-step DFT on tensor cores; issue 14, item 2)
+
+from fastfusion.triton_backend import compact_bilinear as triton_cbp  # noqa: E402
+
+
+def _vector_cbp_inputs(B, dims, out_dim, dtype, layout="contiguous"):
+    gen = torch.Generator().manual_seed(5)
+    xs = [randn(gen, B, n, dtype=dtype, layout=layout).to(DEVICE) for n in dims]
+    hashes, signs = sketch_params(dims, out_dim)
+    return xs, hashes, signs
+
+
+def _unnormalized_cbp64(xs, hashes, signs, out_dim):
+    return compact_bilinear([x.double() for x in xs], hashes, signs, out_dim, normalize=False, backend="eager")
+
+
+@pytest.mark.parametrize("out_dim, factors", [(256, None), (512, (16, 32)), (512, (32, 16))])
+@pytest.mark.parametrize("B, programs", [(1, None), (3, None), (3, 2)])  # 3 samples on 2 programs: one runs two
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_fused_vector_cbp_float32_matches_float64(out_dim, factors, B, programs, layout):
+    # float32 operands at IEEE precision: the error of a float32 FFT, whatever the factors.
+    xs, hashes, signs = _vector_cbp_inputs(B, (37, 50), out_dim, torch.float32, layout)
+    z = triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim, factors=factors, programs=programs)
+    assert z.dtype == torch.float32
+    assert_rel_close(z, _unnormalized_cbp64(xs, hashes, signs, out_dim), 1e-5, f"d={out_dim} {factors}")
+
+
+@pytest.mark.parametrize("out_dim", [256, 2048])
+def test_fused_vector_cbp_float16_within_twice_torch_error(out_dim):
+    # Half inputs are read as such (the dots run in float32 under the interpreter, TF32 on a
+    # GPU); z rounded to float16 is compared as the suite compares float16 results.
+    xs, hashes, signs = _vector_cbp_inputs(3, (37, 300), out_dim, torch.float16)
+    expected = _unnormalized_cbp64(xs, hashes, signs, out_dim)
+    z = triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim).to(torch.float16)
+    torch_half = compact_bilinear(xs, hashes, signs, out_dim, normalize=False, backend="eager")
+    assert torch_half.dtype == torch.float16
+    assert rel_err(z, expected) <= 2 * rel_err(torch_half, expected)
+
+
+def test_fused_vector_cbp_nan_stays_in_its_row():
+    # Sample 0 is NaN; its program then runs sample 2 on the same scratch (programs=2).
+    xs, hashes, signs = _vector_cbp_inputs(3, (37, 50), 256, torch.float32)
+    xs[0][0, 5] = float("nan")
+    z = triton_cbp.fused_vector_sketch(*xs, hashes, signs, 256, programs=2)
+    assert torch.isnan(z[0]).all()
+    assert torch.isfinite(z[1:]).all()
+    assert_rel_close(z[1:], _unnormalized_cbp64([x[1:] for x in xs], hashes, signs, 256), 1e-5, "rows 1, 2")
+
+
+def test_fused_vector_cbp_rejects_bad_factors():
+    xs, hashes, signs = _vector_cbp_inputs(1, (5, 6), 96, torch.float32)
+    for out_dim, factors in [(96, None), (512, (16, 16)), (512, (8, 64))]:
+        with pytest.raises(ValueError, match="factors"):
+            triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim, factors=factors)
+    assert triton_cbp.fused_factors(16384) == (128, 128)
+    assert triton_cbp.fused_factors(4096) == (64, 64)
+    assert triton_cbp.fused_factors(512) == (32, 16)
+    assert triton_cbp.fused_factors(96) is None
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    calls = []
+    fused = triton_cbp.fused_vector_sketch
+    monkeypatch.setattr(triton_cbp, "fused_vector_sketch", lambda *a, **k: calls.append(a[0].dtype) or fused(*a, **k))
+    return calls
+
+
+def _cbp_op(xs, hashes, signs, out_dim, save_residuals, gate=None):
+    # The op the dispatcher runs: xs (B, T, n); save_residuals as autograd asks for it.
+    return torch.ops.fastfusion.compact_bilinear(
+        xs, hashes, signs, out_dim, False, gate, True, 1e-12, "fft", save_residuals, "triton")
+
+
+def test_fused_vector_cbp_routing(fused_calls):
+    # Taken exactly for inference on two unpooled bfloat16 modalities with d = D1 D2.
+    xs, hashes, signs = _vector_cbp_inputs(3, (37, 50), 256, torch.bfloat16)
+    xs = [x[:, None] for x in xs]
+    gate = torch.rand(3, 256, device=DEVICE, dtype=torch.bfloat16)
+    fused_out, residuals = _cbp_op(xs, hashes, signs, 256, False, gate)
+    assert fused_calls == [torch.bfloat16] and residuals == []
+    # With residuals requested (training), the FFT path runs; its result agrees to the last
+    # bfloat16 bit or so (both round z, computed in float32, through the same epilogue).
+    fft_out, _ = _cbp_op(xs, hashes, signs, 256, True, gate)
+    assert fused_calls == [torch.bfloat16]
+    assert rel_err(fused_out, fft_out) < 2**-8
+    cases = [
+        ([x.float() for x in xs], 256),  # float32: a one-pass TF32 DFT misses the 2x rule
+        ([x.half() for x in xs], 256),  # float16 too (see fused_vector_sketch's section)
+        ([x.expand(-1, 2, -1) for x in xs], 256),  # pooled
+        (xs + [xs[0]], 256),  # three modalities
+        (xs, 96),  # d without factors in [16, 128]
+    ]
+    for case_xs, out_dim in cases:
+        case_hashes, case_signs = sketch_params([x.shape[-1] for x in case_xs], out_dim)
+        _cbp_op(case_xs, case_hashes, case_signs, out_dim, False)
+    assert fused_calls == [torch.bfloat16]
+    # Through the public function: inference takes it, a call autograd records does not.
+    with torch.no_grad():
+        compact_bilinear([x[:, 0] for x in xs], hashes, signs, 256, backend="triton", algorithm="fft")
+    assert len(fused_calls) == 2
+    leaf = xs[0][:, 0].detach().requires_grad_()
+    compact_bilinear([leaf, xs[1][:, 0]], hashes, signs, 256, backend="triton", algorithm="fft").sum().backward()
+    assert len(fused_calls) == 2 and leaf.grad is not None
+
+
+def _round_tf32(a):
+    # To the nearest 10-bit mantissa, ties away from zero, as cvt.rna.tf32.f32 rounds.
+    if a.dtype != np.float32:
+        return a
+    return ((a.view(np.int32) + 0x1000) & ~0x1FFF).astype(np.int32).view(np.float32)
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="emulates a GPU's TF32 dots in the interpreter")
+def test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes(monkeypatch):
+    # With every dot's operands rounded to TF32, as on a GPU, z rounded to bfloat16 stays
+    # within 2x of PyTorch's own bfloat16 error, but z rounded to float16 does not: why only
+    # bfloat16 is routed to the kernel. Rounding to the output dtype is torch's (to nearest),
+    # as a GPU's cast rounds; the interpreter's own bfloat16 cast truncates.
+    from triton.runtime import interpreter
+
+    create_dot = interpreter.InterpreterBuilder.create_dot
+
+    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a = interpreter.TensorHandle(_round_tf32(a.data), a.dtype.scalar)
+        b = interpreter.TensorHandle(_round_tf32(b.data), b.dtype.scalar)
+        return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
+    ratios = {}
+    for dtype in (torch.bfloat16, torch.float16):
+        xs, hashes, signs = _vector_cbp_inputs(2, (512, 1024), 4096, dtype)
+        expected = _unnormalized_cbp64(xs, hashes, signs, 4096)
+        z = triton_cbp.fused_vector_sketch(*xs, hashes, signs, 4096)
+        assert 1e-4 < rel_err(z, expected) < 1e-3  # TF32's error, not float32's
+        torch_half = compact_bilinear(xs, hashes, signs, 4096, normalize=False, backend="eager")
+        ratios[dtype] = rel_err(z.to(dtype), expected) / rel_err(torch_half, expected)
+    assert ratios[torch.bfloat16] < 1.3 and ratios[torch.float16] > 2, ratios
