@@ -406,8 +406,10 @@ _FUSED_BLOCK_ROWS = 32
 _FUSED_BLOCK = 32
 _FUSED_NUM_WARPS = 8
 _FUSED_NUM_STAGES = 2
-# The backward's in-kernel gather (phase D): inputs per step.
-_FUSED_BLOCK_GATHER = 1024
+# The backward's in-kernel gather (phase D): inputs per step, one per thread at 8 warps. The
+# backward kernel makes 254 registers a thread at d = 128 x 128 on sm_90 with Triton 3.9, no
+# spills; with 1024 inputs a step, or phase C's two accumulators at once, it spilled.
+_FUSED_BLOCK_GATHER = 256
 # Resident programs per SM for the persistent grid (one: the kernel's registers at 8 warps
 # leave no room for a second on sm_90, see benchmarks.compile_report), and the SM count
 # assumed for meta tensors standing for CUDA ones (an H100's), where no device can be asked.
@@ -565,24 +567,24 @@ def _inverse_rows(p_re, p_im, rows, out_re, out_im, c2_ptr, c2ps2_ptr, c2ms2_ptr
 
 
 @triton.jit
-def _inverse_columns(v_re_ptr, v_im_ptr, c1_ptr, s1_ptr, m2, COMPLEX: tl.constexpr, PRECISION: tl.constexpr,
+def _inverse_columns(v_re_ptr, v_im_ptr, c1_ptr, s1_ptr, m2, IMAG: tl.constexpr, PRECISION: tl.constexpr,
                      D1: tl.constexpr, D2: tl.constexpr, BLOCK: tl.constexpr):
-    """Phase C for the columns m2: (re, im) = conj(F_D1) @ V[:, m2] = (C + i S)(V_re + i V_im),
-    not yet divided by d: re = C V_re - S V_im (2 dots); im = S V_re + C V_im only if COMPLEX
-    (2 more; zeros otherwise)."""
+    """Phase C for the columns m2: one part of conj(F_D1) @ V[:, m2] = (C + i S)(V_re + i V_im),
+    not yet divided by d, by 2 real dots: the real part C V_re - S V_im, or with IMAG the
+    imaginary part S V_re + C V_im. (One accumulator at a time: both at once spilled.)"""
     m1 = tl.arange(0, D1)
-    re = tl.zeros((D1, BLOCK), dtype=tl.float32)
-    im = tl.zeros((D1, BLOCK), dtype=tl.float32)
+    acc = tl.zeros((D1, BLOCK), dtype=tl.float32)
     for r0 in range(0, D1, BLOCK):
         k = r0 + tl.arange(0, BLOCK)  # rows k1 of V
         v_re = tl.load(v_re_ptr + k[:, None] * D2 + m2[None, :])
         v_im = tl.load(v_im_ptr + k[:, None] * D2 + m2[None, :])
         c = tl.load(c1_ptr + m1[:, None] * D1 + k[None, :])
         s = tl.load(s1_ptr + m1[:, None] * D1 + k[None, :])
-        re = dot(c, v_re, dot(-s, v_im, re, PRECISION), PRECISION)
-        if COMPLEX:
-            im = dot(s, v_re, dot(c, v_im, im, PRECISION), PRECISION)
-    return re, im
+        if IMAG:
+            acc = dot(s, v_re, dot(c, v_im, acc, PRECISION), PRECISION)
+        else:
+            acc = dot(c, v_re, dot(-s, v_im, acc, PRECISION), PRECISION)
+    return acc
 
 
 @triton.jit
@@ -649,7 +651,7 @@ def _fused_vector_cbp_kernel(
         m1 = tl.arange(0, D1)
         for c0 in range(0, D2, BLOCK):
             m2 = c0 + tl.arange(0, BLOCK)
-            re, _ = _inverse_columns(v_re, v_im, c1_ptr, s1_ptr, m2, False, PRECISION, D1, D2, BLOCK)
+            re = _inverse_columns(v_re, v_im, c1_ptr, s1_ptr, m2, False, PRECISION, D1, D2, BLOCK)
             # d is a power of two: the division is exact.
             tl.store(z_ptr + b64 * stride_zb + m1[:, None] * D2 + m2[None, :], re / D)
 
@@ -697,20 +699,20 @@ def _fused_vector_cbp_backward_kernel(
             ui = tl.load(u_im + at)
             gr = tl.load(g_re + at)
             gi = tl.load(g_im + at)
-            tl.debug_barrier()
             # i (gr + i gi)(ur - i ui) = (gr ui - gi ur) + i (gr ur + gi ui)
-            _inverse_rows(gr * ui - gi * ur, gr * ur + gi * ui, rows, g_re, g_im,
-                          c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr, PRECISION, D2, BLOCK)
+            q_re = gr * ui - gi * ur
+            q_im = gr * ur + gi * ui
+            tl.debug_barrier()
+            _inverse_rows(q_re, q_im, rows, g_re, g_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr, PRECISION, D2, BLOCK)
         tl.debug_barrier()
         # Phase C, by column blocks of m2: grad_a + i grad_b = conj(F_D1) @ V / d, over U
         # (no thread reads U after the barrier above).
         m1 = tl.arange(0, D1)
         for c0 in range(0, D2, BLOCK):
             m2 = c0 + tl.arange(0, BLOCK)
-            re, im = _inverse_columns(g_re, g_im, c1_ptr, s1_ptr, m2, True, PRECISION, D1, D2, BLOCK)
             at = m1[:, None] * D2 + m2[None, :]
-            tl.store(u_re + at, re / D)
-            tl.store(u_im + at, im / D)
+            tl.store(u_re + at, _inverse_columns(g_re, g_im, c1_ptr, s1_ptr, m2, False, PRECISION, D1, D2, BLOCK) / D)
+            tl.store(u_im + at, _inverse_columns(g_re, g_im, c1_ptr, s1_ptr, m2, True, PRECISION, D1, D2, BLOCK) / D)
         tl.debug_barrier()
         # Phase D: the count sketches' adjoints, gathered from the scratch; the barrier after
         # it keeps the next sample's phase A from overwriting what another thread still reads.
