@@ -348,9 +348,12 @@ def test_fused_vector_cbp_rejects_bad_factors():
 
 @pytest.fixture
 def fused_calls(monkeypatch):
+    # The dtype of every fused launch, "forward" or "backward".
     calls = []
-    fused = triton_cbp.fused_vector_sketch
-    monkeypatch.setattr(triton_cbp, "fused_vector_sketch", lambda *a, **k: calls.append(a[0].dtype) or fused(*a, **k))
+    for name, kind in (("fused_vector_sketch", "forward"), ("fused_vector_sketch_backward", "backward")):
+        fused = getattr(triton_cbp, name)
+        wrapped = lambda *a, fused=fused, kind=kind, **k: calls.append((kind, a[1].dtype)) or fused(*a, **k)  # noqa: E731
+        monkeypatch.setattr(triton_cbp, name, wrapped)
     return calls
 
 
@@ -360,18 +363,33 @@ def _cbp_op(xs, hashes, signs, out_dim, save_residuals, gate=None):
         xs, hashes, signs, out_dim, False, gate, True, 1e-12, "fft", save_residuals, "triton")
 
 
+def _cbp_op_backward(grad, xs, hashes, signs, out_dim, gate=None):
+    # The backward the dispatcher runs for _cbp_op (no residuals: the FFT algorithm saves none).
+    return triton_cbp._backward(grad, [], xs, hashes, signs, out_dim, False, gate, True, 1e-12, "fft")
+
+
 def test_fused_vector_cbp_routing(fused_calls):
-    # Taken exactly for inference on two unpooled bfloat16 modalities with d = D1 D2.
+    # Taken exactly on two unpooled bfloat16 modalities with d = D1 D2, forward and backward,
+    # in inference and training alike.
+    B_F, B_B = ("forward", torch.bfloat16), ("backward", torch.bfloat16)
     xs, hashes, signs = _vector_cbp_inputs(3, (37, 50), 256, torch.bfloat16)
     xs = [x[:, None] for x in xs]
     gate = torch.rand(3, 256, device=DEVICE, dtype=torch.bfloat16)
-    fused_out, residuals = _cbp_op(xs, hashes, signs, 256, False, gate)
-    assert fused_calls == [torch.bfloat16] and residuals == []
-    # With residuals requested (training), the FFT path runs; its result agrees to the last
-    # bfloat16 bit or so (both round z, computed in float32, through the same epilogue).
-    fft_out, _ = _cbp_op(xs, hashes, signs, 256, True, gate)
-    assert fused_calls == [torch.bfloat16]
-    assert rel_err(fused_out, fft_out) < 2**-8
+    for save_residuals in (False, True):
+        out, residuals = _cbp_op(xs, hashes, signs, 256, save_residuals, gate)
+        assert fused_calls == [B_F] and residuals == [] and out.dtype == torch.bfloat16
+        fused_calls.clear()
+    # The backward recomputes z for the epilogue's backward (by the FFT path with normalisation,
+    # see _fused_backward; by the fused forward for a gate only), then runs one fused backward;
+    # without gate and normalisation it needs no z.
+    grads = _cbp_op_backward(torch.randn_like(out), xs, hashes, signs, 256, gate)
+    assert fused_calls == [B_B] and [g.dtype for g in grads] == [torch.bfloat16] * 3
+    assert [g.shape for g in grads] == [x.shape for x in xs] + [gate.shape]
+    for case_gate, normalize, calls in [(gate, False, [B_F, B_B]), (None, False, [B_B])]:
+        fused_calls.clear()
+        triton_cbp._backward(torch.randn_like(out), [], xs, hashes, signs, 256, False, case_gate, normalize, 1e-12, "fft")
+        assert fused_calls == calls
+    fused_calls.clear()
     cases = [
         ([x.float() for x in xs], 256),  # float32: a one-pass TF32 DFT misses the 2x rule
         ([x.half() for x in xs], 256),  # float16 too (see fused_vector_sketch's section)
@@ -381,15 +399,110 @@ def test_fused_vector_cbp_routing(fused_calls):
     ]
     for case_xs, out_dim in cases:
         case_hashes, case_signs = sketch_params([x.shape[-1] for x in case_xs], out_dim)
-        _cbp_op(case_xs, case_hashes, case_signs, out_dim, False)
-    assert fused_calls == [torch.bfloat16]
-    # Through the public function: inference takes it, a call autograd records does not.
+        out, _ = _cbp_op(case_xs, case_hashes, case_signs, out_dim, True)
+        _cbp_op_backward(torch.randn_like(out), case_xs, case_hashes, case_signs, out_dim)
+    assert fused_calls == []
+    # Through the public function, in inference and under autograd.
     with torch.no_grad():
         compact_bilinear([x[:, 0] for x in xs], hashes, signs, 256, backend="triton", algorithm="fft")
-    assert len(fused_calls) == 2
+    assert fused_calls == [B_F]
+    fused_calls.clear()
     leaf = xs[0][:, 0].detach().requires_grad_()
-    compact_bilinear([leaf, xs[1][:, 0]], hashes, signs, 256, backend="triton", algorithm="fft").sum().backward()
-    assert len(fused_calls) == 2 and leaf.grad is not None
+    out = compact_bilinear([leaf, xs[1][:, 0]], hashes, signs, 256, gate=gate, backend="triton", algorithm="fft")
+    out.float().sum().backward()
+    assert fused_calls == [B_F, B_B] and leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def _cbp_grads64(xs, hashes, signs, out_dim, grad, gate=None, normalize=False):
+    # The float64 eager reference's gradients w.r.t. the inputs (and the gate) under grad.
+    leaves = [x.detach().double().requires_grad_() for x in xs]
+    if gate is not None:
+        leaves.append(gate.detach().double().requires_grad_())
+    out = compact_bilinear(leaves[:2], hashes, signs, out_dim, gate=leaves[2] if gate is not None else None,
+                           normalize=normalize, backend="eager")
+    return torch.autograd.grad(out, leaves, grad.double())
+
+
+@pytest.mark.parametrize("out_dim, factors", [(256, None), (512, (16, 32)), (512, (32, 16))])
+@pytest.mark.parametrize("B, programs", [(1, None), (3, None), (3, 2)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_fused_vector_cbp_backward_float32_matches_float64(out_dim, factors, B, programs, layout):
+    xs, hashes, signs = _vector_cbp_inputs(B, (37, 50), out_dim, torch.float32, layout)
+    grad = randn(torch.Generator().manual_seed(6), B, out_dim, dtype=torch.float32, layout=layout).to(DEVICE)
+    dx, dy = triton_cbp.fused_vector_sketch_backward(grad, *xs, hashes, signs, out_dim, factors=factors,
+                                                     programs=programs)
+    assert dx.dtype == dy.dtype == torch.float32 and dx.is_contiguous()
+    expected = _cbp_grads64(xs, hashes, signs, out_dim, grad)
+    for got, want, name in zip((dx, dy), expected, ("dx", "dy")):
+        assert_rel_close(got, want, 1e-5, f"{name} d={out_dim} {factors}")
+
+
+@pytest.mark.parametrize("out_dim", [256, 512])
+@pytest.mark.parametrize("gated, normalize", [(False, True), (True, False), (True, True)])
+def test_fused_vector_cbp_backward_epilogue_float32(out_dim, gated, normalize):
+    # The dispatcher's fused backward (z recomputed, epilogue backward, fused backward) in
+    # float32, which the routing leaves out but the kernels take at IEEE precision. The signed
+    # sqrt's derivative 1 / (2 sqrt|z|) turns float32 rounding of a z entry near 0 into any
+    # error at all (with random signs here, PyTorch's own float32 gradients were 3e-6 to 2e-5
+    # off float64, the FFT path's 5e-5, this path's up to 2e-4), so z is kept away from 0:
+    # positive inputs, all signs +1, 20 000 products for d <= 512 bins (none empty).
+    xs, hashes, signs = _vector_cbp_inputs(3, (100, 200), out_dim, torch.float32, "strided")
+    xs = [x.abs_().add_(0.5) for x in xs]  # in place: the strided views stay the inputs
+    signs = [torch.ones_like(s) for s in signs]
+    gen = torch.Generator().manual_seed(6)
+    gate = torch.rand(3, out_dim, generator=gen).to(DEVICE) if gated else None
+    grad = randn(gen, 3, out_dim, dtype=torch.float32).to(DEVICE)
+    grads = triton_cbp._fused_backward(grad, [x[:, None] for x in xs], hashes, signs, out_dim, gate, normalize, 1e-12)
+    expected = _cbp_grads64(xs, hashes, signs, out_dim, grad, gate, normalize)
+    assert len(grads) == len(expected)
+    for got, want, name in zip(grads, expected, ("dx", "dy", "dgate")):
+        assert_rel_close(got.reshape(want.shape), want, 1e-5, name)
+
+
+@pytest.mark.parametrize("out_dim", [256, 2048])
+def test_fused_vector_cbp_backward_half_within_twice_torch_error(out_dim):
+    # Every gradient of the gated, normalised CBP in FUSED_HALF, against PyTorch's own
+    # gradients in that dtype, both measured against float64.
+    xs, hashes, signs = _vector_cbp_inputs(3, (37, 300), out_dim, FUSED_HALF)
+    gen = torch.Generator().manual_seed(6)
+    gate = torch.rand(3, out_dim, generator=gen).to(device=DEVICE, dtype=FUSED_HALF)
+    grad = randn(gen, 3, out_dim, dtype=FUSED_HALF).to(DEVICE)
+    expected = _cbp_grads64(xs, hashes, signs, out_dim, grad, gate, True)
+    grads = triton_cbp._fused_backward(grad, [x[:, None] for x in xs], hashes, signs, out_dim, gate, True, 1e-12)
+    leaves = [x.detach().requires_grad_() for x in xs + [gate]]
+    out = compact_bilinear(leaves[:2], hashes, signs, out_dim, gate=leaves[2], backend="eager")
+    torch_grads = torch.autograd.grad(out, leaves, grad)
+    for got, torch_half, want, name in zip(grads, torch_grads, expected, ("dx", "dy", "dgate")):
+        assert got.dtype == torch_half.dtype == FUSED_HALF, name
+        assert rel_err(got.reshape(want.shape), want) <= 2 * rel_err(torch_half, want), name
+
+
+def test_fused_vector_cbp_backward_nan_stays_in_its_row():
+    # Sample 0's x holds a NaN; its program then runs sample 2 on the same scratch (programs=2).
+    # dy[0] depends on x's sketch, so it is NaN; dx[0] too, through the packed transform of
+    # both sketches (u = DFT(a + i b)).
+    xs, hashes, signs = _vector_cbp_inputs(3, (37, 50), 256, torch.float32)
+    xs[0][0, 5] = float("nan")
+    grad = torch.randn(3, 256, device=DEVICE)
+    dx, dy = triton_cbp.fused_vector_sketch_backward(grad, *xs, hashes, signs, 256, programs=2)
+    assert torch.isnan(dx[0]).all() and torch.isnan(dy[0]).all()
+    expected = _cbp_grads64([x[1:] for x in xs], hashes, signs, 256, grad[1:])
+    assert_rel_close(dx[1:], expected[0], 1e-5, "dx rows 1, 2")
+    assert_rel_close(dy[1:], expected[1], 1e-5, "dy rows 1, 2")
+    # A NaN in the incoming gradient likewise stays in its sample.
+    xs[0][0, 5] = 0.0
+    grad[0, 7] = float("nan")
+    dx, dy = triton_cbp.fused_vector_sketch_backward(grad, *xs, hashes, signs, 256, programs=2)
+    assert torch.isnan(dx[0]).all() and torch.isnan(dy[0]).all()
+    assert torch.isfinite(dx[1:]).all() and torch.isfinite(dy[1:]).all()
+
+
+def test_fused_vector_cbp_backward_rejects_bad_grad():
+    xs, hashes, signs = _vector_cbp_inputs(2, (5, 6), 256, torch.float32)
+    with pytest.raises(ValueError, match="grad_z"):
+        triton_cbp.fused_vector_sketch_backward(torch.zeros(2, 128, device=DEVICE), *xs, hashes, signs, 256)
+    with pytest.raises(ValueError, match="factors"):
+        triton_cbp.fused_vector_sketch_backward(torch.zeros(2, 96, device=DEVICE), *xs, hashes, signs, 96)
 
 
 def _round_tf32(a):

@@ -57,11 +57,13 @@ output are per sample.
 The FFTs are exact for any d (real transforms with n=d, odd d included); there is no size
 restriction beyond 32-bit column indices (n_m, d < 2**31).
 
-Fused vector path (inference on two unpooled bfloat16 modalities, d = D1 D2 with D1, D2
-powers of two in [16, 128]): steps 1-4 of the FFT forward are one launch,
+Fused vector path (two unpooled bfloat16 modalities, d = D1 D2 with D1, D2 powers of two in
+[16, 128]; inference and training): steps 1-4 of the FFT forward are one launch,
 _fused_vector_cbp_kernel, whose DFTs are TF32 matmuls (the four-step decomposition; see its
-section), then the epilogue kernel. Calls that autograd records (residuals requested) take the
-FFT path above, whose backward recomputes the spectra.
+section), then the epilogue kernel. Its backward: z recomputed only for a gate or
+normalisation (by the fused forward for a gate alone, by FFT steps 1-4 with normalisation,
+see _fused_backward), the epilogue backward, then steps 6-9 in one launch,
+_fused_vector_cbp_backward_kernel. Nothing is saved between them.
 """
 
 from __future__ import annotations
@@ -362,10 +364,10 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 # ------------------------------------------------------- fused vector path (four-step DFT)
 #
 # Unpooled (T = 1) CBP of two bfloat16 modalities with d = D1 D2, D1 and D2 powers of two in
-# [16, 128], forward only: one persistent kernel computes z = IDFT(DFT(a) DFT(b)), a and b the
-# two count sketches, with every transform as matmuls (the four-step decomposition), so no
-# sketch and no spectrum reaches DRAM beyond a per-program float32 scratch of 4 d values,
-# which stays in L2.
+# [16, 128]: one persistent kernel computes z = IDFT(DFT(a) DFT(b)), a and b the two count
+# sketches, with every transform as matmuls (the four-step decomposition), so no sketch and no
+# spectrum reaches DRAM beyond a per-program float32 scratch of 4 d values, which stays in L2;
+# another computes the gradients the same way (below).
 #
 # Index n = D2 n1 + n2 (A[n1, n2] = a[n], the row-major (D1, D2) view of a length-d vector) and
 # k = k1 + D1 k2; F_N[j, k] = exp(-2 pi i j k / N) = C_N - i S_N (C = cos, S = sin of
@@ -395,6 +397,20 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 # outside the suite's 2x rule, so float16 inputs, like float32 ones, keep the cuFFT path.
 # (Without the packing and Gauss's products, 18 dots, z was within 4.2e-4: float16 still 2.3x.)
 # The kernel takes float32 (dots at IEEE precision) and float16 too, which is how it is tested.
+#
+# Backward. With g = dL/dz (real), grad_a[n] = sum_m g[m] b[m - n], the circular correlation
+# IDFT(DFT(g) conj(DFT(b))), and grad_b likewise with a. Packed: conj(DFT(b)) + i conj(DFT(a))
+# = conj(DFT(b - i a)) = conj(-i u) = i conj(u), so grad_a + i grad_b = IDFT(i DFT(g) conj(u)),
+# u = DFT(a + i b) as in the forward: one complex inverse, no index -k. Per sample, with the
+# same helpers (planes 0-1 U, 2-3 DFT(g)):
+#   phase A   T_u as the forward (4 dots), T_g = (F_D1 @ g) * W (2 dots)
+#   phase B1  U = T_u @ F_D2, DFT(g) = T_g @ F_D2 (3 + 3 dots)
+#   phase B2  Q = i DFT(g) conj(U), V = (Q @ conj(F_D2)) * conj(W) over DFT(g) (3 dots)
+#   phase C   grad_a + i grad_b = conj(F_D1) @ V / d over U (4 dots, each part on its own)
+#   phase D   dx[i] = s_x(i) grad_a[h_x(i)], dy from grad_b: gathered from the scratch
+# FLOPs per sample: 20 d D1 + 18 d D2; at d = 128 x 128, 79.7 MFLOP. Emulated TF32 at
+# d = 4096 and 16384 (2 samples, n = 512, 1024, gate, with and without normalisation), dx, dy
+# and dgate rounded to bfloat16 are within 1.00x-1.15x of PyTorch's bfloat16 error.
 
 _FUSED_DIMS = (16, 32, 64, 128)
 _FUSED_DTYPES = (torch.bfloat16,)
@@ -406,6 +422,10 @@ _FUSED_BLOCK_ROWS = 32
 _FUSED_BLOCK = 32
 _FUSED_NUM_WARPS = 8
 _FUSED_NUM_STAGES = 2
+# The backward's in-kernel gather (phase D): inputs per step, one per thread at 8 warps. The
+# backward kernel makes 254 registers a thread at d = 128 x 128 on sm_90 with Triton 3.9, no
+# spills; with 1024 inputs a step, or phase C's two accumulators at once, it spilled.
+_FUSED_BLOCK_GATHER = 256
 # Resident programs per SM for the persistent grid (one: the kernel's registers at 8 warps
 # leave no room for a second on sm_90, see benchmarks.compile_report), and the SM count
 # assumed for meta tensors standing for CUDA ones (an H100's), where no device can be asked.
@@ -447,6 +467,12 @@ def _fused_flops(args, constexprs, programs):
     return {"scratch_ptr": args["B"] * 12 * d1 * d2 * (d1 + d2)}
 
 
+def _fused_backward_flops(args, constexprs, programs):
+    # Every sample: 2 d (10 D1 + 9 D2) (see above), keyed as _fused_flops.
+    d1, d2 = constexprs["D1"], constexprs["D2"]
+    return {"scratch_ptr": args["B"] * 2 * d1 * d2 * (10 * d1 + 9 * d2)}
+
+
 @triton.jit
 def _sketch_tile(x_row, stride_xn, offsets_ptr, perm_ptr, sign_ptr, n1, n2, D2: tl.constexpr):
     """A[n1, n2] = sketch[D2 n1 + n2] in float32 for a (len(n1), len(n2)) tile: each bin sums
@@ -478,6 +504,119 @@ def _gauss_dot(re, im, p_ptr, q_ptr, r_ptr, rows, cols, stride, t1, t2, t3, PREC
     return t1, t2, t3
 
 
+@triton.jit
+def _transform_columns(x_row, stride_xn, x_offsets_ptr, x_perm_ptr, x_sign_ptr,
+                       y_row, stride_yn, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
+                       c1_ptr, s1_ptr, tc_ptr, ts_ptr, out_re, out_im,
+                       SKETCHED: tl.constexpr, PRECISION: tl.constexpr,
+                       D1: tl.constexpr, D2: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase A, T = (F_D1 @ X) * W into the (D1, D2) planes out_re, out_im, by column blocks
+    of n2. SKETCHED: X = A + i B, the count sketches of x and y (4 real dots); otherwise X is
+    the real row x (d values, stride stride_xn, any float dtype; 2 dots) and y is unused."""
+    k1 = tl.arange(0, D1)
+    for c0 in range(0, D2, BLOCK):
+        n2 = c0 + tl.arange(0, BLOCK)
+        re = tl.zeros((D1, BLOCK), dtype=tl.float32)
+        im = tl.zeros((D1, BLOCK), dtype=tl.float32)
+        for r0 in range(0, D1, BLOCK):
+            n1 = r0 + tl.arange(0, BLOCK)
+            c = tl.load(c1_ptr + k1[:, None] * D1 + n1[None, :])
+            s = tl.load(s1_ptr + k1[:, None] * D1 + n1[None, :])
+            if SKETCHED:
+                a = _sketch_tile(x_row, stride_xn, x_offsets_ptr, x_perm_ptr, x_sign_ptr, n1, n2, D2)
+                bb = _sketch_tile(y_row, stride_yn, y_offsets_ptr, y_perm_ptr, y_sign_ptr, n1, n2, D2)
+                # (C - i S)(A + i B) = (C A + S B) + i (C B - S A)
+                re = dot(c, a, dot(s, bb, re, PRECISION), PRECISION)
+                im = dot(c, bb, dot(-s, a, im, PRECISION), PRECISION)
+            else:
+                a = tl.load(x_row + (n1[:, None] * D2 + n2[None, :]).to(tl.int64) * stride_xn).to(tl.float32)
+                re = dot(c, a, re, PRECISION)
+                im = dot(-s, a, im, PRECISION)
+        at = k1[:, None] * D2 + n2[None, :]
+        tw_c = tl.load(tc_ptr + at)
+        tw_s = tl.load(ts_ptr + at)
+        tl.store(out_re + at, re * tw_c + im * tw_s)  # times TC - i TS
+        tl.store(out_im + at, im * tw_c - re * tw_s)
+
+
+@triton.jit
+def _transform_rows(re_ptr, im_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, PRECISION: tl.constexpr,
+                    D1: tl.constexpr, D2: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase B1, in place: U[rows, :] = T[rows, :] @ (C - i S) for the (D1, D2) planes re, im,
+    by Gauss with E = -S: Q = -(C + S), R = C - S; each row block reads only its own rows."""
+    k2 = tl.arange(0, D2)
+    for r0 in range(0, D1, BLOCK_ROWS):
+        rows = r0 + tl.arange(0, BLOCK_ROWS)
+        t1 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
+        t2 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
+        t3 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
+        for c0 in range(0, D2, BLOCK):
+            n2 = c0 + tl.arange(0, BLOCK)
+            t_re = tl.load(re_ptr + rows[:, None] * D2 + n2[None, :])
+            t_im = tl.load(im_ptr + rows[:, None] * D2 + n2[None, :])
+            t1, t2, t3 = _gauss_dot(t_re, t_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, n2, k2, D2, t1, t2, t3, PRECISION)
+        # Every thread has read these rows of T before any overwrites them.
+        tl.debug_barrier()
+        at = rows[:, None] * D2 + k2[None, :]
+        tl.store(re_ptr + at, t1 - t3)
+        tl.store(im_ptr + at, t1 - t2)  # t2 accumulated +(C + S), not Q = -(C + S)
+
+
+@triton.jit
+def _inverse_rows(p_re, p_im, rows, out_re, out_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr,
+                  PRECISION: tl.constexpr, D2: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase B2's transform: V[rows, :] = (P @ conj(F_D2)) * conj(W) for a (len(rows), D2)
+    register block P = p_re + i p_im, into the planes out_re, out_im, by column blocks."""
+    k2 = tl.arange(0, D2)
+    for c0 in range(0, D2, BLOCK):
+        m2 = c0 + tl.arange(0, BLOCK)
+        zero = tl.zeros((rows.shape[0], BLOCK), dtype=tl.float32)
+        # P @ (C + i S), by Gauss with E = S: Q = S - C = -(C - S), R = C + S.
+        t1, t2, t3 = _gauss_dot(p_re, p_im, c2_ptr, c2ms2_ptr, c2ps2_ptr, k2, m2, D2, zero, zero, zero, PRECISION)
+        v_re = t1 - t3
+        v_im = t1 - t2
+        out = rows[:, None] * D2 + m2[None, :]
+        tw_c = tl.load(tc_ptr + out)
+        tw_s = tl.load(ts_ptr + out)
+        tl.store(out_re + out, v_re * tw_c - v_im * tw_s)  # times conj(W) = TC + i TS
+        tl.store(out_im + out, v_re * tw_s + v_im * tw_c)
+
+
+@triton.jit
+def _inverse_columns(v_re_ptr, v_im_ptr, c1_ptr, s1_ptr, m2, IMAG: tl.constexpr, PRECISION: tl.constexpr,
+                     D1: tl.constexpr, D2: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase C for the columns m2: one part of conj(F_D1) @ V[:, m2] = (C + i S)(V_re + i V_im),
+    not yet divided by d, by 2 real dots: the real part C V_re - S V_im, or with IMAG the
+    imaginary part S V_re + C V_im. (One accumulator at a time: both at once spilled.)"""
+    m1 = tl.arange(0, D1)
+    acc = tl.zeros((D1, BLOCK), dtype=tl.float32)
+    for r0 in range(0, D1, BLOCK):
+        k = r0 + tl.arange(0, BLOCK)  # rows k1 of V
+        v_re = tl.load(v_re_ptr + k[:, None] * D2 + m2[None, :])
+        v_im = tl.load(v_im_ptr + k[:, None] * D2 + m2[None, :])
+        c = tl.load(c1_ptr + m1[:, None] * D1 + k[None, :])
+        s = tl.load(s1_ptr + m1[:, None] * D1 + k[None, :])
+        if IMAG:
+            acc = dot(s, v_re, dot(c, v_im, acc, PRECISION), PRECISION)
+        else:
+            acc = dot(c, v_re, dot(-s, v_im, acc, PRECISION), PRECISION)
+    return acc
+
+
+@triton.jit
+def _gather_row(out_row, stride_outn, n, h_ptr, s_ptr, src, BLOCK: tl.constexpr):
+    """out[i] = s(i) src[h(i)] for i < n (the count sketch's adjoint of one row), cast to
+    out's dtype; src float32 (the scratch), h and s contiguous."""
+    for i0 in range(0, n, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        mask = i < n
+        h = tl.load(h_ptr + i, mask=mask, other=0)
+        s = tl.load(s_ptr + i, mask=mask, other=0).to(tl.float32)
+        v = tl.load(src + h, mask=mask, other=0.0)
+        # s is +-1: the only rounding is the cast.
+        tl.store(out_row + i.to(tl.int64) * stride_outn, (v * s).to(out_row.dtype.element_ty), mask=mask)
+
+
 @dot_flops(_fused_flops)
 @triton.jit
 def _fused_vector_cbp_kernel(
@@ -495,52 +634,19 @@ def _fused_vector_cbp_kernel(
     D: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
     scratch = scratch_ptr + pid.to(tl.int64) * (4 * D)
-    u_re, u_im, v_re_ptr, v_im_ptr = scratch, scratch + D, scratch + 2 * D, scratch + 3 * D
+    u_re, u_im, v_re, v_im = scratch, scratch + D, scratch + 2 * D, scratch + 3 * D
     for b in range(pid, B, tl.num_programs(0)):
         b64 = tl.cast(b, tl.int64)
-        x_row, y_row = x_ptr + b64 * stride_xb, y_ptr + b64 * stride_yb
-        # Phase A: T[:, n2] = (F_D1 @ (A + i B)[:, n2]) * W[:, n2], F_D1 = C - i S.
-        k1 = tl.arange(0, D1)
-        for c0 in range(0, D2, BLOCK):
-            n2 = c0 + tl.arange(0, BLOCK)
-            re = tl.zeros((D1, BLOCK), dtype=tl.float32)
-            im = tl.zeros((D1, BLOCK), dtype=tl.float32)
-            for r0 in range(0, D1, BLOCK):
-                n1 = r0 + tl.arange(0, BLOCK)
-                a = _sketch_tile(x_row, stride_xn, x_offsets_ptr, x_perm_ptr, x_sign_ptr, n1, n2, D2)
-                bb = _sketch_tile(y_row, stride_yn, y_offsets_ptr, y_perm_ptr, y_sign_ptr, n1, n2, D2)
-                c = tl.load(c1_ptr + k1[:, None] * D1 + n1[None, :])
-                s = tl.load(s1_ptr + k1[:, None] * D1 + n1[None, :])
-                # (C - i S)(A + i B) = (C A + S B) + i (C B - S A)
-                re = dot(c, a, dot(s, bb, re, PRECISION), PRECISION)
-                im = dot(c, bb, dot(-s, a, im, PRECISION), PRECISION)
-            at = k1[:, None] * D2 + n2[None, :]
-            tw_c = tl.load(tc_ptr + at)
-            tw_s = tl.load(ts_ptr + at)
-            tl.store(u_re + at, re * tw_c + im * tw_s)  # times TC - i TS
-            tl.store(u_im + at, im * tw_c - re * tw_s)
+        _transform_columns(x_ptr + b64 * stride_xb, stride_xn, x_offsets_ptr, x_perm_ptr, x_sign_ptr,
+                           y_ptr + b64 * stride_yb, stride_yn, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
+                           c1_ptr, s1_ptr, tc_ptr, ts_ptr, u_re, u_im, True, PRECISION, D1, D2, BLOCK)
         tl.debug_barrier()
-        # Phase B1: U[rows, :] = T[rows, :] @ (C - i S), by Gauss with E = -S: Q = -(C + S),
-        # R = C - S; written over T's rows, each row block reading only its own.
-        k2 = tl.arange(0, D2)
-        for r0 in range(0, D1, BLOCK_ROWS):
-            rows = r0 + tl.arange(0, BLOCK_ROWS)
-            t1 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
-            t2 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
-            t3 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
-            for c0 in range(0, D2, BLOCK):
-                n2 = c0 + tl.arange(0, BLOCK)
-                t_re = tl.load(u_re + rows[:, None] * D2 + n2[None, :])
-                t_im = tl.load(u_im + rows[:, None] * D2 + n2[None, :])
-                t1, t2, t3 = _gauss_dot(t_re, t_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, n2, k2, D2, t1, t2, t3, PRECISION)
-            # Every thread has read these rows of T before any overwrites them.
-            tl.debug_barrier()
-            at = rows[:, None] * D2 + k2[None, :]
-            tl.store(u_re + at, t1 - t3)
-            tl.store(u_im + at, t1 - t2)  # t2 accumulated +(C + S), not Q = -(C + S)
+        _transform_rows(u_re, u_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, PRECISION, D1, D2, BLOCK_ROWS, BLOCK)
         tl.debug_barrier()
         # Phase B2: P = (u^2 - v^2) / (4i), v = conj(U[-k]): with k = k1 + D1 k2,
-        # -k = (-k1 mod D1) + D1 ((-k2 - [k1 > 0]) mod D2).
+        # -k = (-k1 mod D1) + D1 ((-k2 - [k1 > 0]) mod D2). V goes to its own planes: the
+        # rows -k of U are read by other row blocks.
+        k2 = tl.arange(0, D2)
         for r0 in range(0, D1, BLOCK_ROWS):
             rows = r0 + tl.arange(0, BLOCK_ROWS)
             at = rows[:, None] * D2 + k2[None, :]
@@ -553,39 +659,112 @@ def _fused_vector_cbp_kernel(
             vi = -tl.load(u_im + neg_at)
             p_re = (ur * ui - vr * vi) * 0.5
             p_im = ((ui * ui - ur * ur) + (vr * vr - vi * vi)) * 0.25
-            for c0 in range(0, D2, BLOCK):
-                m2 = c0 + tl.arange(0, BLOCK)
-                zero = tl.zeros((BLOCK_ROWS, BLOCK), dtype=tl.float32)
-                # P @ (C + i S), by Gauss with E = S: Q = S - C = -(C - S), R = C + S.
-                t1, t2, t3 = _gauss_dot(p_re, p_im, c2_ptr, c2ms2_ptr, c2ps2_ptr, k2, m2, D2, zero, zero, zero,
-                                        PRECISION)
-                v_re = t1 - t3
-                v_im = t1 - t2
-                out = rows[:, None] * D2 + m2[None, :]
-                tw_c = tl.load(tc_ptr + out)
-                tw_s = tl.load(ts_ptr + out)
-                tl.store(v_re_ptr + out, v_re * tw_c - v_im * tw_s)  # times conj(W) = TC + i TS
-                tl.store(v_im_ptr + out, v_re * tw_s + v_im * tw_c)
+            _inverse_rows(p_re, p_im, rows, v_re, v_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr,
+                          PRECISION, D2, BLOCK)
         tl.debug_barrier()
-        # Phase C, by column blocks of m2: z[:, m2] = (C V_re - S V_im) / d. The next sample's
-        # phase A writes only U, which no thread reads after the barrier above.
+        # Phase C, by column blocks of m2: z[:, m2] = Re(conj(F_D1) @ V[:, m2]) / d. The next
+        # sample's phase A writes only U, which no thread reads after the barrier above.
         m1 = tl.arange(0, D1)
         for c0 in range(0, D2, BLOCK):
             m2 = c0 + tl.arange(0, BLOCK)
-            acc = tl.zeros((D1, BLOCK), dtype=tl.float32)
-            for r0 in range(0, D1, BLOCK):
-                k = r0 + tl.arange(0, BLOCK)  # rows k1 of V (not `k1`: a loop may not retype a name)
-                v_re = tl.load(v_re_ptr + k[:, None] * D2 + m2[None, :])
-                v_im = tl.load(v_im_ptr + k[:, None] * D2 + m2[None, :])
-                acc = dot(tl.load(c1_ptr + m1[:, None] * D1 + k[None, :]), v_re, acc, PRECISION)
-                acc = dot(-tl.load(s1_ptr + m1[:, None] * D1 + k[None, :]), v_im, acc, PRECISION)
+            re = _inverse_columns(v_re, v_im, c1_ptr, s1_ptr, m2, False, PRECISION, D1, D2, BLOCK)
             # d is a power of two: the division is exact.
-            tl.store(z_ptr + b64 * stride_zb + m1[:, None] * D2 + m2[None, :], acc / D)
+            tl.store(z_ptr + b64 * stride_zb + m1[:, None] * D2 + m2[None, :], re / D)
+
+
+@dot_flops(_fused_backward_flops)
+@triton.jit
+def _fused_vector_cbp_backward_kernel(
+    g_ptr, x_ptr, y_ptr,
+    x_offsets_ptr, x_perm_ptr, x_sign_ptr, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
+    hx_ptr, sx_ptr, hy_ptr, sy_ptr,
+    c1_ptr, s1_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr,
+    scratch_ptr, dx_ptr, dy_ptr,
+    B, NX, NY, stride_gb, stride_gd, stride_xb, stride_xn, stride_yb, stride_yn,
+    stride_dxb, stride_dxn, stride_dyb, stride_dyn,
+    PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_GATHER: tl.constexpr,
+):
+    """dx[b], dy[b] from g[b] = dL/dz[b] (B, d, any float dtype) for every sample b, one
+    persistent program per scratch slot of 4 d float32 values ((programs, 4, d): planes 0-1
+    U, then grad_a + i grad_b; planes 2-3 DFT(g), then V); phases in the section comment."""
+    D: tl.constexpr = D1 * D2
+    pid = tl.program_id(0)
+    scratch = scratch_ptr + pid.to(tl.int64) * (4 * D)
+    u_re, u_im, g_re, g_im = scratch, scratch + D, scratch + 2 * D, scratch + 3 * D
+    for b in range(pid, B, tl.num_programs(0)):
+        b64 = tl.cast(b, tl.int64)
+        x_row, y_row = x_ptr + b64 * stride_xb, y_ptr + b64 * stride_yb
+        _transform_columns(x_row, stride_xn, x_offsets_ptr, x_perm_ptr, x_sign_ptr,
+                           y_row, stride_yn, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
+                           c1_ptr, s1_ptr, tc_ptr, ts_ptr, u_re, u_im, True, PRECISION, D1, D2, BLOCK)
+        _transform_columns(g_ptr + b64 * stride_gb, stride_gd, x_offsets_ptr, x_perm_ptr, x_sign_ptr,
+                           y_row, stride_yn, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
+                           c1_ptr, s1_ptr, tc_ptr, ts_ptr, g_re, g_im, False, PRECISION, D1, D2, BLOCK)
+        tl.debug_barrier()
+        _transform_rows(u_re, u_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, PRECISION, D1, D2, BLOCK_ROWS, BLOCK)
+        _transform_rows(g_re, g_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, PRECISION, D1, D2, BLOCK_ROWS, BLOCK)
+        tl.debug_barrier()
+        # Phase B2: Q = i DFT(g) conj(u), elementwise, then V = (Q @ conj(F_D2)) * conj(W)
+        # written over DFT(g)'s rows, each row block reading only its own.
+        k2 = tl.arange(0, D2)
+        for r0 in range(0, D1, BLOCK_ROWS):
+            rows = r0 + tl.arange(0, BLOCK_ROWS)
+            at = rows[:, None] * D2 + k2[None, :]
+            ur = tl.load(u_re + at)
+            ui = tl.load(u_im + at)
+            gr = tl.load(g_re + at)
+            gi = tl.load(g_im + at)
+            # i (gr + i gi)(ur - i ui) = (gr ui - gi ur) + i (gr ur + gi ui)
+            q_re = gr * ui - gi * ur
+            q_im = gr * ur + gi * ui
+            tl.debug_barrier()
+            _inverse_rows(q_re, q_im, rows, g_re, g_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr, PRECISION, D2, BLOCK)
+        tl.debug_barrier()
+        # Phase C, by column blocks of m2: grad_a + i grad_b = conj(F_D1) @ V / d, over U
+        # (no thread reads U after the barrier above).
+        m1 = tl.arange(0, D1)
+        for c0 in range(0, D2, BLOCK):
+            m2 = c0 + tl.arange(0, BLOCK)
+            at = m1[:, None] * D2 + m2[None, :]
+            tl.store(u_re + at, _inverse_columns(g_re, g_im, c1_ptr, s1_ptr, m2, False, PRECISION, D1, D2, BLOCK) / D)
+            tl.store(u_im + at, _inverse_columns(g_re, g_im, c1_ptr, s1_ptr, m2, True, PRECISION, D1, D2, BLOCK) / D)
+        tl.debug_barrier()
+        # Phase D: the count sketches' adjoints, gathered from the scratch; the barrier after
+        # it keeps the next sample's phase A from overwriting what another thread still reads.
+        _gather_row(dx_ptr + b64 * stride_dxb, stride_dxn, NX, hx_ptr, sx_ptr, u_re, BLOCK_GATHER)
+        _gather_row(dy_ptr + b64 * stride_dyb, stride_dyn, NY, hy_ptr, sy_ptr, u_im, BLOCK_GATHER)
+        tl.debug_barrier()
 
 
 def _resident_programs(device: torch.device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else _ASSUMED_SMS
     return sms * _FUSED_PROGRAMS_PER_SM
+
+
+def _fused_setup(x: torch.Tensor, y: torch.Tensor, out_dim: int, factors, programs):
+    """Checks the fused kernels' arguments; (D1, D2), the grid size (0 for no samples) and the
+    launch options both kernels share."""
+    factors = factors or fused_factors(out_dim)
+    if factors is None or factors[0] * factors[1] != out_dim or not set(factors) <= set(_FUSED_DIMS):
+        raise ValueError(f"factors: the fused kernel needs d = D1 D2 with D1, D2 in {_FUSED_DIMS}; "
+                         f"got d = {out_dim}, factors {factors}")
+    if x.dtype not in KERNEL_DTYPES or y.dtype != x.dtype:
+        raise ValueError(f"x, y: the fused kernel takes float32, float16 or bfloat16 of one dtype, got {x.dtype}, {y.dtype}")
+    d1, d2 = factors
+    programs = min(x.shape[0], programs or _resident_programs(x.device))
+    options = dict(
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", D1=d1, D2=d2,
+        BLOCK_ROWS=min(_FUSED_BLOCK_ROWS, d1), BLOCK=min(_FUSED_BLOCK, d1, d2),
+        num_warps=_FUSED_NUM_WARPS, num_stages=_FUSED_NUM_STAGES,
+    )
+    return factors, programs, options
+
+
+def _tables(hashes, signs, out_dim: int) -> list[torch.Tensor]:
+    """The CSR inverse tables' (offsets, perm, sign) of both modalities, x's first."""
+    tables = [inverse_table(h, s, out_dim) for h, s in zip(hashes, signs)]
+    return [t for table in tables for t in (table.offsets, table.perm, table.sign)]
 
 
 def fused_vector_sketch(x: torch.Tensor, y: torch.Tensor, hashes, signs, out_dim: int,
@@ -595,37 +774,48 @@ def fused_vector_sketch(x: torch.Tensor, y: torch.Tensor, hashes, signs, out_dim
     dots run in TF32, float32 ones at IEEE precision. ``factors``: (D1, D2) with D1 D2 = d,
     both in _FUSED_DIMS (default: :func:`fused_factors`); ``programs``: the persistent grid's
     size (default: as many as the device keeps resident, at most B)."""
-    factors = factors or fused_factors(out_dim)
-    if factors is None or factors[0] * factors[1] != out_dim or not set(factors) <= set(_FUSED_DIMS):
-        raise ValueError(f"factors: the fused kernel needs d = D1 D2 with D1, D2 in {_FUSED_DIMS}; "
-                         f"got d = {out_dim}, factors {factors}")
-    if x.dtype not in KERNEL_DTYPES or y.dtype != x.dtype:
-        raise ValueError(f"x, y: the fused kernel takes float32, float16 or bfloat16 of one dtype, got {x.dtype}, {y.dtype}")
-    d1, d2 = factors
-    batch = x.shape[0]
-    z = torch.empty((batch, out_dim), dtype=torch.float32, device=x.device)
-    if batch == 0:
+    (d1, d2), programs, options = _fused_setup(x, y, out_dim, factors, programs)
+    z = torch.empty((x.shape[0], out_dim), dtype=torch.float32, device=x.device)
+    if programs == 0:
         return z
-    programs = min(batch, programs or _resident_programs(x.device))
-    tx, ty = (inverse_table(h, s, out_dim) for h, s in zip(hashes, signs))
     scratch = torch.empty((programs, 4, out_dim), dtype=torch.float32, device=x.device)
     _fused_vector_cbp_kernel[(programs,)](
-        x, y,
-        tx.offsets, tx.perm, tx.sign, ty.offsets, ty.perm, ty.sign,
-        *_dft_tables(d1, d2, x.device),
-        scratch, z,
-        batch, *x.stride(), *y.stride(), z.stride(0),
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", D1=d1, D2=d2,
-        BLOCK_ROWS=min(_FUSED_BLOCK_ROWS, d1), BLOCK=min(_FUSED_BLOCK, d1, d2),
-        num_warps=_FUSED_NUM_WARPS, num_stages=_FUSED_NUM_STAGES,
+        x, y, *_tables(hashes, signs, out_dim), *_dft_tables(d1, d2, x.device), scratch, z,
+        x.shape[0], *x.stride(), *y.stride(), z.stride(0), **options,
     )
     return z
 
 
-def _takes_fused(xs, out_dim: int, save_residuals: bool) -> bool:
-    """The fused vector kernel's domain: inference (no residuals: the backward recomputes the
-    spectra on the FFT path), two unpooled half-precision modalities, d factorisable."""
-    return (not save_residuals and len(xs) == 2 and xs[0].shape[1] == 1 and xs[0].dtype in _FUSED_DTYPES
+def fused_vector_sketch_backward(grad_z: torch.Tensor, x: torch.Tensor, y: torch.Tensor, hashes, signs,
+                                 out_dim: int, factors: tuple[int, int] | None = None,
+                                 programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dy), the vector-Jacobian product of :func:`fused_vector_sketch` at x (B, n1),
+    y (B, n2) with grad_z (B, d) (any float dtype and strides): dx[b, i] = s1(i) grad_a[b, h1(i)],
+    grad_a = IDFT(DFT(g) conj(DFT(sketch_y))), and dy likewise with the roles swapped; in one
+    launch of _fused_vector_cbp_backward_kernel. x's and y's dtypes and shapes, contiguous;
+    precision and arguments as :func:`fused_vector_sketch`."""
+    (d1, d2), programs, options = _fused_setup(x, y, out_dim, factors, programs)
+    if grad_z.shape != (x.shape[0], out_dim):
+        raise ValueError(f"grad_z: expected shape {(x.shape[0], out_dim)}, got {tuple(grad_z.shape)}")
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+    if programs == 0:
+        return dx, dy
+    scratch = torch.empty((programs, 4, out_dim), dtype=torch.float32, device=x.device)
+    (hx, hy), (sx, sy) = [h.contiguous() for h in hashes], [s.contiguous() for s in signs]
+    _fused_vector_cbp_backward_kernel[(programs,)](
+        grad_z, x, y, *_tables(hashes, signs, out_dim), hx, sx, hy, sy, *_dft_tables(d1, d2, x.device),
+        scratch, dx, dy,
+        x.shape[0], x.shape[1], y.shape[1], *grad_z.stride(), *x.stride(), *y.stride(), *dx.stride(), *dy.stride(),
+        BLOCK_GATHER=_FUSED_BLOCK_GATHER, **options,
+    )
+    return dx, dy
+
+
+def _takes_fused(xs, out_dim: int) -> bool:
+    """The fused vector kernels' domain, forward and backward alike: two unpooled bfloat16
+    modalities, d factorisable."""
+    return (len(xs) == 2 and xs[0].shape[1] == 1 and xs[0].dtype in _FUSED_DTYPES
             and fused_factors(out_dim) is not None)
 
 
@@ -636,14 +826,15 @@ def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool,
              save_residuals: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(output, residuals). The Gram path saves z (B, d), the op's residual, when it has a gate
     or normalisation and autograd records the call: one X^T Y fewer in the backward, for
-    B * d values. The FFT path saves nothing (its residuals would be the per-position spectra):
-    its backward recomputes."""
+    B * d values. The FFT path, fused or not, saves nothing (its residuals would be the
+    per-position spectra): its backward recomputes."""
     if algorithm == "gram":
         z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
         residuals = [z] if save_residuals and (gate is not None or normalize) else []
         return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), residuals
-    if _takes_fused(xs, out_dim, save_residuals):
-        # T = 1: the sum over positions and the mean are the sample itself.
+    if _takes_fused(xs, out_dim):
+        # T = 1: the sum over positions and the mean are the sample itself. Nothing is saved:
+        # the fused backward recomputes z when its epilogue needs it.
         z = fused_vector_sketch(xs[0][:, 0], xs[1][:, 0], hashes, signs, out_dim)
         return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), []
     work = compute_dtype(xs[0].dtype)
@@ -664,11 +855,36 @@ def _gram_backward(grad, residuals, xs, hashes, signs, out_dim: int, mean: bool,
     return [_gram_adjoint(grad, x, 0, hashes, signs, y, mean), _gram_adjoint(grad, y, 1, hashes, signs, x, mean)] + grads_gate
 
 
+def _fused_backward(grad, xs, hashes, signs, out_dim: int, gate, normalize: bool, eps: float) -> list[torch.Tensor]:
+    """[dx, dy] (+ [dgate]) on the fused vector path: z recomputed for the epilogue's backward
+    only (as the FFT path recomputes it), then one fused backward launch.
+
+    With normalisation z comes from the FFT path (float32 FFTs), not the fused forward: the
+    signed sqrt's derivative 1 / (2 sqrt|z|) magnifies the error of the bins nearest 0, and a
+    TF32 z (6.7e-4 off) made dx, dy of bfloat16 CBP 127x PyTorch's bfloat16 error at d = 4096
+    (emulated, 2 samples); even the float32 four-step z (5e-7 off at d = 2048, float32 FFTs
+    about 1e-7) doubled float16's. With a gate only, dgate = (dL/dout) z is linear in z."""
+    x, y = xs[0][:, 0], xs[1][:, 0]
+    grads_gate = []
+    if gate is not None or normalize:
+        if normalize:
+            z = _pooled_sketch(_spectra(xs, hashes, signs, out_dim, torch.float32), x.shape[0], out_dim, False)
+        else:
+            z = fused_vector_sketch(x, y, hashes, signs, out_dim)
+        grad, grad_gate = epilogue_backward(grad, z, gate, normalize, eps, torch.float32)
+        if grad_gate is not None:
+            grads_gate = [grad_gate]
+    dx, dy = fused_vector_sketch_backward(grad, x, y, hashes, signs, out_dim)
+    return [dx[:, None], dy[:, None]] + grads_gate
+
+
 def _backward(
     grad, residuals, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float, algorithm: str
 ) -> list[torch.Tensor]:
     if algorithm == "gram":
         return _gram_backward(grad, residuals, xs, hashes, signs, out_dim, mean, gate, normalize, eps)
+    if _takes_fused(xs, out_dim):
+        return _fused_backward(grad, xs, hashes, signs, out_dim, gate, normalize, eps)
     work = compute_dtype(xs[0].dtype)
     batch, positions = xs[0].shape[:2]
     spectra = _spectra(xs, hashes, signs, out_dim, work)
