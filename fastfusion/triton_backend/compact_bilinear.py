@@ -221,7 +221,7 @@ def _sample_tile(N_ROWS, N_COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.conste
 # scatter holds a 64-bit address per entry beside the accumulator, and at 64 per thread
 # (128 x 128 at 8 warps, 64 x 128 at 4) Triton 3.6's ptxas spilled in bfloat16 and float16
 # (up to 96 B). Every config compiles without register spills in every dtype there with
-# Triton 3.6's and 3.9's ptxas (python -m benchmarks.compile_report --ops cbp_seq).
+# Triton 3.6's and 3.9's ptxas (python -m benchmarks.compile_report --ops 'compact_bilinear[seq]').
 _GRAM_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_I": i, "BLOCK_J": j, "BLOCK_T": t}, num_warps=w, num_stages=s)
     for i, j, t, w, s in [(128, 128, 32, 16, 3), (128, 128, 64, 16, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)]
