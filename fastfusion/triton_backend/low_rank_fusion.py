@@ -54,6 +54,7 @@ from ._common import (
     KERNEL_DTYPES,
     autotune_configs,
     batch_bucket,
+    dot,
     dot_flops,
     dot_precision,
     matmul_tile,
@@ -77,6 +78,17 @@ _CONFIGS = autotune_configs([
 _GRAD_PROJ_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_H": h}, num_warps=w)
     for b, h, w in [(32, 128, 4), (64, 64, 16), (64, 128, 8), (128, 64, 8)]
+])
+
+# The fused backward's GEMMs (module docstring), spill-free as above:
+# (BLOCK_B, BLOCK_N, BLOCK_K) tiles of grad_x and (BLOCK_N, BLOCK_C, BLOCK_B) tiles of grad_W.
+_GRAD_INPUT_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+    for b, n, k, w in [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 32, 8)]
+])
+_GRAD_FACTOR_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_N": n, "BLOCK_C": c, "BLOCK_B": b}, num_warps=w)
+    for n, c, b, w in [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 32, 8)]
 ])
 
 
@@ -190,6 +202,143 @@ def _grad_proj_kernel(
     tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
 
 
+@triton.jit
+def _modality_tile(t, table_ptr, num_modalities, BLOCK_N: tl.constexpr):
+    """The modality m and first column n0 of x_m of tile t, the tiles of x_0's n_0 columns in
+    BLOCK_N steps coming first, then x_1's, ...; and m's packed column offset and n_m."""
+    m = 0
+    start = 0
+    end = 0
+    for l in range(num_modalities):
+        tiles = tl.cdiv(tl.load(table_ptr + 3 * l + 1) - 1, BLOCK_N)
+        m = tl.where(t >= end, l, m)
+        start = tl.where(t >= end, end, start)
+        end += tiles
+    offset = tl.load(table_ptr + 3 * m)
+    return m, (t - start) * BLOCK_N, offset, tl.load(table_ptr + 3 * m + 1) - 1
+
+
+@triton.jit
+def _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb, g, weight, m, rows, cols, mask,
+                     num_modalities):
+    """(grad_proj[m], g * prod_{l != m} P_l) on (rows, cols) of the (B, R*H) layout, float32,
+    grad_proj[m] = weight * g * prod_{l != m} P_l; g and weight (broadcastable) given."""
+    offsets = rows.to(tl.int64)[:, None] * stride_pb + cols[None, :]
+    others = g
+    for l in range(num_modalities):
+        p_ptr = _select(l, p0_ptr, p1_ptr, p2_ptr, p3_ptr) + l * stride_pm
+        # tl.where rather than mask & (l != m): the interpreter rejects the latter's mask when
+        # m is a tensor (Triton 3.9).
+        others *= tl.load(p_ptr + offsets, mask=tl.where(l != m, mask, False), other=1.0).to(tl.float32)
+    return weight * others, others
+
+
+def _grad_input_flops(args, constexprs, programs):
+    # Per program one (BLOCK_B, BLOCK_N) tile over R * H, padded to BLOCK_K per rank.
+    c = constexprs
+    return {"g_ptr": programs * 2 * c["BLOCK_B"] * c["BLOCK_N"] * c["R"] * padded(c["H"], c["BLOCK_K"])}
+
+
+@triton.autotune(configs=_GRAD_INPUT_CONFIGS, key=["B_BUCKET", "H", "S", "R", "num_modalities"])
+@dot_flops(_grad_input_flops)
+@triton.jit(do_not_specialize=["B_BUCKET"])
+def _grad_input_kernel(
+    p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, table_ptr, f_ptr,
+    dx0_ptr, dx1_ptr, dx2_ptr, dx3_ptr, gw_rows_ptr,
+    B, B_BUCKET, H, S, R, num_modalities,
+    stride_pm, stride_pb, stride_gb, stride_gh, stride_w, stride_fs,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, R*H))^T for every m, grad_proj[m] formed
+    per (BLOCK_B, BLOCK_K) tile in registers from g (B, H), w and the projections P_l
+    (B, R*H; as for _grad_proj_kernel) and rounded to g's dtype, as the reference's is. Grid
+    (B blocks, column tiles of all modalities, _modality_tile); the factors are the flat
+    (S, R*H) layout. The programs of x_0's first column tile also store
+    gw_rows[b, r] = sum_h g[b, h] * prod_m P_m[b, r*H + h] (float32), whose column sums are
+    grad_weights."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    m, n0, offset, dim = _modality_tile(tl.program_id(1), table_ptr, num_modalities, BLOCK_N)
+    n = n0 + tl.arange(0, BLOCK_N)
+    row_mask, n_mask = rows < B, n < dim
+    weight_sums = (m == 0) & (n0 == 0)
+    # W_m[:, 1:] transposed, (BLOCK_K, BLOCK_N) tiles: packed row offset + 1 + n.
+    f_cols = f_ptr + (offset + 1 + n).to(tl.int64)[None, :] * stride_fs
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for r in range(R):
+        weight = tl.load(weights_ptr + r * stride_w).to(tl.float32)
+        row_sums = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_K):
+            h = h0 + tl.arange(0, BLOCK_K)
+            h_mask = h < H
+            mask = row_mask[:, None] & h_mask[None, :]
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gb + h[None, :] * stride_gh,
+                        mask=mask, other=0.0)
+            grad_proj, others = _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb,
+                                                 g.to(tl.float32), weight, m, rows, r * H + h, mask, num_modalities)
+            if weight_sums:
+                own = _select(m, p0_ptr, p1_ptr, p2_ptr, p3_ptr) + rows.to(tl.int64)[:, None] * stride_pb
+                own = tl.load(own + (r * H + h)[None, :], mask=mask, other=0.0).to(tl.float32)
+                row_sums += tl.sum(others * own, axis=1)
+            f = tl.load(f_cols + (r * H + h)[:, None], mask=h_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = dot(grad_proj.to(g.dtype), f, acc, PRECISION)
+        if weight_sums:
+            tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
+    dx = _select(m, dx0_ptr, dx1_ptr, dx2_ptr, dx3_ptr) + rows.to(tl.int64)[:, None] * dim + n[None, :]
+    tl.store(dx, acc.to(dx0_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def _grad_factor_flops(args, constexprs, programs):
+    # Per program one (BLOCK_N, BLOCK_C) tile over the batch, padded to BLOCK_B.
+    c = constexprs
+    return {"xt_ptr": programs * 2 * c["BLOCK_N"] * c["BLOCK_C"] * padded(c["B"], c["BLOCK_B"])}
+
+
+@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["B_BUCKET", "H", "S", "R", "num_modalities"])
+@dot_flops(_grad_factor_flops)
+@triton.jit(do_not_specialize=["B_BUCKET"])
+def _grad_factor_kernel(
+    xt_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, table_ptr,
+    dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr,
+    B, B_BUCKET, H, S, R, num_modalities,
+    stride_xb, stride_pm, stride_pb, stride_gb, stride_gh, stride_w,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """grad_W_m[r, 1 + i, h] = sum_b x_m[b, i] grad_proj[m][b, r*H + h] for every m, one GEMM
+    over the batch per (BLOCK_N, BLOCK_C) tile, grad_proj[m] formed in registers as in
+    _grad_input_kernel; the programs of each modality's first column tile also store the
+    constant row, grad_W_m[r, 0, h] = sum_b grad_proj[m][b, r*H + h]. x_m is read from the
+    packed [1, x_0, 1, x_1, ...] (B, S); dw_m is (R, n_m + 1, H) contiguous.
+    Grid (column tiles of all modalities, R*H blocks)."""
+    m, n0, offset, dim = _modality_tile(tl.program_id(0), table_ptr, num_modalities, BLOCK_N)
+    n = n0 + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_mask, col_mask = n < dim, cols < R * H
+    ranks, h = cols // H, cols % H
+    weight = tl.load(weights_ptr + ranks * stride_w, mask=col_mask, other=0.0).to(tl.float32)
+    x_cols = xt_ptr + (offset + 1 + n)[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    constant = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        mask = row_mask[:, None] & col_mask[None, :]
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gb + h[None, :] * stride_gh, mask=mask, other=0.0)
+        grad_proj, _ = _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb,
+                                        g.to(tl.float32), weight[None, :], m, rows, cols, mask, num_modalities)
+        grad_proj = grad_proj.to(g.dtype)
+        if n0 == 0:
+            constant += tl.sum(grad_proj.to(tl.float32), axis=0)
+        xt = tl.load(x_cols + rows.to(tl.int64)[None, :] * stride_xb, mask=n_mask[:, None] & row_mask[None, :],
+                     other=0.0)
+        acc = dot(xt, grad_proj, acc, PRECISION)
+    # (R, n_m + 1, H) contiguous: row 1 + i of rank r at (r * (n_m + 1) + 1 + i) * H + h.
+    dw = _select(m, dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr) + ranks.to(tl.int64) * (dim + 1) * H + h
+    tl.store(dw[None, :] + ((1 + n) * H)[:, None], acc.to(dw0_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & col_mask[None, :])
+    if n0 == 0:
+        tl.store(dw, constant.to(dw0_ptr.dtype.element_ty), mask=col_mask)
+
+
 def _flat_layout(factors) -> torch.Tensor:
     """Every factor laid out as (S, R*H), S = sum_m (n_m + 1): row s, column r*H + h holds
     W_m[r, s - offset_m, h] for the modality m owning packed column s. One copy for all
@@ -215,6 +364,20 @@ def _flat_factors(factors) -> torch.Tensor:
     return _FLAT_FACTORS.get(factors, lambda: _flat_layout(factors))
 
 
+# The packed inputs of pack_with_ones, made by a forward that saves residuals (autograd records
+# the call) and reused by its backward, which reads x_m from them: one copy of the inputs per
+# step rather than two, kept while the inputs live (autograd keeps them until the backward).
+_PACKED_INPUTS: TensorCache[tuple] = TensorCache()
+
+
+def _packed_inputs(xs):
+    """pack_with_ones(xs), cached per version of xs (not while a CUDA graph is captured: its
+    replays must pack the inputs themselves, as _flat_factors copies the factors)."""
+    if xs[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return pack_with_ones(xs)
+    return _PACKED_INPUTS.get(xs, lambda: pack_with_ones(xs))
+
+
 # The forward kernel writes the residuals of up to this many modalities (one pointer argument
 # each: custom-op outputs may not alias, so they cannot be views of one buffer); LMF is used
 # with 2 or 3. Above it the residuals are computed by cuBLAS after the kernel, as the backward
@@ -233,7 +396,8 @@ def _forward(xs, factors, weights, bias, save_residuals):
     """(out (B, H), residuals): the residuals are the projections P_m = x~_m W_m, (B, R*H) with
     column r*H + h holding (x~_m W_m[r])[:, h], in compute_dtype(x.dtype), one per modality,
     when ``save_residuals``, else []."""
-    packed, table, _, _ = pack_with_ones(xs)
+    # Inference packs afresh: nothing would read a cached copy, which would pin memory.
+    packed, table, _, _ = _packed_inputs(xs) if save_residuals else pack_with_ones(xs)
     (B, S), (R, _, H), M = packed.shape, factors[0].shape, len(xs)
     packed_factors = _flat_factors(factors).view(S, R, H).permute(1, 0, 2)  # (R, S, H)
     out = torch.empty((B, H), dtype=bias.dtype, device=bias.device)
@@ -265,28 +429,62 @@ def _backward(grad, residuals, xs, factors, weights, bias):
     """Gradients [*xs, *factors, weights, bias] from the forward's residuals, or, when they
     are [], from recomputed projections."""
     (B, H), R, M = grad.shape, weights.shape[0], len(xs)
-    flat = _flat_factors(factors).split([x.shape[1] + 1 for x in xs])
-    if residuals and M <= _MAX_SAVED:
+    flat = _flat_factors(factors)
+    if M > _MAX_SAVED:
+        return _backward_unfused(grad, residuals, xs, flat, weights)
+    if residuals:
         slots, stride_pm = residuals + [residuals[0]] * (_MAX_SAVED - M), 0
     else:
-        # Without residuals the projections are recomputed; above _MAX_SAVED modalities the
-        # saved ones are stacked (a copy), the kernel having pointers for only four tensors.
-        if residuals:
-            projections = torch.stack(residuals)
-        else:
-            projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
-            _recompute_projections(xs, flat, projections)
+        projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
+        _recompute_projections(xs, flat.split([x.shape[1] + 1 for x in xs]), projections)
         slots, stride_pm = [projections] * _MAX_SAVED, projections.stride(0)
+    packed, table, _, _ = _packed_inputs(xs)
+    S = packed.shape[1]
+    grad_xs = [torch.empty((B, x.shape[1]), dtype=grad.dtype, device=grad.device) for x in xs]
+    grad_factors = [torch.empty((R, x.shape[1] + 1, H), dtype=grad.dtype, device=grad.device) for x in xs]
+    grad_weight_rows = torch.empty((B, R), dtype=torch.float32, device=grad.device)
+    # Unused output pointers are bound to the first modality's, which the kernels never select.
+    dx_slots = grad_xs + [grad_xs[0]] * (_MAX_SAVED - M)
+    dw_slots = grad_factors + [grad_factors[0]] * (_MAX_SAVED - M)
+    column_tiles = lambda block: sum(triton.cdiv(x.shape[1], block) for x in xs)  # noqa: E731
+    precision = dot_precision(grad.dtype)
+    _grad_input_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), column_tiles(meta["BLOCK_N"]))](
+        *slots, grad, weights, table, flat, *dx_slots, grad_weight_rows,
+        B, batch_bucket(B), H, S, R, M,
+        stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0), flat.stride(0),
+        PRECISION=precision,
+    )
+    _grad_factor_kernel[lambda meta: (column_tiles(meta["BLOCK_N"]), triton.cdiv(R * H, meta["BLOCK_C"]))](
+        packed, *slots, grad, weights, table, *dw_slots,
+        B, batch_bucket(B), H, S, R, M,
+        packed.stride(0), stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0),
+        PRECISION=precision,
+    )
+    return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]
+
+
+def _backward_unfused(grad, residuals, xs, flat, weights):
+    """:func:`_backward` above _MAX_SAVED modalities, where the fused kernels have no pointer
+    for every gradient: grad_proj materialised by _grad_proj_kernel, then cuBLAS GEMMs."""
+    (B, H), R, M = grad.shape, weights.shape[0], len(xs)
+    flat = flat.split([x.shape[1] + 1 for x in xs])
+    # The saved projections are stacked (a copy), the kernel having pointers for only four
+    # tensors; without them they are recomputed.
+    if residuals:
+        projections = torch.stack(residuals)
+    else:
+        projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
+        _recompute_projections(xs, flat, projections)
     grad_proj = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
     grad_weight_rows = torch.empty((B, R), dtype=torch.float32, device=grad.device)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), R)  # noqa: E731
-    _grad_proj_kernel[grid](*slots, grad, weights, grad_proj, grad_weight_rows,
+    _grad_proj_kernel[grid](*[projections] * _MAX_SAVED, grad, weights, grad_proj, grad_weight_rows,
                             B, batch_bucket(B), H, R, M,
-                            stride_pm, R * H, grad_proj.stride(0), grad.stride(0), grad.stride(1),
+                            projections.stride(0), R * H, grad_proj.stride(0), grad.stride(0), grad.stride(1),
                             weights.stride(0))
     # [1, x_0, 1, x_1, ...] (B, S): its columns of modality m are x~_m, so the constant rows of
     # grad_W come out of the same GEMM as the rest, not from M column sums of grad_proj.
-    packed, _, offsets, _ = pack_with_ones(xs)
+    packed, _, offsets, _ = _packed_inputs(xs)
     grad_xs, grad_factors = [], []
     for m, x in enumerate(xs):
         # grad_x_m = grad_proj[m] (B, R*H) @ (W_m[:, 1:] as (n_m, R*H))^T.
