@@ -205,17 +205,19 @@ def _lmf_args(dims, B, rank, h, dtype):
     return xs, factors, _randn(rank).to(DEVICE, dtype), _randn(h).to(DEVICE, dtype)
 
 
-def test_low_rank_fusion_fused_backward_tiles():
-    # The fused backward's tiles at sizes the conformance cases do not reach: n_m over several
-    # column tiles of both kernels (constant row only in the first), B over several row blocks,
-    # R*H over several column blocks with H no multiple of BLOCK_K; against float64 autograd
-    # through the eager reference.
-    xs, factors, weights, bias = _lmf_args((130, 5, 67), 70, 2, 45, torch.float32)
+@pytest.mark.parametrize("dims", [(130, 5, 67), (2, 3, 4, 2, 3)], ids=["tiles", "five"])  # five > _MAX_SAVED
+def test_low_rank_fusion_fused_backward(dims):
+    # The fused backward at sizes the conformance cases do not reach: n_m over several column
+    # tiles of both kernels (constant row only in the first), B over several row blocks, R*H
+    # over several column blocks with H no multiple of BLOCK_K; or more modalities than one
+    # launch writes (two groups). Against float64 autograd through the eager reference.
+    xs, factors, weights, bias = _lmf_args(dims, 70, 2, 45, torch.float32)
+    M = len(dims)
     out, residuals = torch.ops.fastfusion.low_rank_fusion(xs, factors, weights, bias, True, "triton")
     grad = _randn(*out.shape).to(DEVICE, torch.float32)
     got = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, xs, factors, weights, bias, "triton")
     leaves = [t.detach().cpu().double().requires_grad_() for t in (*xs, *factors, weights, bias)]
-    ref = fastfusion.low_rank_fusion(leaves[:3], leaves[3:6], leaves[6], leaves[7], backend="eager")
+    ref = fastfusion.low_rank_fusion(leaves[:M], leaves[M : 2 * M], leaves[2 * M], leaves[2 * M + 1], backend="eager")
     expected = torch.autograd.grad(ref, leaves, grad.cpu().double())
     for a, b in zip(got, expected, strict=True):
         assert_rel_close(a.cpu(), b, 1e-5)

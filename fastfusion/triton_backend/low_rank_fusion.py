@@ -59,7 +59,6 @@ from ._common import (
     dot_precision,
     matmul_tile,
     modality_dims,
-    no_dots,
     pack_with_ones,
     padded,
 )
@@ -73,13 +72,6 @@ _CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w)
     for b, h, k, w in [(32, 32, 32, 4), (32, 64, 32, 4), (64, 32, 32, 8), (64, 64, 32, 16)]
 ])
-# The backward's pointwise kernel, (rows, h) tiles: spill-free as above; 64 x 64 at 8 warps
-# spills in float16 with Triton 3.6's ptxas.
-_GRAD_PROJ_CONFIGS = autotune_configs([
-    triton.Config({"BLOCK_B": b, "BLOCK_H": h}, num_warps=w)
-    for b, h, w in [(32, 128, 4), (64, 64, 16), (64, 128, 8), (128, 64, 8)]
-])
-
 # The fused backward's GEMMs (module docstring), spill-free as above:
 # (BLOCK_B, BLOCK_N, BLOCK_K) tiles of grad_x and (BLOCK_N, BLOCK_C, BLOCK_B) tiles of grad_W.
 _GRAD_INPUT_CONFIGS = autotune_configs([
@@ -158,58 +150,15 @@ def _forward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_GRAD_PROJ_CONFIGS, key=["B_BUCKET", "H", "R", "num_modalities"])
-@dot_flops(no_dots)
-@triton.jit(do_not_specialize=["B_BUCKET"])
-def _grad_proj_kernel(
-    p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, gp_ptr, gw_rows_ptr,
-    B, B_BUCKET, H, R, num_modalities,
-    stride_pm, stride_pb, stride_gpm, stride_gb, stride_gh, stride_w,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """From the projections P_m (B, R*H), column r*H + h holding x~_m W_m[r] at h, and g (B, H):
-    grad_proj[m][:, r*H + h] = w_r * g[:, h] * prod_{l != m} P_l[:, r*H + h] for every m, into
-    gp (M, B, R*H) in its dtype, and gw_rows[b, r] = sum_h g[b, h] * prod_m P_m[b, r*H + h]
-    (float32), whose column sums are grad_weights. Grid (B blocks, R): a program walks every
-    h block of its rank, so the row sums need no atomics and are deterministic. Products are
-    formed in float32 registers; NaN and inf propagate as in the reference.
-    P_m is at select(m, p0..p3) + m * stride_pm: up to four separate tensors (the forward's
-    residuals, stride_pm = 0) or one (M, B, R*H) tensor passed as every p (any M)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    r = tl.program_id(1)
-    row_mask = rows < B
-    weight = tl.load(weights_ptr + r * stride_w).to(tl.float32)
-    row_sums = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = row_mask[:, None] & (cols < H)[None, :]
-        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gb + cols[None, :] * stride_gh,
-                    mask=mask, other=0.0).to(tl.float32)
-        offsets = rows.to(tl.int64)[:, None] * stride_pb + (r * H + cols)[None, :]
-        fused = g
-        for m in range(num_modalities):
-            p_ptr = _select(m, p0_ptr, p1_ptr, p2_ptr, p3_ptr) + m * stride_pm
-            fused *= tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        row_sums += tl.sum(fused, axis=1)
-        # M - 1 loads per modality rather than dividing the full product by P_m, which a zero
-        # projection would turn into NaN; the re-reads of this tile hit the caches.
-        for m in range(num_modalities):
-            others = weight * g
-            for l in range(num_modalities):
-                p_ptr = _select(l, p0_ptr, p1_ptr, p2_ptr, p3_ptr) + l * stride_pm
-                others *= tl.load(p_ptr + offsets, mask=mask & (l != m), other=1.0).to(tl.float32)
-            tl.store(gp_ptr + m * stride_gpm + offsets, others.to(gp_ptr.dtype.element_ty), mask=mask)
-    tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
-
-
 @triton.jit
-def _modality_tile(t, table_ptr, num_modalities, BLOCK_N: tl.constexpr):
-    """The modality m and first column n0 of x_m of tile t, the tiles of x_0's n_0 columns in
-    BLOCK_N steps coming first, then x_1's, ...; and m's packed column offset and n_m."""
-    m = 0
+def _modality_tile(t, table_ptr, first, last, BLOCK_N: tl.constexpr):
+    """The modality m and first column n0 of x_m of tile t, the tiles of x_first's n_first
+    columns in BLOCK_N steps coming first, then x_(first+1)'s, ... up to x_(last-1)'s; and
+    m's packed column offset and n_m."""
+    m = first
     start = 0
     end = 0
-    for l in range(num_modalities):
+    for l in range(first, last):
         tiles = tl.cdiv(tl.load(table_ptr + 3 * l + 1) - 1, BLOCK_N)
         m = tl.where(t >= end, l, m)
         start = tl.where(t >= end, end, start)
@@ -222,7 +171,11 @@ def _modality_tile(t, table_ptr, num_modalities, BLOCK_N: tl.constexpr):
 def _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb, g, weight, m, rows, cols, mask,
                      num_modalities):
     """(grad_proj[m], g * prod_{l != m} P_l) on (rows, cols) of the (B, R*H) layout, float32,
-    grad_proj[m] = weight * g * prod_{l != m} P_l; g and weight (broadcastable) given."""
+    grad_proj[m] = weight * g * prod_{l != m} P_l; g and weight (broadcastable) given.
+    P_l, column r*H + h holding x~_l W_l[r] at h, is at select(l, p0..p3) + l * stride_pm: up
+    to four separate tensors (the forward's residuals, stride_pm = 0) or one (M, B, R*H)
+    tensor passed as every p (any M). NaN and inf propagate as in the reference: the product
+    skips P_m by masking its load, not by dividing by it."""
     offsets = rows.to(tl.int64)[:, None] * stride_pb + cols[None, :]
     others = g
     for l in range(num_modalities):
@@ -245,19 +198,21 @@ def _grad_input_flops(args, constexprs, programs):
 def _grad_input_kernel(
     p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, table_ptr, f_ptr,
     dx0_ptr, dx1_ptr, dx2_ptr, dx3_ptr, gw_rows_ptr,
-    B, B_BUCKET, H, S, R, num_modalities,
+    B, B_BUCKET, H, S, R, num_modalities, first,
     stride_pm, stride_pb, stride_gb, stride_gh, stride_w, stride_fs,
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, R*H))^T for every m, grad_proj[m] formed
     per (BLOCK_B, BLOCK_K) tile in registers from g (B, H), w and the projections P_l
-    (B, R*H; as for _grad_proj_kernel) and rounded to g's dtype, as the reference's is. Grid
-    (B blocks, column tiles of all modalities, _modality_tile); the factors are the flat
+    (B, R*H; see _grad_projection) and rounded to g's dtype, as the reference's is. Grid
+    (B blocks, column tiles of modalities first..first+3, _modality_tile), dx_i holding
+    grad_x_(first+i); the factors are the flat
     (S, R*H) layout. The programs of x_0's first column tile also store
     gw_rows[b, r] = sum_h g[b, h] * prod_m P_m[b, r*H + h] (float32), whose column sums are
     grad_weights."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    m, n0, offset, dim = _modality_tile(tl.program_id(1), table_ptr, num_modalities, BLOCK_N)
+    m, n0, offset, dim = _modality_tile(tl.program_id(1), table_ptr, first, tl.minimum(first + 4, num_modalities),
+                                        BLOCK_N)
     n = n0 + tl.arange(0, BLOCK_N)
     row_mask, n_mask = rows < B, n < dim
     weight_sums = (m == 0) & (n0 == 0)
@@ -283,7 +238,7 @@ def _grad_input_kernel(
             acc = dot(grad_proj.to(g.dtype), f, acc, PRECISION)
         if weight_sums:
             tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
-    dx = _select(m, dx0_ptr, dx1_ptr, dx2_ptr, dx3_ptr) + rows.to(tl.int64)[:, None] * dim + n[None, :]
+    dx = _select(m - first, dx0_ptr, dx1_ptr, dx2_ptr, dx3_ptr) + rows.to(tl.int64)[:, None] * dim + n[None, :]
     tl.store(dx, acc.to(dx0_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
@@ -299,7 +254,7 @@ def _grad_factor_flops(args, constexprs, programs):
 def _grad_factor_kernel(
     xt_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, table_ptr,
     dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr,
-    B, B_BUCKET, H, S, R, num_modalities,
+    B, B_BUCKET, H, S, R, num_modalities, first,
     stride_xb, stride_pm, stride_pb, stride_gb, stride_gh, stride_w,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
@@ -308,8 +263,9 @@ def _grad_factor_kernel(
     _grad_input_kernel; the programs of each modality's first column tile also store the
     constant row, grad_W_m[r, 0, h] = sum_b grad_proj[m][b, r*H + h]. x_m is read from the
     packed [1, x_0, 1, x_1, ...] (B, S); dw_m is (R, n_m + 1, H) contiguous.
-    Grid (column tiles of all modalities, R*H blocks)."""
-    m, n0, offset, dim = _modality_tile(tl.program_id(0), table_ptr, num_modalities, BLOCK_N)
+    Grid (column tiles of modalities first..first+3, R*H blocks), dw_i holding grad_W_(first+i)."""
+    m, n0, offset, dim = _modality_tile(tl.program_id(0), table_ptr, first, tl.minimum(first + 4, num_modalities),
+                                        BLOCK_N)
     n = n0 + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n_mask, col_mask = n < dim, cols < R * H
@@ -332,7 +288,7 @@ def _grad_factor_kernel(
                      other=0.0)
         acc = dot(xt, grad_proj, acc, PRECISION)
     # (R, n_m + 1, H) contiguous: row 1 + i of rank r at (r * (n_m + 1) + 1 + i) * H + h.
-    dw = _select(m, dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr) + ranks.to(tl.int64) * (dim + 1) * H + h
+    dw = _select(m - first, dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr) + ranks.to(tl.int64) * (dim + 1) * H + h
     tl.store(dw[None, :] + ((1 + n) * H)[:, None], acc.to(dw0_ptr.dtype.element_ty),
              mask=n_mask[:, None] & col_mask[None, :])
     if n0 == 0:
@@ -430,69 +386,43 @@ def _backward(grad, residuals, xs, factors, weights, bias):
     are [], from recomputed projections."""
     (B, H), R, M = grad.shape, weights.shape[0], len(xs)
     flat = _flat_factors(factors)
-    if M > _MAX_SAVED:
-        return _backward_unfused(grad, residuals, xs, flat, weights)
-    if residuals:
+    if residuals and M <= _MAX_SAVED:
         slots, stride_pm = residuals + [residuals[0]] * (_MAX_SAVED - M), 0
     else:
-        projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
-        _recompute_projections(xs, flat.split([x.shape[1] + 1 for x in xs]), projections)
+        # Without residuals the projections are recomputed; above _MAX_SAVED modalities the
+        # saved ones are stacked (a copy), the kernels having pointers for only four tensors.
+        if residuals:
+            projections = torch.stack(residuals)
+        else:
+            projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
+            _recompute_projections(xs, flat.split([x.shape[1] + 1 for x in xs]), projections)
         slots, stride_pm = [projections] * _MAX_SAVED, projections.stride(0)
     packed, table, _, _ = _packed_inputs(xs)
     S = packed.shape[1]
     grad_xs = [torch.empty((B, x.shape[1]), dtype=grad.dtype, device=grad.device) for x in xs]
     grad_factors = [torch.empty((R, x.shape[1] + 1, H), dtype=grad.dtype, device=grad.device) for x in xs]
     grad_weight_rows = torch.empty((B, R), dtype=torch.float32, device=grad.device)
-    # Unused output pointers are bound to the first modality's, which the kernels never select.
-    dx_slots = grad_xs + [grad_xs[0]] * (_MAX_SAVED - M)
-    dw_slots = grad_factors + [grad_factors[0]] * (_MAX_SAVED - M)
-    column_tiles = lambda block: sum(triton.cdiv(x.shape[1], block) for x in xs)  # noqa: E731
     precision = dot_precision(grad.dtype)
-    _grad_input_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), column_tiles(meta["BLOCK_N"]))](
-        *slots, grad, weights, table, flat, *dx_slots, grad_weight_rows,
-        B, batch_bucket(B), H, S, R, M,
-        stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0), flat.stride(0),
-        PRECISION=precision,
-    )
-    _grad_factor_kernel[lambda meta: (column_tiles(meta["BLOCK_N"]), triton.cdiv(R * H, meta["BLOCK_C"]))](
-        packed, *slots, grad, weights, table, *dw_slots,
-        B, batch_bucket(B), H, S, R, M,
-        packed.stride(0), stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0),
-        PRECISION=precision,
-    )
-    return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]
-
-
-def _backward_unfused(grad, residuals, xs, flat, weights):
-    """:func:`_backward` above _MAX_SAVED modalities, where the fused kernels have no pointer
-    for every gradient: grad_proj materialised by _grad_proj_kernel, then cuBLAS GEMMs."""
-    (B, H), R, M = grad.shape, weights.shape[0], len(xs)
-    flat = flat.split([x.shape[1] + 1 for x in xs])
-    # The saved projections are stacked (a copy), the kernel having pointers for only four
-    # tensors; without them they are recomputed.
-    if residuals:
-        projections = torch.stack(residuals)
-    else:
-        projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
-        _recompute_projections(xs, flat, projections)
-    grad_proj = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
-    grad_weight_rows = torch.empty((B, R), dtype=torch.float32, device=grad.device)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), R)  # noqa: E731
-    _grad_proj_kernel[grid](*[projections] * _MAX_SAVED, grad, weights, grad_proj, grad_weight_rows,
-                            B, batch_bucket(B), H, R, M,
-                            projections.stride(0), R * H, grad_proj.stride(0), grad.stride(0), grad.stride(1),
-                            weights.stride(0))
-    # [1, x_0, 1, x_1, ...] (B, S): its columns of modality m are x~_m, so the constant rows of
-    # grad_W come out of the same GEMM as the rest, not from M column sums of grad_proj.
-    packed, _, offsets, _ = _packed_inputs(xs)
-    grad_xs, grad_factors = [], []
-    for m, x in enumerate(xs):
-        # grad_x_m = grad_proj[m] (B, R*H) @ (W_m[:, 1:] as (n_m, R*H))^T.
-        grad_xs.append(torch.mm(grad_proj[m], flat[m][1:].t()))
-        # grad_W_m[r] = x~_m^T grad_proj[m][:, r], one batched GEMM over the ranks whose x~_m^T
-        # operand is broadcast (batch stride 0, not copied).
-        xt = packed[:, offsets[m] : offsets[m] + x.shape[1] + 1]
-        grad_factors.append(torch.bmm(xt.t().expand(R, -1, -1), grad_proj[m].view(B, R, H).transpose(0, 1)))
+    # The kernels write the gradients of up to four modalities, first..first+3, one pointer
+    # each (outputs may not alias, so no views of one buffer): one launch of each per group.
+    for first in range(0, M, _MAX_SAVED):
+        group = slice(first, first + _MAX_SAVED)
+        # Unused output pointers are bound to the group's first, which the kernels never select.
+        dx_slots = (grad_xs[group] + [grad_xs[first]] * _MAX_SAVED)[:_MAX_SAVED]
+        dw_slots = (grad_factors[group] + [grad_factors[first]] * _MAX_SAVED)[:_MAX_SAVED]
+        column_tiles = lambda block: sum(triton.cdiv(x.shape[1], block) for x in xs[group])  # noqa: E731
+        _grad_input_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), column_tiles(meta["BLOCK_N"]))](
+            *slots, grad, weights, table, flat, *dx_slots, grad_weight_rows,
+            B, batch_bucket(B), H, S, R, M, first,
+            stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0), flat.stride(0),
+            PRECISION=precision,
+        )
+        _grad_factor_kernel[lambda meta: (column_tiles(meta["BLOCK_N"]), triton.cdiv(R * H, meta["BLOCK_C"]))](
+            packed, *slots, grad, weights, table, *dw_slots,
+            B, batch_bucket(B), H, S, R, M, first,
+            packed.stride(0), stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0),
+            PRECISION=precision,
+        )
     return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]
 
 
