@@ -12,30 +12,37 @@
   residuals P_m (below), in compute_dtype (float32 for half inputs). The stores are
   B * rank * h values per modality against the tile's 2 * (n_m + 1) FLOPs each, so the
   kernel stays compute-bound (roofline model at the benchmark shape).
-- backward, each product formed once: with P_m = x~_m W_m as (B, rank*h), column r*h + j
-  holding (x~_m W_m[r])[:, j], and grad_proj[m] = w_r * g * prod_{l != m} P_l (B, rank*h),
+- backward, each product formed once, in two fused GEMM kernels: with P_m = x~_m W_m as
+  (B, rank*h), column r*h + j holding (x~_m W_m[r])[:, j], and
+  grad_proj[m] = w_r * g * prod_{l != m} P_l (B, rank*h),
   1. P_m: the forward's residuals, or, when it saved none, one cuBLAS GEMM per modality,
      x_m (B, n_m) @ W_m[:, 1:] as (n_m, rank*h), the constant row W_m[:, 0] added as addmm's
      bias rather than materialising [1, x_m];
-  2. one pointwise Triton kernel, grid (B blocks, rank), reads g, w and every P_m and writes
-     grad_proj[m] for every m, rounded to the input dtype as the reference's grad_proj is,
-     and the per-row sums sum_h g * prod_m P_m[r] that give grad_weights (products in float32
-     registers);
-  3. per modality, grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, rank*h))^T, one GEMM, and
-     grad_W_m[r] = x~_m^T grad_proj[m][:, r], one batched GEMM over the ranks written in
-     place into the (rank, n_m + 1, h) result, its constant row the column sums of
-     grad_proj[m]. grad_bias is grad.sum(0).
-  Memory: P (the residuals, kept from the forward to the backward) and grad_proj are
-  materialised, M * B * rank * h values each, P in the compute dtype and grad_proj in the
-  input dtype (100 + 50 MB in bfloat16 at B = 4096, M = 3, rank = 8, h = 256), plus the
-  cached parameter-sized copy of the factors in the (S, rank*h) layout. Residual pointers:
-  custom-op outputs may not alias, so the residuals are M separate tensors and the kernels
-  take one pointer each, up to ``_MAX_SAVED``; above it the forward computes them with
-  cuBLAS and the backward stacks them (see ``_forward``, ``_backward``).
-  Fusing the gradients instead, as the forward is, makes every gradient program recompute
-  the projections it needs: several times the forward's FLOPs, which the roofline model put
-  (before this design) at 0.05x eager in float32 and 0.17x in bfloat16 at the GPU shape,
-  against GEMMs that form each product once.
+  2. ``_grad_input_kernel``: grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, rank*h))^T for
+     every modality in one launch, grid (B blocks, column tiles of all x_m);
+  3. ``_grad_factor_kernel``: grad_W_m[r] = x~_m^T grad_proj[m][:, r] for every modality in
+     one launch, grid (column tiles of all x_m, rank*h blocks), x_m read from the forward's
+     packed inputs, the constant row the column sums of grad_proj[m] in the same programs.
+  Each program forms the grad_proj[m] tiles it multiplies in registers from g, w and the
+  P_l, rounded to the input dtype as the reference's grad_proj is, so grad_proj never exists
+  in memory; the programs of x_0's first column tile also form the per-row sums
+  sum_h g * prod_m P_m[r] that give grad_weights (float32, no atomics: deterministic).
+  grad_bias is grad.sum(0). The elementwise products are recomputed once per column tile
+  (n_m / BLOCK_N times), work the tensor cores' GEMM hides, against a write and re-read of
+  grad_proj (M * B * rank * h values) and 6 launches more for the unfused form (roofline
+  model, H100, bf16 forward+backward: 0.276 -> 0.182 ms).
+  Memory: P (the residuals, kept from the forward to the backward, M * B * rank * h values
+  in the compute dtype: 100 MB at B = 4096, M = 3, rank = 8, h = 256), the cached
+  parameter-sized copy of the factors in the (S, rank*h) layout, and the packed inputs,
+  cached from a saving forward to its backward (input-sized, freed with the inputs).
+  Residual pointers: custom-op outputs may not alias, so the residuals are M separate
+  tensors and the kernels take one pointer each, up to ``_MAX_SAVED``; above it the forward
+  computes them with cuBLAS and the backward stacks them; the gradients likewise, so the
+  backward kernels run once per group of four modalities (see ``_forward``, ``_backward``).
+  Fusing the gradients as the forward is, each gradient program recomputing the
+  projections x~_l W_l it needs, costs several times the forward's FLOPs, which the
+  roofline model put (before this design) at 0.05x eager in float32 and 0.17x in bfloat16
+  at the GPU shape; here only the cheap elementwise products are recomputed.
 
 dtypes: see :mod:`._common`.
 """
@@ -72,7 +79,9 @@ _CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w)
     for b, h, k, w in [(32, 32, 32, 4), (32, 64, 32, 4), (64, 32, 32, 8), (64, 64, 32, 16)]
 ])
-# The fused backward's GEMMs (module docstring), spill-free as above:
+# The fused backward's GEMMs (module docstring): no spills for sm_90 in any dtype with the
+# ptxas of Triton 3.9 (python -m benchmarks.compile_report; for sm_80, 64 x 64 at 4 warps
+# and 128 x 64 at 8 of grad_W spill in float32):
 # (BLOCK_B, BLOCK_N, BLOCK_K) tiles of grad_x and (BLOCK_N, BLOCK_C, BLOCK_B) tiles of grad_W.
 _GRAD_INPUT_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
