@@ -390,6 +390,11 @@ def _forward(xs, factors, weights, bias, save_residuals):
     return out, residuals
 
 
+def _column_tiles(dims, block):
+    """The tiles of _modality_tile over modalities of n_m = dims."""
+    return sum(triton.cdiv(n, block) for n in dims)
+
+
 def _backward(grad, residuals, xs, factors, weights, bias):
     """Gradients [*xs, *factors, weights, bias] from the forward's residuals, or, when they
     are [], from recomputed projections."""
@@ -419,14 +424,14 @@ def _backward(grad, residuals, xs, factors, weights, bias):
         # Unused output pointers are bound to the group's first, which the kernels never select.
         dx_slots = (grad_xs[group] + [grad_xs[first]] * _MAX_SAVED)[:_MAX_SAVED]
         dw_slots = (grad_factors[group] + [grad_factors[first]] * _MAX_SAVED)[:_MAX_SAVED]
-        column_tiles = lambda block: sum(triton.cdiv(x.shape[1], block) for x in xs[group])  # noqa: E731
-        _grad_input_kernel[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), column_tiles(meta["BLOCK_N"]))](
+        dims = [x.shape[1] for x in xs[group]]
+        _grad_input_kernel[lambda meta, dims=dims: (triton.cdiv(B, meta["BLOCK_B"]), _column_tiles(dims, meta["BLOCK_N"]))](
             *slots, grad, weights, table, flat, *dx_slots, grad_weight_rows,
             B, batch_bucket(B), H, S, R, M, first,
             stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0), flat.stride(0),
             PRECISION=precision,
         )
-        _grad_factor_kernel[lambda meta: (column_tiles(meta["BLOCK_N"]), triton.cdiv(R * H, meta["BLOCK_C"]))](
+        _grad_factor_kernel[lambda meta, dims=dims: (_column_tiles(dims, meta["BLOCK_N"]), triton.cdiv(R * H, meta["BLOCK_C"]))](
             packed, *slots, grad, weights, table, *dw_slots,
             B, batch_bucket(B), H, S, R, M, first,
             packed.stride(0), stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0),
