@@ -198,6 +198,49 @@ def test_low_rank_fusion_residuals(dims, dtype):
         assert rel_err(a, b) <= tol
 
 
+
+def _lmf_args(dims, B, rank, h, dtype):
+    xs = [_randn(B, n).to(DEVICE, dtype) for n in dims]
+    factors = [_randn(rank, n + 1, h).to(DEVICE, dtype) for n in dims]
+    return xs, factors, _randn(rank).to(DEVICE, dtype), _randn(h).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dims", [(130, 5, 67), (2, 3, 4, 2, 3)], ids=["tiles", "five"])  # five > _MAX_SAVED
+def test_low_rank_fusion_fused_backward(dims):
+    # The fused backward at sizes the conformance cases do not reach: n_m over several column
+    # tiles of both kernels (constant row only in the first), B over several row blocks, R*H
+    # over several column blocks with H no multiple of BLOCK_K; or more modalities than one
+    # launch writes (two groups). Against float64 autograd through the eager reference.
+    xs, factors, weights, bias = _lmf_args(dims, 70, 2, 45, torch.float32)
+    M = len(dims)
+    out, residuals = torch.ops.fastfusion.low_rank_fusion(xs, factors, weights, bias, True, "triton")
+    grad = _randn(*out.shape).to(DEVICE, torch.float32)
+    got = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, xs, factors, weights, bias, "triton")
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (*xs, *factors, weights, bias)]
+    ref = fastfusion.low_rank_fusion(leaves[:M], leaves[M : 2 * M], leaves[2 * M], leaves[2 * M + 1], backend="eager")
+    expected = torch.autograd.grad(ref, leaves, grad.cpu().double())
+    for a, b in zip(got, expected, strict=True):
+        assert_rel_close(a.cpu(), b, 1e-5)
+
+
+def test_low_rank_fusion_backward_repacks_modified_inputs():
+    # The backward reads x_m from the inputs the forward packed (cached per version): an
+    # in-place change in between must be seen, as a fresh copy of the inputs sees it.
+    xs, factors, weights, bias = _lmf_args((3, 4), 6, 3, 10, torch.float32)
+    _, residuals = torch.ops.fastfusion.low_rank_fusion(xs, factors, weights, bias, True, "triton")
+    xs[0].add_(1.0)
+    grad = _randn(6, 10).to(DEVICE, torch.float32)
+    got = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, xs, factors, weights, bias, "triton")
+    fresh = [x.clone() for x in xs]
+    expected = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, fresh, factors, weights, bias, "triton")
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    # The stale inputs give another grad_W_0: the comparison above could tell them apart.
+    stale = [xs[0] - 1.0, xs[1].clone()]
+    stale_grads = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, stale, factors, weights, bias, "triton")
+    assert not torch.equal(got[2], stale_grads[2])
+
+
 # ---- factorized bilinear pooling -------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -12,30 +12,37 @@
   residuals P_m (below), in compute_dtype (float32 for half inputs). The stores are
   B * rank * h values per modality against the tile's 2 * (n_m + 1) FLOPs each, so the
   kernel stays compute-bound (roofline model at the benchmark shape).
-- backward, each product formed once: with P_m = x~_m W_m as (B, rank*h), column r*h + j
-  holding (x~_m W_m[r])[:, j], and grad_proj[m] = w_r * g * prod_{l != m} P_l (B, rank*h),
+- backward, each product formed once, in two fused GEMM kernels: with P_m = x~_m W_m as
+  (B, rank*h), column r*h + j holding (x~_m W_m[r])[:, j], and
+  grad_proj[m] = w_r * g * prod_{l != m} P_l (B, rank*h),
   1. P_m: the forward's residuals, or, when it saved none, one cuBLAS GEMM per modality,
      x_m (B, n_m) @ W_m[:, 1:] as (n_m, rank*h), the constant row W_m[:, 0] added as addmm's
      bias rather than materialising [1, x_m];
-  2. one pointwise Triton kernel, grid (B blocks, rank), reads g, w and every P_m and writes
-     grad_proj[m] for every m, rounded to the input dtype as the reference's grad_proj is,
-     and the per-row sums sum_h g * prod_m P_m[r] that give grad_weights (products in float32
-     registers);
-  3. per modality, grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, rank*h))^T, one GEMM, and
-     grad_W_m[r] = x~_m^T grad_proj[m][:, r], one batched GEMM over the ranks written in
-     place into the (rank, n_m + 1, h) result, its constant row the column sums of
-     grad_proj[m]. grad_bias is grad.sum(0).
-  Memory: P (the residuals, kept from the forward to the backward) and grad_proj are
-  materialised, M * B * rank * h values each, P in the compute dtype and grad_proj in the
-  input dtype (100 + 50 MB in bfloat16 at B = 4096, M = 3, rank = 8, h = 256), plus the
-  cached parameter-sized copy of the factors in the (S, rank*h) layout. Residual pointers:
-  custom-op outputs may not alias, so the residuals are M separate tensors and the kernels
-  take one pointer each, up to ``_MAX_SAVED``; above it the forward computes them with
-  cuBLAS and the backward stacks them (see ``_forward``, ``_backward``).
-  Fusing the gradients instead, as the forward is, makes every gradient program recompute
-  the projections it needs: several times the forward's FLOPs, which the roofline model put
-  (before this design) at 0.05x eager in float32 and 0.17x in bfloat16 at the GPU shape,
-  against GEMMs that form each product once.
+  2. ``_grad_input_kernel``: grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, rank*h))^T for
+     every modality in one launch, grid (B blocks, column tiles of all x_m);
+  3. ``_grad_factor_kernel``: grad_W_m[r] = x~_m^T grad_proj[m][:, r] for every modality in
+     one launch, grid (column tiles of all x_m, rank*h blocks), x_m read from the forward's
+     packed inputs, the constant row the column sums of grad_proj[m] in the same programs.
+  Each program forms the grad_proj[m] tiles it multiplies in registers from g, w and the
+  P_l, rounded to the input dtype as the reference's grad_proj is, so grad_proj never exists
+  in memory; the programs of x_0's first column tile also form the per-row sums
+  sum_h g * prod_m P_m[r] that give grad_weights (float32, no atomics: deterministic).
+  grad_bias is grad.sum(0). The elementwise products are recomputed once per column tile
+  (n_m / BLOCK_N times), work the tensor cores' GEMM hides, against a write and re-read of
+  grad_proj (M * B * rank * h values) and 6 launches more for the unfused form (roofline
+  model, H100, bf16 forward+backward: 0.276 -> 0.182 ms).
+  Memory: P (the residuals, kept from the forward to the backward, M * B * rank * h values
+  in the compute dtype: 100 MB at B = 4096, M = 3, rank = 8, h = 256), the cached
+  parameter-sized copy of the factors in the (S, rank*h) layout, and the packed inputs,
+  cached from a saving forward to its backward (input-sized, freed with the inputs).
+  Residual pointers: custom-op outputs may not alias, so the residuals are M separate
+  tensors and the kernels take one pointer each, up to ``_MAX_SAVED``; above it the forward
+  computes them with cuBLAS and the backward stacks them; the gradients likewise, so the
+  backward kernels run once per group of four modalities (see ``_forward``, ``_backward``).
+  Fusing the gradients as the forward is, each gradient program recomputing the
+  projections x~_l W_l it needs, costs several times the forward's FLOPs, which the
+  roofline model put (before this design) at 0.05x eager in float32 and 0.17x in bfloat16
+  at the GPU shape; here only the cheap elementwise products are recomputed.
 
 dtypes: see :mod:`._common`.
 """
@@ -54,11 +61,11 @@ from ._common import (
     KERNEL_DTYPES,
     autotune_configs,
     batch_bucket,
+    dot,
     dot_flops,
     dot_precision,
     matmul_tile,
     modality_dims,
-    no_dots,
     pack_with_ones,
     padded,
 )
@@ -72,11 +79,17 @@ _CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w)
     for b, h, k, w in [(32, 32, 32, 4), (32, 64, 32, 4), (64, 32, 32, 8), (64, 64, 32, 16)]
 ])
-# The backward's pointwise kernel, (rows, h) tiles: spill-free as above; 64 x 64 at 8 warps
-# spills in float16 with Triton 3.6's ptxas.
-_GRAD_PROJ_CONFIGS = autotune_configs([
-    triton.Config({"BLOCK_B": b, "BLOCK_H": h}, num_warps=w)
-    for b, h, w in [(32, 128, 4), (64, 64, 16), (64, 128, 8), (128, 64, 8)]
+# The fused backward's GEMMs (module docstring): no spills for sm_90 in any dtype with the
+# ptxas of Triton 3.9 (python -m benchmarks.compile_report; for sm_80, 64 x 64 at 4 warps
+# and 128 x 64 at 8 of grad_W spill in float32):
+# (BLOCK_B, BLOCK_N, BLOCK_K) tiles of grad_x and (BLOCK_N, BLOCK_C, BLOCK_B) tiles of grad_W.
+_GRAD_INPUT_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+    for b, n, k, w in [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 32, 8)]
+])
+_GRAD_FACTOR_CONFIGS = autotune_configs([
+    triton.Config({"BLOCK_N": n, "BLOCK_C": c, "BLOCK_B": b}, num_warps=w)
+    for n, c, b, w in [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 32, 8)]
 ])
 
 
@@ -146,48 +159,149 @@ def _forward_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.autotune(configs=_GRAD_PROJ_CONFIGS, key=["B_BUCKET", "H", "R", "num_modalities"])
-@dot_flops(no_dots)
+@triton.jit
+def _modality_tile(t, table_ptr, first, last, BLOCK_N: tl.constexpr):
+    """The modality m and first column n0 of x_m of tile t, the tiles of x_first's n_first
+    columns in BLOCK_N steps coming first, then x_(first+1)'s, ... up to x_(last-1)'s; and
+    m's packed column offset and n_m."""
+    m = first
+    start = 0
+    end = 0
+    for l in range(first, last):
+        tiles = tl.cdiv(tl.load(table_ptr + 3 * l + 1) - 1, BLOCK_N)
+        m = tl.where(t >= end, l, m)
+        start = tl.where(t >= end, end, start)
+        end += tiles
+    offset = tl.load(table_ptr + 3 * m)
+    return m, (t - start) * BLOCK_N, offset, tl.load(table_ptr + 3 * m + 1) - 1
+
+
+@triton.jit
+def _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb, g, weight, m, rows, cols, mask,
+                     num_modalities):
+    """(grad_proj[m], g * prod_{l != m} P_l) on (rows, cols) of the (B, R*H) layout, float32,
+    grad_proj[m] = weight * g * prod_{l != m} P_l; g and weight (broadcastable) given.
+    P_l, column r*H + h holding x~_l W_l[r] at h, is at select(l, p0..p3) + l * stride_pm: up
+    to four separate tensors (the forward's residuals, stride_pm = 0) or one (M, B, R*H)
+    tensor passed as every p (any M). NaN and inf propagate as in the reference: the product
+    skips P_m by masking its load, not by dividing by it."""
+    offsets = rows.to(tl.int64)[:, None] * stride_pb + cols[None, :]
+    others = g
+    for l in range(num_modalities):
+        p_ptr = _select(l, p0_ptr, p1_ptr, p2_ptr, p3_ptr) + l * stride_pm
+        # tl.where rather than mask & (l != m): the interpreter rejects the latter's mask when
+        # m is a tensor (Triton 3.9).
+        others *= tl.load(p_ptr + offsets, mask=tl.where(l != m, mask, False), other=1.0).to(tl.float32)
+    return weight * others, others
+
+
+def _grad_input_flops(args, constexprs, programs):
+    # Per program one (BLOCK_B, BLOCK_N) tile over R * H, padded to BLOCK_K per rank.
+    c = constexprs
+    return {"g_ptr": programs * 2 * c["BLOCK_B"] * c["BLOCK_N"] * c["R"] * padded(c["H"], c["BLOCK_K"])}
+
+
+@triton.autotune(configs=_GRAD_INPUT_CONFIGS, key=["B_BUCKET", "H", "S", "R", "num_modalities"])
+@dot_flops(_grad_input_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
-def _grad_proj_kernel(
-    p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, gp_ptr, gw_rows_ptr,
-    B, B_BUCKET, H, R, num_modalities,
-    stride_pm, stride_pb, stride_gpm, stride_gb, stride_gh, stride_w,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+def _grad_input_kernel(
+    p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, table_ptr, f_ptr,
+    dx0_ptr, dx1_ptr, dx2_ptr, dx3_ptr, gw_rows_ptr,
+    B, B_BUCKET, H, S, R, num_modalities, first,
+    stride_pm, stride_pb, stride_gb, stride_gh, stride_w, stride_fs,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """From the projections P_m (B, R*H), column r*H + h holding x~_m W_m[r] at h, and g (B, H):
-    grad_proj[m][:, r*H + h] = w_r * g[:, h] * prod_{l != m} P_l[:, r*H + h] for every m, into
-    gp (M, B, R*H) in its dtype, and gw_rows[b, r] = sum_h g[b, h] * prod_m P_m[b, r*H + h]
-    (float32), whose column sums are grad_weights. Grid (B blocks, R): a program walks every
-    h block of its rank, so the row sums need no atomics and are deterministic. Products are
-    formed in float32 registers; NaN and inf propagate as in the reference.
-    P_m is at select(m, p0..p3) + m * stride_pm: up to four separate tensors (the forward's
-    residuals, stride_pm = 0) or one (M, B, R*H) tensor passed as every p (any M)."""
+    """grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, R*H))^T for every m, grad_proj[m] formed
+    per (BLOCK_B, BLOCK_K) tile in registers from g (B, H), w and the projections P_l
+    (B, R*H; see _grad_projection) and rounded to g's dtype, as the reference's is. Grid
+    (B blocks, column tiles of modalities first..first+3, _modality_tile), dx_i holding
+    grad_x_(first+i); the factors are the flat
+    (S, R*H) layout. The programs of x_0's first column tile also store
+    gw_rows[b, r] = sum_h g[b, h] * prod_m P_m[b, r*H + h] (float32), whose column sums are
+    grad_weights."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    r = tl.program_id(1)
-    row_mask = rows < B
-    weight = tl.load(weights_ptr + r * stride_w).to(tl.float32)
-    row_sums = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = row_mask[:, None] & (cols < H)[None, :]
-        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gb + cols[None, :] * stride_gh,
-                    mask=mask, other=0.0).to(tl.float32)
-        offsets = rows.to(tl.int64)[:, None] * stride_pb + (r * H + cols)[None, :]
-        fused = g
-        for m in range(num_modalities):
-            p_ptr = _select(m, p0_ptr, p1_ptr, p2_ptr, p3_ptr) + m * stride_pm
-            fused *= tl.load(p_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        row_sums += tl.sum(fused, axis=1)
-        # M - 1 loads per modality rather than dividing the full product by P_m, which a zero
-        # projection would turn into NaN; the re-reads of this tile hit the caches.
-        for m in range(num_modalities):
-            others = weight * g
-            for l in range(num_modalities):
-                p_ptr = _select(l, p0_ptr, p1_ptr, p2_ptr, p3_ptr) + l * stride_pm
-                others *= tl.load(p_ptr + offsets, mask=mask & (l != m), other=1.0).to(tl.float32)
-            tl.store(gp_ptr + m * stride_gpm + offsets, others.to(gp_ptr.dtype.element_ty), mask=mask)
-    tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
+    m, n0, offset, dim = _modality_tile(tl.program_id(1), table_ptr, first, tl.minimum(first + 4, num_modalities),
+                                        BLOCK_N)
+    n = n0 + tl.arange(0, BLOCK_N)
+    row_mask, n_mask = rows < B, n < dim
+    weight_sums = (m == 0) & (n0 == 0)
+    # W_m[:, 1:] transposed, (BLOCK_K, BLOCK_N) tiles: packed row offset + 1 + n.
+    f_cols = f_ptr + (offset + 1 + n).to(tl.int64)[None, :] * stride_fs
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for r in range(R):
+        weight = tl.load(weights_ptr + r * stride_w).to(tl.float32)
+        row_sums = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_K):
+            h = h0 + tl.arange(0, BLOCK_K)
+            h_mask = h < H
+            mask = row_mask[:, None] & h_mask[None, :]
+            g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gb + h[None, :] * stride_gh,
+                        mask=mask, other=0.0)
+            grad_proj, others = _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb,
+                                                 g.to(tl.float32), weight, m, rows, r * H + h, mask, num_modalities)
+            if weight_sums:
+                own = _select(m, p0_ptr, p1_ptr, p2_ptr, p3_ptr) + rows.to(tl.int64)[:, None] * stride_pb
+                own = tl.load(own + (r * H + h)[None, :], mask=mask, other=0.0).to(tl.float32)
+                row_sums += tl.sum(others * own, axis=1)
+            f = tl.load(f_cols + (r * H + h)[:, None], mask=h_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = dot(grad_proj.to(g.dtype), f, acc, PRECISION)
+        if weight_sums:
+            tl.store(gw_rows_ptr + rows.to(tl.int64) * R + r, row_sums, mask=row_mask)
+    dx = _select(m - first, dx0_ptr, dx1_ptr, dx2_ptr, dx3_ptr) + rows.to(tl.int64)[:, None] * dim + n[None, :]
+    tl.store(dx, acc.to(dx0_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def _grad_factor_flops(args, constexprs, programs):
+    # Per program one (BLOCK_N, BLOCK_C) tile over the batch, padded to BLOCK_B.
+    c = constexprs
+    return {"xt_ptr": programs * 2 * c["BLOCK_N"] * c["BLOCK_C"] * padded(c["B"], c["BLOCK_B"])}
+
+
+@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["B_BUCKET", "H", "S", "R", "num_modalities"])
+@dot_flops(_grad_factor_flops)
+@triton.jit(do_not_specialize=["B_BUCKET"])
+def _grad_factor_kernel(
+    xt_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, table_ptr,
+    dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr,
+    B, B_BUCKET, H, S, R, num_modalities, first,
+    stride_xb, stride_pm, stride_pb, stride_gb, stride_gh, stride_w,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """grad_W_m[r, 1 + i, h] = sum_b x_m[b, i] grad_proj[m][b, r*H + h] for every m, one GEMM
+    over the batch per (BLOCK_N, BLOCK_C) tile, grad_proj[m] formed in registers as in
+    _grad_input_kernel; the programs of each modality's first column tile also store the
+    constant row, grad_W_m[r, 0, h] = sum_b grad_proj[m][b, r*H + h]. x_m is read from the
+    packed [1, x_0, 1, x_1, ...] (B, S); dw_m is (R, n_m + 1, H) contiguous.
+    Grid (column tiles of modalities first..first+3, R*H blocks), dw_i holding grad_W_(first+i)."""
+    m, n0, offset, dim = _modality_tile(tl.program_id(0), table_ptr, first, tl.minimum(first + 4, num_modalities),
+                                        BLOCK_N)
+    n = n0 + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_mask, col_mask = n < dim, cols < R * H
+    ranks, h = cols // H, cols % H
+    weight = tl.load(weights_ptr + ranks * stride_w, mask=col_mask, other=0.0).to(tl.float32)
+    x_cols = xt_ptr + (offset + 1 + n)[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    constant = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        mask = row_mask[:, None] & col_mask[None, :]
+        g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gb + h[None, :] * stride_gh, mask=mask, other=0.0)
+        grad_proj, _ = _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb,
+                                        g.to(tl.float32), weight[None, :], m, rows, cols, mask, num_modalities)
+        grad_proj = grad_proj.to(g.dtype)
+        if n0 == 0:
+            constant += tl.sum(grad_proj.to(tl.float32), axis=0)
+        xt = tl.load(x_cols + rows.to(tl.int64)[None, :] * stride_xb, mask=n_mask[:, None] & row_mask[None, :],
+                     other=0.0)
+        acc = dot(xt, grad_proj, acc, PRECISION)
+    # (R, n_m + 1, H) contiguous: row 1 + i of rank r at (r * (n_m + 1) + 1 + i) * H + h.
+    dw = _select(m - first, dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr) + ranks.to(tl.int64) * (dim + 1) * H + h
+    tl.store(dw[None, :] + ((1 + n) * H)[:, None], acc.to(dw0_ptr.dtype.element_ty),
+             mask=n_mask[:, None] & col_mask[None, :])
+    if n0 == 0:
+        tl.store(dw, constant.to(dw0_ptr.dtype.element_ty), mask=col_mask)
 
 
 def _flat_layout(factors) -> torch.Tensor:
@@ -215,6 +329,20 @@ def _flat_factors(factors) -> torch.Tensor:
     return _FLAT_FACTORS.get(factors, lambda: _flat_layout(factors))
 
 
+# The packed inputs of pack_with_ones, made by a forward that saves residuals (autograd records
+# the call) and reused by its backward, which reads x_m from them: one copy of the inputs per
+# step rather than two, kept while the inputs live (autograd keeps them until the backward).
+_PACKED_INPUTS: TensorCache[tuple] = TensorCache()
+
+
+def _packed_inputs(xs):
+    """pack_with_ones(xs), cached per version of xs (not while a CUDA graph is captured: its
+    replays must pack the inputs themselves, as _flat_factors copies the factors)."""
+    if xs[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return pack_with_ones(xs)
+    return _PACKED_INPUTS.get(xs, lambda: pack_with_ones(xs))
+
+
 # The forward kernel writes the residuals of up to this many modalities (one pointer argument
 # each: custom-op outputs may not alias, so they cannot be views of one buffer); LMF is used
 # with 2 or 3. Above it the residuals are computed by cuBLAS after the kernel, as the backward
@@ -233,7 +361,8 @@ def _forward(xs, factors, weights, bias, save_residuals):
     """(out (B, H), residuals): the residuals are the projections P_m = x~_m W_m, (B, R*H) with
     column r*H + h holding (x~_m W_m[r])[:, h], in compute_dtype(x.dtype), one per modality,
     when ``save_residuals``, else []."""
-    packed, table, _, _ = pack_with_ones(xs)
+    # Inference packs afresh: nothing would read a cached copy, which would pin memory.
+    packed, table, _, _ = _packed_inputs(xs) if save_residuals else pack_with_ones(xs)
     (B, S), (R, _, H), M = packed.shape, factors[0].shape, len(xs)
     packed_factors = _flat_factors(factors).view(S, R, H).permute(1, 0, 2)  # (R, S, H)
     out = torch.empty((B, H), dtype=bias.dtype, device=bias.device)
@@ -261,40 +390,53 @@ def _forward(xs, factors, weights, bias, save_residuals):
     return out, residuals
 
 
+def _column_tiles(dims, block):
+    """The tiles of _modality_tile over modalities of n_m = dims."""
+    return sum(triton.cdiv(n, block) for n in dims)
+
+
 def _backward(grad, residuals, xs, factors, weights, bias):
     """Gradients [*xs, *factors, weights, bias] from the forward's residuals, or, when they
     are [], from recomputed projections."""
     (B, H), R, M = grad.shape, weights.shape[0], len(xs)
-    flat = _flat_factors(factors).split([x.shape[1] + 1 for x in xs])
+    flat = _flat_factors(factors)
     if residuals and M <= _MAX_SAVED:
         slots, stride_pm = residuals + [residuals[0]] * (_MAX_SAVED - M), 0
     else:
         # Without residuals the projections are recomputed; above _MAX_SAVED modalities the
-        # saved ones are stacked (a copy), the kernel having pointers for only four tensors.
+        # saved ones are stacked (a copy), the kernels having pointers for only four tensors.
         if residuals:
             projections = torch.stack(residuals)
         else:
             projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
-            _recompute_projections(xs, flat, projections)
+            _recompute_projections(xs, flat.split([x.shape[1] + 1 for x in xs]), projections)
         slots, stride_pm = [projections] * _MAX_SAVED, projections.stride(0)
-    grad_proj = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
+    packed, table, _, _ = _packed_inputs(xs)
+    S = packed.shape[1]
+    grad_xs = [torch.empty((B, x.shape[1]), dtype=grad.dtype, device=grad.device) for x in xs]
+    grad_factors = [torch.empty((R, x.shape[1] + 1, H), dtype=grad.dtype, device=grad.device) for x in xs]
     grad_weight_rows = torch.empty((B, R), dtype=torch.float32, device=grad.device)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), R)  # noqa: E731
-    _grad_proj_kernel[grid](*slots, grad, weights, grad_proj, grad_weight_rows,
-                            B, batch_bucket(B), H, R, M,
-                            stride_pm, R * H, grad_proj.stride(0), grad.stride(0), grad.stride(1),
-                            weights.stride(0))
-    # [1, x_0, 1, x_1, ...] (B, S): its columns of modality m are x~_m, so the constant rows of
-    # grad_W come out of the same GEMM as the rest, not from M column sums of grad_proj.
-    packed, _, offsets, _ = pack_with_ones(xs)
-    grad_xs, grad_factors = [], []
-    for m, x in enumerate(xs):
-        # grad_x_m = grad_proj[m] (B, R*H) @ (W_m[:, 1:] as (n_m, R*H))^T.
-        grad_xs.append(torch.mm(grad_proj[m], flat[m][1:].t()))
-        # grad_W_m[r] = x~_m^T grad_proj[m][:, r], one batched GEMM over the ranks whose x~_m^T
-        # operand is broadcast (batch stride 0, not copied).
-        xt = packed[:, offsets[m] : offsets[m] + x.shape[1] + 1]
-        grad_factors.append(torch.bmm(xt.t().expand(R, -1, -1), grad_proj[m].view(B, R, H).transpose(0, 1)))
+    precision = dot_precision(grad.dtype)
+    # The kernels write the gradients of up to four modalities, first..first+3, one pointer
+    # each (outputs may not alias, so no views of one buffer): one launch of each per group.
+    for first in range(0, M, _MAX_SAVED):
+        group = slice(first, first + _MAX_SAVED)
+        # Unused output pointers are bound to the group's first, which the kernels never select.
+        dx_slots = (grad_xs[group] + [grad_xs[first]] * _MAX_SAVED)[:_MAX_SAVED]
+        dw_slots = (grad_factors[group] + [grad_factors[first]] * _MAX_SAVED)[:_MAX_SAVED]
+        dims = [x.shape[1] for x in xs[group]]
+        _grad_input_kernel[lambda meta, dims=dims: (triton.cdiv(B, meta["BLOCK_B"]), _column_tiles(dims, meta["BLOCK_N"]))](
+            *slots, grad, weights, table, flat, *dx_slots, grad_weight_rows,
+            B, batch_bucket(B), H, S, R, M, first,
+            stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0), flat.stride(0),
+            PRECISION=precision,
+        )
+        _grad_factor_kernel[lambda meta, dims=dims: (_column_tiles(dims, meta["BLOCK_N"]), triton.cdiv(R * H, meta["BLOCK_C"]))](
+            packed, *slots, grad, weights, table, *dw_slots,
+            B, batch_bucket(B), H, S, R, M, first,
+            packed.stride(0), stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0),
+            PRECISION=precision,
+        )
     return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]
 
 
