@@ -241,6 +241,19 @@ def test_low_rank_fusion_backward_repacks_modified_inputs():
     assert not torch.equal(got[2], stale_grads[2])
 
 
+def test_low_rank_fusion_packed_inputs_live_from_forward_to_backward_only():
+    # The caller keeps xs (a held batch): the forward's packed copy must not outlive the backward.
+    from fastfusion.triton_backend import low_rank_fusion as triton_lmf
+
+    xs, factors, weights, bias = _lmf_args((3, 4), 6, 3, 10, torch.float32)
+    _, residuals = torch.ops.fastfusion.low_rank_fusion(xs, factors, weights, bias, True, "triton")
+    key = (*map(id, xs), None)
+    assert key in triton_lmf._PACKED_INPUTS._entries  # kept for the backward
+    grad = _randn(6, 10).to(DEVICE, torch.float32)
+    torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, xs, factors, weights, bias, "triton")
+    assert key not in triton_lmf._PACKED_INPUTS._entries
+
+
 # ---- factorized bilinear pooling -------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -34,7 +34,8 @@
   Memory: P (the residuals, kept from the forward to the backward, M * B * rank * h values
   in the compute dtype: 100 MB at B = 4096, M = 3, rank = 8, h = 256), the cached
   parameter-sized copy of the factors in the (S, rank*h) layout, and the packed inputs,
-  cached from a saving forward to its backward (input-sized, freed with the inputs).
+  cached from a saving forward to its backward, which takes them out of the cache
+  (input-sized; a forward never followed by its backward leaves them until xs die).
   Residual pointers: custom-op outputs may not alias, so the residuals are M separate
   tensors and the kernels take one pointer each, up to ``_MAX_SAVED``; above it the forward
   computes them with cuBLAS and the backward stacks them; the gradients likewise, so the
@@ -335,12 +336,14 @@ def _flat_factors(factors) -> torch.Tensor:
 _PACKED_INPUTS: TensorCache[tuple] = TensorCache()
 
 
-def _packed_inputs(xs):
-    """pack_with_ones(xs), cached per version of xs (not while a CUDA graph is captured: its
-    replays must pack the inputs themselves, as _flat_factors copies the factors)."""
+def _packed_inputs(xs, take: bool = False):
+    """pack_with_ones(xs), cached per version of xs from a saving forward to its backward,
+    which takes it out of the cache (``take``): the copy lives no longer than that step, even
+    when the caller keeps xs. Not cached while a CUDA graph is captured: its replays must pack
+    the inputs themselves, as _flat_factors copies the factors."""
     if xs[0].is_cuda and torch.cuda.is_current_stream_capturing():
         return pack_with_ones(xs)
-    return _PACKED_INPUTS.get(xs, lambda: pack_with_ones(xs))
+    return (_PACKED_INPUTS.take if take else _PACKED_INPUTS.get)(xs, lambda: pack_with_ones(xs))
 
 
 # The forward kernel writes the residuals of up to this many modalities (one pointer argument
@@ -411,7 +414,7 @@ def _backward(grad, residuals, xs, factors, weights, bias):
             projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
             _recompute_projections(xs, flat.split([x.shape[1] + 1 for x in xs]), projections)
         slots, stride_pm = [projections] * _MAX_SAVED, projections.stride(0)
-    packed, table, _, _ = _packed_inputs(xs)
+    packed, table, _, _ = _packed_inputs(xs, take=True)
     S = packed.shape[1]
     grad_xs = [torch.empty((B, x.shape[1]), dtype=grad.dtype, device=grad.device) for x in xs]
     grad_factors = [torch.empty((R, x.shape[1] + 1, H), dtype=grad.dtype, device=grad.device) for x in xs]
