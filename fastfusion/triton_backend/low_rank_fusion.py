@@ -67,7 +67,7 @@ from ._common import (
     dot_precision,
     matmul_tile,
     modality_dims,
-    pack_with_ones,
+    _modality_layout,
     padded,
 )
 
@@ -95,20 +95,9 @@ _GRAD_FACTOR_CONFIGS = autotune_configs([
 
 
 @triton.jit
-def _projection(
-    xt_ptr, stride_xb, table_ptr, f_ptr, stride_fr, stride_fs, stride_fh,
-    m, r, rows, cols, row_mask, col_mask, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """x~_m W_m[r] on (rows, cols), float32."""
-    offset = tl.load(table_ptr + 3 * m)
-    dim = tl.load(table_ptr + 3 * m + 1)
-    return matmul_tile(xt_ptr, stride_xb, 1, f_ptr + r * stride_fr, stride_fs, stride_fh,
-                       rows, cols, row_mask, col_mask, offset, offset + dim, PRECISION, BLOCK_K)
-
-
-@triton.jit
 def _select(m, p0, p1, p2, p3):
-    """The m-th of the pointers p0..p3 (a runtime m), p0 for m >= 4."""
+    """The m-th of p0..p3, p0 for m >= 4: a constexpr m picks it when compiling, a runtime m
+    branches (then the four must have one type)."""
     p = p0
     if m == 1:
         p = p1
@@ -120,44 +109,67 @@ def _select(m, p0, p1, p2, p3):
 
 
 def _forward_flops(args, constexprs, programs):
-    # Per program and rank, one (BLOCK_B, BLOCK_H) projection per modality, over its
-    # n_m + 1 columns padded to BLOCK_K steps.
+    # Per program and rank, one (BLOCK_B, BLOCK_H) projection per modality of the group, over
+    # its n_m columns padded to BLOCK_K steps (the constant row is added, not multiplied).
     c = constexprs
-    per_rank = sum(2 * c["BLOCK_B"] * c["BLOCK_H"] * padded(d, c["BLOCK_K"]) for d in modality_dims(args))
-    return {"xt_ptr": programs * args["R"] * per_rank}
+    dims = modality_dims(args)[c["first"] : c["first"] + c["GROUP"]]
+    per_rank = sum(2 * c["BLOCK_B"] * c["BLOCK_H"] * padded(d - 1, c["BLOCK_K"]) for d in dims)
+    return {"x0_ptr": programs * args["R"] * per_rank}
 
 
-@triton.autotune(configs=_CONFIGS, key=["B_BUCKET", "H", "S", "R", "SAVE"])
+@triton.autotune(configs=_CONFIGS, key=["B_BUCKET", "H", "S", "R", "GROUP", "FIRST", "LAST", "SAVE"])
 @dot_flops(_forward_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _forward_kernel(
-    xt_ptr, table_ptr, f_ptr, weights_ptr, bias_ptr, out_ptr, res0_ptr, res1_ptr, res2_ptr, res3_ptr,
-    B, B_BUCKET, H, S, R, num_modalities,
-    stride_xb, stride_fr, stride_fs, stride_fh, stride_w, stride_ob, stride_resb,
-    SAVE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x0_ptr, x1_ptr, x2_ptr, x3_ptr, table_ptr, f_ptr, weights_ptr, bias_ptr, out_ptr, partial_ptr,
+    res0_ptr, res1_ptr, res2_ptr, res3_ptr,
+    B, B_BUCKET, H, S, R, first,
+    stride_x0b, stride_x0n, stride_x1b, stride_x1n, stride_x2b, stride_x2n, stride_x3b, stride_x3n,
+    stride_fr, stride_fs, stride_fh, stride_w, stride_ob, stride_resb,
+    GROUP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out (B, H) as in the module docstring; with SAVE (num_modalities <= 4) also every
-    projection tile x~_m W_m[r] into residual m (res0..res3, (B, R*H), column r*H + h), in
-    that tensor's dtype."""
+    """The product over modalities first..first+GROUP-1 (x_(first+i) at x_i, (B, n) with its
+    own strides) of x~_m W_m[r] = x_m W_m[r, 1:] + W_m[r, 0], per rank, on a (BLOCK_B, BLOCK_H)
+    tile. FIRST: the product starts at 1, else at partial (B, R*H) float32, column r*H + h;
+    LAST: out = sum_r w_r * product + bias (B, H), else the product goes to partial. With
+    SAVE every projection tile also goes to residual i (res0..res3, (B, R*H), column r*H + h),
+    in that tensor's dtype."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < B, cols < H
+    mask = row_mask[:, None] & col_mask[None, :]
+    # Offsets into (B, R*H) row-major tensors (partial and the residuals share R*H).
+    rh = rows.to(tl.int64)[:, None] * stride_resb + cols[None, :]
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     for r in range(R):
-        fused = tl.full((BLOCK_B, BLOCK_H), 1.0, dtype=tl.float32)
-        for m in range(num_modalities):
-            projection = _projection(xt_ptr, stride_xb, table_ptr, f_ptr, stride_fr, stride_fs, stride_fh,
-                                     m, r, rows, cols, row_mask, col_mask, PRECISION, BLOCK_K)
+        if FIRST:
+            fused = tl.full((BLOCK_B, BLOCK_H), 1.0, dtype=tl.float32)
+        else:
+            fused = tl.load(partial_ptr + rh + r * H, mask=mask, other=1.0)
+        for i in tl.static_range(GROUP):
+            offset = tl.load(table_ptr + 3 * (first + i))
+            dim = tl.load(table_ptr + 3 * (first + i) + 1) - 1
+            factor = f_ptr + r * stride_fr + offset * stride_fs  # W_m[r], its constant row first
+            projection = matmul_tile(
+                _select(i, x0_ptr, x1_ptr, x2_ptr, x3_ptr),
+                _select(i, stride_x0b, stride_x1b, stride_x2b, stride_x3b),
+                _select(i, stride_x0n, stride_x1n, stride_x2n, stride_x3n),
+                factor + stride_fs, stride_fs, stride_fh, rows, cols, row_mask, col_mask, 0, dim, PRECISION, BLOCK_K,
+            )
+            projection += tl.load(factor + cols * stride_fh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             if SAVE:
-                res = _select(m, res0_ptr, res1_ptr, res2_ptr, res3_ptr)
-                res += rows.to(tl.int64)[:, None] * stride_resb + (r * H + cols)[None, :]
-                tl.store(res, projection.to(res.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+                res = _select(i, res0_ptr, res1_ptr, res2_ptr, res3_ptr)
+                tl.store(res + rh + r * H, projection.to(res.dtype.element_ty), mask=mask)
             fused *= projection
-        acc += tl.load(weights_ptr + r * stride_w).to(tl.float32) * fused
-    acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows.to(tl.int64)[:, None] * stride_ob + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        if LAST:
+            acc += tl.load(weights_ptr + r * stride_w).to(tl.float32) * fused
+        else:
+            tl.store(partial_ptr + rh + r * H, fused, mask=mask)
+    if LAST:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_ob + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -255,33 +267,41 @@ def _grad_input_kernel(
 def _grad_factor_flops(args, constexprs, programs):
     # Per program one (BLOCK_N, BLOCK_C) tile over the batch, padded to BLOCK_B.
     c = constexprs
-    return {"xt_ptr": programs * 2 * c["BLOCK_N"] * c["BLOCK_C"] * padded(c["B"], c["BLOCK_B"])}
+    return {"x0_ptr": programs * 2 * c["BLOCK_N"] * c["BLOCK_C"] * padded(c["B"], c["BLOCK_B"])}
 
 
 @triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["B_BUCKET", "H", "S", "R", "num_modalities"])
 @dot_flops(_grad_factor_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_factor_kernel(
-    xt_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, table_ptr,
+    x0_ptr, x1_ptr, x2_ptr, x3_ptr, p0_ptr, p1_ptr, p2_ptr, p3_ptr, g_ptr, weights_ptr, table_ptr,
     dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr,
     B, B_BUCKET, H, S, R, num_modalities, first,
-    stride_xb, stride_pm, stride_pb, stride_gb, stride_gh, stride_w,
+    stride_x0b, stride_x0n, stride_x1b, stride_x1n, stride_x2b, stride_x2n, stride_x3b, stride_x3n,
+    stride_pm, stride_pb, stride_gb, stride_gh, stride_w,
     PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """grad_W_m[r, 1 + i, h] = sum_b x_m[b, i] grad_proj[m][b, r*H + h] for every m, one GEMM
     over the batch per (BLOCK_N, BLOCK_C) tile, grad_proj[m] formed in registers as in
     _grad_input_kernel; the programs of each modality's first column tile also store the
-    constant row, grad_W_m[r, 0, h] = sum_b grad_proj[m][b, r*H + h]. x_m is read from the
-    packed [1, x_0, 1, x_1, ...] (B, S); dw_m is (R, n_m + 1, H) contiguous.
-    Grid (column tiles of modalities first..first+3, R*H blocks), dw_i holding grad_W_(first+i)."""
-    m, n0, offset, dim = _modality_tile(tl.program_id(0), table_ptr, first, tl.minimum(first + 4, num_modalities),
-                                        BLOCK_N)
+    constant row, grad_W_m[r, 0, h] = sum_b grad_proj[m][b, r*H + h]. x_i holds x_(first+i),
+    (B, n) with its own strides; dw_i holds grad_W_(first+i), (R, n + 1, H) contiguous.
+    Grid (column tiles of modalities first..first+3, R*H blocks)."""
+    m, n0, _, dim = _modality_tile(tl.program_id(0), table_ptr, first, tl.minimum(first + 4, num_modalities),
+                                   BLOCK_N)
     n = n0 + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n_mask, col_mask = n < dim, cols < R * H
     ranks, h = cols // H, cols % H
     weight = tl.load(weights_ptr + ranks * stride_w, mask=col_mask, other=0.0).to(tl.float32)
-    x_cols = xt_ptr + (offset + 1 + n)[:, None]
+    # x_m's strides as int64 tensors: Triton passes a stride of 1 as a constant, which the
+    # runtime branches of _select cannot merge with the others.
+    slot = m - first
+    stride_xb = _select(slot, tl.cast(stride_x0b, tl.int64), tl.cast(stride_x1b, tl.int64),
+                        tl.cast(stride_x2b, tl.int64), tl.cast(stride_x3b, tl.int64))
+    stride_xn = _select(slot, tl.cast(stride_x0n, tl.int64), tl.cast(stride_x1n, tl.int64),
+                        tl.cast(stride_x2n, tl.int64), tl.cast(stride_x3n, tl.int64))
+    x_cols = _select(slot, x0_ptr, x1_ptr, x2_ptr, x3_ptr) + n.to(tl.int64)[:, None] * stride_xn
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     constant = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
@@ -298,7 +318,7 @@ def _grad_factor_kernel(
                      other=0.0)
         acc = dot(xt, grad_proj, acc, PRECISION)
     # (R, n_m + 1, H) contiguous: row 1 + i of rank r at (r * (n_m + 1) + 1 + i) * H + h.
-    dw = _select(m - first, dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr) + ranks.to(tl.int64) * (dim + 1) * H + h
+    dw = _select(slot, dw0_ptr, dw1_ptr, dw2_ptr, dw3_ptr) + ranks.to(tl.int64) * (dim + 1) * H + h
     tl.store(dw[None, :] + ((1 + n) * H)[:, None], acc.to(dw0_ptr.dtype.element_ty),
              mask=n_mask[:, None] & col_mask[None, :])
     if n0 == 0:
@@ -330,26 +350,9 @@ def _flat_factors(factors) -> torch.Tensor:
     return _FLAT_FACTORS.get(factors, lambda: _flat_layout(factors))
 
 
-# The packed inputs of pack_with_ones, made by a forward that saves residuals (autograd records
-# the call) and reused by its backward, which reads x_m from them: one copy of the inputs per
-# step rather than two, kept while the inputs live (autograd keeps them until the backward).
-_PACKED_INPUTS: TensorCache[tuple] = TensorCache()
-
-
-def _packed_inputs(xs, take: bool = False):
-    """pack_with_ones(xs), cached per version of xs from a saving forward to its backward,
-    which takes it out of the cache (``take``): the copy lives no longer than that step, even
-    when the caller keeps xs. Not cached while a CUDA graph is captured: its replays must pack
-    the inputs themselves, as _flat_factors copies the factors."""
-    if xs[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return pack_with_ones(xs)
-    return (_PACKED_INPUTS.take if take else _PACKED_INPUTS.get)(xs, lambda: pack_with_ones(xs))
-
-
-# The forward kernel writes the residuals of up to this many modalities (one pointer argument
-# each: custom-op outputs may not alias, so they cannot be views of one buffer); LMF is used
-# with 2 or 3. Above it the residuals are computed by cuBLAS after the kernel, as the backward
-# would otherwise recompute them.
+# The kernels take up to this many modalities per launch, one pointer argument for each
+# input, residual and gradient (custom-op outputs may not alias, so they cannot be views of
+# one buffer); LMF is used with 2 or 3. More run in groups of this many, one launch each.
 _MAX_SAVED = 4
 
 
@@ -360,36 +363,51 @@ def _recompute_projections(xs, flat, outs):
         torch.addmm(flat[m][0], x, flat[m][1:], out=outs[m])
 
 
+def _slots(tensors, group, fill):
+    """tensors[group] padded to _MAX_SAVED with ``fill``, a tensor of their type the kernels
+    never select through the padding (_select's branches must agree on the pointer type)."""
+    return (list(tensors[group]) + [fill] * _MAX_SAVED)[:_MAX_SAVED]
+
+
+def _x_strides(xs):
+    """(stride_b, stride_n) of each x (B, n), flattened: the kernels read x_m in place, at any
+    strides, with no packed or contiguous copy."""
+    return [s for x in xs for s in x.stride()]
+
+
+def _modality_table(xs):
+    """The (offset, n_m + 1, -) table of :func:`pack_with_ones` for xs, cached per layout:
+    the factors' row offsets in the flat layout and the modalities' widths."""
+    return _modality_layout(tuple(x.shape[1] + 1 for x in xs), xs[0].device)[0]
+
+
 def _forward(xs, factors, weights, bias, save_residuals):
     """(out (B, H), residuals): the residuals are the projections P_m = x~_m W_m, (B, R*H) with
     column r*H + h holding (x~_m W_m[r])[:, h], in compute_dtype(x.dtype), one per modality,
-    when ``save_residuals``, else []."""
-    # Inference packs afresh: nothing would read a cached copy, which would pin memory.
-    packed, table, _, _ = _packed_inputs(xs) if save_residuals else pack_with_ones(xs)
-    (B, S), (R, _, H), M = packed.shape, factors[0].shape, len(xs)
+    when ``save_residuals``, else []. One launch per group of _MAX_SAVED modalities, the
+    groups before the last handing on their product of projections in a (B, R*H) float32
+    buffer (only for M > _MAX_SAVED)."""
+    (B, _), (R, _, H), M = xs[0].shape, factors[0].shape, len(xs)
+    table = _modality_table(xs)
+    S = sum(x.shape[1] + 1 for x in xs)
     packed_factors = _flat_factors(factors).view(S, R, H).permute(1, 0, 2)  # (R, S, H)
     out = torch.empty((B, H), dtype=bias.dtype, device=bias.device)
     residuals = []
     if save_residuals:
         residuals = [torch.empty((B, R * H), dtype=compute_dtype(bias.dtype), device=bias.device) for _ in xs]
-    save = bool(residuals) and M <= _MAX_SAVED
-    # Unused pointers are bound to a tensor the kernel does not write through them, of the
-    # residuals' dtype when saving: _select's branches must agree on the pointer type.
-    slots = residuals + [residuals[0]] * (_MAX_SAVED - M) if save else [out] * _MAX_SAVED
+    partial = out if M <= _MAX_SAVED else torch.empty((B, R * H), dtype=torch.float32, device=bias.device)
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(H, meta["BLOCK_H"]))  # noqa: E731
-    _forward_kernel[grid](
-        packed, table, packed_factors, weights, bias, out, *slots,
-        B, batch_bucket(B), H, S, R, M,
-        packed.stride(0), *packed_factors.stride(), weights.stride(0), out.stride(0), R * H,
-        SAVE=save, PRECISION=dot_precision(bias.dtype),
-    )
-    if residuals and not save:
-        # Above _MAX_SAVED modalities: cuBLAS, from operands widened to the residuals' dtype so
-        # that they are as exact as the kernel's float32 tiles.
-        wide = residuals[0].dtype
-        wide_xs = [x.to(wide) for x in xs]
-        flat = _flat_layout([w.to(wide) for w in factors]).split([x.shape[1] + 1 for x in xs])
-        _recompute_projections(wide_xs, flat, residuals)
+    for first in range(0, M, _MAX_SAVED):
+        group = slice(first, first + _MAX_SAVED)
+        _forward_kernel[grid](
+            *_slots(xs, group, xs[first]), table, packed_factors, weights, bias, out, partial,
+            *_slots(residuals, group, residuals[first]) if residuals else [out] * _MAX_SAVED,
+            B, batch_bucket(B), H, S, R, first,
+            *_x_strides(_slots(xs, group, xs[first])),
+            *packed_factors.stride(), weights.stride(0), out.stride(0), R * H,
+            GROUP=len(xs[group]), FIRST=first == 0, LAST=first + _MAX_SAVED >= M, SAVE=bool(residuals),
+            PRECISION=dot_precision(bias.dtype),
+        )
     return out, residuals
 
 
@@ -404,7 +422,7 @@ def _backward(grad, residuals, xs, factors, weights, bias):
     (B, H), R, M = grad.shape, weights.shape[0], len(xs)
     flat = _flat_factors(factors)
     if residuals and M <= _MAX_SAVED:
-        slots, stride_pm = residuals + [residuals[0]] * (_MAX_SAVED - M), 0
+        slots, stride_pm = _slots(residuals, slice(None), residuals[0]), 0
     else:
         # Without residuals the projections are recomputed; above _MAX_SAVED modalities the
         # saved ones are stacked (a copy), the kernels having pointers for only four tensors.
@@ -414,8 +432,7 @@ def _backward(grad, residuals, xs, factors, weights, bias):
             projections = torch.empty((M, B, R * H), dtype=grad.dtype, device=grad.device)
             _recompute_projections(xs, flat.split([x.shape[1] + 1 for x in xs]), projections)
         slots, stride_pm = [projections] * _MAX_SAVED, projections.stride(0)
-    packed, table, _, _ = _packed_inputs(xs, take=True)
-    S = packed.shape[1]
+    table, S = _modality_table(xs), flat.shape[0]
     grad_xs = [torch.empty((B, x.shape[1]), dtype=grad.dtype, device=grad.device) for x in xs]
     grad_factors = [torch.empty((R, x.shape[1] + 1, H), dtype=grad.dtype, device=grad.device) for x in xs]
     grad_weight_rows = torch.empty((B, R), dtype=torch.float32, device=grad.device)
@@ -424,20 +441,18 @@ def _backward(grad, residuals, xs, factors, weights, bias):
     # each (outputs may not alias, so no views of one buffer): one launch of each per group.
     for first in range(0, M, _MAX_SAVED):
         group = slice(first, first + _MAX_SAVED)
-        # Unused output pointers are bound to the group's first, which the kernels never select.
-        dx_slots = (grad_xs[group] + [grad_xs[first]] * _MAX_SAVED)[:_MAX_SAVED]
-        dw_slots = (grad_factors[group] + [grad_factors[first]] * _MAX_SAVED)[:_MAX_SAVED]
+        x_slots = _slots(xs, group, xs[first])
         dims = [x.shape[1] for x in xs[group]]
         _grad_input_kernel[lambda meta, dims=dims: (triton.cdiv(B, meta["BLOCK_B"]), _column_tiles(dims, meta["BLOCK_N"]))](
-            *slots, grad, weights, table, flat, *dx_slots, grad_weight_rows,
+            *slots, grad, weights, table, flat, *_slots(grad_xs, group, grad_xs[first]), grad_weight_rows,
             B, batch_bucket(B), H, S, R, M, first,
             stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0), flat.stride(0),
             PRECISION=precision,
         )
         _grad_factor_kernel[lambda meta, dims=dims: (_column_tiles(dims, meta["BLOCK_N"]), triton.cdiv(R * H, meta["BLOCK_C"]))](
-            packed, *slots, grad, weights, table, *dw_slots,
+            *x_slots, *slots, grad, weights, table, *_slots(grad_factors, group, grad_factors[first]),
             B, batch_bucket(B), H, S, R, M, first,
-            packed.stride(0), stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0),
+            *_x_strides(x_slots), stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0),
             PRECISION=precision,
         )
     return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]
