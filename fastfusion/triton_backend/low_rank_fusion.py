@@ -2,16 +2,18 @@
 
 - forward, fully fused: grid (B blocks, h blocks); for every rank and modality the
   projection tile is a tensor-core matmul, multiplied across modalities and rank-reduced
-  with w_r in float32 registers. Nothing of size (M, rank, B, h) exists in memory. Inputs
-  are packed with their constants, [1, x_0, 1, x_1, ...] (:func:`pack_with_ones`), and the
-  factors read as one (rank, S, h) tensor, a view of one copy of all of them (``_flat_factors``,
-  made once per version of the factors and shared with the backward), so one kernel serves
-  any number of modalities; x~_m W_m[r] is then a matmul over the packed columns of
-  modality m, whose constant row needs no special case. When autograd records the call
-  (``save_residuals``) the kernel also stores every projection tile it computes: the op's
-  residuals P_m (below), in compute_dtype (float32 for half inputs). The stores are
-  B * rank * h values per modality against the tile's 2 * (n_m + 1) FLOPs each, so the
-  kernel stays compute-bound (roofline model at the benchmark shape).
+  with w_r in float32 registers. Nothing of size (M, rank, B, h) exists in memory. Each x_m
+  is read in place, through its own pointer argument at its own strides (any strides: no
+  packed or contiguous copy of the inputs is made), and the factors as one (rank, S, h)
+  tensor, S = sum_m (n_m + 1), a view of one copy of all of them (``_flat_factors``, made
+  once per version of the factors and shared with the backward); x~_m W_m[r] is the matmul
+  x_m W_m[r, 1:] plus the constant row W_m[r, 0], added as a bias. When autograd records
+  the call (``save_residuals``) the kernel also stores every projection tile it computes:
+  the op's residuals P_m (below), in compute_dtype (float32 for half inputs). The stores
+  are B * rank * h values per modality against the tile's 2 * n_m FLOPs each, so the
+  kernel stays compute-bound (roofline model at the benchmark shape). Reading x_m in place
+  rather than packing [1, x_0, 1, x_1, ...] saves two launches and an input-sized write
+  and re-read per call (model, H100, bf16 forward: 0.067 -> 0.044 ms, the floor).
 - backward, each product formed once, in two fused GEMM kernels: with P_m = x~_m W_m as
   (B, rank*h), column r*h + j holding (x~_m W_m[r])[:, j], and
   grad_proj[m] = w_r * g * prod_{l != m} P_l (B, rank*h),
@@ -21,8 +23,8 @@
   2. ``_grad_input_kernel``: grad_x_m = grad_proj[m] @ (W_m[:, 1:] as (n_m, rank*h))^T for
      every modality in one launch, grid (B blocks, column tiles of all x_m);
   3. ``_grad_factor_kernel``: grad_W_m[r] = x~_m^T grad_proj[m][:, r] for every modality in
-     one launch, grid (column tiles of all x_m, rank*h blocks), x_m read from the forward's
-     packed inputs, the constant row the column sums of grad_proj[m] in the same programs.
+     one launch, grid (column tiles of all x_m, rank*h blocks), x_m read in place, the
+     constant row the column sums of grad_proj[m] in the same programs.
   Each program forms the grad_proj[m] tiles it multiplies in registers from g, w and the
   P_l, rounded to the input dtype as the reference's grad_proj is, so grad_proj never exists
   in memory; the programs of x_0's first column tile also form the per-row sums
@@ -33,13 +35,13 @@
   model, H100, bf16 forward+backward: 0.276 -> 0.182 ms).
   Memory: P (the residuals, kept from the forward to the backward, M * B * rank * h values
   in the compute dtype: 100 MB at B = 4096, M = 3, rank = 8, h = 256), the cached
-  parameter-sized copy of the factors in the (S, rank*h) layout, and the packed inputs,
-  cached from a saving forward to its backward, which takes them out of the cache
-  (input-sized; a forward never followed by its backward leaves them until xs die).
-  Residual pointers: custom-op outputs may not alias, so the residuals are M separate
-  tensors and the kernels take one pointer each, up to ``_MAX_SAVED``; above it the forward
-  computes them with cuBLAS and the backward stacks them; the gradients likewise, so the
-  backward kernels run once per group of four modalities (see ``_forward``, ``_backward``).
+  parameter-sized copy of the factors in the (S, rank*h) layout; nothing input-sized.
+  Pointer slots: custom-op outputs may not alias, so the residuals and gradients are M
+  separate tensors, and the kernels take one pointer each for them and for the inputs, up
+  to ``_MAX_SAVED`` = 4 modalities per launch; more run in groups of four, one launch of
+  each kernel per group. The forward's groups hand their product of projections on in a
+  (B, rank*h) float32 buffer (M > 4 only), and the backward stacks the residuals for its
+  products over all modalities (see ``_forward``, ``_backward``).
   Fusing the gradients as the forward is, each gradient program recomputing the
   projections x~_l W_l it needs, costs several times the forward's FLOPs, which the
   roofline model put (before this design) at 0.05x eager in float32 and 0.17x in bfloat16
@@ -60,6 +62,7 @@ from .._tensor_cache import TensorCache
 from . import DEVICE_TYPES
 from ._common import (
     KERNEL_DTYPES,
+    _modality_layout,
     autotune_configs,
     batch_bucket,
     dot,
@@ -67,12 +70,12 @@ from ._common import (
     dot_precision,
     matmul_tile,
     modality_dims,
-    _modality_layout,
     padded,
 )
 
 # Every config compiles without register spills for sm_90 in every dtype and mode (saving the
-# projections or not) at the benchmark's GPU shape, with Triton 3.6's and 3.9's ptxas
+# projections or not) at the benchmark's GPU shape, inputs read in place, with Triton 3.6's
+# and 3.9's ptxas
 # (python -m benchmarks.compile_report): when saving, 64 x 32 at 4 warps, 64 x 64 at 8 and
 # 32 x 64, 32 x 128, 64 x 128 and 128 x 64 at more warps spill with one ptxas or the other in
 # float32, whose dots run on CUDA cores.
@@ -176,7 +179,7 @@ def _forward_kernel(
 def _modality_tile(t, table_ptr, first, last, BLOCK_N: tl.constexpr):
     """The modality m and first column n0 of x_m of tile t, the tiles of x_first's n_first
     columns in BLOCK_N steps coming first, then x_(first+1)'s, ... up to x_(last-1)'s; and
-    m's packed column offset and n_m."""
+    m's row offset in the flat factors (_flat_layout) and n_m."""
     m = first
     start = 0
     end = 0
@@ -238,7 +241,7 @@ def _grad_input_kernel(
     n = n0 + tl.arange(0, BLOCK_N)
     row_mask, n_mask = rows < B, n < dim
     weight_sums = (m == 0) & (n0 == 0)
-    # W_m[:, 1:] transposed, (BLOCK_K, BLOCK_N) tiles: packed row offset + 1 + n.
+    # W_m[:, 1:] transposed, (BLOCK_K, BLOCK_N) tiles: flat row offset + 1 + n.
     f_cols = f_ptr + (offset + 1 + n).to(tl.int64)[None, :] * stride_fs
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     for r in range(R):
@@ -327,9 +330,9 @@ def _grad_factor_kernel(
 
 def _flat_layout(factors) -> torch.Tensor:
     """Every factor laid out as (S, R*H), S = sum_m (n_m + 1): row s, column r*H + h holds
-    W_m[r, s - offset_m, h] for the modality m owning packed column s. One copy for all
-    modalities, after which each one's constant row and W_m[:, 1:] are plain matrices and the
-    forward reads it as (R, S, H) through a strided view."""
+    W_m[r, s - offset_m, h] for the modality m owning row s, offset_m = sum_{l < m} (n_l + 1).
+    One copy for all modalities, after which each one's constant row and W_m[:, 1:] are
+    plain matrices and the forward reads it as (R, S, H) through a strided view."""
     R, _, H = factors[0].shape
     return torch.cat([w.permute(1, 0, 2) for w in factors]).view(-1, R * H)
 
