@@ -59,10 +59,9 @@ import triton.language as tl
 from .. import _dispatch
 from .._dispatch import compute_dtype
 from .._tensor_cache import TensorCache
-from . import DEVICE_TYPES
+from . import DEVICE_TYPES, _common
 from ._common import (
     KERNEL_DTYPES,
-    _modality_layout,
     autotune_configs,
     batch_bucket,
     dot,
@@ -80,8 +79,8 @@ from ._common import (
 # 32 x 64, 32 x 128, 64 x 128 and 128 x 64 at more warps spill with one ptxas or the other in
 # float32, whose dots run on CUDA cores.
 _CONFIGS = autotune_configs([
-    triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w)
-    for b, h, k, w in [(32, 32, 32, 4), (32, 64, 32, 4), (64, 32, 32, 8), (64, 64, 32, 16)]
+    triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w, num_stages=st)
+    for b, h, k, w, st in [(32, 32, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 8, 3), (64, 64, 32, 16, 3)]
 ])
 # The fused backward's GEMMs (module docstring): no spills for sm_90 in any dtype with the
 # ptxas of Triton 3.9 (python -m benchmarks.compile_report; for sm_80, 64 x 64 at 4 warps
@@ -111,6 +110,18 @@ def _select(m, p0, p1, p2, p3):
     return p
 
 
+@triton.jit
+def _column_stride(m, s0, s1, s2, s3, UNIT_N: tl.constexpr):
+    """The column stride of input m (runtime m) as _select's branches can merge it, an int64
+    (Triton passes a stride of 1 as a constant); with UNIT_N, the constant 1, which keeps the
+    loads of rows of x contiguous to the compiler (vectorised)."""
+    stride = 1
+    if not UNIT_N:
+        stride = _select(m, tl.cast(s0, tl.int64), tl.cast(s1, tl.int64), tl.cast(s2, tl.int64),
+                         tl.cast(s3, tl.int64))
+    return stride
+
+
 def _forward_flops(args, constexprs, programs):
     # Per program and rank, one (BLOCK_B, BLOCK_H) projection per modality of the group, over
     # its n_m columns padded to BLOCK_K steps (the constant row is added, not multiplied).
@@ -120,7 +131,7 @@ def _forward_flops(args, constexprs, programs):
     return {"x0_ptr": programs * args["R"] * per_rank}
 
 
-@triton.autotune(configs=_CONFIGS, key=["B_BUCKET", "H", "S", "R", "GROUP", "FIRST", "LAST", "SAVE"])
+@triton.autotune(configs=_CONFIGS, key=["B_BUCKET", "H", "S", "R", "GROUP", "FIRST", "LAST", "SAVE", "UNIT_N"])
 @dot_flops(_forward_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _forward_kernel(
@@ -129,15 +140,15 @@ def _forward_kernel(
     B, B_BUCKET, H, S, R, first,
     stride_x0b, stride_x0n, stride_x1b, stride_x1n, stride_x2b, stride_x2n, stride_x3b, stride_x3n,
     stride_fr, stride_fs, stride_fh, stride_w, stride_ob, stride_resb,
-    GROUP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, SAVE: tl.constexpr, UNIT_N: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """The product over modalities first..first+GROUP-1 (x_(first+i) at x_i, (B, n) with its
     own strides) of x~_m W_m[r] = x_m W_m[r, 1:] + W_m[r, 0], per rank, on a (BLOCK_B, BLOCK_H)
     tile. FIRST: the product starts at 1, else at partial (B, R*H) float32, column r*H + h;
     LAST: out = sum_r w_r * product + bias (B, H), else the product goes to partial. With
     SAVE every projection tile also goes to residual i (res0..res3, (B, R*H), column r*H + h),
-    in that tensor's dtype."""
+    in that tensor's dtype. UNIT_N: every x_i has unit column stride."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask, col_mask = rows < B, cols < H
@@ -150,14 +161,15 @@ def _forward_kernel(
             fused = tl.full((BLOCK_B, BLOCK_H), 1.0, dtype=tl.float32)
         else:
             fused = tl.load(partial_ptr + rh + r * H, mask=mask, other=1.0)
-        for i in tl.static_range(GROUP):
+        for i in range(GROUP):
             offset = tl.load(table_ptr + 3 * (first + i))
             dim = tl.load(table_ptr + 3 * (first + i) + 1) - 1
             factor = f_ptr + r * stride_fr + offset * stride_fs  # W_m[r], its constant row first
             projection = matmul_tile(
                 _select(i, x0_ptr, x1_ptr, x2_ptr, x3_ptr),
-                _select(i, stride_x0b, stride_x1b, stride_x2b, stride_x3b),
-                _select(i, stride_x0n, stride_x1n, stride_x2n, stride_x3n),
+                _select(i, tl.cast(stride_x0b, tl.int64), tl.cast(stride_x1b, tl.int64),
+                        tl.cast(stride_x2b, tl.int64), tl.cast(stride_x3b, tl.int64)),
+                _column_stride(i, stride_x0n, stride_x1n, stride_x2n, stride_x3n, UNIT_N),
                 factor + stride_fs, stride_fs, stride_fh, rows, cols, row_mask, col_mask, 0, dim, PRECISION, BLOCK_K,
             )
             projection += tl.load(factor + cols * stride_fh, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -273,7 +285,7 @@ def _grad_factor_flops(args, constexprs, programs):
     return {"x0_ptr": programs * 2 * c["BLOCK_N"] * c["BLOCK_C"] * padded(c["B"], c["BLOCK_B"])}
 
 
-@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["B_BUCKET", "H", "S", "R", "num_modalities"])
+@triton.autotune(configs=_GRAD_FACTOR_CONFIGS, key=["B_BUCKET", "H", "S", "R", "num_modalities", "UNIT_N"])
 @dot_flops(_grad_factor_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _grad_factor_kernel(
@@ -282,28 +294,28 @@ def _grad_factor_kernel(
     B, B_BUCKET, H, S, R, num_modalities, first,
     stride_x0b, stride_x0n, stride_x1b, stride_x1n, stride_x2b, stride_x2n, stride_x3b, stride_x3n,
     stride_pm, stride_pb, stride_gb, stride_gh, stride_w,
-    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+    UNIT_N: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """grad_W_m[r, 1 + i, h] = sum_b x_m[b, i] grad_proj[m][b, r*H + h] for every m, one GEMM
     over the batch per (BLOCK_N, BLOCK_C) tile, grad_proj[m] formed in registers as in
     _grad_input_kernel; the programs of each modality's first column tile also store the
     constant row, grad_W_m[r, 0, h] = sum_b grad_proj[m][b, r*H + h]. x_i holds x_(first+i),
-    (B, n) with its own strides; dw_i holds grad_W_(first+i), (R, n + 1, H) contiguous.
+    (B, n) with its own strides (UNIT_N: all of unit column stride); dw_i holds
+    grad_W_(first+i), (R, n + 1, H) contiguous.
     Grid (column tiles of modalities first..first+3, R*H blocks)."""
-    m, n0, _, dim = _modality_tile(tl.program_id(0), table_ptr, first, tl.minimum(first + 4, num_modalities),
-                                   BLOCK_N)
+    m, n0, _flat_offset, dim = _modality_tile(tl.program_id(0), table_ptr, first,
+                                              tl.minimum(first + 4, num_modalities), BLOCK_N)
     n = n0 + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     n_mask, col_mask = n < dim, cols < R * H
     ranks, h = cols // H, cols % H
     weight = tl.load(weights_ptr + ranks * stride_w, mask=col_mask, other=0.0).to(tl.float32)
-    # x_m's strides as int64 tensors: Triton passes a stride of 1 as a constant, which the
-    # runtime branches of _select cannot merge with the others.
+    # x_m's row stride as an int64 tensor: Triton passes a stride of 1 as a constant, which
+    # the runtime branches of _select cannot merge with the others.
     slot = m - first
     stride_xb = _select(slot, tl.cast(stride_x0b, tl.int64), tl.cast(stride_x1b, tl.int64),
                         tl.cast(stride_x2b, tl.int64), tl.cast(stride_x3b, tl.int64))
-    stride_xn = _select(slot, tl.cast(stride_x0n, tl.int64), tl.cast(stride_x1n, tl.int64),
-                        tl.cast(stride_x2n, tl.int64), tl.cast(stride_x3n, tl.int64))
+    stride_xn = _column_stride(slot, stride_x0n, stride_x1n, stride_x2n, stride_x3n, UNIT_N)
     x_cols = _select(slot, x0_ptr, x1_ptr, x2_ptr, x3_ptr) + n.to(tl.int64)[:, None] * stride_xn
     acc = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
     constant = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -312,8 +324,8 @@ def _grad_factor_kernel(
         row_mask = rows < B
         mask = row_mask[:, None] & col_mask[None, :]
         g = tl.load(g_ptr + rows.to(tl.int64)[:, None] * stride_gb + h[None, :] * stride_gh, mask=mask, other=0.0)
-        grad_proj, _ = _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb,
-                                        g.to(tl.float32), weight[None, :], m, rows, cols, mask, num_modalities)
+        grad_proj = _grad_projection(p0_ptr, p1_ptr, p2_ptr, p3_ptr, stride_pm, stride_pb,
+                                     g.to(tl.float32), weight[None, :], m, rows, cols, mask, num_modalities)[0]
         grad_proj = grad_proj.to(g.dtype)
         if n0 == 0:
             constant += tl.sum(grad_proj.to(tl.float32), axis=0)
@@ -378,10 +390,15 @@ def _x_strides(xs):
     return [s for x in xs for s in x.stride()]
 
 
+def _unit_columns(xs) -> bool:
+    """Whether every x has unit column stride (the kernels' UNIT_N)."""
+    return all(x.stride(1) == 1 for x in xs)
+
+
 def _modality_table(xs):
     """The (offset, n_m + 1, -) table of :func:`pack_with_ones` for xs, cached per layout:
     the factors' row offsets in the flat layout and the modalities' widths."""
-    return _modality_layout(tuple(x.shape[1] + 1 for x in xs), xs[0].device)[0]
+    return _common._modality_layout(tuple(x.shape[1] + 1 for x in xs), xs[0].device)[0]
 
 
 def _forward(xs, factors, weights, bias, save_residuals):
@@ -409,6 +426,7 @@ def _forward(xs, factors, weights, bias, save_residuals):
             *_x_strides(_slots(xs, group, xs[first])),
             *packed_factors.stride(), weights.stride(0), out.stride(0), R * H,
             GROUP=len(xs[group]), FIRST=first == 0, LAST=first + _MAX_SAVED >= M, SAVE=bool(residuals),
+            UNIT_N=_unit_columns(xs[group]),
             PRECISION=dot_precision(bias.dtype),
         )
     return out, residuals
@@ -456,7 +474,7 @@ def _backward(grad, residuals, xs, factors, weights, bias):
             *x_slots, *slots, grad, weights, table, *_slots(grad_factors, group, grad_factors[first]),
             B, batch_bucket(B), H, S, R, M, first,
             *_x_strides(x_slots), stride_pm, R * H, grad.stride(0), grad.stride(1), weights.stride(0),
-            PRECISION=precision,
+            UNIT_N=_unit_columns(xs[group]), PRECISION=precision,
         )
     return grad_xs + grad_factors + [grad_weight_rows.sum(0).to(weights.dtype), grad.sum(0)]
 
