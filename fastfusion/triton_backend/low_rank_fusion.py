@@ -72,10 +72,11 @@ from ._common import (
     padded,
 )
 
-# Every config compiles without register spills for sm_90 in every dtype and mode (saving the
-# projections or not) at the benchmark's GPU shape, inputs read in place, with Triton 3.6's
-# and 3.9's ptxas
-# (python -m benchmarks.compile_report): when saving, 64 x 32 at 4 warps, 64 x 64 at 8 and
+# With the inputs read in place every config compiles without register spills for sm_90 in
+# every dtype and mode at the benchmark's GPU shape with Triton 3.9's ptxas (32 x 64 at 4
+# warps only at 2 stages: 8 B of spill in float32 when saving at 3), but NOT yet with Triton
+# 3.6's: 32 x 32 at 4 warps spills 16-32 B in half precision there (2 stages spills with
+# 3.9 instead). Before the in-place reads (python -m benchmarks.compile_report): when saving, 64 x 32 at 4 warps, 64 x 64 at 8 and
 # 32 x 64, 32 x 128, 64 x 128 and 128 x 64 at more warps spill with one ptxas or the other in
 # float32, whose dots run on CUDA cores.
 _CONFIGS = autotune_configs([
