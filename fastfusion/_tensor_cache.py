@@ -54,13 +54,6 @@ class TensorCache(Generic[T]):
         self._entries[key] = _Entry(tuple(weakref.ref(t, evict) for t in tensors), state, value)
         return value
 
-    def take(self, tensors: Sequence[torch.Tensor], compute: Callable[[], T], extra: Hashable = None) -> T:
-        """As :meth:`get`, but the entry is removed: for a value handed from one call to the
-        next (a forward's to its backward) that nothing should keep alive after that."""
-        value = self.get(tensors, compute, extra)
-        self._entries.pop((*map(id, tensors), extra), None)
-        return value
-
     def _evict(self, key: tuple, ref: weakref.ref) -> None:
         # A replaced entry's refs still call back when their tensors die: only the current
         # entry's own refs may remove it.

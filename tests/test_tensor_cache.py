@@ -85,14 +85,3 @@ def test_a_failed_computation_caches_nothing():
     compute = Compute()
     cache.get((t,), compute)
     assert compute.calls == 1
-
-
-def test_take_hands_the_value_over_once():
-    cache, compute, t = TensorCache(), Compute(), torch.arange(3)
-    value = cache.get((t,), compute)
-    assert cache.take((t,), compute) is value and compute.calls == 1
-    held = weakref.ref(value)
-    del value
-    gc.collect()
-    assert held() is None  # the cache no longer holds it, though t lives
-    assert cache.take((t,), compute) is not None and compute.calls == 2  # computed when missing

@@ -223,9 +223,9 @@ def test_low_rank_fusion_fused_backward(dims):
         assert_rel_close(a.cpu(), b, 1e-5)
 
 
-def test_low_rank_fusion_backward_repacks_modified_inputs():
-    # The backward reads x_m from the inputs the forward packed (cached per version): an
-    # in-place change in between must be seen, as a fresh copy of the inputs sees it.
+def test_low_rank_fusion_backward_reads_the_inputs_it_is_given():
+    # The kernels read x_m in place: an in-place change between the forward and the backward
+    # is seen, as by a fresh copy of the inputs.
     xs, factors, weights, bias = _lmf_args((3, 4), 6, 3, 10, torch.float32)
     _, residuals = torch.ops.fastfusion.low_rank_fusion(xs, factors, weights, bias, True, "triton")
     xs[0].add_(1.0)
@@ -241,17 +241,83 @@ def test_low_rank_fusion_backward_repacks_modified_inputs():
     assert not torch.equal(got[2], stale_grads[2])
 
 
-def test_low_rank_fusion_packed_inputs_live_from_forward_to_backward_only():
-    # The caller keeps xs (a held batch): the forward's packed copy must not outlive the backward.
-    from fastfusion.triton_backend import low_rank_fusion as triton_lmf
+def _strided(x, layout):
+    """x (B, n) as a view of another layout with x's values: "transposed" (strides (1, B)), "sliced"
+    (a column window of a wider tensor, stride_b > n), "stepped" (every other column,
+    stride_n = 2) or "contiguous"."""
+    B, n = x.shape
+    if layout == "transposed":
+        return torch.empty_strided((B, n), (1, B), dtype=x.dtype, device=x.device).copy_(x)
+    if layout == "sliced":
+        wide = torch.zeros(B, n + 7, dtype=x.dtype, device=x.device)
+        wide[:, 3 : 3 + n] = x
+        return wide[:, 3 : 3 + n]
+    if layout == "stepped":
+        wide = torch.zeros(B, 2 * n, dtype=x.dtype, device=x.device)
+        wide[:, ::2] = x
+        return wide[:, ::2]
+    return x
 
-    xs, factors, weights, bias = _lmf_args((3, 4), 6, 3, 10, torch.float32)
-    _, residuals = torch.ops.fastfusion.low_rank_fusion(xs, factors, weights, bias, True, "triton")
-    key = (*map(id, xs), None)
-    assert key in triton_lmf._PACKED_INPUTS._entries  # kept for the backward
-    grad = _randn(6, 10).to(DEVICE, torch.float32)
-    torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, xs, factors, weights, bias, "triton")
-    assert key not in triton_lmf._PACKED_INPUTS._entries
+
+@pytest.mark.parametrize(
+    "dims, B",
+    [((5, 40, 9), 37), ((2, 3, 4, 2, 3), 37), ((5, 40, 9), 1)],
+    ids=["three", "five", "batch-one"],  # five > _MAX_SAVED: two groups in every kernel
+)
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
+def test_low_rank_fusion_reads_strided_inputs_in_place(dims, B, saved):
+    # Each x_m at its own strides (unit stride along the batch, row padding, column steps),
+    # forward and every gradient against float64 autograd through the eager reference; with
+    # the forward's residuals and with the projections recomputed.
+    layouts = ["transposed", "sliced", "stepped", "contiguous"]
+    xs, factors, weights, bias = _lmf_args(dims, B, 2, 45, torch.float32)
+    views = [_strided(x, layouts[m % len(layouts)]) for m, x in enumerate(xs)]
+    assert [torch.equal(v, x) for v, x in zip(views, xs)] == [True] * len(xs)
+    assert views[0].stride() == (1, B) and views[2].stride() == (2 * dims[2], 2)
+    M = len(dims)
+    out, residuals = torch.ops.fastfusion.low_rank_fusion(views, factors, weights, bias, saved, "triton")
+    grad = _randn(*out.shape).to(DEVICE, torch.float32)
+    got = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, views, factors, weights, bias, "triton")
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (*xs, *factors, weights, bias)]
+    ref = fastfusion.low_rank_fusion(leaves[:M], leaves[M : 2 * M], leaves[2 * M], leaves[2 * M + 1], backend="eager")
+    assert_rel_close(out.cpu(), ref.detach(), 1e-5, "out")
+    expected = torch.autograd.grad(ref, leaves, grad.cpu().double())
+    for k, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert_rel_close(a.cpu(), b, 1e-5, f"gradient {k}")
+
+
+def test_low_rank_fusion_makes_no_copy_of_its_inputs():
+    # Forward and backward through autograd with the factors' flat copy already cached (a
+    # training step after the first), strided inputs: no [1, x_0, 1, x_1, ...] packing
+    # (new_ones + cat), no contiguous copy (clone), no stacking of the residuals.
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            if func.namespace == "fastfusion":
+                # The mode is off inside its handler: run the op's implementation under it, to
+                # see the ops the backend runs.
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    xs, factors, weights, bias = _lmf_args((3, 4, 5), 6, 2, 10, torch.float32)
+    fastfusion.low_rank_fusion(xs, factors, weights, bias, backend="triton")  # caches the factors' copy
+    xs = [_strided(x, "transposed").requires_grad_() for x in xs]
+    with Ops() as ops:
+        out = fastfusion.low_rank_fusion(xs, factors, weights, bias, backend="triton")
+        out.backward(torch.ones_like(out))
+    assert ops.names, "the dispatch mode saw nothing"
+    # (The interpreter's own copies to and from numpy show up as empty/set_/copy_.)
+    for forbidden in ("cat", "stack", "new_ones", "clone"):
+        assert forbidden not in ops.names, f"{forbidden} in {ops.names}"
+    assert all(x.grad is not None for x in xs)
 
 
 # ---- factorized bilinear pooling -------------------------------------------------------
