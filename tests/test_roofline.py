@@ -99,9 +99,10 @@ def test_low_rank_fusion_reads_the_modality_table_copied_from_the_host():
         "low_rank_fusion._forward_kernel", "low_rank_fusion", dict(B=5, n=(2, 3, 4), rank=2, h=6), dtype=torch.bfloat16
     )
     assert _common.modality_dims(launch.args) == [3, 4, 5]
-    assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_K"]) == (32, 32, 32)
-    # One (32 x 32) program, per rank and modality a projection padded to BLOCK_K = 32.
-    assert cost.flops == {"bf16": 2 * 3 * (2 * 32 * 32 * 32)}
+    assert (config["BLOCK_B"], config["BLOCK_H"], config["BLOCK_K"]) == (32, 32, 16)
+    # One (32 x 32) program, per rank (2) and modality (3) a projection over its n_m = 2, 3, 4
+    # columns padded to BLOCK_K = 16 (the constant row is added, not multiplied).
+    assert cost.flops == {"bf16": 2 * 3 * (2 * 32 * 32 * 16)}
 
 
 def test_host_syncs_and_copies_are_counted():

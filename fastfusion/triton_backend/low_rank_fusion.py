@@ -72,16 +72,15 @@ from ._common import (
     padded,
 )
 
-# With the inputs read in place every config compiles without register spills for sm_90 in
-# every dtype and mode at the benchmark's GPU shape with Triton 3.9's ptxas (32 x 64 at 4
-# warps only at 2 stages: 8 B of spill in float32 when saving at 3), but NOT yet with Triton
-# 3.6's: 32 x 32 at 4 warps spills 16-32 B in half precision there (2 stages spills with
-# 3.9 instead). Before the in-place reads (python -m benchmarks.compile_report): when saving, 64 x 32 at 4 warps, 64 x 64 at 8 and
-# 32 x 64, 32 x 128, 64 x 128 and 128 x 64 at more warps spill with one ptxas or the other in
-# float32, whose dots run on CUDA cores.
+# Every config compiles without register spills for sm_90 in every dtype and mode at the
+# benchmark's GPU shape, with Triton 3.9 and with Triton 3.6 (the GPU image's), as
+# python -m benchmarks.compile_report shows. Where the two disagree: 32 x 64 at 4 warps
+# spills 8 B in float32 when saving at 3 stages with 3.9 (so 2); 32 x 32 with BLOCK_K = 32
+# spills 16-32 B in half precision at 4 warps with 3.6 (at 2 stages with 3.9; at 2 warps in
+# float32 with 3.6), so its K steps are 16.
 _CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w, num_stages=st)
-    for b, h, k, w, st in [(32, 32, 32, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 8, 3), (64, 64, 32, 16, 3)]
+    for b, h, k, w, st in [(32, 32, 16, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 8, 3), (64, 64, 32, 16, 3)]
 ])
 # The fused backward's GEMMs (module docstring): no spills for sm_90 in any dtype with the
 # ptxas of Triton 3.9 (python -m benchmarks.compile_report; for sm_80, 64 x 64 at 4 warps
