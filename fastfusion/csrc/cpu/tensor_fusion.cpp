@@ -81,6 +81,19 @@ void outer_adjoint_row(const T* D, const std::vector<const T*>& rows, const std:
     outer_row(rows, sizes, m + 1, end, right);
     const int64_t s = sizes[m];
     T* dx = grads[m];
+    if (R == 1) {
+      // The group's last modality: D's rows of s against left, in the order of the general case
+      // below (right is [1]), but along i, which vectorises: as many dot calls of length 1 as P
+      // cost more than the backward's GEMMs at the models' sizes.
+      std::vector<double> acc(s, 0.0);
+      for (int64_t l = 0; l < L; ++l) {
+        const double w = left[l];
+        const T* d = D + l * s;
+        for (int64_t i = 1; i < s; ++i) acc[i] += w * double(d[i]);
+      }
+      for (int64_t i = 1; i < s; ++i) dx[i - 1] = static_cast<T>(acc[i]);
+      continue;
+    }
     for (int64_t i = 1; i < s; ++i) {
       double acc = 0;
       for (int64_t l = 0; l < L; ++l) acc += double(left[l]) * dot(D + (l * s + i) * R, right, R);
