@@ -195,7 +195,9 @@ DETERMINISM = {
     "low_rank_fusion": lambda g: low_rank_fusion_case(g, B=700, dims=(16, 8, 12), rank=4, hidden=32),
     "low_rank_fusion B=1": lambda g: low_rank_fusion_case(g, B=1, dims=(300, 200), rank=4, hidden=32),
     "tensor_fusion": lambda g: tensor_fusion_case(g, B=200, dims=(8, 6, 10), hidden=32),
+    # residual_split: B=1 (40, 60) at h = 64 and B=5 take split 0 (Y = z W^T); the others split.
     "tensor_fusion B=1": lambda g: tensor_fusion_case(g, B=1, dims=(40, 60), hidden=64),
+    "tensor_fusion B=1 split": lambda g: tensor_fusion_case(g, B=1, dims=(40, 60), hidden=8),
     # Small batches too: these gave other bits with 2 threads on an AMD EPYC before tiled_mm.
     "factorized_bilinear B=7": lambda g: factorized_bilinear_case(g, B=7, nx=217, ny=15, o=34, k=2),
     "tensor_fusion B=5": lambda g: tensor_fusion_case(g, B=5, dims=(2, 15, 2), hidden=51),
@@ -272,6 +274,7 @@ def residual_cases(gen):
     # the first here, after the second in the next case (the fake kernel must agree with the C++).
     tfn = ([randn(gen, 4, 3), randn(gen, 4, 2), randn(gen, 4, 4)], randn(gen, 5, 60), randn(gen, 5), 1)
     tfn_late_split = ([randn(gen, 3, 1), randn(gen, 3, 1), randn(gen, 3, 40)], randn(gen, 2, 164), None, 2)
+    tfn_no_split = ([randn(gen, 3, 4), randn(gen, 3, 5)], randn(gen, 7, 30), randn(gen, 7), 0)  # Y = z W^T
     return {
         "compact_bilinear M=3 mean normalize": ("compact_bilinear", cbp3, (3, 9)),
         "compact_bilinear long sequence gate": ("compact_bilinear", cbp_long, (2, 4096)),
@@ -280,12 +283,13 @@ def residual_cases(gen):
         "low_rank_fusion": ("low_rank_fusion", lmf, (4, 3)),
         "tensor_fusion": ("tensor_fusion", tfn, (4, 5)),
         "tensor_fusion split after two": ("tensor_fusion", tfn_late_split, (3, 2)),
+        "tensor_fusion split before the first": ("tensor_fusion", tfn_no_split, (3, 7)),
     }
 
 
 @pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "compact_bilinear long sequence gate",
                                   "compact_bilinear gram mean gate normalize", "factorized_bilinear", "low_rank_fusion", "tensor_fusion",
-                                  "tensor_fusion split after two"])
+                                  "tensor_fusion split after two", "tensor_fusion split before the first"])
 def test_backward_gives_the_same_bits_with_and_without_residuals(gen, case):
     name, args, out_shape = residual_cases(gen)[case]
     forward, backward = getattr(torch.ops.fastfusion, name), getattr(torch.ops.fastfusion, name + "_backward")
@@ -301,7 +305,8 @@ def test_backward_gives_the_same_bits_with_and_without_residuals(gen, case):
 
 
 @pytest.mark.parametrize("case", ["compact_bilinear M=3 mean normalize", "compact_bilinear gram mean gate normalize",
-                                  "factorized_bilinear", "low_rank_fusion", "tensor_fusion", "tensor_fusion split after two"])
+                                  "factorized_bilinear", "low_rank_fusion", "tensor_fusion", "tensor_fusion split after two",
+                                  "tensor_fusion split before the first"])
 def test_opcheck_with_residuals(gen, case):
     # The fake kernels must promise exactly the residuals that the cpp kernels save.
     name, args, out_shape = residual_cases(gen)[case]
@@ -321,14 +326,17 @@ def test_tensor_fusion_kernels_take_any_split(gen):
     grad = randn(gen, 3, 4)
     expected = torch.ops.fastfusion.tensor_fusion_backward(grad, [], xs, weight, bias, 1, "torch")
     reference = ff.tensor_fusion(xs, weight, bias, backend="eager")
-    for split in (1, 2):
+    for split in (0, 1, 2):
         out, residuals = torch.ops.fastfusion.tensor_fusion(xs, weight, bias, split, True, "cpp")
         assert_rel_close(out, reference, 1e-14, f"split {split}")
         grads = torch.ops.fastfusion.tensor_fusion_backward(grad, residuals, xs, weight, bias, split, "cpp")
         for got, want in zip(grads, expected, strict=True):
             assert_rel_close(got, want, 1e-14, f"split {split} gradient")
-    for split in (0, 3):
-        with pytest.raises(RuntimeError, match=rf"split must be in \[1, 3\) for 3 modalities, got {split}"):
+        recomputed = torch.ops.fastfusion.tensor_fusion_backward(grad, [], xs, weight, bias, split, "cpp")
+        for got, want in zip(recomputed, expected, strict=True):
+            assert_rel_close(got, want, 1e-14, f"split {split} gradient without residuals")
+    for split in (-1, 3):
+        with pytest.raises(RuntimeError, match=rf"split must be in \[0, 3\) for 3 modalities, got {split}"):
             torch.ops.fastfusion.tensor_fusion(xs, weight, bias, split, False, "cpp")
 
 

@@ -153,13 +153,16 @@ def test_low_precision(gen, backend, dtype):
 @pytest.mark.parametrize(
     "in_dims, hidden, expected",
     [
-        # sizes n + 1 = (4, 3, 5), h = 5: h P_A + P_B is 5*4 + 15 = 35 after the first, 5*12 + 5 = 65 after the second
+        # sizes n + 1 = (4, 3, 5), h = 5: h P_A + P_B is 5 + 60 = 65 before the first,
+        # 5*4 + 15 = 35 after it, 5*12 + 5 = 65 after the second
         ((3, 2, 4), 5, 1),
-        # (2, 2, 41), h = 2: 2*2 + 82 = 86 after the first, 2*4 + 41 = 49 after the second
+        # (2, 2, 41), h = 2: 2 + 164 = 166, 2*2 + 82 = 86, 2*4 + 41 = 49
         ((1, 1, 40), 2, 2),
-        # (2, 2, 2), h = 1: 2 + 4 = 6 either way; the first of equals
+        # (2, 2, 2), h = 1: 1 + 8 = 9, then 2 + 4 = 6 either way; the first of equals
         ((1, 1, 1), 1, 1),
-        ((7, 9), 3, 1),  # two modalities: one possible split
+        ((7, 9), 3, 1),  # 3 + 80 = 83, 3*8 + 10 = 34
+        # the models' heads: (33, 33), h = 128: 128 + 1089 = 1217 before the first, 128*33 + 33 = 4257 after
+        ((32, 32), 128, 0),
     ],
 )
 def test_residual_split_minimises_the_buffers(in_dims, hidden, expected):

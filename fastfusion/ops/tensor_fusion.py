@@ -13,6 +13,8 @@ Kernels that avoid it split the modalities into a leading group [0, k) and a tra
 [k, M): the outer product is then that of the groups' own outer products, of sizes P_A and
 P_B, and W (h, P_A P_B) is W (h P_A, P_B) in memory, so TFN is one GEMM, Y = u W'^T with u the
 trailing group's outer product, and a contraction of Y (B, h P_A) with the leading group's.
+k = 0 leaves the leading group empty (P_A = 1): Y = z W^T, the reference's own GEMM, the
+cheaper choice when the outer product is small against h.
 The op takes k as its argument ``split``, chosen once here (:func:`residual_split`), so that
 every kernel and the residual's shape (Y, which a saving kernel hands to its backward) follow
 the same choice.
@@ -71,9 +73,9 @@ def _backward(grad, xs, weight, bias, split) -> list[torch.Tensor]:
 
 def residual_split(dims, hidden: int) -> int:
     """The split k of the modalities (module docstring) for modality sizes ``dims`` (n_m) and
-    output size ``hidden``: the first k in [1, M) minimising the per-sample buffers h P_A + P_B."""
+    output size ``hidden``: the first k in [0, M) minimising the per-sample buffers h P_A + P_B."""
     sizes = [n + 1 for n in dims]
-    costs = [(hidden * math.prod(sizes[:k]) + math.prod(sizes[k:]), k) for k in range(1, len(sizes))]
+    costs = [(hidden * math.prod(sizes[:k]) + math.prod(sizes[k:]), k) for k in range(len(sizes))]
     return min(costs, key=lambda cost_split: cost_split[0])[1]  # min keeps the first of equals
 
 

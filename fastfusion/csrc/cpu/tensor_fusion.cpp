@@ -18,7 +18,10 @@
 // as one of the reference's, with buffers of B * (2 h * P_A + P_B) values instead of the
 // reference's B * P_A * P_B outer product (6x fewer at the CPU reference shape). The split k
 // is the op's argument: fastfusion/ops/tensor_fusion.py chooses it (residual_split), and the
-// residual's shape, which its fake kernel states, follows from it.
+// residual's shape, which its fake kernel states, follows from it. k = 0 (group A empty,
+// a = [1], P_A = 1) is the reference's own computation: Y = z W^T with z the whole outer
+// product, dW = g^T z, dz = g W, every reduction as long as the reference's; it is the
+// cheaper one when z is small against h, as in the models' heads (n = (32, 32), h = 128).
 #include "common.h"
 #include "gemm.h"
 
@@ -34,8 +37,8 @@ struct Modalities {
 
   Modalities(const std::vector<at::Tensor>& xs, int64_t split_at, const char* op) : split(split_at) {
     for (const auto& x : xs) sizes.push_back(x.size(1) + 1);
-    TORCH_CHECK(split >= 1 && split < static_cast<int64_t>(sizes.size()), "fastfusion cpp backend: ", op,
-                ": split must be in [1, ", sizes.size(), ") for ", sizes.size(), " modalities, got ", split);
+    TORCH_CHECK(split >= 0 && split < static_cast<int64_t>(sizes.size()), "fastfusion cpp backend: ", op,
+                ": split must be in [0, ", sizes.size(), ") for ", sizes.size(), " modalities, got ", split);
     PA = product(0, split);
     PB = product(split, sizes.size());
   }
@@ -204,8 +207,9 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
       tiled_mm_out(grad_w2, gy.t(), u, /*accumulate=*/b0 > 0);
       // Reduces over h * P_A terms where the reference reduces over h: summed in double blocks.
       const auto du = tiled_mm(gy, w2, Sum::kDoubleBlocks);  // (rows, PB)
-      const auto Y = saved ? residuals[0].narrow(0, b0, rows) : tiled_mm(u, w2.t());
-      const T* yp = Y.template const_data_ptr<T>();
+      // da, the leading group's gradient, needs Y; with k = 0 that group is empty.
+      const auto Y = k == 0 ? at::Tensor() : saved ? residuals[0].narrow(0, b0, rows) : tiled_mm(u, w2.t());
+      const T* yp = k == 0 ? nullptr : Y.template const_data_ptr<T>();
       const T* dup = du.template const_data_ptr<T>();
 
       parallel_rows(rows, H * PA + M * (PA + PB), [&](int64_t r0, int64_t r1) {
@@ -215,7 +219,7 @@ std::vector<at::Tensor> tensor_fusion_backward(const at::Tensor& grad_in, at::Te
         std::vector<double> acc(PA);
         for (int64_t r = r0; r < r1; ++r) {
           std::fill(acc.begin(), acc.end(), 0.0);
-          for (int64_t j = 0; j < H; ++j) {
+          for (int64_t j = 0; yp != nullptr && j < H; ++j) {
             const double gj = gp[(b0 + r) * H + j];
             const T* yrow = yp + (r * H + j) * PA;
             for (int64_t pa = 0; pa < PA; ++pa) acc[pa] += gj * double(yrow[pa]);
