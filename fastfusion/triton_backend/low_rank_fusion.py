@@ -32,7 +32,8 @@
   grad_bias is grad.sum(0). The elementwise products are recomputed once per column tile
   (n_m / BLOCK_N times), work the tensor cores' GEMM hides, against a write and re-read of
   grad_proj (M * B * rank * h values) and 6 launches more for the unfused form (roofline
-  model, H100, bf16 forward+backward: 0.276 -> 0.182 ms).
+  model, H100, bf16 forward+backward: 0.276 -> 0.182 ms with packed inputs, 0.159 ms with
+  the in-place reads).
   Memory: P (the residuals, kept from the forward to the backward, M * B * rank * h values
   in the compute dtype: 100 MB at B = 4096, M = 3, rank = 8, h = 256), the cached
   parameter-sized copy of the factors in the (S, rank*h) layout; nothing input-sized.
@@ -82,8 +83,8 @@ _CONFIGS = autotune_configs([
     triton.Config({"BLOCK_B": b, "BLOCK_H": h, "BLOCK_K": k}, num_warps=w, num_stages=st)
     for b, h, k, w, st in [(32, 32, 16, 4, 3), (32, 64, 32, 4, 2), (64, 32, 32, 8, 3), (64, 64, 32, 16, 3)]
 ])
-# The fused backward's GEMMs (module docstring): no spills for sm_90 in any dtype with the
-# ptxas of Triton 3.9 (python -m benchmarks.compile_report; for sm_80, 64 x 64 at 4 warps
+# The fused backward's GEMMs (module docstring): no spills for sm_90 in any dtype with
+# Triton 3.9 or 3.6 (python -m benchmarks.compile_report; for sm_80, 64 x 64 at 4 warps
 # and 128 x 64 at 8 of grad_W spill in float32):
 # (BLOCK_B, BLOCK_N, BLOCK_K) tiles of grad_x and (BLOCK_N, BLOCK_C, BLOCK_B) tiles of grad_W.
 _GRAD_INPUT_CONFIGS = autotune_configs([
