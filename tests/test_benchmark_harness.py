@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -336,6 +337,29 @@ def test_every_shape_set_names_the_same_kernels_and_sizes():
         assert tuple(shapes) == KERNELS, name
         for kernel in KERNELS:
             assert shapes[kernel].keys() == SHAPE_SETS["cuda"][kernel].keys(), (name, kernel)
+
+
+def test_design_docs_sizes_table_matches_the_declarations():
+    # docs/design.md's "Reference sizes" table is prose for readers; the declarations are the
+    # truth. A row's cell either spells the kernel's sizes or says "as [<variant>], ..." of a
+    # variant of the same op with the same sizes.
+    lines = (Path(__file__).parents[1] / "docs" / "design.md").read_text().splitlines()
+    start = lines.index("| kernel | GPU set (`cuda`) | 2-core CPU set (`cpu`) |")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        kernel, *cells = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[kernel.split(" (")[0]] = dict(zip(("cuda", "cpu"), cells))
+    assert tuple(rows) == KERNELS
+    for kernel, cells in rows.items():
+        for shape_set, cell in cells.items():
+            sizes = SHAPE_SETS[shape_set][kernel]
+            if cell.startswith("as ["):
+                other = kernel.split("[")[0] + cell[3:cell.index("]") + 1]
+                assert SHAPE_SETS[shape_set][other] == sizes, (kernel, shape_set, cell)
+            else:
+                assert cell == ", ".join(f"{key}={value}" for key, value in sizes.items()), (kernel, shape_set)
 
 
 def test_cpu_peak_memory_replays_allocations_in_order():
