@@ -1,10 +1,9 @@
 """Triton factorized bilinear pooling (MFB): z_j = sum_{i<k} (x W_x + b_x)_{jk+i} (y W_y + b_y)_{jk+i}
 (times the dropout mask), then signed sqrt and L2 normalisation when ``normalize``.
 
-``_kernel`` has two modes (and two pointwise kernels serve the backward from saved
-projections). For each i < k it computes both projections of the columns j*k + i
-(a strided set of W rows, so the group sum is a plain register add) as tensor-core matmuls
-with the biases in the epilogue.
+``_kernel`` computes the forward; for each i < k it computes both projections of the
+columns j*k + i (a strided set of W rows, so the group sum is a plain register add) as
+tensor-core matmuls with the biases in the epilogue.
 
 - forward: multiplies, masks and sums the k products into z in float32 registers. With
   ``normalize`` and o <= ``_MAX_ROW_O`` the grid is (B blocks,) and one program holds whole
@@ -18,15 +17,30 @@ with the biases in the epilogue.
   registers, and the norm spans every o block, so z is written in float32 and normalised
   by the Triton ``signed_sqrt_l2`` epilogue kernel, which reads each row twice (the second
   time from L2) and writes the output dtype: no separate cast.
-- backward from the residuals: no projection is recomputed. One pointwise kernel writes
-  grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x, (B, o*k):
-  with ``normalize`` ``_normalized_grad_proj_kernel``, one program per row, pools z from the
-  saved products and takes the normalisation's gradient g_z in the same program (z and g_z
-  never reach memory), else ``_grad_proj_kernel`` reads g_z = the output's gradient.
-  grad_x, grad_y, grad_W and grad_b come from grad_proj by torch matmuls and sums (cuBLAS).
-- backward without residuals (the forward did not save them): ``_kernel`` in backward mode
-  recomputes the projections and writes the same grad_proj; with ``normalize`` z is first
-  recomputed by the forward mode.
+- backward: two fused GEMM kernels, with grad_proj_x = g_z[c // k] * mask * proj_y and
+  grad_proj_y = g_z[c // k] * mask * proj_x (B, o*k) formed tile by tile in registers from
+  g_z, the mask and the other modality's projection, rounded to the input dtype as the
+  reference's are, and never stored:
+  1. ``_grad_input_kernel``: grad_x = grad_proj_x W_x and grad_y = grad_proj_y W_y in one
+     launch, grid (B blocks, column tiles of x then of y);
+  2. ``_grad_weight_kernel``: grad_W_x = grad_proj_x^T x and grad_W_y = grad_proj_y^T y in
+     one launch, grid (column tiles of x then of y, o*k blocks), x and y read in place at
+     their strides; the programs of each modality's first column tile also sum grad_proj
+     over the batch, the bias gradient (float32, no atomics: deterministic).
+  g_z is the output's gradient, or with ``normalize`` the gradient through signed sqrt + L2,
+  (B, o) float32 from ``_normalized_grad_z_kernel``: one program per row pools z from the
+  saved projections as the forward does and takes the normalisation's gradient (z never
+  reaches memory). The op's residual contract is the projections alone (the C++ backend
+  saves the same two), so z is pooled again rather than saved: one read of the residuals,
+  about 0.056 ms of the bf16 benchmark's backward in the roofline model, against 16 MB more
+  of residuals. The elementwise products are recomputed once per column tile (n / BLOCK_N
+  times per modality and kernel), work the GEMMs hide, against a write and re-read of
+  grad_proj (2 B o k values) and 7 backward launches (a pointwise kernel, four cuBLAS GEMMs,
+  two sums) for the unfused form, now 3 with ``normalize`` and 2 without (roofline model,
+  H100, bf16 forward+backward: 0.537 -> 0.475 ms, 9 -> 5 launches).
+- backward without residuals (the forward did not save them): the tiled ``_kernel``
+  recomputes the projections, and z in float32 (with ``normalize`` its gradient then comes
+  from the epilogue's backward kernel), and the same two GEMM kernels run.
 
 Saving costs 2 B o k elements of writes in the forward (the kernel is compute-bound at the
 benchmark shape) and saves the backward the projections' 2 B o k (n_x + n_y) FLOPs, twice
@@ -150,8 +164,8 @@ _tiled_kernel = triton.autotune(
         # forward saving the projections) at the benchmark's GPU shape, with
         # Triton 3.6's and 3.9's ptxas (python -m benchmarks.compile_report); larger tiles,
         # and 64 x 64 with BLOCK_N = 32 (or at 4 warps), spill with one ptxas or the other in
-        # float32 (whose dots run on CUDA cores) or in the (former) backward mode, and 32 x 32 with
-        # BLOCK_N = 32 in float32 when saving the projections.
+        # float32 (whose dots run on CUDA cores) or in the backward mode the kernel had, and
+        # 32 x 32 with BLOCK_N = 32 in float32 when saving the projections.
         for b, o, n, w in [(32, 32, 16, 4), (64, 32, 32, 4), (64, 64, 16, 8), (128, 32, 32, 8)]
     ]),
     key=_KEY,
@@ -398,18 +412,22 @@ def _grad_weight_kernel(
 
 _GRAD_KEY = ["B_BUCKET", "C", "FACTOR", "NX", "NY", "HAS_MASK"]
 # Tiles of the backward's GEMMs, (BLOCK_B, BLOCK_N, BLOCK_K) of grad_x and (BLOCK_C, BLOCK_N,
-# BLOCK_B) of grad_W: at least 64 rows, so that half-precision dots can be wgmma.
+# BLOCK_B) of grad_W: at least 64 rows, so that half-precision dots are wgmma. Each compiles
+# without register spills for sm_90 in every dtype at the benchmark's GPU shape with Triton
+# 3.9's and 3.6's ptxas (python -m benchmarks.compile_report). Dropped for spilling in float32
+# (CUDA-core dots): grad_x 64 x 64 at 4 warps (BLOCK_K 32 or 16, 3.9), 128 x 128 x 32 at 8 or
+# 16 warps; grad_W 64 x 128 x 32 and 128 x 128 x 32 at 8 warps (3.6), 128 x 128 x 32 at 16.
 _grad_input = triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-        for b, n, k, w in [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 32, 8)]
+        for b, n, k, w in [(64, 64, 32, 8), (64, 128, 16, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 16, 8)]
     ]),
     key=_GRAD_KEY,
 )(_grad_input_kernel)
 _grad_weight = triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_C": c, "BLOCK_N": n, "BLOCK_B": b}, num_warps=w)
-        for c, n, b, w in [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 32, 8)]
+        for c, n, b, w in [(64, 64, 32, 4), (128, 64, 32, 8), (64, 128, 16, 8), (128, 128, 16, 8), (64, 128, 16, 4)]
     ]),
     key=_GRAD_KEY,
 )(_grad_weight_kernel)
