@@ -1,10 +1,9 @@
 """Triton factorized bilinear pooling (MFB): z_j = sum_{i<k} (x W_x + b_x)_{jk+i} (y W_y + b_y)_{jk+i}
 (times the dropout mask), then signed sqrt and L2 normalisation when ``normalize``.
 
-``_kernel`` has two modes (and two pointwise kernels serve the backward from saved
-projections). For each i < k it computes both projections of the columns j*k + i
-(a strided set of W rows, so the group sum is a plain register add) as tensor-core matmuls
-with the biases in the epilogue.
+``_kernel`` computes the forward; for each i < k it computes both projections of the
+columns j*k + i (a strided set of W rows, so the group sum is a plain register add) as
+tensor-core matmuls with the biases in the epilogue.
 
 - forward: multiplies, masks and sums the k products into z in float32 registers. With
   ``normalize`` and o <= ``_MAX_ROW_O`` the grid is (B blocks,) and one program holds whole
@@ -18,15 +17,30 @@ with the biases in the epilogue.
   registers, and the norm spans every o block, so z is written in float32 and normalised
   by the Triton ``signed_sqrt_l2`` epilogue kernel, which reads each row twice (the second
   time from L2) and writes the output dtype: no separate cast.
-- backward from the residuals: no projection is recomputed. One pointwise kernel writes
-  grad_proj_x = g_z[j] * mask * proj_y and grad_proj_y = g_z[j] * mask * proj_x, (B, o*k):
-  with ``normalize`` ``_normalized_grad_proj_kernel``, one program per row, pools z from the
-  saved products and takes the normalisation's gradient g_z in the same program (z and g_z
-  never reach memory), else ``_grad_proj_kernel`` reads g_z = the output's gradient.
-  grad_x, grad_y, grad_W and grad_b come from grad_proj by torch matmuls and sums (cuBLAS).
-- backward without residuals (the forward did not save them): ``_kernel`` in backward mode
-  recomputes the projections and writes the same grad_proj; with ``normalize`` z is first
-  recomputed by the forward mode.
+- backward: two fused GEMM kernels, with grad_proj_x = g_z[c // k] * mask * proj_y and
+  grad_proj_y = g_z[c // k] * mask * proj_x (B, o*k) formed tile by tile in registers from
+  g_z, the mask and the other modality's projection, rounded to the input dtype as the
+  reference's are, and never stored:
+  1. ``_grad_input_kernel``: grad_x = grad_proj_x W_x and grad_y = grad_proj_y W_y in one
+     launch, grid (B blocks, column tiles of x then of y);
+  2. ``_grad_weight_kernel``: grad_W_x = grad_proj_x^T x and grad_W_y = grad_proj_y^T y in
+     one launch, grid (column tiles of x then of y, o*k blocks), x and y read in place at
+     their strides; the programs of each modality's first column tile also sum grad_proj
+     over the batch, the bias gradient (float32, no atomics: deterministic).
+  g_z is the output's gradient, or with ``normalize`` the gradient through signed sqrt + L2,
+  (B, o) float32 from ``_normalized_grad_z_kernel``: one program per row pools z from the
+  saved projections as the forward does and takes the normalisation's gradient (z never
+  reaches memory). The op's residual contract is the projections alone (the C++ backend
+  saves the same two), so z is pooled again rather than saved: one read of the residuals,
+  about 0.056 ms of the bf16 benchmark's backward in the roofline model, against 16 MB more
+  of residuals. The elementwise products are recomputed once per column tile (n / BLOCK_N
+  times per modality and kernel), work the GEMMs hide, against a write and re-read of
+  grad_proj (2 B o k values) and 7 backward launches (a pointwise kernel, four cuBLAS GEMMs,
+  two sums) for the unfused form, now 3 with ``normalize`` and 2 without (roofline model,
+  H100, bf16 forward+backward: 0.537 -> 0.475 ms, 9 -> 5 launches).
+- backward without residuals (the forward did not save them): the tiled ``_kernel``
+  recomputes the projections, and z in float32 (with ``normalize`` its gradient then comes
+  from the epilogue's backward kernel), and the same two GEMM kernels run.
 
 Saving costs 2 B o k elements of writes in the forward (the kernel is compute-bound at the
 benchmark shape) and saves the backward the projections' 2 B o k (n_x + n_y) FLOPs, twice
@@ -53,6 +67,7 @@ from ._common import (
     accumulate_norm,
     autotune_configs,
     batch_bucket,
+    dot,
     dot_flops,
     dot_precision,
     epilogue_backward,
@@ -88,7 +103,7 @@ def _projection(a_ptr, stride_ab, stride_an, w_ptr, stride_wo, stride_wn, bias_p
 
 def _flops(args, constexprs, programs):
     # Per program and factor, the two (BLOCK_B, BLOCK_O) projections, over n_x and n_y padded
-    # to BLOCK_N steps; the backward mode recomputes them.
+    # to BLOCK_N steps.
     c = constexprs
     per_factor = 2 * c["BLOCK_B"] * c["BLOCK_O"] * (padded(args["NX"], c["BLOCK_N"]) + padded(args["NY"], c["BLOCK_N"]))
     return {"x_ptr": programs * args["FACTOR"] * per_factor}
@@ -101,20 +116,17 @@ def _kernel(
     B, B_BUCKET, O, FACTOR, NX, NY,
     stride_xb, stride_xn, stride_yb, stride_yn, stride_wxo, stride_wxn, stride_wyo, stride_wyn,
     stride_mb, stride_mo, stride_zb, stride_zo, stride_eb, eps,
-    HAS_BX: tl.constexpr, HAS_BY: tl.constexpr, HAS_MASK: tl.constexpr, BACKWARD: tl.constexpr, NORMALIZE: tl.constexpr,
-    SAVE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BX: tl.constexpr, HAS_BY: tl.constexpr, HAS_MASK: tl.constexpr, NORMALIZE: tl.constexpr, SAVE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """ex_ptr, ey_ptr: (B, o*k) outputs with row stride stride_eb, the projections in forward
-    mode with SAVE, their gradients in backward mode; unused otherwise."""
+    """ex_ptr, ey_ptr: (B, o*k) outputs with row stride stride_eb, the projections with SAVE;
+    unused otherwise."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     groups = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     row_mask, group_mask = rows < B, groups < O
     mask = row_mask[:, None] & group_mask[None, :]
     z_ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zb + groups[None, :] * stride_zo
-    if BACKWARD:
-        grad_z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        z = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
+    z = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
     for i in range(FACTOR):
         cols = groups * FACTOR + i
         px = _projection(x_ptr, stride_xb, stride_xn, wx_ptr, stride_wxo, stride_wxn, bx_ptr, NX,
@@ -130,36 +142,30 @@ def _kernel(
             keep = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
         else:
             keep = 1.0
-        if BACKWARD:
-            g = grad_z * keep
-            tl.store(ex_ptr + offsets, (g * py).to(ex_ptr.dtype.element_ty), mask=mask)
-            tl.store(ey_ptr + offsets, (g * px).to(ey_ptr.dtype.element_ty), mask=mask)
-        else:
-            z += px * py * keep
-    if not BACKWARD:
-        if NORMALIZE:
-            # The launch guarantees BLOCK_O >= O: the tile holds whole rows, and the padding
-            # columns are z == 0, whose signed root is 0 and adds nothing to the norm.
-            s, _ = signed_root(z, eps)
-            # Each element starts as its own lane of the rescaled sum of squares; finish_norm
-            # reduces over axis 0, hence the transposes.
-            scale, sum_sq = accumulate_norm(tl.zeros_like(s), tl.zeros_like(s), s)
-            norm = finish_norm(tl.trans(scale), tl.trans(sum_sq))
-            z = s / tl.where(norm < eps, eps, norm)[:, None]  # not tl.maximum, which drops a NaN norm
-        tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+        z += px * py * keep
+    if NORMALIZE:
+        # The launch guarantees BLOCK_O >= O: the tile holds whole rows, and the padding
+        # columns are z == 0, whose signed root is 0 and adds nothing to the norm.
+        s, _ = signed_root(z, eps)
+        # Each element starts as its own lane of the rescaled sum of squares; finish_norm
+        # reduces over axis 0, hence the transposes.
+        scale, sum_sq = accumulate_norm(tl.zeros_like(s), tl.zeros_like(s), s)
+        norm = finish_norm(tl.trans(scale), tl.trans(sum_sq))
+        z = s / tl.where(norm < eps, eps, norm)[:, None]  # not tl.maximum, which drops a NaN norm
+    tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
-_KEY = ["B_BUCKET", "O", "FACTOR", "NX", "NY", "BACKWARD", "SAVE"]
+_KEY = ["B_BUCKET", "O", "FACTOR", "NX", "NY", "SAVE"]
 
 _tiled_kernel = triton.autotune(
     configs=autotune_configs([
         triton.Config({"BLOCK_B": b, "BLOCK_O": o, "BLOCK_N": n}, num_warps=w)
         # Each compiles without register spills for sm_90 in every dtype and mode (forward,
-        # forward saving the projections, backward) at the benchmark's GPU shape, with
+        # forward saving the projections) at the benchmark's GPU shape, with
         # Triton 3.6's and 3.9's ptxas (python -m benchmarks.compile_report); larger tiles,
         # and 64 x 64 with BLOCK_N = 32 (or at 4 warps), spill with one ptxas or the other in
-        # float32 (whose dots run on CUDA cores) or in the backward mode, and 32 x 32 with
-        # BLOCK_N = 32 in float32 when saving the projections.
+        # float32 (whose dots run on CUDA cores) or in the backward mode the kernel had, and
+        # 32 x 32 with BLOCK_N = 32 in float32 when saving the projections.
         for b, o, n, w in [(32, 32, 16, 4), (64, 32, 32, 4), (64, 64, 16, 8), (128, 32, 32, 8)]
     ]),
     key=_KEY,
@@ -200,15 +206,12 @@ _row_kernel = triton.autotune(
 )(_kernel)
 
 
-# Tiles of the pointwise backward kernels: 16 float32 elements per thread at 8 warps, each row
-# a contiguous run of columns.
-_POINTWISE_BLOCK_B, _POINTWISE_BLOCK_C, _POINTWISE_WARPS = 16, 256, 8
 # Groups per step of the normalised backward's row loop: o = 1000 in four steps.
 _NORMALIZED_BLOCK_O = 256
 
 
 @triton.jit
-def _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_pc, stride_mb, stride_mo,
+def _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_mb, stride_mo,
               HAS_MASK: tl.constexpr):
     """z[row, groups] = sum_{i<k} (proj_x * proj_y * mask)[row, group*k + i] in float32."""
     z = tl.zeros(groups.shape, dtype=tl.float32)
@@ -216,8 +219,8 @@ def _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_
     # serves each byte about once, L1 the other passes.
     for i in range(FACTOR):
         cols = groups * FACTOR + i
-        px = tl.load(px_ptr + row * stride_pb + cols * stride_pc, mask=group_mask, other=0.0).to(tl.float32)
-        py = tl.load(py_ptr + row * stride_pb + cols * stride_pc, mask=group_mask, other=0.0).to(tl.float32)
+        px = tl.load(px_ptr + row * stride_pb + cols, mask=group_mask, other=0.0).to(tl.float32)
+        py = tl.load(py_ptr + row * stride_pb + cols, mask=group_mask, other=0.0).to(tl.float32)
         e = px * py
         if HAS_MASK:
             e *= tl.load(mask_ptr + row * stride_mb + cols * stride_mo, mask=group_mask, other=0.0).to(tl.float32)
@@ -226,90 +229,213 @@ def _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_
 
 
 @triton.jit
-def _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb, stride_go, stride_pb, stride_pc,
+def _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb, stride_go, stride_pb,
               stride_mb, stride_mo, HAS_MASK: tl.constexpr, BLOCK_O: tl.constexpr):
     """One step of a row loop over the groups [start, start + BLOCK_O): the groups, their mask,
     z pooled from the saved projections and the output gradient g there, in float32."""
     groups = start + tl.arange(0, BLOCK_O)
     group_mask = groups < O
-    z = _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_pc, stride_mb,
-                  stride_mo, HAS_MASK)
+    z = _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_mb, stride_mo,
+                  HAS_MASK)
     g = tl.load(g_ptr + row * stride_gb + groups * stride_go, mask=group_mask, other=0.0).to(tl.float32)
     return groups, group_mask, z, g
 
 
 @dot_flops(no_dots)
 @triton.jit
-def _normalized_grad_proj_kernel(
-    g_ptr, px_ptr, py_ptr, mask_ptr, gpx_ptr, gpy_ptr, O, FACTOR, eps,
-    stride_gb, stride_go, stride_pb, stride_pc, stride_mb, stride_mo, stride_eb,
+def _normalized_grad_z_kernel(
+    g_ptr, px_ptr, py_ptr, mask_ptr, gz_ptr, O, FACTOR, eps,
+    stride_gb, stride_go, stride_pb, stride_mb, stride_mo, stride_zb,
     HAS_MASK: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
-    """The backward of the normalised output from the saved (B, o*k) projections, one program
-    per row: z pooled from them as the forward pools it, the gradient g_z of signed sqrt + L2
-    at z, then grad_proj_x = g_z[c // k] * mask * proj_y and grad_proj_y = g_z[c // k] * mask *
-    proj_x for every column c, into contiguous rows of stride stride_eb. The first pass over the
+    """g_z (B, o) float32, the gradient reaching z through signed sqrt + L2, from the output's
+    gradient g and the saved (B, o*k) projections (row stride stride_pb, unit column stride),
+    one program per row: z pooled from them as the forward pools it. The first pass over the
     row reduces the norm and <g, s>; the second re-reads the row, which the first left in L2,
-    and writes: z and g_z never reach memory."""
+    and writes g_z: z never reaches memory."""
     row = tl.program_id(0).to(tl.int64)
     scale = tl.zeros((BLOCK_O,), dtype=tl.float32)
     sum_sq = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    dot = tl.zeros((BLOCK_O,), dtype=tl.float32)
+    g_dot_s = tl.zeros((BLOCK_O,), dtype=tl.float32)
     for start in range(0, O, BLOCK_O):
         groups, group_mask, z, g = _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb,
-                                             stride_go, stride_pb, stride_pc, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
+                                             stride_go, stride_pb, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
         s, _ = signed_root(z, eps)
         scale, sum_sq = accumulate_norm(scale, sum_sq, s)
-        dot += g * s
+        g_dot_s += g * s
     norm = finish_norm(scale, sum_sq)
     denom = tl.where(norm < eps, eps, norm)  # not tl.maximum, which drops a NaN norm
-    radial = tl.sum(dot, axis=0) / denom
+    radial = tl.sum(g_dot_s, axis=0) / denom
     for start in range(0, O, BLOCK_O):
         groups, group_mask, z, g = _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb,
-                                             stride_go, stride_pb, stride_pc, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
+                                             stride_go, stride_pb, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
         grad_z = normalized_grad(g, z, norm, denom, radial, eps)
-        for i in range(FACTOR):
-            cols = groups * FACTOR + i
-            px = tl.load(px_ptr + row * stride_pb + cols * stride_pc, mask=group_mask, other=0.0).to(tl.float32)
-            py = tl.load(py_ptr + row * stride_pb + cols * stride_pc, mask=group_mask, other=0.0).to(tl.float32)
-            ge = grad_z
-            if HAS_MASK:
-                ge *= tl.load(mask_ptr + row * stride_mb + cols * stride_mo, mask=group_mask, other=0.0).to(tl.float32)
-            tl.store(gpx_ptr + row * stride_eb + cols, (ge * py).to(gpx_ptr.dtype.element_ty), mask=group_mask)
-            tl.store(gpy_ptr + row * stride_eb + cols, (ge * px).to(gpy_ptr.dtype.element_ty), mask=group_mask)
+        tl.store(gz_ptr + row * stride_zb + groups, grad_z, mask=group_mask)
 
 
-@dot_flops(no_dots)
 @triton.jit
-def _grad_proj_kernel(
-    g_ptr, px_ptr, py_ptr, mask_ptr, gpx_ptr, gpy_ptr, B, C, FACTOR,
-    stride_gb, stride_go, stride_pb, stride_pc, stride_mb, stride_mo, stride_eb,
-    HAS_MASK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """grad_proj_x = g_z[c // k] * mask * proj_y and grad_proj_y = g_z[c // k] * mask * proj_x
-    for each column c < C = o*k, from the saved (B, o*k) projections; g_z is (B, o). The
-    outputs are contiguous rows of stride stride_eb."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < B)[:, None] & (cols < C)[None, :]
+def _grad_proj_tile(g_ptr, p_ptr, mask_ptr, rows, cols, mask, FACTOR, stride_gb, stride_go, stride_pb,
+                    stride_mb, stride_mo, HAS_MASK: tl.constexpr):
+    """grad_proj[rows, cols] = g_z[row, c // k] * mask[row, c] * p[row, c] in float32, with p
+    the other modality's saved projection (unit column stride): grad_proj_x from proj_y,
+    grad_proj_y from proj_x."""
     rows64 = rows.to(tl.int64)[:, None]
-    # Each g_z entry is read by k adjacent columns: one load from memory, the others hit L1.
-    g = tl.load(g_ptr + rows64 * stride_gb + (cols // FACTOR)[None, :] * stride_go, mask=mask, other=0.0).to(tl.float32)
+    # Each g_z entry serves k adjacent columns: one load from memory, the others hit L1.
+    g = tl.load(g_ptr + rows64 * stride_gb + (cols // FACTOR)[None, :] * stride_go, mask=mask, other=0.0)
+    g = g.to(tl.float32)
     if HAS_MASK:
         g *= tl.load(mask_ptr + rows64 * stride_mb + cols[None, :] * stride_mo, mask=mask, other=0.0).to(tl.float32)
-    px = tl.load(px_ptr + rows64 * stride_pb + cols[None, :] * stride_pc, mask=mask, other=0.0).to(tl.float32)
-    py = tl.load(py_ptr + rows64 * stride_pb + cols[None, :] * stride_pc, mask=mask, other=0.0).to(tl.float32)
-    offsets = rows64 * stride_eb + cols[None, :]
-    tl.store(gpx_ptr + offsets, (g * py).to(gpx_ptr.dtype.element_ty), mask=mask)
-    tl.store(gpy_ptr + offsets, (g * px).to(gpy_ptr.dtype.element_ty), mask=mask)
+    return g * tl.load(p_ptr + rows64 * stride_pb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
-def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, expanded=None, backward=False,
-            normalize=False, eps=0.0):
-    """Forward mode writes z, signed-sqrt-L2-normalised if ``normalize`` (then o must be at
-    most ``_MAX_ROW_O``), and the two projections into ``expanded`` when given; backward mode
-    reads the gradient of z from ``z`` and writes the two projections' gradients into
-    ``expanded``."""
+@triton.jit
+def _grad_input_tile(g_ptr, p_ptr, mask_ptr, w_ptr, out_ptr, B, C, N, FACTOR, n0,
+                     stride_gb, stride_go, stride_pb, stride_mb, stride_mo, stride_wc, stride_wn,
+                     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[rows, n0:n0 + BLOCK_N] = grad_proj @ W[:, n0:n0 + BLOCK_N], W (C, N), out (B, N)
+    contiguous, grad_proj formed per (BLOCK_B, BLOCK_K) tile by _grad_proj_tile and rounded to
+    W's dtype, as the reference's grad_proj is in the input dtype."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    n = n0 + tl.arange(0, BLOCK_N)
+    row_mask, n_mask = rows < B, n < N
+    w_cols = w_ptr + n.to(tl.int64)[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        col_mask = cols < C
+        grad_proj = _grad_proj_tile(g_ptr, p_ptr, mask_ptr, rows, cols, row_mask[:, None] & col_mask[None, :],
+                                    FACTOR, stride_gb, stride_go, stride_pb, stride_mb, stride_mo, HAS_MASK)
+        w = tl.load(w_cols + cols.to(tl.int64)[:, None] * stride_wc, mask=col_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = dot(grad_proj.to(w_ptr.dtype.element_ty), w, acc, PRECISION)
+    out = out_ptr + rows.to(tl.int64)[:, None] * N + n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def _grad_input_flops(args, constexprs, programs):
+    # Per program one (BLOCK_B, BLOCK_N) tile over the o*k columns padded to BLOCK_K, for x's
+    # tiles and y's alike. The dot's first operand, grad_proj, is formed in registers in W's
+    # dtype: the count is keyed by the weight pointer, whose dtype it has.
+    c = constexprs
+    return {"wx_ptr": programs * 2 * c["BLOCK_B"] * c["BLOCK_N"] * padded(args["C"], c["BLOCK_K"])}
+
+
+@dot_flops(_grad_input_flops)
+@triton.jit(do_not_specialize=["B_BUCKET"])
+def _grad_input_kernel(
+    g_ptr, px_ptr, py_ptr, mask_ptr, wx_ptr, wy_ptr, dx_ptr, dy_ptr,
+    B, B_BUCKET, C, FACTOR, NX, NY,
+    stride_gb, stride_go, stride_pb, stride_mb, stride_mo, stride_wxc, stride_wxn, stride_wyc, stride_wyn,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """grad_x = grad_proj_x @ W_x and grad_y = grad_proj_y @ W_y in one launch, grid
+    (B blocks, column tiles of x then of y); grad_proj_x = g_z[c // k] * mask * proj_y and
+    grad_proj_y = g_z[c // k] * mask * proj_x are formed in registers (_grad_proj_tile) and
+    never stored. Each modality is its own branch (its own strides, some of which Triton
+    specialises as constants), so the pointers need not be selected at run time."""
+    tiles_x = tl.cdiv(NX, BLOCK_N)
+    t = tl.program_id(1)
+    if t < tiles_x:
+        _grad_input_tile(g_ptr, py_ptr, mask_ptr, wx_ptr, dx_ptr, B, C, NX, FACTOR, t * BLOCK_N,
+                         stride_gb, stride_go, stride_pb, stride_mb, stride_mo, stride_wxc, stride_wxn,
+                         HAS_MASK, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+    else:
+        _grad_input_tile(g_ptr, px_ptr, mask_ptr, wy_ptr, dy_ptr, B, C, NY, FACTOR, (t - tiles_x) * BLOCK_N,
+                         stride_gb, stride_go, stride_pb, stride_mb, stride_mo, stride_wyc, stride_wyn,
+                         HAS_MASK, PRECISION, BLOCK_B, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _grad_weight_tile(x_ptr, g_ptr, p_ptr, mask_ptr, dw_ptr, db_ptr, B, C, N, FACTOR, n0,
+                      stride_xb, stride_xn, stride_gb, stride_go, stride_pb, stride_mb, stride_mo,
+                      HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """dW[cols, n0:n0 + BLOCK_N] = grad_proj[:, cols]^T @ x[:, n0:n0 + BLOCK_N], one GEMM over
+    the batch, dW (C, N) contiguous, x read in place at its strides; grad_proj formed per
+    (BLOCK_B, BLOCK_C) tile and rounded to x's dtype. The programs of the first column tile
+    (n0 == 0) also store db[cols] = sum_b grad_proj[b, cols], the bias gradient, in float32
+    until the one rounding (no atomics: deterministic)."""
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n = n0 + tl.arange(0, BLOCK_N)
+    col_mask, n_mask = cols < C, n < N
+    x_cols = x_ptr + n.to(tl.int64)[None, :] * stride_xn
+    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_mask = rows < B
+        grad_proj = _grad_proj_tile(g_ptr, p_ptr, mask_ptr, rows, cols, row_mask[:, None] & col_mask[None, :],
+                                    FACTOR, stride_gb, stride_go, stride_pb, stride_mb, stride_mo, HAS_MASK)
+        grad_proj = grad_proj.to(x_ptr.dtype.element_ty)
+        if n0 == 0:
+            bias += tl.sum(grad_proj.to(tl.float32), axis=0)
+        x = tl.load(x_cols + rows.to(tl.int64)[:, None] * stride_xb, mask=row_mask[:, None] & n_mask[None, :],
+                    other=0.0)
+        acc = dot(tl.trans(grad_proj), x, acc, PRECISION)
+    out = dw_ptr + cols.to(tl.int64)[:, None] * N + n[None, :]
+    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_mask[:, None] & n_mask[None, :])
+    if n0 == 0:
+        tl.store(db_ptr + cols, bias.to(db_ptr.dtype.element_ty), mask=col_mask)
+
+
+def _grad_weight_flops(args, constexprs, programs):
+    # Per program one (BLOCK_C, BLOCK_N) tile over the batch, padded to BLOCK_B; the dot's
+    # operands have x's dtype (grad_proj is rounded to it).
+    c = constexprs
+    return {"x_ptr": programs * 2 * c["BLOCK_C"] * c["BLOCK_N"] * padded(args["B"], c["BLOCK_B"])}
+
+
+@dot_flops(_grad_weight_flops)
+@triton.jit(do_not_specialize=["B_BUCKET"])
+def _grad_weight_kernel(
+    x_ptr, y_ptr, g_ptr, px_ptr, py_ptr, mask_ptr, dwx_ptr, dbx_ptr, dwy_ptr, dby_ptr,
+    B, B_BUCKET, C, FACTOR, NX, NY,
+    stride_xb, stride_xn, stride_yb, stride_yn, stride_gb, stride_go, stride_pb, stride_mb, stride_mo,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """grad_W_x = grad_proj_x^T x, grad_b_x = column sums of grad_proj_x, and likewise for y,
+    in one launch, grid (column tiles of x then of y, o*k blocks); grad_proj formed in
+    registers as in _grad_input_kernel."""
+    tiles_x = tl.cdiv(NX, BLOCK_N)
+    t = tl.program_id(0)
+    if t < tiles_x:
+        _grad_weight_tile(x_ptr, g_ptr, py_ptr, mask_ptr, dwx_ptr, dbx_ptr, B, C, NX, FACTOR, t * BLOCK_N,
+                          stride_xb, stride_xn, stride_gb, stride_go, stride_pb, stride_mb, stride_mo,
+                          HAS_MASK, PRECISION, BLOCK_C, BLOCK_N, BLOCK_B)
+    else:
+        _grad_weight_tile(y_ptr, g_ptr, px_ptr, mask_ptr, dwy_ptr, dby_ptr, B, C, NY, FACTOR, (t - tiles_x) * BLOCK_N,
+                          stride_yb, stride_yn, stride_gb, stride_go, stride_pb, stride_mb, stride_mo,
+                          HAS_MASK, PRECISION, BLOCK_C, BLOCK_N, BLOCK_B)
+
+
+_GRAD_KEY = ["B_BUCKET", "C", "FACTOR", "NX", "NY", "HAS_MASK"]
+# Tiles of the backward's GEMMs, (BLOCK_B, BLOCK_N, BLOCK_K) of grad_x and (BLOCK_C, BLOCK_N,
+# BLOCK_B) of grad_W: at least 64 rows, so that half-precision dots are wgmma. Each compiles
+# without register spills for sm_90 in every dtype at the benchmark's GPU shape with Triton
+# 3.9's and 3.6's ptxas (python -m benchmarks.compile_report). Dropped for spilling in float32
+# (CUDA-core dots): grad_x 64 x 64 at 4 warps (BLOCK_K 32 or 16, 3.9), 128 x 128 x 32 at 8 or
+# 16 warps; grad_W 64 x 128 x 32 and 128 x 128 x 32 at 8 warps (3.6), 128 x 128 x 32 at 16.
+_grad_input = triton.autotune(
+    configs=autotune_configs([
+        triton.Config({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+        for b, n, k, w in [(64, 64, 32, 8), (64, 128, 16, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 16, 8)]
+    ]),
+    key=_GRAD_KEY,
+)(_grad_input_kernel)
+_grad_weight = triton.autotune(
+    configs=autotune_configs([
+        triton.Config({"BLOCK_C": c, "BLOCK_N": n, "BLOCK_B": b}, num_warps=w)
+        for c, n, b, w in [(64, 64, 32, 4), (128, 64, 32, 8), (64, 128, 16, 8), (128, 128, 16, 8), (64, 128, 16, 4)]
+    ]),
+    key=_GRAD_KEY,
+)(_grad_weight_kernel)
+
+
+def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, expanded=None, normalize=False, eps=0.0):
+    """Writes z, signed-sqrt-L2-normalised if ``normalize`` (then o must be at most
+    ``_MAX_ROW_O``), and the two projections into ``expanded`` when given."""
     B, O = z.shape
     mask = dropout_mask if dropout_mask is not None else z
     ex, ey = expanded if expanded is not None else (z, z)
@@ -323,8 +449,7 @@ def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, e
         *x.stride(), *y.stride(), *weight_x.stride(), *weight_y.stride(),
         *mask.stride(), *z.stride(), ex.stride(0), eps,
         HAS_BX=bias_x is not None, HAS_BY=bias_y is not None, HAS_MASK=dropout_mask is not None,
-        BACKWARD=backward, NORMALIZE=normalize, SAVE=expanded is not None and not backward,
-        PRECISION=dot_precision(x.dtype), **whole_rows,
+        NORMALIZE=normalize, SAVE=expanded is not None, PRECISION=dot_precision(x.dtype), **whole_rows,
     )
 
 
@@ -335,36 +460,16 @@ def _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, dtyp
     return z
 
 
-def _grad_projections(grad, proj_x, proj_y, factor, dropout_mask, dtype, normalize=False, eps=0.0):
-    """(grad_proj_x, grad_proj_y), each (B, o*k) in ``dtype``, from the saved projections and
-    the output's gradient: through the normalisation when ``normalize``, else z's gradient."""
-    B, C = proj_x.shape
-    gpx = torch.empty((B, C), dtype=dtype, device=proj_x.device)
-    gpy = torch.empty_like(gpx)
-    mask = dropout_mask if dropout_mask is not None else proj_x
-    strides = (*grad.stride(), *proj_x.stride(), *mask.stride(), gpx.stride(0))
-    if normalize:
-        _normalized_grad_proj_kernel[(B,)](
-            grad, proj_x, proj_y, mask, gpx, gpy, C // factor, factor, eps, *strides,
-            HAS_MASK=dropout_mask is not None, BLOCK_O=_NORMALIZED_BLOCK_O,
-        )
-        return gpx, gpy
-    grid = (triton.cdiv(B, _POINTWISE_BLOCK_B), triton.cdiv(C, _POINTWISE_BLOCK_C))
-    _grad_proj_kernel[grid](
-        grad, proj_x, proj_y, mask, gpx, gpy, B, C, factor, *strides,
-        HAS_MASK=dropout_mask is not None, BLOCK_B=_POINTWISE_BLOCK_B, BLOCK_C=_POINTWISE_BLOCK_C,
-        num_warps=_POINTWISE_WARPS,
-    )
-    return gpx, gpy
+def _projection_buffers(x, weight_x):
+    """Two empty (B, o*k) tensors in compute_dtype(x.dtype): the projections' layout."""
+    shape = (x.shape[0], weight_x.shape[0])
+    return [torch.empty(shape, dtype=compute_dtype(x.dtype), device=x.device) for _ in range(2)]
 
 
 def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, save_residuals):
     """(output, residuals): the residuals are the projections [x W_x^T + b_x, y W_y^T + b_y],
     each (B, o*k) in compute_dtype(x.dtype), when ``save_residuals``, else []."""
-    projections = None
-    if save_residuals:
-        shape = (x.shape[0], weight_x.shape[0])
-        projections = [torch.empty(shape, dtype=compute_dtype(x.dtype), device=x.device) for _ in range(2)]
+    projections = _projection_buffers(x, weight_x) if save_residuals else None
     residuals = projections if projections is not None else []
     if not normalize or weight_x.shape[0] // factor <= _MAX_ROW_O:
         z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype, projections, normalize, eps)
@@ -374,17 +479,55 @@ def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, nor
     return epilogue_forward(z, None, True, eps, x.dtype), residuals
 
 
+def _normalized_grad_z(grad, proj_x, proj_y, factor, dropout_mask, eps):
+    B, C = proj_x.shape
+    grad_z = torch.empty((B, C // factor), dtype=torch.float32, device=grad.device)
+    mask = dropout_mask if dropout_mask is not None else proj_x
+    _normalized_grad_z_kernel[(B,)](
+        grad, proj_x, proj_y, mask, grad_z, C // factor, factor, eps,
+        *grad.stride(), proj_x.stride(0), *mask.stride(), grad_z.stride(0),
+        HAS_MASK=dropout_mask is not None, BLOCK_O=_NORMALIZED_BLOCK_O,
+    )
+    return grad_z
+
+
 def _backward(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
+    """[grad_x, grad_y, grad_W_x, grad_b_x, grad_W_y, grad_b_y] by the two fused GEMM kernels
+    from g_z and the projections: the forward's residuals, or, when it saved none, recomputed
+    with z by the tiled forward kernel."""
+    B, C = x.shape[0], weight_x.shape[0]
+    grad_z = grad
     if residuals:
-        grad_px, grad_py = _grad_projections(grad, *residuals, factor, dropout_mask, x.dtype, normalize, eps)
-    else:
+        # The kernels read the projections at unit column stride (a no-op for the forward's).
+        proj_x, proj_y = (r.contiguous() for r in residuals)
         if normalize:
-            z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32)
-            grad, _ = epilogue_backward(grad, z, None, True, eps, torch.float32)
-        grad_px = torch.empty((x.shape[0], weight_x.shape[0]), dtype=x.dtype, device=x.device)
-        grad_py = torch.empty_like(grad_px)
-        _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, grad, (grad_px, grad_py), backward=True)
-    return [grad_px @ weight_x, grad_py @ weight_y, grad_px.t() @ x, grad_px.sum(0), grad_py.t() @ y, grad_py.sum(0)]
+            grad_z = _normalized_grad_z(grad, proj_x, proj_y, factor, dropout_mask, eps)
+    else:
+        proj_x, proj_y = _projection_buffers(x, weight_x)
+        z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32, (proj_x, proj_y))
+        if normalize:
+            grad_z, _ = epilogue_backward(grad, z, None, True, eps, torch.float32)
+    mask = dropout_mask if dropout_mask is not None else proj_x
+    n_x, n_y = x.shape[1], y.shape[1]
+    grad_x = torch.empty((B, n_x), dtype=x.dtype, device=x.device)
+    grad_y = torch.empty((B, n_y), dtype=x.dtype, device=x.device)
+    grad_wx = torch.empty((C, n_x), dtype=weight_x.dtype, device=x.device)
+    grad_wy = torch.empty((C, n_y), dtype=weight_x.dtype, device=x.device)
+    grad_bx = torch.empty((C,), dtype=weight_x.dtype, device=x.device)
+    grad_by = torch.empty_like(grad_bx)
+    shared = dict(HAS_MASK=dropout_mask is not None, PRECISION=dot_precision(x.dtype))
+    column_tiles = lambda meta: triton.cdiv(n_x, meta["BLOCK_N"]) + triton.cdiv(n_y, meta["BLOCK_N"])  # noqa: E731
+    _grad_input[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), column_tiles(meta))](
+        grad_z, proj_x, proj_y, mask, weight_x, weight_y, grad_x, grad_y,
+        B, batch_bucket(B), C, factor, n_x, n_y,
+        *grad_z.stride(), proj_x.stride(0), *mask.stride(), *weight_x.stride(), *weight_y.stride(), **shared,
+    )
+    _grad_weight[lambda meta: (column_tiles(meta), triton.cdiv(C, meta["BLOCK_C"]))](
+        x, y, grad_z, proj_x, proj_y, mask, grad_wx, grad_bx, grad_wy, grad_by,
+        B, batch_bucket(B), C, factor, n_x, n_y,
+        *x.stride(), *y.stride(), *grad_z.stride(), proj_x.stride(0), *mask.stride(), **shared,
+    )
+    return [grad_x, grad_y, grad_wx, grad_bx, grad_wy, grad_by]
 
 
 _dispatch.register_kernel(
