@@ -1,29 +1,34 @@
 """Triton compact bilinear pooling (tensor sketch, pooled over positions, gated, normalised).
 
 Two algorithms, as ops/compact_bilinear.py resolves ``algorithm`` ("gram" or "fft"); both on
-the canonical layout xs[m] (B, T, n_m) -> (B, d), both ending in the epilogue kernel of
+the canonical layout xs[m] (B, T, n_m) -> (B, d), both ending in the row epilogue of
 signed_sqrt_l2.py (z * gate, signed sqrt, L2 norm, cast: one program per row, two passes
-over the row) and its backward.
+over the row) and its backward: the FFT path in their own launches, the Gram path inside its
+two kernels.
 
 Gram path (two modalities X (B, T, n1), Y (B, T, n2)): z_b = count sketch of G_b = X_b^T Y_b
-with hash (h1(i) + h2(j)) mod d and sign s1(i) s2(j).
+with hash (h1(i) + h2(j)) mod d and sign s1(i) s2(j). Three launches forward+backward:
 
 forward
+  0. torch.zeros: z (B, d) float32 and the per-sample arrival counters, one allocation
   1. _gram_sketch_kernel: one program per (sample, n1 tile, n2 tile); the G tile is a
      tensor-core matmul over T in float32 registers, then signed (and / T for "mean") and
-     added into z (B, d) float32 with atomics
-  2. epilogue kernel                          z -> out
+     added into z with atomics; each program then counts itself in its sample's counter
+     (acq_rel), and the sample's last program runs the row epilogue (z * gate, signed sqrt,
+     L2, cast; _common.epilogue_row) on z[b] -> out[b]
 backward
-  1-2. only with a gate or normalize: z, saved by the forward when autograd records the call
-       (the op's residual; recomputed as the forward does otherwise), epilogue backward
-       kernel -> dz, dgate
-  3. _gram_adjoint_kernel, twice with the roles swapped: dX = Y dG^T, dY = X dG with
-     dG_ij = s1(i) s2(j) dz[(h1(i) + h2(j)) mod d] (/ T) gathered into register tiles; one
-     program per (sample, position tile, feature tile)
+  1. _gram_adjoint_kernel, one grid for both inputs: dX = Y dG^T by the first programs, dY =
+     X dG by the rest, with dG_ij = s1(i) s2(j) dz[(h1(i) + h2(j)) mod d] (/ T) gathered into
+     register tiles; one program per (sample, position tile, feature tile). With a gate or
+     normalisation, dz is the epilogue's backward, formed per gathered entry from grad, z
+     (saved by the forward when autograd records the call, the op's residual; recomputed by
+     steps 0-1 otherwise) and the gate; with normalisation each program first recomputes its
+     sample's norm and <grad, out> (a pass over d values of z and grad, from L2); the first
+     dX program of each sample writes dgate.
 
-What it materialises: z (B, d) (and dz in the backward) and the outputs; no per-position
-sketch, no spectrum and no (B, n1, n2) Gram matrix exists in memory. The atomics make z's
-summation order vary between runs (see ops.compact_bilinear.choose_algorithm). The Gram path
+What it materialises: z (B, d) and the outputs; no dz, no per-position sketch, no spectrum
+and no (B, n1, n2) Gram matrix exists in memory. The atomics make z's summation order vary
+between runs (see ops.compact_bilinear.choose_algorithm). The Gram path
 takes float32, float16 and bfloat16 (tl.dot has no float64 form; see _common.py), whose dots
 accumulate in float32; float64 Gram calls run the "torch" kernels (``_accepts``).
 
@@ -298,10 +303,12 @@ def _gram_sketch_kernel(
 # other modality's features per step. Each gathered dG entry serves 2 BLOCK_T dot FLOPs, so
 # BLOCK_T is kept large. Spill-free as _GRAM_CONFIGS; float32 (FMA dots, whose operand tiles
 # live in registers next to the gathered tile) spills at BLOCK_J = 64 with 128 x 128 or
-# 64 x 128 tiles, at 64 x 128 x 32 and at 128 x 128 x 32 with three stages.
+# 64 x 128 tiles, at 64 x 128 x 32 and at 128 x 128 x 32 with three stages, and, since the
+# epilogue's backward is formed per gathered entry, at 4 warps with 128 x 64 x 32 and
+# 64 x 64 x 64 tiles (up to 256 B with Triton 3.9): those run at 8 warps.
 _GRAM_ADJOINT_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_I": i, "BLOCK_T": t, "BLOCK_J": j}, num_warps=w, num_stages=s)
-    for i, t, j, w, s in [(128, 128, 32, 8, 2), (128, 128, 16, 8, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3)]
+    for i, t, j, w, s in [(128, 128, 32, 8, 2), (128, 128, 16, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3)]
 ])
 
 
