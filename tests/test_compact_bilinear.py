@@ -458,6 +458,11 @@ CONFORMANCE = {
     "triton gram permuted": Case(cbp_case((130, 21), 25, (2, 40), "mean", True, True, "gram", "permuted")),
     "triton gram half": Case(cbp_case((130, 67), 97, (2, 70), "mean", True, True, "gram"), HALF),
     "triton gram half sum no normalize": Case(cbp_case((130, 67), 97, (2, 70), "sum", False, False, "gram"), HALF),
+    # One sample whose forward has several tile programs (the last one runs the epilogue) and
+    # whose backward has more dy than dx programs per sample (one launch serves both).
+    "triton gram B=1 gate normalize, tiles": Case(cbp_case((67, 130), 97, (1, 20), "sum", True, True, "gram")),
+    "triton gram mean gate normalize, strided": Case(cbp_case((37, 29), 33, (3, 5), "mean", True, True, "gram", "strided")),
+    "triton gram gate only, transposed": Case(cbp_case((29, 37), 31, (2, 5), "mean", True, False, "gram", "transposed")),
 }
 
 

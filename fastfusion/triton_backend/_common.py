@@ -245,15 +245,15 @@ def _gated(z_ptr, gate_ptr, row, cols, mask, stride_z_row, stride_z_col, stride_
     return z, gate
 
 
-@dot_flops(no_dots)
 @triton.jit
-def _epilogue_forward_kernel(
-    z_ptr, gate_ptr, out_ptr,
-    d, eps,
+def epilogue_row(
+    z_ptr, gate_ptr, out_ptr, row, d, eps,
     stride_z_row, stride_z_col, stride_gate_row, stride_gate_col, stride_out_row,
     HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """out[row] = epilogue of z[row] (z * gate, then signed sqrt + L2 if NORMALIZE), d columns
+    in BLOCK steps, two passes over the row: the body of the epilogue kernel, and of any kernel
+    that ends by finishing a row it has just made (the pooled CBP's Gram kernel)."""
     denom = 1.0
     if NORMALIZE:
         scale = tl.zeros((BLOCK,), dtype=ACC)
@@ -281,6 +281,46 @@ def _epilogue_forward_kernel(
 
 @dot_flops(no_dots)
 @triton.jit
+def _epilogue_forward_kernel(
+    z_ptr, gate_ptr, out_ptr,
+    d, eps,
+    stride_z_row, stride_z_col, stride_gate_row, stride_gate_col, stride_out_row,
+    HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    epilogue_row(z_ptr, gate_ptr, out_ptr, tl.program_id(0).to(tl.int64), d, eps,
+                 stride_z_row, stride_z_col, stride_gate_row, stride_gate_col, stride_out_row,
+                 HAS_GATE, NORMALIZE, ACC, BLOCK)
+
+
+@triton.jit
+def normalized_grad_scalars(
+    grad_ptr, z_ptr, gate_ptr, row, d, eps,
+    stride_grad_row, stride_grad_col, stride_z_row, stride_z_col, stride_gate_row, stride_gate_col,
+    HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """(norm, denom, radial) of row ``row`` for :func:`normalized_grad`: the L2 norm of
+    s = signed_sqrt(z * gate), denom = max(norm, eps) and radial = <grad, s / denom>, in one
+    pass over the row in BLOCK steps (the first pass of the epilogue's backward)."""
+    scale = tl.zeros((BLOCK,), dtype=ACC)
+    sum_sq = tl.zeros((BLOCK,), dtype=ACC)
+    dot = tl.zeros((BLOCK,), dtype=ACC)
+    for start in range(0, d, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < d
+        z, gate = _gated(z_ptr, gate_ptr, row, cols, mask, stride_z_row, stride_z_col,
+                         stride_gate_row, stride_gate_col, HAS_GATE, ACC)
+        g = tl.load(grad_ptr + row * stride_grad_row + cols * stride_grad_col, mask=mask, other=0.0).to(ACC)
+        s, _ = signed_root(z * gate, eps)
+        scale, sum_sq = accumulate_norm(scale, sum_sq, s)
+        dot += g * s
+    norm = finish_norm(scale, sum_sq)
+    denom = tl.where(norm < eps, eps, norm)
+    # <grad, out> with out = s / denom.
+    return norm, denom, tl.sum(dot, axis=0) / denom
+
+
+@dot_flops(no_dots)
+@triton.jit
 def _epilogue_backward_kernel(
     grad_ptr, z_ptr, gate_ptr, grad_z_ptr, grad_gate_ptr,
     d, eps,
@@ -293,22 +333,9 @@ def _epilogue_backward_kernel(
     denom = 1.0
     radial = 0.0
     if NORMALIZE:
-        scale = tl.zeros((BLOCK,), dtype=ACC)
-        sum_sq = tl.zeros((BLOCK,), dtype=ACC)
-        dot = tl.zeros((BLOCK,), dtype=ACC)
-        for start in range(0, d, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < d
-            z, gate = _gated(z_ptr, gate_ptr, row, cols, mask, stride_z_row, stride_z_col,
-                             stride_gate_row, stride_gate_col, HAS_GATE, ACC)
-            g = tl.load(grad_ptr + row * stride_grad_row + cols * stride_grad_col, mask=mask, other=0.0).to(ACC)
-            s, _ = signed_root(z * gate, eps)
-            scale, sum_sq = accumulate_norm(scale, sum_sq, s)
-            dot += g * s
-        norm = finish_norm(scale, sum_sq)
-        denom = tl.where(norm < eps, eps, norm)
-        # <grad, out> with out = s / denom.
-        radial = tl.sum(dot, axis=0) / denom
+        norm, denom, radial = normalized_grad_scalars(
+            grad_ptr, z_ptr, gate_ptr, row, d, eps, stride_grad_row, stride_grad_col,
+            stride_z_row, stride_z_col, stride_gate_row, stride_gate_col, HAS_GATE, ACC, BLOCK)
     for start in range(0, d, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < d

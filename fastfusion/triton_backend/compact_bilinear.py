@@ -1,29 +1,34 @@
 """Triton compact bilinear pooling (tensor sketch, pooled over positions, gated, normalised).
 
 Two algorithms, as ops/compact_bilinear.py resolves ``algorithm`` ("gram" or "fft"); both on
-the canonical layout xs[m] (B, T, n_m) -> (B, d), both ending in the epilogue kernel of
+the canonical layout xs[m] (B, T, n_m) -> (B, d), both ending in the row epilogue of
 signed_sqrt_l2.py (z * gate, signed sqrt, L2 norm, cast: one program per row, two passes
-over the row) and its backward.
+over the row) and its backward: the FFT path in their own launches, the Gram path inside its
+two kernels.
 
 Gram path (two modalities X (B, T, n1), Y (B, T, n2)): z_b = count sketch of G_b = X_b^T Y_b
-with hash (h1(i) + h2(j)) mod d and sign s1(i) s2(j).
+with hash (h1(i) + h2(j)) mod d and sign s1(i) s2(j). Three launches forward+backward:
 
 forward
+  0. torch.zeros: z (B, d) float32 and the per-sample arrival counters, one allocation
   1. _gram_sketch_kernel: one program per (sample, n1 tile, n2 tile); the G tile is a
      tensor-core matmul over T in float32 registers, then signed (and / T for "mean") and
-     added into z (B, d) float32 with atomics
-  2. epilogue kernel                          z -> out
+     added into z with atomics; each program then counts itself in its sample's counter
+     (acq_rel), and the sample's last program runs the row epilogue (z * gate, signed sqrt,
+     L2, cast; _common.epilogue_row) on z[b] -> out[b]
 backward
-  1-2. only with a gate or normalize: z, saved by the forward when autograd records the call
-       (the op's residual; recomputed as the forward does otherwise), epilogue backward
-       kernel -> dz, dgate
-  3. _gram_adjoint_kernel, twice with the roles swapped: dX = Y dG^T, dY = X dG with
-     dG_ij = s1(i) s2(j) dz[(h1(i) + h2(j)) mod d] (/ T) gathered into register tiles; one
-     program per (sample, position tile, feature tile)
+  1. _gram_adjoint_kernel, one grid for both inputs: dX = Y dG^T by the first programs, dY =
+     X dG by the rest, with dG_ij = s1(i) s2(j) dz[(h1(i) + h2(j)) mod d] (/ T) gathered into
+     register tiles; one program per (sample, position tile, feature tile). With a gate or
+     normalisation, dz is the epilogue's backward, formed per gathered entry from grad, z
+     (saved by the forward when autograd records the call, the op's residual; recomputed by
+     steps 0-1 otherwise) and the gate; with normalisation each program first recomputes its
+     sample's norm and <grad, out> (a pass over d values of z and grad, from L2); the first
+     dX program of each sample writes dgate.
 
-What it materialises: z (B, d) (and dz in the backward) and the outputs; no per-position
-sketch, no spectrum and no (B, n1, n2) Gram matrix exists in memory. The atomics make z's
-summation order vary between runs (see ops.compact_bilinear.choose_algorithm). The Gram path
+What it materialises: z (B, d) and the outputs; no dz, no per-position sketch, no spectrum
+and no (B, n1, n2) Gram matrix exists in memory. The atomics make z's summation order vary
+between runs (see ops.compact_bilinear.choose_algorithm). The Gram path
 takes float32, float16 and bfloat16 (tl.dot has no float64 form; see _common.py), whose dots
 accumulate in float32; float64 Gram calls run the "torch" kernels (``_accepts``).
 
@@ -86,8 +91,11 @@ from ._common import (
     dot_precision,
     epilogue_backward,
     epilogue_forward,
+    epilogue_row,
     matmul_tile,
     no_dots,
+    normalized_grad,
+    normalized_grad_scalars,
     padded,
 )
 from .count_sketch import adjoint_into, inverse_table, sketch_into
@@ -202,11 +210,10 @@ def _bins(h_rows, h_cols, D):
 
 
 @triton.jit
-def _sample_tile(N_ROWS, N_COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """This program's sample b and its tile of an (N_ROWS, N_COLS) grid per sample: (b, rows,
+def _sample_tile(pid, N_ROWS, N_COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Program ``pid``'s sample b and its tile of an (N_ROWS, N_COLS) grid per sample: (b, rows,
     cols), one program per (sample, tile), a sample's tiles adjacent in launch order (rows
     fastest), so that they run together and share the sample's operands in L2."""
-    pid = tl.program_id(0)
     tiles_rows = tl.cdiv(N_ROWS, BLOCK_ROWS)
     tiles = tiles_rows * tl.cdiv(N_COLS, BLOCK_COLS)
     tile = pid % tiles
@@ -214,6 +221,10 @@ def _sample_tile(N_ROWS, N_COLS, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.conste
     cols = tile // tiles_rows * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
     return (pid // tiles).to(tl.int64), rows, cols
 
+
+# The row epilogue's block (its kernel's, _common._EPILOGUE_BLOCK) inside the Gram kernels:
+# 1024 columns a step, 2 to 8 per thread at 4 to 16 warps.
+_GRAM_EPILOGUE_BLOCK = 1024
 
 # Configs for sm_90: tiles of >= 64 rows (a warp group's wgmma M per 4 warps) for the bfloat16
 # and float16 dots; at the benchmark's GPU shape (B = 32, n = 512) 128 x 128 tiles make
@@ -229,26 +240,31 @@ _GRAM_CONFIGS = autotune_configs([
 
 
 def _gram_sketch_flops(args, constexprs, programs):
-    # One (BLOCK_I, BLOCK_J) tile of X_b^T Y_b per program, over T padded to BLOCK_T steps.
+    # One (BLOCK_I, BLOCK_J) tile of X_b^T Y_b per program, over T padded to BLOCK_T steps;
+    # the last program of each sample's epilogue has no dots.
     c = constexprs
     return {"x_ptr": programs * 2 * c["BLOCK_I"] * c["BLOCK_J"] * padded(args["T"], c["BLOCK_T"])}
 
 
-@triton.autotune(configs=_GRAM_CONFIGS, key=["B_BUCKET", "T", "N1", "N2", "D", "MEAN"], reset_to_zero=["z_ptr"])
+@triton.autotune(configs=_GRAM_CONFIGS, key=["B_BUCKET", "T", "N1", "N2", "D", "MEAN"],
+                 reset_to_zero=["z_ptr", "arrived_ptr"])
 @dot_flops(_gram_sketch_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _gram_sketch_kernel(
-    x_ptr, y_ptr, h1_ptr, s1_ptr, h2_ptr, s2_ptr, z_ptr,
-    B_BUCKET, T, N1, N2, D,
+    x_ptr, y_ptr, h1_ptr, s1_ptr, h2_ptr, s2_ptr, z_ptr, arrived_ptr, gate_ptr, out_ptr,
+    B_BUCKET, T, N1, N2, D, eps,
     stride_xb, stride_xt, stride_xn, stride_yb, stride_yt, stride_yn,
-    stride_h1, stride_s1, stride_h2, stride_s2, stride_zb,
-    MEAN: tl.constexpr, PRECISION: tl.constexpr,
+    stride_h1, stride_s1, stride_h2, stride_s2, stride_zb, stride_gate_b, stride_gate_d, stride_outb,
+    MEAN: tl.constexpr, EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr,
+    PRECISION: tl.constexpr, EPILOGUE_BLOCK: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """z[b, (h1(i) + h2(j)) mod D] += s1(i) s2(j) G[b, i, j] (/ T), G_b = X_b^T Y_b, for this
     program's (sample b, i tile, j tile) (_sample_tile); x (B, T, N1), y (B, T, N2), z (B, D)
-    float32, zeroed."""
-    b, i, j = _sample_tile(N1, N2, BLOCK_I, BLOCK_J)
+    float32, zeroed. With EPILOGUE, also out[b] = epilogue(z[b]) (gate, signed sqrt, L2;
+    _common.epilogue_row) by the sample's last program to finish, counted in arrived (B,)
+    int32, zeroed."""
+    b, i, j = _sample_tile(tl.program_id(0), N1, N2, BLOCK_I, BLOCK_J)
     mask_i, mask_j = i < N1, j < N2
     # G_b[i, j] = (X_b^T)[i, :] Y_b[:, j], summed over t in BLOCK_T steps.
     gram = matmul_tile(x_ptr + b * stride_xb, stride_xn, stride_xt, y_ptr + b * stride_yb, stride_yt, stride_yn,
@@ -265,52 +281,91 @@ def _gram_sketch_kernel(
     # torch.use_deterministic_algorithms. The bins of one sample (D floats) stay in L2.
     tl.atomic_add(z_ptr + b * stride_zb + _bins(h1, h2, D), value,
                   mask=mask_i[:, None] & mask_j[None, :], sem="relaxed")
+    if EPILOGUE:
+        # The sample's last program finishes its row. Memory order (PTX's model): the barrier
+        # orders every thread's adds above before the counter's add, which one thread issues
+        # as a gpu-scope acq_rel atomic, a release cumulative over what the CTA did before the
+        # barrier. Whichever program's add returns tiles - 1 came after every other program's
+        # release in the counter's order, so its acquire makes all their adds to z visible
+        # to it; Triton hands the scalar result to the other threads through shared memory
+        # behind a barrier, which extends that to every thread of the program before any
+        # reads z. No other program reads z[b] in this launch, so the epilogue's loads find
+        # no stale line in L1. The interpreter runs programs one by one: the last one there
+        # is the last in the grid.
+        tiles = tl.cdiv(N1, BLOCK_I) * tl.cdiv(N2, BLOCK_J)
+        tl.debug_barrier()
+        if tl.atomic_add(arrived_ptr + b, 1, sem="acq_rel") == tiles - 1:
+            epilogue_row(z_ptr, gate_ptr, out_ptr, b, D, eps, stride_zb, 1, stride_gate_b, stride_gate_d, stride_outb,
+                         HAS_GATE, NORMALIZE, tl.float32, EPILOGUE_BLOCK)
 
 
 # The backward's tiles: (BLOCK_I own features, BLOCK_T positions) outputs, BLOCK_J of the
 # other modality's features per step. Each gathered dG entry serves 2 BLOCK_T dot FLOPs, so
 # BLOCK_T is kept large. Spill-free as _GRAM_CONFIGS; float32 (FMA dots, whose operand tiles
 # live in registers next to the gathered tile) spills at BLOCK_J = 64 with 128 x 128 or
-# 64 x 128 tiles, at 64 x 128 x 32 and at 128 x 128 x 32 with three stages.
+# 64 x 128 tiles, at 64 x 128 x 32 and at 128 x 128 x 32 with three stages, and, since the
+# epilogue's backward is formed per gathered entry, at 4 warps with 128 x 64 x 32 and
+# 64 x 64 x 64 tiles (up to 256 B with Triton 3.9): those run at 8 warps.
 _GRAM_ADJOINT_CONFIGS = autotune_configs([
     triton.Config({"BLOCK_I": i, "BLOCK_T": t, "BLOCK_J": j}, num_warps=w, num_stages=s)
-    for i, t, j, w, s in [(128, 128, 32, 8, 2), (128, 128, 16, 8, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 3)]
+    for i, t, j, w, s in [(128, 128, 32, 8, 2), (128, 128, 16, 8, 3), (128, 64, 32, 8, 3), (64, 64, 64, 8, 3)]
 ])
 
 
 def _gram_adjoint_flops(args, constexprs, programs):
     # One (BLOCK_I, BLOCK_T) output tile per program, over the other modality's features
-    # padded to BLOCK_J steps.
-    c = constexprs
-    return {"other_ptr": programs * 2 * c["BLOCK_I"] * c["BLOCK_T"] * padded(args["N_OTHER"], c["BLOCK_J"])}
+    # padded to BLOCK_J steps: B cdiv(N1, BLOCK_I) T-tiles programs for dx over N2, then
+    # B cdiv(N2, BLOCK_I) T-tiles for dy over N1.
+    c, a = constexprs, args
+    t_tiles = triton.cdiv(a["T"], c["BLOCK_T"])
+    per_row_step = 2 * c["BLOCK_I"] * c["BLOCK_T"]
+    dx_programs = a["B"] * triton.cdiv(a["N1"], c["BLOCK_I"]) * t_tiles
+    return {"y_ptr": dx_programs * per_row_step * padded(a["N2"], c["BLOCK_J"]),
+            "x_ptr": (programs - dx_programs) * per_row_step * padded(a["N1"], c["BLOCK_J"])}
 
 
-@triton.autotune(configs=_GRAM_ADJOINT_CONFIGS, key=["B_BUCKET", "T", "N_OWN", "N_OTHER", "D", "MEAN"])
-@dot_flops(_gram_adjoint_flops)
-@triton.jit(do_not_specialize=["B_BUCKET"])
-def _gram_adjoint_kernel(
-    other_ptr, h_own_ptr, s_own_ptr, h_other_ptr, s_other_ptr, dz_ptr, out_ptr,
-    B_BUCKET, T, N_OWN, N_OTHER, D,
+@triton.jit
+def _grad_v(grad_ptr, z_ptr, gate_ptr, b, cols, mask, eps, norm, denom, radial,
+            stride_gb, stride_gd, stride_zb, stride_gate_b, stride_gate_d,
+            HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr):
+    """(dL/dv, gate) at columns ``cols`` (any shape) of sample b, v = z * gate the epilogue's
+    input, from grad = dL/dout, given the row's (norm, denom, radial) (normalized_grad_scalars);
+    masked entries 0. Without a gate, ``gate`` is 1 and unused by the callers."""
+    g = tl.load(grad_ptr + b * stride_gb + cols * stride_gd, mask=mask, other=0.0).to(tl.float32)
+    gate = 1.0
+    if HAS_GATE:
+        gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        z = tl.load(z_ptr + b * stride_zb + cols, mask=mask, other=0.0)
+        # A NaN radial (a NaN sample) would reach the masked entries too: they stay 0.
+        g = tl.where(mask, normalized_grad(g, z * gate, norm, denom, radial, eps), 0.0)
+    return g, gate
+
+
+@triton.jit
+def _adjoint_tile(
+    b, i, t, other_ptr, h_own_ptr, s_own_ptr, h_other_ptr, s_other_ptr, grad_ptr, z_ptr, gate_ptr, out_ptr,
+    T, N_OWN, N_OTHER, D, eps, norm, denom, radial,
     stride_ob, stride_ot, stride_on, stride_h_own, stride_s_own, stride_h_other, stride_s_other,
-    stride_dzb, stride_dzd, stride_outb, stride_outt, stride_outn,
-    MEAN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+    stride_gb, stride_gd, stride_zb, stride_gate_b, stride_gate_d, stride_outb, stride_outt, stride_outn,
+    MEAN: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     """out[b, t, i] = sum_j other[b, t, j] dG[b, i, j] (/ T), dG[b, i, j] = s_own(i) s_other(j)
-    dz[b, (h_own(i) + h_other(j)) mod D]: the gradient of the Gram forward w.r.t. one modality
-    (own, N_OWN features) given the other (B, T, N_OTHER). One program per (sample, t tile,
-    i tile). dG exists only as register tiles gathered from dz (D values per sample, in L1/L2);
-    each is rounded to the other operand's dtype for the dot, as a half-precision GEMM's
-    backward rounds its incoming gradient. The sign s_own(i) and 1/T are applied once per
-    output, not per gathered entry."""
-    b, i, t = _sample_tile(N_OWN, T, BLOCK_I, BLOCK_T)
+    dz[b, (h_own(i) + h_other(j)) mod D], dz = dL/dz, for one (BLOCK_I own features i,
+    BLOCK_T positions t) tile: the gradient of the Gram forward w.r.t. one modality (own,
+    N_OWN features) given the other (B, T, N_OTHER). dG exists only as register tiles
+    gathered from grad (and, with a gate or normalisation, z and the gate, from which dz is
+    formed per entry: dz = gate dL/dv; D values each per sample, in L1/L2); each is rounded to
+    the other operand's dtype for the dot, as a half-precision GEMM's backward rounds its
+    incoming gradient. The sign s_own(i) and 1/T are applied once per output, not per
+    gathered entry."""
     mask_i, mask_t = i < N_OWN, t < T
     h_own = tl.load(h_own_ptr + i * stride_h_own, mask=mask_i, other=0)
-    dz_row = dz_ptr + b * stride_dzb
     other_rows = other_ptr + b * stride_ob + t.to(tl.int64)[None, :] * stride_ot
     # out^T (BLOCK_I, BLOCK_T) = dG (BLOCK_I, BLOCK_J) @ other^T (BLOCK_J, BLOCK_T): the gathered
     # operand comes first, where an MMA can take it from registers.
-    acc = tl.zeros((BLOCK_I, BLOCK_T), dtype=tl.float32)
+    acc = tl.zeros((i.shape[0], t.shape[0]), dtype=tl.float32)
     for j0 in range(0, N_OTHER, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
         mask_j = j < N_OTHER
@@ -318,7 +373,12 @@ def _gram_adjoint_kernel(
         s_other = tl.load(s_other_ptr + j * stride_s_other, mask=mask_j, other=0).to(tl.float32)
         # Masked columns read 0, not a dz entry that may be inf or NaN (0 * NaN would leak).
         bins = _bins(h_own, h_other, D)
-        grad_gram = tl.load(dz_row + bins * stride_dzd, mask=mask_j[None, :], other=0.0).to(tl.float32) * s_other[None, :]
+        grad_v, gate = _grad_v(grad_ptr, z_ptr, gate_ptr, b, bins, tl.broadcast_to(mask_j[None, :], bins.shape),
+                               eps, norm, denom, radial,
+                               stride_gb, stride_gd, stride_zb, stride_gate_b, stride_gate_d, HAS_GATE, NORMALIZE)
+        if HAS_GATE:
+            grad_v = grad_v * gate  # dz = gate dL/dv
+        grad_gram = grad_v * s_other[None, :]
         other_t = tl.load(other_rows + j[:, None] * stride_on, mask=mask_j[:, None] & mask_t[None, :], other=0.0)
         acc = dot(grad_gram.to(other_t.dtype), other_t, acc, PRECISION)
     s_own = tl.load(s_own_ptr + i * stride_s_own, mask=mask_i, other=0).to(tl.float32)
@@ -329,36 +389,111 @@ def _gram_adjoint_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_t[None, :])
 
 
-def _gram_pooled_sketch(xs, hashes, signs, out_dim: int, mean: bool) -> torch.Tensor:
-    """(B, T, n1), (B, T, n2) -> z (B, d) float32: the count sketch of each sample's X^T Y."""
+@triton.autotune(configs=_GRAM_ADJOINT_CONFIGS, key=["B_BUCKET", "T", "N1", "N2", "D", "MEAN"])
+@dot_flops(_gram_adjoint_flops)
+@triton.jit(do_not_specialize=["B", "B_BUCKET"])
+def _gram_adjoint_kernel(
+    x_ptr, y_ptr, h1_ptr, s1_ptr, h2_ptr, s2_ptr, grad_ptr, z_ptr, gate_ptr, dx_ptr, dy_ptr, dgate_ptr,
+    B, B_BUCKET, T, N1, N2, D, eps,
+    stride_xb, stride_xt, stride_xn, stride_yb, stride_yt, stride_yn,
+    stride_h1, stride_s1, stride_h2, stride_s2,
+    stride_gb, stride_gd, stride_zb, stride_gate_b, stride_gate_d,
+    stride_dxb, stride_dxt, stride_dxn, stride_dyb, stride_dyt, stride_dyn, stride_dgate_b,
+    MEAN: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
+    EPILOGUE_BLOCK: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """Both inputs' gradients of the Gram forward followed by the epilogue, from grad =
+    dL/dout (B, D): dx = Y dG^T by the first B cdiv(N1, BLOCK_I) cdiv(T, BLOCK_T) programs,
+    dy = X dG by the rest (_adjoint_tile each, one (sample, own-feature tile, position tile)
+    per program). With NORMALIZE, each program first forms its sample's (norm, denom,
+    radial) from grad and z, the epilogue backward's first pass (D values each, from L2),
+    then dz per gathered entry; with a gate, dgate[b] = z[b] dL/dv[b] is written by the
+    sample's first dx program. Without either, dz = grad."""
+    pid = tl.program_id(0)
+    dx_tiles = tl.cdiv(N1, BLOCK_I) * tl.cdiv(T, BLOCK_T)
+    is_dy = pid >= B * dx_tiles
+    local = tl.where(is_dy, pid - B * dx_tiles, pid)
+    b, i, t = _sample_tile(local, tl.where(is_dy, N2, N1), T, BLOCK_I, BLOCK_T)
+    norm = 1.0
+    denom = 1.0
+    radial = 0.0
+    if NORMALIZE:
+        norm, denom, radial = normalized_grad_scalars(
+            grad_ptr, z_ptr, gate_ptr, b, D, eps, stride_gb, stride_gd, stride_zb, 1, stride_gate_b, stride_gate_d,
+            HAS_GATE, tl.float32, EPILOGUE_BLOCK)
+    if HAS_GATE:
+        if (local % dx_tiles == 0) & (pid < B * dx_tiles):
+            for start in range(0, D, EPILOGUE_BLOCK):
+                cols = start + tl.arange(0, EPILOGUE_BLOCK)
+                mask = cols < D
+                z = tl.load(z_ptr + b * stride_zb + cols, mask=mask, other=0.0)
+                grad_v, _ = _grad_v(grad_ptr, z_ptr, gate_ptr, b, cols, mask, eps, norm, denom, radial,
+                                       stride_gb, stride_gd, stride_zb, stride_gate_b, stride_gate_d, HAS_GATE, NORMALIZE)
+                tl.store(dgate_ptr + b * stride_dgate_b + cols, (grad_v * z).to(dgate_ptr.dtype.element_ty), mask=mask)
+    if is_dy:
+        _adjoint_tile(b, i, t, x_ptr, h2_ptr, s2_ptr, h1_ptr, s1_ptr, grad_ptr, z_ptr, gate_ptr, dy_ptr,
+                      T, N2, N1, D, eps, norm, denom, radial,
+                      stride_xb, stride_xt, stride_xn, stride_h2, stride_s2, stride_h1, stride_s1,
+                      stride_gb, stride_gd, stride_zb, stride_gate_b, stride_gate_d, stride_dyb, stride_dyt, stride_dyn,
+                      MEAN, HAS_GATE, NORMALIZE, PRECISION, BLOCK_J)
+    else:
+        _adjoint_tile(b, i, t, y_ptr, h1_ptr, s1_ptr, h2_ptr, s2_ptr, grad_ptr, z_ptr, gate_ptr, dx_ptr,
+                      T, N1, N2, D, eps, norm, denom, radial,
+                      stride_yb, stride_yt, stride_yn, stride_h1, stride_s1, stride_h2, stride_s2,
+                      stride_gb, stride_gd, stride_zb, stride_gate_b, stride_gate_d, stride_dxb, stride_dxt, stride_dxn,
+                      MEAN, HAS_GATE, NORMALIZE, PRECISION, BLOCK_J)
+
+
+def _gram_pooled_sketch(xs, hashes, signs, out_dim: int, mean: bool,
+                        epilogue: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T, n1), (B, T, n2) -> (z, out): z (B, d) float32, the count sketch of each sample's
+    X^T Y, and with ``epilogue`` = (gate, normalize, eps) out (B, d) in x's dtype, z's
+    epilogue (gate, signed sqrt, L2), from the same launch (else None). One zeroed allocation
+    holds z and the per-sample arrival counters (one launch zeroes both)."""
     (x, y), (h1, h2), (s1, s2) = xs, hashes, signs
     (batch, positions, n1), n2 = x.shape, y.shape[2]
-    z = torch.zeros((batch, out_dim), dtype=torch.float32, device=x.device)
+    zeroed = torch.zeros(batch * out_dim + batch, dtype=torch.float32, device=x.device)
+    z, arrived = zeroed[: batch * out_dim].view(batch, out_dim), zeroed[batch * out_dim:].view(torch.int32)
+    gate, normalize, eps = epilogue or (None, False, 0.0)
+    out = None if epilogue is None else torch.empty((batch, out_dim), dtype=x.dtype, device=x.device)
+    gate_or_z = z if gate is None else gate  # valid pointers the kernel never reads without them
     grid = lambda meta: (batch * triton.cdiv(n1, meta["BLOCK_I"]) * triton.cdiv(n2, meta["BLOCK_J"]),)  # noqa: E731
     _gram_sketch_kernel[grid](
-        x, y, h1, s1, h2, s2, z,
-        batch_bucket(batch), positions, n1, n2, out_dim,
+        x, y, h1, s1, h2, s2, z, arrived, gate_or_z, z if out is None else out,
+        batch_bucket(batch), positions, n1, n2, out_dim, eps,
         *x.stride(), *y.stride(), h1.stride(0), s1.stride(0), h2.stride(0), s2.stride(0), z.stride(0),
-        MEAN=mean, PRECISION=dot_precision(x.dtype),
+        *gate_or_z.stride(), out_dim,
+        MEAN=mean, EPILOGUE=epilogue is not None, HAS_GATE=gate is not None, NORMALIZE=normalize,
+        PRECISION=dot_precision(x.dtype), EPILOGUE_BLOCK=_GRAM_EPILOGUE_BLOCK,
     )
-    return z
+    return z, out
 
 
-def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torch.Tensor:
-    """The gradient w.r.t. x (B, T, n_own), modality ``own`` of the two, given the other
-    modality's input ``other`` and grad_z (B, d): x's shape and dtype, contiguous."""
-    (batch, positions, n_own), n_other = x.shape, other.shape[2]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    h_own, s_own, h_other, s_other = hashes[own], signs[own], hashes[1 - own], signs[1 - own]
-    grid = lambda meta: (batch * triton.cdiv(n_own, meta["BLOCK_I"]) * triton.cdiv(positions, meta["BLOCK_T"]),)  # noqa: E731
+def _gram_adjoint(grad, z, xs, hashes, signs, mean: bool, gate, normalize: bool, eps: float) -> list[torch.Tensor]:
+    """[dx, dy] (+ [dgate] with a gate): the gradients w.r.t. x (B, T, n1), y (B, T, n2) and
+    the gate of the Gram forward and its epilogue, from grad = dL/dout (B, d), in one launch;
+    z (B, d) float32 with unit column stride, needed (else None) with a gate or normalisation.
+    Each output has its input's shape and dtype, contiguous."""
+    if z is None:
+        z = grad  # a valid pointer, never read without a gate or normalisation
+    (x, y), (h1, h2), (s1, s2) = xs, hashes, signs
+    (batch, positions, n1), n2, out_dim = x.shape, y.shape[2], grad.shape[1]
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dy = torch.empty_like(y, memory_format=torch.contiguous_format)
+    dgate = None if gate is None else torch.empty((batch, out_dim), dtype=gate.dtype, device=gate.device)
+    gate_or_z, dgate_or_dx = (z, dx) if gate is None else (gate, dgate)  # never read or written without a gate
+    grid = lambda meta: (batch * (triton.cdiv(n1, meta["BLOCK_I"]) + triton.cdiv(n2, meta["BLOCK_I"]))  # noqa: E731
+                         * triton.cdiv(positions, meta["BLOCK_T"]),)
     _gram_adjoint_kernel[grid](
-        other, h_own, s_own, h_other, s_other, grad_z, out,
-        batch_bucket(batch), positions, n_own, n_other, grad_z.shape[1],
-        *other.stride(), h_own.stride(0), s_own.stride(0), h_other.stride(0), s_other.stride(0),
-        *grad_z.stride(), *out.stride(),
-        MEAN=mean, PRECISION=dot_precision(x.dtype),
+        x, y, h1, s1, h2, s2, grad, z, gate_or_z, dx, dy, dgate_or_dx,
+        batch, batch_bucket(batch), positions, n1, n2, out_dim, eps,
+        *x.stride(), *y.stride(), h1.stride(0), s1.stride(0), h2.stride(0), s2.stride(0),
+        *grad.stride(), z.stride(0), *gate_or_z.stride(),
+        *dx.stride(), *dy.stride(), dgate_or_dx.stride(0),
+        MEAN=mean, HAS_GATE=gate is not None, NORMALIZE=normalize, PRECISION=dot_precision(x.dtype),
+        EPILOGUE_BLOCK=_GRAM_EPILOGUE_BLOCK,
     )
-    return out
+    return [dx, dy] + ([] if dgate is None else [dgate])
 
 
 # ------------------------------------------------------- fused vector path (four-step DFT)
@@ -829,9 +964,8 @@ def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool,
     B * d values. The FFT path, fused or not, saves nothing (its residuals would be the
     per-position spectra): its backward recomputes."""
     if algorithm == "gram":
-        z = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
-        residuals = [z] if save_residuals and (gate is not None or normalize) else []
-        return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), residuals
+        z, out = _gram_pooled_sketch(xs, hashes, signs, out_dim, mean, (gate, normalize, eps))
+        return out, [z] if save_residuals and (gate is not None or normalize) else []
     if _takes_fused(xs, out_dim):
         # T = 1: the sum over positions and the mean are the sample itself. Nothing is saved:
         # the fused backward recomputes z when its epilogue needs it.
@@ -843,16 +977,12 @@ def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool,
 
 
 def _gram_backward(grad, residuals, xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool, eps: float):
-    """[dx, dy] (+ [dgate]): the epilogue's backward at z (saved, or recomputed), then one
-    adjoint launch per modality, roles swapped."""
-    grads_gate = []
+    """[dx, dy] (+ [dgate]): z (saved, or recomputed, only with a gate or normalisation), then
+    one launch for both inputs' gradients with the epilogue's backward folded in."""
+    z = None
     if gate is not None or normalize:
-        z = residuals[0] if residuals else _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)
-        grad, grad_gate = epilogue_backward(grad, z, gate, normalize, eps, z.dtype)
-        if grad_gate is not None:
-            grads_gate = [grad_gate]
-    x, y = xs
-    return [_gram_adjoint(grad, x, 0, hashes, signs, y, mean), _gram_adjoint(grad, y, 1, hashes, signs, x, mean)] + grads_gate
+        z = residuals[0] if residuals else _gram_pooled_sketch(xs, hashes, signs, out_dim, mean)[0]
+    return _gram_adjoint(grad, z, xs, hashes, signs, mean, gate, normalize, eps)
 
 
 def _fused_backward(grad, xs, hashes, signs, out_dim: int, gate, normalize: bool, eps: float) -> list[torch.Tensor]:
