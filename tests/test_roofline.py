@@ -262,3 +262,18 @@ def test_a_grid_smaller_than_the_gpu_runs_at_its_share_of_the_sms():
     assert cost.seconds(H100) == pytest.approx(1.0)
     assert dataclasses.replace(cost, programs=H100.sms // 2).seconds(H100) == pytest.approx(2.0)
     assert dataclasses.replace(cost, programs=10 * H100.sms + 1).seconds(H100) == pytest.approx(1.0)
+
+
+def test_a_tf32x3_dot_costs_three_tf32_passes():
+    # The fused vector CBP kernel runs float32 inputs at "tf32x3" and bfloat16 ones at "tf32",
+    # the same dots (d = 4096 = 16 x 16 x 16: 12 d (16 + 16 + 16) FLOPs a sample): the model
+    # puts both on the TF32 unit, float32's three times.
+    B, d = 2, 4096
+    flops = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        (launch,) = [e for e in _launches(_trace("compact_bilinear[vec]", dict(B=B, n=(2048, 2048), d=d), "fastfusion",
+                                                 dtype=dtype)) if e.kernel.endswith("_fused_vector_cbp_kernel")]
+        (cost,) = roofline.triton_costs(launch)
+        flops[dtype] = cost.flops
+    assert flops[torch.bfloat16] == {"tf32": B * 12 * d * 48}
+    assert flops[torch.float32] == {"tf32": 3 * B * 12 * d * 48}

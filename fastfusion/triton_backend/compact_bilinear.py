@@ -414,7 +414,7 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 
 _FUSED_DIMS = (16, 32, 64, 128)
 _FUSED_ROW_DIMS = (16, 32)
-_FUSED_DTYPES = (torch.bfloat16,)
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # One TF32 pass for bfloat16; three (hi/lo split, 3xTF32) for float32 and float16, whose 2x
 # rule one pass misses (section comment). Under the interpreter every dot is float32.
 _FUSED_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32x3", torch.float32: "tf32x3"}
@@ -974,11 +974,13 @@ def _fused_backward(grad, xs, hashes, signs, out_dim: int, gate, normalize: bool
     """[dx, dy] (+ [dgate]) on the fused vector path: z recomputed for the epilogue's backward
     only (as the FFT path recomputes it), then one fused backward launch.
 
-    With normalisation z comes from the FFT path (float32 FFTs), not the fused forward: the
-    signed sqrt's derivative 1 / (2 sqrt|z|) magnifies the error of the bins nearest 0, and a
-    TF32 z (6.7e-4 off) made dx, dy of bfloat16 CBP 127x PyTorch's bfloat16 error at d = 4096
-    (emulated, 2 samples); even the float32 four-step z (5e-7 off at d = 2048, float32 FFTs
-    about 1e-7) doubled float16's. With a gate only, dgate = (dL/dout) z is linear in z."""
+    With normalisation z comes from the FFT path (float32 FFTs), not the fused forward, in
+    every dtype: the signed sqrt's derivative 1 / (2 sqrt|z|) magnifies the error of the bins
+    nearest 0. A one-pass TF32 z (6.7e-4 off) made dx, dy of bfloat16 CBP 127x PyTorch's
+    bfloat16 error at d = 4096 (emulated, 2 samples); even a float32-accurate fused z (float32
+    dots, as tf32x3 gives) made dy of float16 CBP 2.26x PyTorch's float16 error at d = 2048
+    (test_fused_vector_cbp_backward_half_within_twice_torch_error), outside the 2x rule. With
+    a gate only, dgate = (dL/dout) z is linear in z."""
     x, y = xs[0][:, 0], xs[1][:, 0]
     grads_gate = []
     if gate is not None or normalize:
