@@ -57,10 +57,12 @@ output are per sample.
 The FFTs are exact for any d (real transforms with n=d, odd d included); there is no size
 restriction beyond 32-bit column indices (n_m, d < 2**31).
 
-Fused vector path (two unpooled bfloat16 modalities, d = D1 D2 with D1, D2 powers of two in
-[16, 128]; inference and training): steps 1-4 of the FFT forward are one launch,
-_fused_vector_cbp_kernel, whose DFTs are TF32 matmuls (the four-step decomposition; see its
-section), then the epilogue kernel. Its backward: z recomputed only for a gate or
+Fused vector path (two unpooled bfloat16, float16 or float32 modalities, d = D1 D2 with D1,
+D2 powers of two in [16, 128], or d = D1 N2 N3 with N2, N3 in {16, 32} for three DFT levels;
+inference and training): steps 1-4 of the FFT forward are one launch,
+_fused_vector_cbp_kernel, whose DFTs are tensor-core matmuls (the four-step decomposition, its
+row DFT split again at three levels; one TF32 pass for bfloat16, three ("tf32x3") for float16
+and float32; see its section), then the epilogue kernel. Its backward: z recomputed only for a gate or
 normalisation (by the fused forward for a gate alone, by FFT steps 1-4 with normalisation,
 see _fused_backward), the epilogue backward, then steps 6-9 in one launch,
 _fused_vector_cbp_backward_kernel. Nothing is saved between them.
@@ -363,8 +365,8 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 
 # ------------------------------------------------------- fused vector path (four-step DFT)
 #
-# Unpooled (T = 1) CBP of two bfloat16 modalities with d = D1 D2, D1 and D2 powers of two in
-# [16, 128]: one persistent kernel computes z = IDFT(DFT(a) DFT(b)), a and b the two count
+# Unpooled (T = 1) CBP of two modalities with d = D1 D2 (D1, D2 powers of two in [16, 128]) or
+# d = D1 N2 N3 (three levels, N2, N3 in {16, 32}): one persistent kernel computes z = IDFT(DFT(a) DFT(b)), a and b the two count
 # sketches, with every transform as matmuls (the four-step decomposition), so no sketch and no
 # spectrum reaches DRAM beyond a per-program float32 scratch of 4 d values, which stays in L2;
 # another computes the gradients the same way (below).
@@ -390,13 +392,36 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 # program sees the scratch its other threads wrote. FLOPs per sample, 2 per multiply-add:
 # 12 d D1 (phases A and C) + 12 d D2 (B1 and B2); at d = 128 x 128, 50.3 MFLOP.
 #
-# Accuracy: the dots round their float32 operands to TF32 (10 mantissa bits). At d = 16384
-# and 8192, emulated (TF32-rounded operands in the interpreter), z is within 6.7e-4 (relative
-# norm) of float64: rounded to bfloat16 that is 1.08x PyTorch's own bfloat16 error (1.65e-3;
-# 1.2x with the signed sqrt and L2 norm), but rounded to float16 3.4x PyTorch's (2.1e-4),
-# outside the suite's 2x rule, so float16 inputs, like float32 ones, keep the cuFFT path.
-# (Without the packing and Gauss's products, 18 dots, z was within 4.2e-4: float16 still 2.3x.)
-# The kernel takes float32 (dots at IEEE precision) and float16 too, which is how it is tested.
+# Three levels. The FLOPs grow with the sum of the factors, so for d >= 4096 the row DFT of
+# length D2 = N2 N3 is itself split (phases A and C unchanged). In a row, input column
+# c = n2 N3 + n3 and row frequency j = k2 + N2 k3; since c j = N3 n2 k2 + n3 k2 + N2 n3 k3
+# (mod D2), DFT_D2 = F_N3 after the twiddle w_D2^(n3 k2) after F_N2. Phase B1, per row block,
+# in place in U's rows: stage 2 loads the tile [(r, n3), n2] (column n2 N3 + n3; (r, n3)
+# flattened by the addressing, no permute), times F_N2 (Gauss, 3 dots), times w_D2^(n3 k2),
+# stores at k2 N3 + n3; stage 3 loads [(r, k2), n3] there, times F_N3 (3 dots), stores at
+# k2 N3 + k3. Plane position (k1, k2 N3 + k3) then holds k = k1 + D1 (k2 + N2 k3), and -k of
+# the packing is j' = (-j - [k1 > 0]) mod D2 at column (j' mod N2) N3 + j' div N2. Phase B2's
+# inverse is the transpose in reverse: P (or Q) formed directly as a [(r, k2), k3] tile, times
+# conj(F_N3), times w_D2^(-n3 k2), stored at k2 N3 + n3; then [(r, n3), k2] times conj(F_N2)
+# and conj(W), in place at n2 N3 + n3. Barriers as in B1 between a tile's reads and
+# overwrites. FLOPs per sample 12 d (D1 + N2 + N3): at d = 32 x 32 x 16, 15.7 MFLOP (80
+# against 256 for 128 x 128). fused_factors takes the least D1 + N2 + N3 (N3 = 1 for two
+# levels), ties to the larger D1 (wider phase A / C dots, a shorter row), then the larger N2:
+# 16384 -> (32, 32, 16), 8192 -> (32, 16, 16), 4096 -> (16, 16, 16); d < 4096 keeps two.
+#
+# Accuracy: bfloat16 inputs run one TF32 pass (operands rounded to 10 mantissa bits). At
+# d = 16384 and 8192 at two levels, emulated (TF32-rounded operands in the interpreter), z is
+# within 6.7e-4 (relative norm) of float64: rounded to bfloat16 that is 1.08x PyTorch's own
+# bfloat16 error (1.65e-3; 1.2x with the signed sqrt and L2 norm), but rounded to float16
+# 3.4x PyTorch's (2.1e-4), outside the suite's 2x rule. float16 and float32 inputs therefore
+# run "tf32x3" (each operand split a_hi = tf32(a), a_lo = tf32(a - a_hi); a_hi b_hi +
+# a_hi b_lo + a_lo b_hi, three TF32 MMAs a dot), which three levels make affordable: 3 x 80
+# = 240 < 256 FLOP units at d = 16384. Emulated the same way at three levels (2 samples,
+# n = 512, 1024; test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes), z against PyTorch's
+# own error in each dtype: d = 4096: bfloat16 1.14x, float16 1.00x, float32 1.33x; float16 at
+# one TF32 pass stays above 2x. So all three dtypes are routed (float64 is not: tl.dot has no
+# float64 form). Under the interpreter every dot is float32, which is how the kernels are
+# tested against float64.
 #
 # Backward. With g = dL/dz (real), grad_a[n] = sum_m g[m] b[m - n], the circular correlation
 # IDFT(DFT(g) conj(DFT(b))), and grad_b likewise with a. Packed: conj(DFT(b)) + i conj(DFT(a))
@@ -408,8 +433,9 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 #   phase B2  Q = i DFT(g) conj(U), V = (Q @ conj(F_D2)) * conj(W) over DFT(g) (3 dots)
 #   phase C   grad_a + i grad_b = conj(F_D1) @ V / d over U (4 dots, each part on its own)
 #   phase D   dx[i] = s_x(i) grad_a[h_x(i)], dy from grad_b: gathered from the scratch
-# FLOPs per sample: 20 d D1 + 18 d D2; at d = 128 x 128, 79.7 MFLOP. Emulated TF32 at
-# d = 4096 and 16384 (2 samples, n = 512, 1024, gate, with and without normalisation), dx, dy
+# FLOPs per sample: 20 d D1 + 18 d D2 (three levels: 20 d D1 + 18 d (N2 + N3); at
+# d = 32 x 32 x 16, 24.6 MFLOP); at d = 128 x 128, 79.7 MFLOP. Emulated TF32 at
+# d = 4096 and 16384 (two levels) (2 samples, n = 512, 1024, gate, with and without normalisation), dx, dy
 # and dgate rounded to bfloat16 are within 1.00x-1.15x of PyTorch's bfloat16 error.
 
 _FUSED_DIMS = (16, 32, 64, 128)
