@@ -222,7 +222,7 @@ def _dot_flops(launch: TritonLaunch, constexprs: dict, programs: int) -> dict[st
     # A "tf32x3" dot is three TF32 MMAs (a_hi b_hi + a_hi b_lo + a_lo b_hi, Triton's split of
     # each float32 operand into two TF32 parts): the formulas count one product, the tensor
     # cores run three.
-    passes = 3 if constexprs["PRECISION"] == "tf32x3" else 1
+    passes = 3 if constexprs.get("PRECISION") == "tf32x3" else 1
     for pointer, count in formula(launch.args, constexprs, programs).items():
         unit = _unit(launch.args[pointer].dtype, constexprs["PRECISION"])
         flops[unit] = flops.get(unit, 0) + passes * count

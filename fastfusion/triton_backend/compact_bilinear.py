@@ -449,9 +449,16 @@ _FUSED_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32x3", torch.float
 # 3.9 makes 171 registers a thread, no spills, 100 KiB of shared memory on sm_90 (16 rows:
 # 254 registers; 16 x 16 blocks: 164, but K steps of 16 for every dot).
 _FUSED_BLOCK_ROWS = 32
-# A row block holds at most this many values a plane (BLOCK_ROWS D2), as 32 x 128 does.
+# A row block holds at most this many values a plane (BLOCK_ROWS D2), as 32 x 128 does: at
+# d = 32 x 32 x 16, 8 rows, stage tiles of 128 x 32 and 256 x 16.
 _FUSED_ROW_BLOCK = 4096
 _FUSED_BLOCK = 32
+# Three levels or tf32x3 (whose dots split every operand into two): phase A's and C's column
+# blocks of 16, and at two levels row blocks of 16. Measured on sm_90 with Triton 3.9 (ptxas,
+# benchmarks.compile_report): at d = 32 x 32 x 16 with blocks of 32 every dtype spilled
+# (32-136 bytes), with 16: forward 231 (float32) / 252 (bfloat16) registers, backward 224 /
+# 248, no spills; float32 at 64 x 32 spilled 364 bytes with 32 / 32, none with 16 / 16.
+_FUSED_BLOCK_NARROW = 16
 _FUSED_NUM_WARPS = 8
 _FUSED_NUM_STAGES = 2
 # The backward's in-kernel gather (phase D): inputs per step, one per thread at 8 warps. The
@@ -500,7 +507,8 @@ def _dft_tables(d1: int, d2: int, n3: int, device: torch.device) -> tuple[torch.
     twiddles (N3 = 1: (1, 1) and (1, D2) tables the kernels do not read). The angles are reduced
     mod N in integers and everything is evaluated in float64, then rounded once. Cached per
     (D1, D2, N3, device) like the inverse tables: built once, no host-to-device copy on later
-    calls (a handful of sizes per process, at most 200 KB each)."""
+    calls (a handful of sizes per process; the twiddles W, 8 d bytes, dominate: at most
+    448 KiB at two levels, 1 MiB at d = 128 x 32 x 32)."""
 
     def cos_sin(rows: int, cols: int, period: int):
         j = torch.arange(rows, dtype=torch.int64, device=device)
@@ -522,14 +530,14 @@ def _fused_flops(args, constexprs, programs):
     # two levels, see above); the dots' first operands are float32 tables or scratch, keyed
     # by the scratch.
     d1, d2, n3 = constexprs["D1"], constexprs["D2"], constexprs["N3"]
-    rows = d2 // n3 + (n3 if n3 > 1 else 0)
+    rows = d2 if n3 == 1 else d2 // n3 + n3  # D2, or N2 + N3
     return {"scratch_ptr": args["B"] * 12 * d1 * d2 * (d1 + rows)}
 
 
 def _fused_backward_flops(args, constexprs, programs):
     # Every sample: 2 d (10 D1 + 9 (N2 + N3)) (see above), keyed as _fused_flops.
     d1, d2, n3 = constexprs["D1"], constexprs["D2"], constexprs["N3"]
-    rows = d2 // n3 + (n3 if n3 > 1 else 0)
+    rows = d2 if n3 == 1 else d2 // n3 + n3  # D2, or N2 + N3
     return {"scratch_ptr": args["B"] * 2 * d1 * d2 * (10 * d1 + 9 * rows)}
 
 
@@ -894,9 +902,13 @@ def _fused_setup(x: torch.Tensor, y: torch.Tensor, out_dim: int, factors, progra
     if x.dtype not in KERNEL_DTYPES or y.dtype != x.dtype:
         raise ValueError(f"x, y: the fused kernel takes float32, float16 or bfloat16 of one dtype, got {x.dtype}, {y.dtype}")
     programs = min(x.shape[0], programs or _resident_programs(x.device))
+    precision = _FUSED_PRECISION[x.dtype]
+    narrow = n3 > 1 or precision == "tf32x3"
+    block_rows = _FUSED_BLOCK_NARROW if n3 == 1 and precision == "tf32x3" else _FUSED_BLOCK_ROWS
     options = dict(
-        PRECISION=_FUSED_PRECISION[x.dtype], D1=d1, D2=d2, N3=n3,
-        BLOCK_ROWS=min(_FUSED_BLOCK_ROWS, d1, _FUSED_ROW_BLOCK // d2), BLOCK=min(_FUSED_BLOCK, d1, d2),
+        PRECISION=precision, D1=d1, D2=d2, N3=n3,
+        BLOCK_ROWS=min(block_rows, d1, _FUSED_ROW_BLOCK // d2),
+        BLOCK=min(_FUSED_BLOCK_NARROW if narrow else _FUSED_BLOCK, d1, d2),
         num_warps=_FUSED_NUM_WARPS, num_stages=_FUSED_NUM_STAGES,
     )
     return (d1, d2, n3), programs, options
