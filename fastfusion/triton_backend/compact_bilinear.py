@@ -449,16 +449,18 @@ _FUSED_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32x3", torch.float
 # 3.9 makes 171 registers a thread, no spills, 100 KiB of shared memory on sm_90 (16 rows:
 # 254 registers; 16 x 16 blocks: 164, but K steps of 16 for every dot).
 _FUSED_BLOCK_ROWS = 32
-# A row block holds at most this many values a plane (BLOCK_ROWS D2), as 32 x 128 does: at
-# d = 32 x 32 x 16, 8 rows, stage tiles of 128 x 32 and 256 x 16.
-_FUSED_ROW_BLOCK = 4096
 _FUSED_BLOCK = 32
 # Three levels or tf32x3 (whose dots split every operand into two): phase A's and C's column
-# blocks of 16, and at two levels row blocks of 16. Measured on sm_90 with Triton 3.9 (ptxas,
-# benchmarks.compile_report): at d = 32 x 32 x 16 with blocks of 32 every dtype spilled
-# (32-136 bytes), with 16: forward 231 (float32) / 252 (bfloat16) registers, backward 224 /
-# 248, no spills; float32 at 64 x 32 spilled 364 bytes with 32 / 32, none with 16 / 16.
+# blocks of 16, at two levels row blocks of 16, at three levels row blocks of at most this
+# many values a plane (BLOCK_ROWS D2) by precision. Measured on sm_90 (ptxas, through
+# benchmarks.compile_report) at d = 32 x 32 x 16: with column blocks of 32 every dtype
+# spilled (32-136 bytes); with 16 and 4 rows (tf32) / 8 rows (tf32x3) the forward makes
+# 194 / 231 registers with Triton 3.9, 227 / 248 with 3.6, the backward 202 / 224 and
+# 230 / 246, no spills (tf32 at 8 rows: 252 and 248 with 3.9 but 16 bytes of spill in the
+# backward with 3.6; tf32x3 at 4 rows spilled 8 bytes with 3.9). float32 at 64 x 32
+# spilled 364 bytes with 32-wide blocks, none with 16.
 _FUSED_BLOCK_NARROW = 16
+_FUSED_ROW_BLOCK = {"tf32": 2048, "tf32x3": 4096}
 _FUSED_NUM_WARPS = 8
 _FUSED_NUM_STAGES = 2
 # The backward's in-kernel gather (phase D): inputs per step, one per thread at 8 warps. The
@@ -904,10 +906,13 @@ def _fused_setup(x: torch.Tensor, y: torch.Tensor, out_dim: int, factors, progra
     programs = min(x.shape[0], programs or _resident_programs(x.device))
     precision = _FUSED_PRECISION[x.dtype]
     narrow = n3 > 1 or precision == "tf32x3"
-    block_rows = _FUSED_BLOCK_NARROW if n3 == 1 and precision == "tf32x3" else _FUSED_BLOCK_ROWS
+    if n3 > 1:
+        block_rows = _FUSED_ROW_BLOCK[precision] // d2
+    else:
+        block_rows = _FUSED_BLOCK_NARROW if narrow else _FUSED_BLOCK_ROWS
     options = dict(
         PRECISION=precision, D1=d1, D2=d2, N3=n3,
-        BLOCK_ROWS=min(block_rows, d1, _FUSED_ROW_BLOCK // d2),
+        BLOCK_ROWS=min(block_rows, d1),
         BLOCK=min(_FUSED_BLOCK_NARROW if narrow else _FUSED_BLOCK, d1, d2),
         num_warps=_FUSED_NUM_WARPS, num_stages=_FUSED_NUM_STAGES,
     )
