@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib
 import inspect
 import itertools
@@ -143,6 +144,14 @@ def _unnormalised_mfb_launches(mode):
     return _launches(trace.trace_call(fn, case, mode, grad_out))
 
 
+def _fft_cbp_launches(mode):
+    # Pooled CBP forced onto the FFT path: the benchmarks' CBP cases take the Gram path or the
+    # fused vector kernels in every dtype, so none launches the FFT path's own kernels.
+    case, grad_out = trace.meta_case("compact_bilinear[seq]", SHAPE_SETS["tiny"]["compact_bilinear[seq]"], torch.float32)
+    fn = case.bind(functools.partial(case.fused, backend="triton", algorithm="fft"))
+    return _launches(trace.trace_call(fn, case, mode, grad_out))
+
+
 def _package_kernels() -> dict:
     """Every @triton.jit function defined in fastfusion.triton_backend that no other one calls,
     i.e. the kernels a host launches, named "<module>.<function>" as benchmarks.trace names
@@ -177,7 +186,7 @@ def test_every_triton_kernel_of_the_package_declares_its_dot_flops():
 def test_every_triton_launch_has_a_flop_formula_and_every_kernel_is_launched():
     # Both sets: compact bilinear pooling's algorithm="auto" takes the FFT path at the tiny
     # sizes and the Gram path at compact_bilinear[seq]'s GPU sizes.
-    launches = [launch for mode in ops.MODES for launch in _unnormalised_mfb_launches(mode)]
+    launches = [launch for mode in ops.MODES for launch in _unnormalised_mfb_launches(mode) + _fft_cbp_launches(mode)]
     for kernel, shape_set in itertools.product(KERNELS, ("tiny", "cuda")):
         for mode in ops.MODES:
             for dtype in (torch.float32, torch.bfloat16):
