@@ -147,7 +147,8 @@ def _unnormalised_mfb_launches(mode):
 def _fft_cbp_launches(mode):
     # Pooled CBP forced onto the FFT path: the benchmarks' CBP cases take the Gram path or the
     # fused vector kernels in every dtype, so none launches the FFT path's own kernels.
-    case, grad_out = trace.meta_case("compact_bilinear[seq]", SHAPE_SETS["tiny"]["compact_bilinear[seq]"], torch.float32)
+    kernel = "compact_bilinear[seq]"
+    case, grad_out = trace.meta_case(kernel, SHAPE_SETS["tiny"][kernel], torch.float32)
     fn = case.bind(functools.partial(case.fused, backend="triton", algorithm="fft"))
     return _launches(trace.trace_call(fn, case, mode, grad_out))
 

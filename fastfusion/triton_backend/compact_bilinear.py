@@ -366,8 +366,9 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 # ------------------------------------------------------- fused vector path (four-step DFT)
 #
 # Unpooled (T = 1) CBP of two modalities with d = D1 D2 (D1, D2 powers of two in [16, 128]) or
-# d = D1 N2 N3 (three levels, N2, N3 in {16, 32}): one persistent kernel computes z = IDFT(DFT(a) DFT(b)), a and b the two count
-# sketches, with every transform as matmuls (the four-step decomposition), so no sketch and no
+# d = D1 N2 N3 (three levels, N2, N3 in {16, 32}): one persistent kernel computes
+# z = IDFT(DFT(a) DFT(b)), a and b the two count sketches, with every transform as matmuls
+# (the four-step decomposition, applied twice at three levels), so no sketch and no
 # spectrum reaches DRAM beyond a per-program float32 scratch of 4 d values, which stays in L2;
 # another computes the gradients the same way (below).
 #
@@ -417,11 +418,13 @@ def _gram_adjoint(grad_z, x, own: int, hashes, signs, other, mean: bool) -> torc
 # run "tf32x3" (each operand split a_hi = tf32(a), a_lo = tf32(a - a_hi); a_hi b_hi +
 # a_hi b_lo + a_lo b_hi, three TF32 MMAs a dot), which three levels make affordable: 3 x 80
 # = 240 < 256 FLOP units at d = 16384. Emulated the same way at three levels (2 samples,
-# n = 512, 1024; test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes), z against PyTorch's
-# own error in each dtype: d = 4096: bfloat16 1.14x, float16 1.00x, float32 1.33x; float16 at
-# one TF32 pass stays above 2x. So all three dtypes are routed (float64 is not: tl.dot has no
-# float64 form). Under the interpreter every dot is float32, which is how the kernels are
-# tested against float64.
+# n = 512, 1024; test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes), z rounded to the
+# input dtype against PyTorch's own error in that dtype: d = 4096 (16 x 16 x 16): bfloat16
+# 1.14x, float16 1.00x, float32 1.14x (z 2.9e-7 off float64, torch.fft 2.5e-7); d = 16384
+# (32 x 32 x 16): 1.13x, 1.00x, 1.28x (3.3e-7, 2.6e-7). float16 at one TF32 pass: 4.25x. So
+# all three dtypes are routed (float64 is not: tl.dot has no float64 form). The normalised
+# backward still recomputes z by FFTs in every dtype (see _fused_backward). Under the
+# interpreter every dot is float32, which is how the kernels are tested against float64.
 #
 # Backward. With g = dL/dz (real), grad_a[n] = sum_m g[m] b[m - n], the circular correlation
 # IDFT(DFT(g) conj(DFT(b))), and grad_b likewise with a. Packed: conj(DFT(b)) + i conj(DFT(a))
@@ -444,7 +447,7 @@ _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # One TF32 pass for bfloat16; three (hi/lo split, 3xTF32) for float32 and float16, whose 2x
 # rule one pass misses (section comment). Under the interpreter every dot is float32.
 _FUSED_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32x3", torch.float32: "tf32x3"}
-# Phase B1 holds 3 (BLOCK_ROWS, D2) float32 accumulators, B2 the (BLOCK_ROWS, D2) product;
+# Two levels: phase B1 holds 3 (BLOCK_ROWS, D2) float32 accumulators, B2 the (BLOCK_ROWS, D2) product;
 # at 8 warps and 32 rows each is 16 registers a thread at D2 = 128. At d = 128 x 128 Triton
 # 3.9 makes 171 registers a thread, no spills, 100 KiB of shared memory on sm_90 (16 rows:
 # 254 registers; 16 x 16 blocks: 164, but K steps of 16 for every dot).
