@@ -119,7 +119,7 @@ _DOT_UNIT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64
 
 def _unit(dtype: torch.dtype, precision: str = "ieee") -> str:
     if dtype == torch.float32:
-        return "tf32" if precision == "tf32" else "fp32"
+        return "tf32" if precision in ("tf32", "tf32x3") else "fp32"
     return _DOT_UNIT.get(dtype, "fp32")
 
 
@@ -219,9 +219,13 @@ def _dot_flops(launch: TritonLaunch, constexprs: dict, programs: int) -> dict[st
             "(@dot_flops(formula), or @dot_flops(no_dots) for a kernel without tl.dot)"
         )
     flops: dict[str, int] = {}
+    # A "tf32x3" dot is three TF32 MMAs (a_hi b_hi + a_hi b_lo + a_lo b_hi, Triton's split of
+    # each float32 operand into two TF32 parts): the formulas count one product, the tensor
+    # cores run three.
+    passes = 3 if constexprs.get("PRECISION") == "tf32x3" else 1
     for pointer, count in formula(launch.args, constexprs, programs).items():
         unit = _unit(launch.args[pointer].dtype, constexprs["PRECISION"])
-        flops[unit] = flops.get(unit, 0) + count
+        flops[unit] = flops.get(unit, 0) + passes * count
     return flops
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib
 import inspect
 import itertools
@@ -143,6 +144,15 @@ def _unnormalised_mfb_launches(mode):
     return _launches(trace.trace_call(fn, case, mode, grad_out))
 
 
+def _fft_cbp_launches(mode):
+    # Pooled CBP forced onto the FFT path: the benchmarks' CBP cases take the Gram path or the
+    # fused vector kernels in every dtype, so none launches the FFT path's own kernels.
+    kernel = "compact_bilinear[seq]"
+    case, grad_out = trace.meta_case(kernel, SHAPE_SETS["tiny"][kernel], torch.float32)
+    fn = case.bind(functools.partial(case.fused, backend="triton", algorithm="fft"))
+    return _launches(trace.trace_call(fn, case, mode, grad_out))
+
+
 def _package_kernels() -> dict:
     """Every @triton.jit function defined in fastfusion.triton_backend that no other one calls,
     i.e. the kernels a host launches, named "<module>.<function>" as benchmarks.trace names
@@ -177,7 +187,7 @@ def test_every_triton_kernel_of_the_package_declares_its_dot_flops():
 def test_every_triton_launch_has_a_flop_formula_and_every_kernel_is_launched():
     # Both sets: compact bilinear pooling's algorithm="auto" takes the FFT path at the tiny
     # sizes and the Gram path at compact_bilinear[seq]'s GPU sizes.
-    launches = [launch for mode in ops.MODES for launch in _unnormalised_mfb_launches(mode)]
+    launches = [launch for mode in ops.MODES for launch in _unnormalised_mfb_launches(mode) + _fft_cbp_launches(mode)]
     for kernel, shape_set in itertools.product(KERNELS, ("tiny", "cuda")):
         for mode in ops.MODES:
             for dtype in (torch.float32, torch.bfloat16):
@@ -262,3 +272,18 @@ def test_a_grid_smaller_than_the_gpu_runs_at_its_share_of_the_sms():
     assert cost.seconds(H100) == pytest.approx(1.0)
     assert dataclasses.replace(cost, programs=H100.sms // 2).seconds(H100) == pytest.approx(2.0)
     assert dataclasses.replace(cost, programs=10 * H100.sms + 1).seconds(H100) == pytest.approx(1.0)
+
+
+def test_a_tf32x3_dot_costs_three_tf32_passes():
+    # The fused vector CBP kernel runs float32 inputs at "tf32x3" and bfloat16 ones at "tf32",
+    # the same dots (d = 4096 = 16 x 16 x 16: 12 d (16 + 16 + 16) FLOPs a sample): the model
+    # puts both on the TF32 unit, float32's three times.
+    B, d = 2, 4096
+    flops = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        (launch,) = [e for e in _launches(_trace("compact_bilinear[vec]", dict(B=B, n=(2048, 2048), d=d), "fastfusion",
+                                                 dtype=dtype)) if e.kernel.endswith("_fused_vector_cbp_kernel")]
+        (cost,) = roofline.triton_costs(launch)
+        flops[dtype] = cost.flops
+    assert flops[torch.bfloat16] == {"tf32": B * 12 * d * 48}
+    assert flops[torch.float32] == {"tf32": 3 * B * 12 * d * 48}

@@ -419,11 +419,17 @@ def _unnormalized_cbp64(xs, hashes, signs, out_dim):
     return compact_bilinear([x.double() for x in xs], hashes, signs, out_dim, normalize=False, backend="eager")
 
 
-@pytest.mark.parametrize("out_dim, factors", [(256, None), (512, (16, 32)), (512, (32, 16))])
+# Three levels: 4096 = 16 x 16 x 16 (the default), 8192 = 16 x 16 x 32 (N2 != N3, so a swapped
+# index map of the row stages shows).
+FUSED_FACTORS = [(256, None), (512, (16, 32)), (512, (32, 16)), (4096, None), (8192, (16, 16, 32))]
+
+
+@pytest.mark.parametrize("out_dim, factors", FUSED_FACTORS)
 @pytest.mark.parametrize("B, programs", [(1, None), (3, None), (3, 2)])  # 3 samples on 2 programs: one runs two
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_fused_vector_cbp_float32_matches_float64(out_dim, factors, B, programs, layout):
-    # float32 operands at IEEE precision: the error of a float32 FFT, whatever the factors.
+    # float32 operands (at IEEE precision under the interpreter, tf32x3 on a GPU): the error of
+    # a float32 FFT, whatever the factors and levels.
     xs, hashes, signs = _vector_cbp_inputs(B, (37, 50), out_dim, torch.float32, layout)
     z = triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim, factors=factors, programs=programs)
     assert z.dtype == torch.float32
@@ -459,13 +465,20 @@ def test_fused_vector_cbp_nan_stays_in_its_row():
 
 def test_fused_vector_cbp_rejects_bad_factors():
     xs, hashes, signs = _vector_cbp_inputs(1, (5, 6), 96, torch.float32)
-    for out_dim, factors in [(96, None), (512, (16, 16)), (512, (8, 64))]:
+    bad = [(96, None), (512, (16, 16)), (512, (8, 64)), (4096, (16, 32, 8)), (4096, (16, 4, 64)),
+           (8192, (16, 16, 16)), (4096, (16, 16, 16, 1)), (4096, (4096,)), (2 ** 18, (128, 64, 32))]
+    for out_dim, factors in bad:
         with pytest.raises(ValueError, match="factors"):
             triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim, factors=factors)
-    assert triton_cbp.fused_factors(16384) == (128, 128)
-    assert triton_cbp.fused_factors(4096) == (64, 64)
+    # D1 + N2 + N3 least (N3 = 1 for two levels), ties to the larger D1, then the larger N2.
+    assert triton_cbp.fused_factors(16384) == (32, 32, 16)
+    assert triton_cbp.fused_factors(8192) == (32, 16, 16)
+    assert triton_cbp.fused_factors(4096) == (16, 16, 16)
+    assert triton_cbp.fused_factors(2048) == (64, 32)
     assert triton_cbp.fused_factors(512) == (32, 16)
+    assert triton_cbp.fused_factors(128 * 32 * 32) == (128, 32, 32)
     assert triton_cbp.fused_factors(96) is None
+    assert triton_cbp.fused_factors(2 ** 18) is None  # above 128 x 32 x 32
 
 
 @pytest.fixture
@@ -491,8 +504,8 @@ def _cbp_op_backward(grad, xs, hashes, signs, out_dim, gate=None):
 
 
 def test_fused_vector_cbp_routing(fused_calls):
-    # Taken exactly on two unpooled bfloat16 modalities with d = D1 D2, forward and backward,
-    # in inference and training alike.
+    # Taken exactly on two unpooled bfloat16, float16 or float32 modalities with d = D1 D2 or
+    # D1 N2 N3, forward and backward, in inference and training alike.
     B_F, B_B = ("forward", torch.bfloat16), ("backward", torch.bfloat16)
     xs, hashes, signs = _vector_cbp_inputs(3, (37, 50), 256, torch.bfloat16)
     xs = [x[:, None] for x in xs]
@@ -511,10 +524,18 @@ def test_fused_vector_cbp_routing(fused_calls):
         fused_calls.clear()
         triton_cbp._backward(torch.randn_like(out), [], xs, hashes, signs, 256, False, case_gate, normalize, 1e-12, "fft")
         assert fused_calls == calls
+    # float16 and float32 (at tf32x3, test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes),
+    # three levels (4096 = 16 x 16 x 16) too.
+    for dtype, out_dim in [(torch.float16, 256), (torch.float32, 256), (torch.bfloat16, 4096)]:
+        fused_calls.clear()
+        case_xs = [x.to(dtype) for x in xs]
+        case_hashes, case_signs = sketch_params([37, 50], out_dim)
+        out, _ = _cbp_op(case_xs, case_hashes, case_signs, out_dim, True)
+        _cbp_op_backward(torch.randn_like(out), case_xs, case_hashes, case_signs, out_dim)
+        assert fused_calls == [("forward", dtype), ("backward", dtype)] and out.dtype == dtype
     fused_calls.clear()
     cases = [
-        ([x.float() for x in xs], 256),  # float32: a one-pass TF32 DFT misses the 2x rule
-        ([x.half() for x in xs], 256),  # float16 too (see fused_vector_sketch's section)
+        ([x.double() for x in xs], 256),  # float64: tl.dot has no float64 form
         ([x.expand(-1, 2, -1) for x in xs], 256),  # pooled
         (xs + [xs[0]], 256),  # three modalities
         (xs, 96),  # d without factors in [16, 128]
@@ -545,7 +566,7 @@ def _cbp_grads64(xs, hashes, signs, out_dim, grad, gate=None, normalize=False):
     return torch.autograd.grad(out, leaves, grad.double())
 
 
-@pytest.mark.parametrize("out_dim, factors", [(256, None), (512, (16, 32)), (512, (32, 16))])
+@pytest.mark.parametrize("out_dim, factors", FUSED_FACTORS)
 @pytest.mark.parametrize("B, programs", [(1, None), (3, None), (3, 2)])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 def test_fused_vector_cbp_backward_float32_matches_float64(out_dim, factors, B, programs, layout):
@@ -634,28 +655,57 @@ def _round_tf32(a):
     return ((a.view(np.int32) + 0x1000) & ~0x1FFF).astype(np.int32).view(np.float32)
 
 
-@pytest.mark.skipif(not TRITON_INTERPRETED, reason="emulates a GPU's TF32 dots in the interpreter")
-def test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes(monkeypatch):
-    # With every dot's operands rounded to TF32, as on a GPU, z rounded to bfloat16 stays
-    # within 2x of PyTorch's own bfloat16 error, but z rounded to float16 does not: why only
-    # bfloat16 is routed to the kernel. Rounding to the output dtype is torch's (to nearest),
-    # as a GPU's cast rounds; the interpreter's own bfloat16 cast truncates.
+@pytest.fixture
+def tf32_dots(monkeypatch):
+    # Every interpreted dot as a GPU runs it at its input_precision: "tf32" rounds both operands
+    # to TF32; "tf32x3" splits each into a_hi = tf32(a), a_lo = tf32(a - a_hi) and sums
+    # a_lo b_hi + a_hi b_lo + a_hi b_hi into the float32 accumulator (small terms first, as
+    # Triton orders them). Yields the set of precisions seen, so a test can check it ran them.
     from triton.runtime import interpreter
 
     create_dot = interpreter.InterpreterBuilder.create_dot
+    seen = set()
 
-    def tf32_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        a = interpreter.TensorHandle(_round_tf32(a.data), a.dtype.scalar)
-        b = interpreter.TensorHandle(_round_tf32(b.data), b.dtype.scalar)
+    def emulated_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        seen.add(input_precision.name)
+
+        def dot(x, y, acc):
+            x, y = (interpreter.TensorHandle(v, h.dtype.scalar) for v, h in ((x, a), (y, b)))
+            return create_dot(self, x, y, acc, input_precision, max_num_imprecise_acc)
+
+        if input_precision.name == "TF32":
+            return dot(_round_tf32(a.data), _round_tf32(b.data), d)
+        if input_precision.name == "TF32x3":
+            a_hi, b_hi = _round_tf32(a.data), _round_tf32(b.data)
+            a_lo, b_lo = _round_tf32(a.data - a_hi), _round_tf32(b.data - b_hi)
+            return dot(a_hi, b_hi, dot(a_hi, b_lo, dot(a_lo, b_hi, d)))
         return create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", tf32_dot)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", emulated_dot)
+    return seen
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="emulates a GPU's TF32 dots in the interpreter")
+@pytest.mark.parametrize("out_dim", [4096, 16384])  # three levels: (16, 16, 16), (32, 32, 16)
+def test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes(tf32_dots, monkeypatch, out_dim):
+    # z with its dots as a GPU runs them (one TF32 pass for bfloat16, tf32x3 for float16 and
+    # float32), rounded to the input dtype (torch's rounding, to nearest, as a GPU's cast
+    # rounds; the interpreter's own bfloat16 cast truncates), against PyTorch's own error in
+    # that dtype, both against float64. The dtypes within 2x are exactly the routed ones.
     ratios = {}
-    for dtype in (torch.bfloat16, torch.float16):
-        xs, hashes, signs = _vector_cbp_inputs(2, (512, 1024), 4096, dtype)
-        expected = _unnormalized_cbp64(xs, hashes, signs, 4096)
-        z = triton_cbp.fused_vector_sketch(*xs, hashes, signs, 4096)
-        assert 1e-4 < rel_err(z, expected) < 1e-3  # TF32's error, not float32's
-        torch_half = compact_bilinear(xs, hashes, signs, 4096, normalize=False, backend="eager")
-        ratios[dtype] = rel_err(z.to(dtype), expected) / rel_err(torch_half, expected)
-    assert ratios[torch.bfloat16] < 1.3 and ratios[torch.float16] > 2, ratios
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        xs, hashes, signs = _vector_cbp_inputs(2, (512, 1024), out_dim, dtype)
+        expected = _unnormalized_cbp64(xs, hashes, signs, out_dim)
+        z = triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim)
+        torch_own = compact_bilinear(xs, hashes, signs, out_dim, normalize=False, backend="eager")
+        assert torch_own.dtype == dtype
+        ratios[dtype] = rel_err(z.to(dtype), expected) / rel_err(torch_own, expected)
+        if dtype == torch.float16:
+            # One TF32 pass is not enough for float16: why float16 takes tf32x3.
+            monkeypatch.setitem(triton_cbp._FUSED_PRECISION, dtype, "tf32")
+            one_pass = triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim).to(dtype)
+            monkeypatch.undo()
+            assert rel_err(one_pass, expected) > 2 * rel_err(torch_own, expected)
+    assert tf32_dots == {"TF32", "TF32x3"}
+    assert ratios[torch.bfloat16] < 1.3, ratios
+    assert {dtype for dtype, ratio in ratios.items() if ratio <= 2} == set(triton_cbp._FUSED_DTYPES), ratios

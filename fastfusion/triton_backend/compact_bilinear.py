@@ -62,10 +62,12 @@ output are per sample.
 The FFTs are exact for any d (real transforms with n=d, odd d included); there is no size
 restriction beyond 32-bit column indices (n_m, d < 2**31).
 
-Fused vector path (two unpooled bfloat16 modalities, d = D1 D2 with D1, D2 powers of two in
-[16, 128]; inference and training): steps 1-4 of the FFT forward are one launch,
-_fused_vector_cbp_kernel, whose DFTs are TF32 matmuls (the four-step decomposition; see its
-section), then the epilogue kernel. Its backward: z recomputed only for a gate or
+Fused vector path (two unpooled bfloat16, float16 or float32 modalities, d = D1 D2 with D1,
+D2 powers of two in [16, 128], or d = D1 N2 N3 with N2, N3 in {16, 32} for three DFT levels;
+inference and training): steps 1-4 of the FFT forward are one launch,
+_fused_vector_cbp_kernel, whose DFTs are tensor-core matmuls (the four-step decomposition, its
+row DFT split again at three levels; one TF32 pass for bfloat16, three ("tf32x3") for float16
+and float32; see its section), then the epilogue kernel. Its backward: z recomputed only for a gate or
 normalisation (by the fused forward for a gate alone, by FFT steps 1-4 with normalisation,
 see _fused_backward), the epilogue backward, then steps 6-9 in one launch,
 _fused_vector_cbp_backward_kernel. Nothing is saved between them.
@@ -498,9 +500,10 @@ def _gram_adjoint(grad, z, xs, hashes, signs, mean: bool, gate, normalize: bool,
 
 # ------------------------------------------------------- fused vector path (four-step DFT)
 #
-# Unpooled (T = 1) CBP of two bfloat16 modalities with d = D1 D2, D1 and D2 powers of two in
-# [16, 128]: one persistent kernel computes z = IDFT(DFT(a) DFT(b)), a and b the two count
-# sketches, with every transform as matmuls (the four-step decomposition), so no sketch and no
+# Unpooled (T = 1) CBP of two modalities with d = D1 D2 (D1, D2 powers of two in [16, 128]) or
+# d = D1 N2 N3 (three levels, N2, N3 in {16, 32}): one persistent kernel computes
+# z = IDFT(DFT(a) DFT(b)), a and b the two count sketches, with every transform as matmuls
+# (the four-step decomposition, applied twice at three levels), so no sketch and no
 # spectrum reaches DRAM beyond a per-program float32 scratch of 4 d values, which stays in L2;
 # another computes the gradients the same way (below).
 #
@@ -525,13 +528,38 @@ def _gram_adjoint(grad, z, xs, hashes, signs, mean: bool, gate, normalize: bool,
 # program sees the scratch its other threads wrote. FLOPs per sample, 2 per multiply-add:
 # 12 d D1 (phases A and C) + 12 d D2 (B1 and B2); at d = 128 x 128, 50.3 MFLOP.
 #
-# Accuracy: the dots round their float32 operands to TF32 (10 mantissa bits). At d = 16384
-# and 8192, emulated (TF32-rounded operands in the interpreter), z is within 6.7e-4 (relative
-# norm) of float64: rounded to bfloat16 that is 1.08x PyTorch's own bfloat16 error (1.65e-3;
-# 1.2x with the signed sqrt and L2 norm), but rounded to float16 3.4x PyTorch's (2.1e-4),
-# outside the suite's 2x rule, so float16 inputs, like float32 ones, keep the cuFFT path.
-# (Without the packing and Gauss's products, 18 dots, z was within 4.2e-4: float16 still 2.3x.)
-# The kernel takes float32 (dots at IEEE precision) and float16 too, which is how it is tested.
+# Three levels. The FLOPs grow with the sum of the factors, so for d >= 4096 the row DFT of
+# length D2 = N2 N3 is itself split (phases A and C unchanged). In a row, input column
+# c = n2 N3 + n3 and row frequency j = k2 + N2 k3; since c j = N3 n2 k2 + n3 k2 + N2 n3 k3
+# (mod D2), DFT_D2 = F_N3 after the twiddle w_D2^(n3 k2) after F_N2. Phase B1, per row block,
+# in place in U's rows: stage 2 loads the tile [(r, n3), n2] (column n2 N3 + n3; (r, n3)
+# flattened by the addressing, no permute), times F_N2 (Gauss, 3 dots), times w_D2^(n3 k2),
+# stores at k2 N3 + n3; stage 3 loads [(r, k2), n3] there, times F_N3 (3 dots), stores at
+# k2 N3 + k3. Plane position (k1, k2 N3 + k3) then holds k = k1 + D1 (k2 + N2 k3), and -k of
+# the packing is j' = (-j - [k1 > 0]) mod D2 at column (j' mod N2) N3 + j' div N2. Phase B2's
+# inverse is the transpose in reverse: P (or Q) formed directly as a [(r, k2), k3] tile, times
+# conj(F_N3), times w_D2^(-n3 k2), stored at k2 N3 + n3; then [(r, n3), k2] times conj(F_N2)
+# and conj(W), in place at n2 N3 + n3. Barriers as in B1 between a tile's reads and
+# overwrites. FLOPs per sample 12 d (D1 + N2 + N3): at d = 32 x 32 x 16, 15.7 MFLOP (80
+# against 256 for 128 x 128). fused_factors takes the least D1 + N2 + N3 (N3 = 1 for two
+# levels), ties to the larger D1 (wider phase A / C dots, a shorter row), then the larger N2:
+# 16384 -> (32, 32, 16), 8192 -> (32, 16, 16), 4096 -> (16, 16, 16); d < 4096 keeps two.
+#
+# Accuracy: bfloat16 inputs run one TF32 pass (operands rounded to 10 mantissa bits). At
+# d = 16384 and 8192 at two levels, emulated (TF32-rounded operands in the interpreter), z is
+# within 6.7e-4 (relative norm) of float64: rounded to bfloat16 that is 1.08x PyTorch's own
+# bfloat16 error (1.65e-3; 1.2x with the signed sqrt and L2 norm), but rounded to float16
+# 3.4x PyTorch's (2.1e-4), outside the suite's 2x rule. float16 and float32 inputs therefore
+# run "tf32x3" (each operand split a_hi = tf32(a), a_lo = tf32(a - a_hi); a_hi b_hi +
+# a_hi b_lo + a_lo b_hi, three TF32 MMAs a dot), which three levels make affordable: 3 x 80
+# = 240 < 256 FLOP units at d = 16384. Emulated the same way at three levels (2 samples,
+# n = 512, 1024; test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes), z rounded to the
+# input dtype against PyTorch's own error in that dtype: d = 4096 (16 x 16 x 16): bfloat16
+# 1.14x, float16 1.00x, float32 1.14x (z 2.9e-7 off float64, torch.fft 2.5e-7); d = 16384
+# (32 x 32 x 16): 1.13x, 1.00x, 1.28x (3.3e-7, 2.6e-7). float16 at one TF32 pass: 4.25x. So
+# all three dtypes are routed (float64 is not: tl.dot has no float64 form). The normalised
+# backward still recomputes z by FFTs in every dtype (see _fused_backward). Under the
+# interpreter every dot is float32, which is how the kernels are tested against float64.
 #
 # Backward. With g = dL/dz (real), grad_a[n] = sum_m g[m] b[m - n], the circular correlation
 # IDFT(DFT(g) conj(DFT(b))), and grad_b likewise with a. Packed: conj(DFT(b)) + i conj(DFT(a))
@@ -543,18 +571,34 @@ def _gram_adjoint(grad, z, xs, hashes, signs, mean: bool, gate, normalize: bool,
 #   phase B2  Q = i DFT(g) conj(U), V = (Q @ conj(F_D2)) * conj(W) over DFT(g) (3 dots)
 #   phase C   grad_a + i grad_b = conj(F_D1) @ V / d over U (4 dots, each part on its own)
 #   phase D   dx[i] = s_x(i) grad_a[h_x(i)], dy from grad_b: gathered from the scratch
-# FLOPs per sample: 20 d D1 + 18 d D2; at d = 128 x 128, 79.7 MFLOP. Emulated TF32 at
-# d = 4096 and 16384 (2 samples, n = 512, 1024, gate, with and without normalisation), dx, dy
+# FLOPs per sample: 20 d D1 + 18 d D2 (three levels: 20 d D1 + 18 d (N2 + N3); at
+# d = 32 x 32 x 16, 24.6 MFLOP); at d = 128 x 128, 79.7 MFLOP. Emulated TF32 at
+# d = 4096 and 16384 (two levels) (2 samples, n = 512, 1024, gate, with and without normalisation), dx, dy
 # and dgate rounded to bfloat16 are within 1.00x-1.15x of PyTorch's bfloat16 error.
 
 _FUSED_DIMS = (16, 32, 64, 128)
-_FUSED_DTYPES = (torch.bfloat16,)
-# Phase B1 holds 3 (BLOCK_ROWS, D2) float32 accumulators, B2 the (BLOCK_ROWS, D2) product;
+_FUSED_ROW_DIMS = (16, 32)
+_FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# One TF32 pass for bfloat16; three (hi/lo split, 3xTF32) for float32 and float16, whose 2x
+# rule one pass misses (section comment). Under the interpreter every dot is float32.
+_FUSED_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32x3", torch.float32: "tf32x3"}
+# Two levels: phase B1 holds 3 (BLOCK_ROWS, D2) float32 accumulators, B2 the (BLOCK_ROWS, D2) product;
 # at 8 warps and 32 rows each is 16 registers a thread at D2 = 128. At d = 128 x 128 Triton
 # 3.9 makes 171 registers a thread, no spills, 100 KiB of shared memory on sm_90 (16 rows:
 # 254 registers; 16 x 16 blocks: 164, but K steps of 16 for every dot).
 _FUSED_BLOCK_ROWS = 32
 _FUSED_BLOCK = 32
+# Three levels or tf32x3 (whose dots split every operand into two): phase A's and C's column
+# blocks of 16, at two levels row blocks of 16, at three levels row blocks of at most this
+# many values a plane (BLOCK_ROWS D2) by precision. Measured on sm_90 (ptxas, through
+# benchmarks.compile_report) at d = 32 x 32 x 16: with column blocks of 32 every dtype
+# spilled (32-136 bytes); with 16 and 4 rows (tf32) / 8 rows (tf32x3) the forward makes
+# 194 / 231 registers with Triton 3.9, 227 / 248 with 3.6, the backward 202 / 224 and
+# 230 / 246, no spills (tf32 at 8 rows: 252 and 248 with 3.9 but 16 bytes of spill in the
+# backward with 3.6; tf32x3 at 4 rows spilled 8 bytes with 3.9). float32 at 64 x 32
+# spilled 364 bytes with 32-wide blocks, none with 16.
+_FUSED_BLOCK_NARROW = 16
+_FUSED_ROW_BLOCK = {"tf32": 2048, "tf32x3": 4096}
 _FUSED_NUM_WARPS = 8
 _FUSED_NUM_STAGES = 2
 # The backward's in-kernel gather (phase D): inputs per step, one per thread at 8 warps. The
@@ -568,20 +612,43 @@ _FUSED_PROGRAMS_PER_SM = 1
 _ASSUMED_SMS = 132
 
 
-def fused_factors(out_dim: int) -> tuple[int, int] | None:
-    """(D1, D2) with D1 D2 = out_dim, both in _FUSED_DIMS, D1 + D2 least (the FLOPs are
-    12 d (D1 + D2)), D1 >= D2; None when d has no such factorisation."""
-    pairs = [(out_dim // d2, d2) for d2 in _FUSED_DIMS if out_dim % d2 == 0 and out_dim // d2 in _FUSED_DIMS]
-    return min(pairs, key=lambda f: (f[0] + f[1], -f[0]), default=None)
+def fused_factors(out_dim: int) -> tuple[int, ...] | None:
+    """The DFT levels for d = out_dim: (D1, D2) (two levels, D1, D2 in _FUSED_DIMS) or
+    (D1, N2, N3) (three, D1 in _FUSED_DIMS, N2, N3 in _FUSED_ROW_DIMS), the sum of the factors
+    least (the FLOPs are 12 d (D1 + N2 + N3), N3 = 1 for two levels); ties go to the larger D1,
+    then the larger N2 (wider phase A / C and stage-2 dots, a shorter row D2). None when d has
+    no such factorisation."""
+    candidates = [(d1, out_dim // d1) for d1 in _FUSED_DIMS if out_dim % d1 == 0 and out_dim // d1 in _FUSED_DIMS]
+    candidates += [(d1, n2, n3) for d1 in _FUSED_DIMS for n2 in _FUSED_ROW_DIMS for n3 in _FUSED_ROW_DIMS
+                   if d1 * n2 * n3 == out_dim]
+    return min(candidates, key=lambda f: (sum(f), -f[0], -f[1]), default=None)
+
+
+def _check_factors(out_dim: int, factors) -> tuple[int, int, int]:
+    """(D1, D2, N3) for ``factors`` (default :func:`fused_factors`), N3 = 1 for two levels;
+    ValueError naming ``factors`` where the kernels cannot run them."""
+    factors = tuple(factors) if factors is not None else fused_factors(out_dim)
+    ok = (factors is not None and len(factors) in (2, 3) and factors[0] in _FUSED_DIMS
+          and (set(factors[1:]) <= set(_FUSED_ROW_DIMS) if len(factors) == 3 else factors[1] in _FUSED_DIMS)
+          and factors[0] * factors[1] * (factors[2] if len(factors) == 3 else 1) == out_dim)
+    if not ok:
+        raise ValueError(f"factors: the fused kernel needs d = D1 D2 with D1, D2 in {_FUSED_DIMS} or "
+                         f"d = D1 N2 N3 with D1 in {_FUSED_DIMS}, N2, N3 in {_FUSED_ROW_DIMS}; "
+                         f"got d = {out_dim}, factors {factors}")
+    n3 = factors[2] if len(factors) == 3 else 1
+    return factors[0], factors[1] * n3, n3
 
 
 @functools.cache
-def _dft_tables(d1: int, d2: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(C_D1, S_D1, C_D2, C_D2 + S_D2, C_D2 - S_D2, TC, TS), float32, contiguous: cos and sin
-    of 2 pi j k / N for the (N, N) DFT matrices and of 2 pi k1 n2 / d for the (D1, D2)
-    twiddles. The angles are reduced mod N in integers and everything is evaluated in float64,
-    then rounded once. Cached per (D1, D2, device) like the inverse tables: built once, no
-    host-to-device copy on later calls (a handful of sizes per process, at most 384 KB each)."""
+def _dft_tables(d1: int, d2: int, n3: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(C_D1, S_D1, C_N2, C_N2 + S_N2, C_N2 - S_N2, TC, TS, C_N3, C_N3 + S_N3, C_N3 - S_N3, RC, RS),
+    float32, contiguous, N2 = D2 / N3: cos and sin of 2 pi j k / N for the (N, N) DFT matrices,
+    of 2 pi k1 n2 / d for the (D1, D2) twiddles W and of 2 pi n3 k2 / D2 for the (N3, N2) row
+    twiddles (N3 = 1: (1, 1) and (1, D2) tables the kernels do not read). The angles are reduced
+    mod N in integers and everything is evaluated in float64, then rounded once. Cached per
+    (D1, D2, N3, device) like the inverse tables: built once, no host-to-device copy on later
+    calls (a handful of sizes per process; the twiddles W, 8 d bytes, dominate: at most
+    448 KiB at two levels, 1 MiB at d = 128 x 32 x 32)."""
 
     def cos_sin(rows: int, cols: int, period: int):
         j = torch.arange(rows, dtype=torch.int64, device=device)
@@ -589,23 +656,29 @@ def _dft_tables(d1: int, d2: int, device: torch.device) -> tuple[torch.Tensor, .
         angle = torch.outer(j, k).remainder(period).double() * (2 * torch.pi / period)
         return torch.cos(angle), torch.sin(angle)
 
+    n2 = d2 // n3
     c1, s1 = cos_sin(d1, d1, d1)
-    c2, s2 = cos_sin(d2, d2, d2)
+    c2, s2 = cos_sin(n2, n2, n2)
     tc, ts = cos_sin(d1, d2, d1 * d2)
-    return tuple(t.float() for t in (c1, s1, c2, c2 + s2, c2 - s2, tc, ts))
+    c3, s3 = cos_sin(n3, n3, n3)
+    rc, rs = cos_sin(n3, n2, d2)
+    return tuple(t.float().contiguous() for t in (c1, s1, c2, c2 + s2, c2 - s2, tc, ts, c3, c3 + s3, c3 - s3, rc, rs))
 
 
 def _fused_flops(args, constexprs, programs):
-    # Every sample, whichever program runs it: 12 d (D1 + D2) (see above); the dots' first
-    # operands are float32 tables or scratch, keyed by the scratch.
-    d1, d2 = constexprs["D1"], constexprs["D2"]
-    return {"scratch_ptr": args["B"] * 12 * d1 * d2 * (d1 + d2)}
+    # Every sample, whichever program runs it: 12 d (D1 + N2 + N3) (N3 = 1 adds nothing for
+    # two levels, see above); the dots' first operands are float32 tables or scratch, keyed
+    # by the scratch.
+    d1, d2, n3 = constexprs["D1"], constexprs["D2"], constexprs["N3"]
+    rows = d2 if n3 == 1 else d2 // n3 + n3  # D2, or N2 + N3
+    return {"scratch_ptr": args["B"] * 12 * d1 * d2 * (d1 + rows)}
 
 
 def _fused_backward_flops(args, constexprs, programs):
-    # Every sample: 2 d (10 D1 + 9 D2) (see above), keyed as _fused_flops.
-    d1, d2 = constexprs["D1"], constexprs["D2"]
-    return {"scratch_ptr": args["B"] * 2 * d1 * d2 * (10 * d1 + 9 * d2)}
+    # Every sample: 2 d (10 D1 + 9 (N2 + N3)) (see above), keyed as _fused_flops.
+    d1, d2, n3 = constexprs["D1"], constexprs["D2"], constexprs["N3"]
+    rows = d2 if n3 == 1 else d2 // n3 + n3  # D2, or N2 + N3
+    return {"scratch_ptr": args["B"] * 2 * d1 * d2 * (10 * d1 + 9 * rows)}
 
 
 @triton.jit
@@ -675,46 +748,132 @@ def _transform_columns(x_row, stride_xn, x_offsets_ptr, x_perm_ptr, x_sign_ptr,
 
 
 @triton.jit
-def _transform_rows(re_ptr, im_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, PRECISION: tl.constexpr,
-                    D1: tl.constexpr, D2: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Phase B1, in place: U[rows, :] = T[rows, :] @ (C - i S) for the (D1, D2) planes re, im,
-    by Gauss with E = -S: Q = -(C + S), R = C - S; each row block reads only its own rows."""
-    k2 = tl.arange(0, D2)
-    for r0 in range(0, D1, BLOCK_ROWS):
-        rows = r0 + tl.arange(0, BLOCK_ROWS)
-        t1 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
-        t2 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
-        t3 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
-        for c0 in range(0, D2, BLOCK):
-            n2 = c0 + tl.arange(0, BLOCK)
-            t_re = tl.load(re_ptr + rows[:, None] * D2 + n2[None, :])
-            t_im = tl.load(im_ptr + rows[:, None] * D2 + n2[None, :])
-            t1, t2, t3 = _gauss_dot(t_re, t_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, n2, k2, D2, t1, t2, t3, PRECISION)
-        # Every thread has read these rows of T before any overwrites them.
-        tl.debug_barrier()
-        at = rows[:, None] * D2 + k2[None, :]
-        tl.store(re_ptr + at, t1 - t3)
-        tl.store(im_ptr + at, t1 - t2)  # t2 accumulated +(C + S), not Q = -(C + S)
+def _row_dft(re, im, c_ptr, q_ptr, r_ptr, N: tl.constexpr, PRECISION: tl.constexpr):
+    """(re + i im) @ (C_N - i S_N) for an (M, N) register tile with the tables (C, C + S, C - S),
+    or @ (C_N + i S_N) with (C, C - S, C + S): Gauss's three products (E = -S, Q = -(C + S),
+    R = C - S; t2 accumulates +(C + S), hence the imaginary part t1 - t2). Returns (re, im)."""
+    j = tl.arange(0, N)
+    zero = tl.zeros((re.shape[0], N), dtype=tl.float32)
+    t1, t2, t3 = _gauss_dot(re, im, c_ptr, q_ptr, r_ptr, j, j, N, zero, zero, zero, PRECISION)
+    return t1 - t3, t1 - t2
 
 
 @triton.jit
-def _inverse_rows(p_re, p_im, rows, out_re, out_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr,
-                  PRECISION: tl.constexpr, D2: tl.constexpr, BLOCK: tl.constexpr):
-    """Phase B2's transform: V[rows, :] = (P @ conj(F_D2)) * conj(W) for a (len(rows), D2)
-    register block P = p_re + i p_im, into the planes out_re, out_im, by column blocks."""
-    k2 = tl.arange(0, D2)
-    for c0 in range(0, D2, BLOCK):
-        m2 = c0 + tl.arange(0, BLOCK)
-        zero = tl.zeros((rows.shape[0], BLOCK), dtype=tl.float32)
-        # P @ (C + i S), by Gauss with E = S: Q = S - C = -(C - S), R = C + S.
-        t1, t2, t3 = _gauss_dot(p_re, p_im, c2_ptr, c2ms2_ptr, c2ps2_ptr, k2, m2, D2, zero, zero, zero, PRECISION)
-        v_re = t1 - t3
-        v_im = t1 - t2
-        out = rows[:, None] * D2 + m2[None, :]
-        tw_c = tl.load(tc_ptr + out)
-        tw_s = tl.load(ts_ptr + out)
-        tl.store(out_re + out, v_re * tw_c - v_im * tw_s)  # times conj(W) = TC + i TS
-        tl.store(out_im + out, v_re * tw_s + v_im * tw_c)
+def _transform_rows(re_ptr, im_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr, rc_ptr, rs_ptr,
+                    PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, N3: tl.constexpr,
+                    BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase B1, in place: U[rows, :] = DFT_D2 of T[rows, :] for the (D1, D2) planes re, im;
+    each row block reads only its own rows. N3 = 1: one stage, T @ (C - i S) by column blocks
+    (row frequency k2 at column k2). Otherwise D2 = N2 N3 in two stages (section comment):
+    row frequency k2 + N2 k3 at column k2 N3 + k3."""
+    if N3 == 1:
+        k2 = tl.arange(0, D2)
+        for r0 in range(0, D1, BLOCK_ROWS):
+            rows = r0 + tl.arange(0, BLOCK_ROWS)
+            t1 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
+            t2 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
+            t3 = tl.zeros((BLOCK_ROWS, D2), dtype=tl.float32)
+            for c0 in range(0, D2, BLOCK):
+                n2 = c0 + tl.arange(0, BLOCK)
+                t_re = tl.load(re_ptr + rows[:, None] * D2 + n2[None, :])
+                t_im = tl.load(im_ptr + rows[:, None] * D2 + n2[None, :])
+                t1, t2, t3 = _gauss_dot(t_re, t_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, n2, k2, D2, t1, t2, t3, PRECISION)
+            # Every thread has read these rows of T before any overwrites them.
+            tl.debug_barrier()
+            at = rows[:, None] * D2 + k2[None, :]
+            tl.store(re_ptr + at, t1 - t3)
+            tl.store(im_ptr + at, t1 - t2)  # t2 accumulated +(C + S), not Q = -(C + S)
+    else:
+        N2: tl.constexpr = D2 // N3
+        i2 = tl.arange(0, BLOCK_ROWS * N3)  # tile row (r, n3) = (i2 // N3, i2 % N3)
+        i3 = tl.arange(0, BLOCK_ROWS * N2)  # tile row (r, k2) = (i3 // N2, i3 % N2)
+        twiddle = (i2 % N3)[:, None] * N2 + tl.arange(0, N2)[None, :]  # (rc - i rs)[n3, k2]
+        for r0 in range(0, D1, BLOCK_ROWS):
+            # Stage 2: [(r, n3), n2] at n2 N3 + n3, times F_N2 and w_D2^(n3 k2), in place.
+            at = ((r0 + i2 // N3) * D2 + i2 % N3)[:, None] + tl.arange(0, N2)[None, :] * N3
+            re, im = _row_dft(tl.load(re_ptr + at), tl.load(im_ptr + at), c2_ptr, c2ps2_ptr, c2ms2_ptr, N2, PRECISION)
+            tw_c = tl.load(rc_ptr + twiddle)
+            tw_s = tl.load(rs_ptr + twiddle)
+            tl.debug_barrier()  # every thread has read the tile before any overwrites it
+            tl.store(re_ptr + at, re * tw_c + im * tw_s)
+            tl.store(im_ptr + at, im * tw_c - re * tw_s)
+            tl.debug_barrier()  # stage 3 reads what other threads wrote
+            # Stage 3: [(r, k2), n3] at k2 N3 + n3, times F_N3, in place (k3 at k2 N3 + k3).
+            at = ((r0 + i3 // N2) * D2 + (i3 % N2) * N3)[:, None] + tl.arange(0, N3)[None, :]
+            re, im = _row_dft(tl.load(re_ptr + at), tl.load(im_ptr + at), c3_ptr, c3ps3_ptr, c3ms3_ptr, N3, PRECISION)
+            tl.debug_barrier()
+            tl.store(re_ptr + at, re)
+            tl.store(im_ptr + at, im)
+
+
+@triton.jit
+def _spectrum_tile(r0, D2: tl.constexpr, N3: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    """The register tile that phase B2 gives the row block r0: (k1, j, at), the spectrum's row
+    k1 (a column), row frequency j and scratch position at = k1 D2 + column(j) of its entries,
+    column(j) = (j mod N2) N3 + j div N2 (j itself for N3 = 1). Tile shape (BLOCK_ROWS, D2) for
+    N3 = 1, else [(r, k2), k3] (BLOCK_ROWS N2, N3), the shape _inverse_rows's first stage takes."""
+    if N3 == 1:
+        k1 = (r0 + tl.arange(0, BLOCK_ROWS))[:, None]
+        j = tl.arange(0, D2)[None, :]
+    else:
+        N2: tl.constexpr = D2 // N3
+        i3 = tl.arange(0, BLOCK_ROWS * N2)
+        k1 = (r0 + i3 // N2)[:, None]
+        j = (i3 % N2)[:, None] + N2 * tl.arange(0, N3)[None, :]
+    return k1, j, k1 * D2 + _spectrum_column(j, D2, N3)
+
+
+@triton.jit
+def _spectrum_column(j, D2: tl.constexpr, N3: tl.constexpr):
+    """The column of a row's scratch that holds its row frequency j (see _transform_rows)."""
+    N2: tl.constexpr = D2 // N3
+    return (j % N2) * N3 + j // N2
+
+
+@triton.jit
+def _inverse_rows(p_re, p_im, r0, out_re, out_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr,
+                  rc_ptr, rs_ptr, tc_ptr, ts_ptr, PRECISION: tl.constexpr, D2: tl.constexpr, N3: tl.constexpr,
+                  BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Phase B2's transform: V[rows, :] = IDFT_D2(P) * conj(W) (not divided by D2) for the rows
+    r0 + [0, BLOCK_ROWS), P = p_re + i p_im the register tile of _spectrum_tile, into the planes
+    out_re, out_im. N3 = 1: P @ conj(F_D2) by column blocks. Otherwise the forward's two
+    stages transposed and in reverse: [(r, k2), k3] @ conj(F_N3) times w_D2^(-n3 k2), stored at
+    k2 N3 + n3; then [(r, n3), k2] @ conj(F_N2), in place at n2 N3 + n3. Writes only its rows."""
+    if N3 == 1:
+        rows = r0 + tl.arange(0, BLOCK_ROWS)
+        k2 = tl.arange(0, D2)
+        for c0 in range(0, D2, BLOCK):
+            m2 = c0 + tl.arange(0, BLOCK)
+            zero = tl.zeros((BLOCK_ROWS, BLOCK), dtype=tl.float32)
+            # P @ (C + i S), by Gauss with E = S: Q = S - C = -(C - S), R = C + S.
+            t1, t2, t3 = _gauss_dot(p_re, p_im, c2_ptr, c2ms2_ptr, c2ps2_ptr, k2, m2, D2, zero, zero, zero, PRECISION)
+            v_re = t1 - t3
+            v_im = t1 - t2
+            out = rows[:, None] * D2 + m2[None, :]
+            tw_c = tl.load(tc_ptr + out)
+            tw_s = tl.load(ts_ptr + out)
+            tl.store(out_re + out, v_re * tw_c - v_im * tw_s)  # times conj(W) = TC + i TS
+            tl.store(out_im + out, v_re * tw_s + v_im * tw_c)
+    else:
+        N2: tl.constexpr = D2 // N3
+        i3 = tl.arange(0, BLOCK_ROWS * N2)
+        n3 = tl.arange(0, N3)
+        y_re, y_im = _row_dft(p_re, p_im, c3_ptr, c3ms3_ptr, c3ps3_ptr, N3, PRECISION)
+        twiddle = n3[None, :] * N2 + (i3 % N2)[:, None]
+        tw_c = tl.load(rc_ptr + twiddle)
+        tw_s = tl.load(rs_ptr + twiddle)
+        at = ((r0 + i3 // N2) * D2 + (i3 % N2) * N3)[:, None] + n3[None, :]
+        tl.store(out_re + at, y_re * tw_c - y_im * tw_s)  # times w_D2^(-n3 k2) = rc + i rs
+        tl.store(out_im + at, y_re * tw_s + y_im * tw_c)
+        tl.debug_barrier()  # the second stage reads what other threads wrote
+        i2 = tl.arange(0, BLOCK_ROWS * N3)
+        at = ((r0 + i2 // N3) * D2 + i2 % N3)[:, None] + tl.arange(0, N2)[None, :] * N3
+        v_re, v_im = _row_dft(tl.load(out_re + at), tl.load(out_im + at), c2_ptr, c2ms2_ptr, c2ps2_ptr, N2, PRECISION)
+        tw_c = tl.load(tc_ptr + at)
+        tw_s = tl.load(ts_ptr + at)
+        tl.debug_barrier()  # every thread has read the tile before any overwrites it
+        tl.store(out_re + at, v_re * tw_c - v_im * tw_s)  # times conj(W)
+        tl.store(out_im + at, v_re * tw_s + v_im * tw_c)
 
 
 @triton.jit
@@ -757,10 +916,10 @@ def _gather_row(out_row, stride_outn, n, h_ptr, s_ptr, src, BLOCK: tl.constexpr)
 def _fused_vector_cbp_kernel(
     x_ptr, y_ptr,
     x_offsets_ptr, x_perm_ptr, x_sign_ptr, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
-    c1_ptr, s1_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr,
+    c1_ptr, s1_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr, rc_ptr, rs_ptr,
     scratch_ptr, z_ptr,
     B, stride_xb, stride_xn, stride_yb, stride_yn, stride_zb,
-    PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, N3: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """z[b] = IDFT(DFT(sketch_x[b]) DFT(sketch_y[b])) (d = D1 D2 float32 values) for every
@@ -776,26 +935,24 @@ def _fused_vector_cbp_kernel(
                            y_ptr + b64 * stride_yb, stride_yn, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
                            c1_ptr, s1_ptr, tc_ptr, ts_ptr, u_re, u_im, True, PRECISION, D1, D2, BLOCK)
         tl.debug_barrier()
-        _transform_rows(u_re, u_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, PRECISION, D1, D2, BLOCK_ROWS, BLOCK)
+        _transform_rows(u_re, u_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr, rc_ptr, rs_ptr,
+                        PRECISION, D1, D2, N3, BLOCK_ROWS, BLOCK)
         tl.debug_barrier()
-        # Phase B2: P = (u^2 - v^2) / (4i), v = conj(U[-k]): with k = k1 + D1 k2,
-        # -k = (-k1 mod D1) + D1 ((-k2 - [k1 > 0]) mod D2). V goes to its own planes: the
-        # rows -k of U are read by other row blocks.
-        k2 = tl.arange(0, D2)
+        # Phase B2: P = (u^2 - v^2) / (4i), v = conj(U[-k]): with k = k1 + D1 j (j the row
+        # frequency), -k = (-k1 mod D1) + D1 ((-j - [k1 > 0]) mod D2). V goes to its own
+        # planes: the rows -k of U are read by other row blocks.
         for r0 in range(0, D1, BLOCK_ROWS):
-            rows = r0 + tl.arange(0, BLOCK_ROWS)
-            at = rows[:, None] * D2 + k2[None, :]
-            neg_rows = (D1 - rows) % D1
-            neg_cols = (2 * D2 - k2[None, :] - (rows[:, None] > 0).to(tl.int32)) % D2
-            neg_at = neg_rows[:, None] * D2 + neg_cols
+            k1, j, at = _spectrum_tile(r0, D2, N3, BLOCK_ROWS)
+            neg_j = (2 * D2 - j - (k1 > 0).to(tl.int32)) % D2
+            neg_at = ((D1 - k1) % D1) * D2 + _spectrum_column(neg_j, D2, N3)
             ur = tl.load(u_re + at)
             ui = tl.load(u_im + at)
             vr = tl.load(u_re + neg_at)
             vi = -tl.load(u_im + neg_at)
             p_re = (ur * ui - vr * vi) * 0.5
             p_im = ((ui * ui - ur * ur) + (vr * vr - vi * vi)) * 0.25
-            _inverse_rows(p_re, p_im, rows, v_re, v_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr,
-                          PRECISION, D2, BLOCK)
+            _inverse_rows(p_re, p_im, r0, v_re, v_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr,
+                          rc_ptr, rs_ptr, tc_ptr, ts_ptr, PRECISION, D2, N3, BLOCK_ROWS, BLOCK)
         tl.debug_barrier()
         # Phase C, by column blocks of m2: z[:, m2] = Re(conj(F_D1) @ V[:, m2]) / d. The next
         # sample's phase A writes only U, which no thread reads after the barrier above.
@@ -813,11 +970,11 @@ def _fused_vector_cbp_backward_kernel(
     g_ptr, x_ptr, y_ptr,
     x_offsets_ptr, x_perm_ptr, x_sign_ptr, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
     hx_ptr, sx_ptr, hy_ptr, sy_ptr,
-    c1_ptr, s1_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr,
+    c1_ptr, s1_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr, rc_ptr, rs_ptr,
     scratch_ptr, dx_ptr, dy_ptr,
     B, NX, NY, stride_gb, stride_gd, stride_xb, stride_xn, stride_yb, stride_yn,
     stride_dxb, stride_dxn, stride_dyb, stride_dyn,
-    PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+    PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, N3: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_GATHER: tl.constexpr,
 ):
     """dx[b], dy[b] from g[b] = dL/dz[b] (B, d, any float dtype) for every sample b, one
@@ -837,15 +994,15 @@ def _fused_vector_cbp_backward_kernel(
                            y_row, stride_yn, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
                            c1_ptr, s1_ptr, tc_ptr, ts_ptr, g_re, g_im, False, PRECISION, D1, D2, BLOCK)
         tl.debug_barrier()
-        _transform_rows(u_re, u_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, PRECISION, D1, D2, BLOCK_ROWS, BLOCK)
-        _transform_rows(g_re, g_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, PRECISION, D1, D2, BLOCK_ROWS, BLOCK)
+        _transform_rows(u_re, u_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr, rc_ptr, rs_ptr,
+                        PRECISION, D1, D2, N3, BLOCK_ROWS, BLOCK)
+        _transform_rows(g_re, g_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr, rc_ptr, rs_ptr,
+                        PRECISION, D1, D2, N3, BLOCK_ROWS, BLOCK)
         tl.debug_barrier()
-        # Phase B2: Q = i DFT(g) conj(u), elementwise, then V = (Q @ conj(F_D2)) * conj(W)
-        # written over DFT(g)'s rows, each row block reading only its own.
-        k2 = tl.arange(0, D2)
+        # Phase B2: Q = i DFT(g) conj(u), elementwise, then V = IDFT_D2(Q) * conj(W) written
+        # over DFT(g)'s rows, each row block reading only its own.
         for r0 in range(0, D1, BLOCK_ROWS):
-            rows = r0 + tl.arange(0, BLOCK_ROWS)
-            at = rows[:, None] * D2 + k2[None, :]
+            _, _, at = _spectrum_tile(r0, D2, N3, BLOCK_ROWS)
             ur = tl.load(u_re + at)
             ui = tl.load(u_im + at)
             gr = tl.load(g_re + at)
@@ -854,7 +1011,8 @@ def _fused_vector_cbp_backward_kernel(
             q_re = gr * ui - gi * ur
             q_im = gr * ur + gi * ui
             tl.debug_barrier()
-            _inverse_rows(q_re, q_im, rows, g_re, g_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr, PRECISION, D2, BLOCK)
+            _inverse_rows(q_re, q_im, r0, g_re, g_im, c2_ptr, c2ps2_ptr, c2ms2_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr,
+                          rc_ptr, rs_ptr, tc_ptr, ts_ptr, PRECISION, D2, N3, BLOCK_ROWS, BLOCK)
         tl.debug_barrier()
         # Phase C, by column blocks of m2: grad_a + i grad_b = conj(F_D1) @ V / d, over U
         # (no thread reads U after the barrier above).
@@ -880,20 +1038,23 @@ def _resident_programs(device: torch.device) -> int:
 def _fused_setup(x: torch.Tensor, y: torch.Tensor, out_dim: int, factors, programs):
     """Checks the fused kernels' arguments; (D1, D2), the grid size (0 for no samples) and the
     launch options both kernels share."""
-    factors = factors or fused_factors(out_dim)
-    if factors is None or factors[0] * factors[1] != out_dim or not set(factors) <= set(_FUSED_DIMS):
-        raise ValueError(f"factors: the fused kernel needs d = D1 D2 with D1, D2 in {_FUSED_DIMS}; "
-                         f"got d = {out_dim}, factors {factors}")
+    d1, d2, n3 = _check_factors(out_dim, factors)
     if x.dtype not in KERNEL_DTYPES or y.dtype != x.dtype:
         raise ValueError(f"x, y: the fused kernel takes float32, float16 or bfloat16 of one dtype, got {x.dtype}, {y.dtype}")
-    d1, d2 = factors
     programs = min(x.shape[0], programs or _resident_programs(x.device))
+    precision = _FUSED_PRECISION[x.dtype]
+    narrow = n3 > 1 or precision == "tf32x3"
+    if n3 > 1:
+        block_rows = _FUSED_ROW_BLOCK[precision] // d2
+    else:
+        block_rows = _FUSED_BLOCK_NARROW if narrow else _FUSED_BLOCK_ROWS
     options = dict(
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", D1=d1, D2=d2,
-        BLOCK_ROWS=min(_FUSED_BLOCK_ROWS, d1), BLOCK=min(_FUSED_BLOCK, d1, d2),
+        PRECISION=precision, D1=d1, D2=d2, N3=n3,
+        BLOCK_ROWS=min(block_rows, d1),
+        BLOCK=min(_FUSED_BLOCK_NARROW if narrow else _FUSED_BLOCK, d1, d2),
         num_warps=_FUSED_NUM_WARPS, num_stages=_FUSED_NUM_STAGES,
     )
-    return factors, programs, options
+    return (d1, d2, n3), programs, options
 
 
 def _tables(hashes, signs, out_dim: int) -> list[torch.Tensor]:
@@ -903,33 +1064,33 @@ def _tables(hashes, signs, out_dim: int) -> list[torch.Tensor]:
 
 
 def fused_vector_sketch(x: torch.Tensor, y: torch.Tensor, hashes, signs, out_dim: int,
-                        factors: tuple[int, int] | None = None, programs: int | None = None) -> torch.Tensor:
+                        factors: tuple[int, ...] | None = None, programs: int | None = None) -> torch.Tensor:
     """z (B, d) float32 = IDFT(DFT(C1 x) DFT(C2 y)), the unpooled tensor sketch of x (B, n1),
     y (B, n2) (any strides), in one launch of _fused_vector_cbp_kernel. float16 and bfloat16
     dots run in TF32, float32 ones at IEEE precision. ``factors``: (D1, D2) with D1 D2 = d,
     both in _FUSED_DIMS (default: :func:`fused_factors`); ``programs``: the persistent grid's
     size (default: as many as the device keeps resident, at most B)."""
-    (d1, d2), programs, options = _fused_setup(x, y, out_dim, factors, programs)
+    tables, programs, options = _fused_setup(x, y, out_dim, factors, programs)
     z = torch.empty((x.shape[0], out_dim), dtype=torch.float32, device=x.device)
     if programs == 0:
         return z
     scratch = torch.empty((programs, 4, out_dim), dtype=torch.float32, device=x.device)
     _fused_vector_cbp_kernel[(programs,)](
-        x, y, *_tables(hashes, signs, out_dim), *_dft_tables(d1, d2, x.device), scratch, z,
+        x, y, *_tables(hashes, signs, out_dim), *_dft_tables(*tables, x.device), scratch, z,
         x.shape[0], *x.stride(), *y.stride(), z.stride(0), **options,
     )
     return z
 
 
 def fused_vector_sketch_backward(grad_z: torch.Tensor, x: torch.Tensor, y: torch.Tensor, hashes, signs,
-                                 out_dim: int, factors: tuple[int, int] | None = None,
+                                 out_dim: int, factors: tuple[int, ...] | None = None,
                                  programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dy), the vector-Jacobian product of :func:`fused_vector_sketch` at x (B, n1),
     y (B, n2) with grad_z (B, d) (any float dtype and strides): dx[b, i] = s1(i) grad_a[b, h1(i)],
     grad_a = IDFT(DFT(g) conj(DFT(sketch_y))), and dy likewise with the roles swapped; in one
     launch of _fused_vector_cbp_backward_kernel. x's and y's dtypes and shapes, contiguous;
     precision and arguments as :func:`fused_vector_sketch`."""
-    (d1, d2), programs, options = _fused_setup(x, y, out_dim, factors, programs)
+    tables, programs, options = _fused_setup(x, y, out_dim, factors, programs)
     if grad_z.shape != (x.shape[0], out_dim):
         raise ValueError(f"grad_z: expected shape {(x.shape[0], out_dim)}, got {tuple(grad_z.shape)}")
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -939,7 +1100,7 @@ def fused_vector_sketch_backward(grad_z: torch.Tensor, x: torch.Tensor, y: torch
     scratch = torch.empty((programs, 4, out_dim), dtype=torch.float32, device=x.device)
     (hx, hy), (sx, sy) = [h.contiguous() for h in hashes], [s.contiguous() for s in signs]
     _fused_vector_cbp_backward_kernel[(programs,)](
-        grad_z, x, y, *_tables(hashes, signs, out_dim), hx, sx, hy, sy, *_dft_tables(d1, d2, x.device),
+        grad_z, x, y, *_tables(hashes, signs, out_dim), hx, sx, hy, sy, *_dft_tables(*tables, x.device),
         scratch, dx, dy,
         x.shape[0], x.shape[1], y.shape[1], *grad_z.stride(), *x.stride(), *y.stride(), *dx.stride(), *dy.stride(),
         BLOCK_GATHER=_FUSED_BLOCK_GATHER, **options,
@@ -989,11 +1150,13 @@ def _fused_backward(grad, xs, hashes, signs, out_dim: int, gate, normalize: bool
     """[dx, dy] (+ [dgate]) on the fused vector path: z recomputed for the epilogue's backward
     only (as the FFT path recomputes it), then one fused backward launch.
 
-    With normalisation z comes from the FFT path (float32 FFTs), not the fused forward: the
-    signed sqrt's derivative 1 / (2 sqrt|z|) magnifies the error of the bins nearest 0, and a
-    TF32 z (6.7e-4 off) made dx, dy of bfloat16 CBP 127x PyTorch's bfloat16 error at d = 4096
-    (emulated, 2 samples); even the float32 four-step z (5e-7 off at d = 2048, float32 FFTs
-    about 1e-7) doubled float16's. With a gate only, dgate = (dL/dout) z is linear in z."""
+    With normalisation z comes from the FFT path (float32 FFTs), not the fused forward, in
+    every dtype: the signed sqrt's derivative 1 / (2 sqrt|z|) magnifies the error of the bins
+    nearest 0. A one-pass TF32 z (6.7e-4 off) made dx, dy of bfloat16 CBP 127x PyTorch's
+    bfloat16 error at d = 4096 (emulated, 2 samples); even a float32-accurate fused z (float32
+    dots, as tf32x3 gives) made dy of float16 CBP 2.26x PyTorch's float16 error at d = 2048
+    (test_fused_vector_cbp_backward_half_within_twice_torch_error), outside the 2x rule. With
+    a gate only, dgate = (dL/dout) z is linear in z."""
     x, y = xs[0][:, 0], xs[1][:, 0]
     grads_gate = []
     if gate is not None or normalize:
