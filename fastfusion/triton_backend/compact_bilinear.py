@@ -64,11 +64,12 @@ restriction beyond 32-bit column indices (n_m, d < 2**31).
 
 Fused vector path (two unpooled bfloat16, float16 or float32 modalities, d = D1 D2 with D1,
 D2 powers of two in [16, 128], or d = D1 N2 N3 with N2, N3 in {16, 32} for three DFT levels;
-inference and training): steps 1-4 of the FFT forward are one launch,
+inference and training): steps 1-5 of the FFT forward are one launch,
 _fused_vector_cbp_kernel, whose DFTs are tensor-core matmuls (the four-step decomposition, its
 row DFT split again at three levels; one TF32 pass for bfloat16, three ("tf32x3") for float16
-and float32; see its section), then the epilogue kernel. Its backward: z recomputed only for a gate or
-normalisation (by the fused forward for a gate alone, by FFT steps 1-4 with normalisation,
+and float32; see its section), each persistent program finishing the rows it computes (the
+row epilogue on z[b] in its L2-resident scratch: z never reaches HBM). Its backward: z
+recomputed only for a gate or normalisation (by the fused forward for a gate alone, by FFT steps 1-4 with normalisation,
 see _fused_backward), the epilogue backward, then steps 6-9 in one launch,
 _fused_vector_cbp_backward_kernel. Nothing is saved between them.
 """
@@ -524,6 +525,10 @@ def _gram_adjoint(grad, z, xs, hashes, signs, mean: bool, gate, normalize: bool,
 #   phase B2  P from U's rows k and -k, V = (P @ conj(F_D2)) * conj(W), by row blocks of k1:
 #             3 real dots
 #   phase C   z = (C_D1 @ Re V - S_D1 @ Im V) / d, by column blocks of m2: 2 real dots
+#   epilogue  (the op's forward, EPILOGUE) z goes to the free plane 0 of the scratch, not to
+#             z (B, d); the program runs the row epilogue on it (gate, signed sqrt, L2;
+#             _common.epilogue_row, no dots) -> out[b] in the input dtype, so the forward is
+#             one launch and z (B d float32) is neither written to nor read from HBM
 # separated by tl.debug_barrier(): a CTA-wide bar.sync, after which every thread of the
 # program sees the scratch its other threads wrote. FLOPs per sample, 2 per multiply-add:
 # 12 d D1 (phases A and C) + 12 d D2 (B1 and B2); at d = 128 x 128, 50.3 MFLOP.
@@ -593,8 +598,9 @@ _FUSED_BLOCK = 32
 # many values a plane (BLOCK_ROWS D2) by precision. Measured on sm_90 (ptxas, through
 # benchmarks.compile_report) at d = 32 x 32 x 16: with column blocks of 32 every dtype
 # spilled (32-136 bytes); with 16 and 4 rows (tf32) / 8 rows (tf32x3) the forward makes
-# 194 / 231 registers with Triton 3.9, 227 / 248 with 3.6, the backward 202 / 224 and
-# 230 / 246, no spills (tf32 at 8 rows: 252 and 248 with 3.9 but 16 bytes of spill in the
+# 194 / 231 registers with Triton 3.9, 227 / 248 with 3.6 (with the row epilogue, as the
+# op runs it: 199-206 / 233-235 and 235-241 / 251), the backward 202 / 224 and 230 / 246,
+# no spills (tf32 at 8 rows: 252 and 248 with 3.9 but 16 bytes of spill in the
 # backward with 3.6; tf32x3 at 4 rows spilled 8 bytes with 3.9). float32 at 64 x 32
 # spilled 364 bytes with 32-wide blocks, none with 16.
 _FUSED_BLOCK_NARROW = 16
