@@ -461,6 +461,53 @@ def test_fused_vector_cbp_nan_stays_in_its_row():
     assert torch.isnan(z[0]).all()
     assert torch.isfinite(z[1:]).all()
     assert_rel_close(z[1:], _unnormalized_cbp64([x[1:] for x in xs], hashes, signs, 256), 1e-5, "rows 1, 2")
+    # Likewise through the epilogue, whose z shares the scratch's plane 0 with phase A, and
+    # whose L2 norm would spread a NaN over a row: only sample 0's.
+    gate = torch.rand(3, 256, device=DEVICE)
+    out = triton_cbp.fused_vector_sketch(*xs, hashes, signs, 256, programs=2, epilogue=(gate, True, 1e-12))
+    assert torch.isnan(out[0]).all()
+    expected = compact_bilinear([x[1:].double() for x in xs], hashes, signs, 256, gate=gate[1:].double(), eps=1e-12,
+                                backend="eager")
+    assert_rel_close(out[1:], expected, 1e-5, "epilogue rows 1, 2")
+
+
+@pytest.mark.parametrize("out_dim", [256, 4096])  # two levels, three levels (16, 16, 16)
+@pytest.mark.parametrize("gated, normalize", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("B, programs", [(1, None), (3, 2)])  # 3 samples on 2 programs: one runs two
+def test_fused_vector_cbp_epilogue_float32_matches_float64(out_dim, gated, normalize, B, programs):
+    # The fused forward finishing its rows in the same launch (gate, signed sqrt, L2), the
+    # gate a strided view, against the float64 eager CBP (signed sqrt's eps 1e-12 as the op's).
+    # The signed sqrt turns float32 rounding of a bin that is 0 in float64 (an empty one) into
+    # sqrt of it (at d = 4096 with 37 x 50 products: 6e-4 off), so, as in
+    # test_fused_vector_cbp_backward_epilogue_float32, every bin is kept away from 0: positive
+    # inputs, all signs +1, 80 000 products for d <= 4096 bins (none empty; 100 x 400 left one).
+    xs, hashes, signs = _vector_cbp_inputs(B, (200, 400), out_dim, torch.float32, "strided")
+    xs = [x.abs_().add_(0.5) for x in xs]  # in place: the strided views stay the inputs
+    signs = [torch.ones_like(s) for s in signs]
+    gate = randn(torch.Generator().manual_seed(6), B, out_dim, dtype=torch.float32, layout="strided").to(DEVICE)
+    gate = gate if gated else None
+    out = triton_cbp.fused_vector_sketch(*xs, hashes, signs, out_dim, programs=programs,
+                                         epilogue=(gate, normalize, 1e-12))
+    assert out.dtype == torch.float32 and out.shape == (B, out_dim) and out.is_contiguous()
+    expected = compact_bilinear([x.double() for x in xs], hashes, signs, out_dim, normalize=normalize, eps=1e-12,
+                                gate=None if gate is None else gate.double(), backend="eager")
+    assert_rel_close(out, expected, 1e-5, f"d={out_dim} gate={gated} normalize={normalize}")
+
+
+def test_fused_vector_cbp_epilogue_in_input_dtype():
+    # The output takes the inputs' dtype (the gate's may differ); without samples, no launch.
+    xs, hashes, signs = _vector_cbp_inputs(3, (37, 300), 256, FUSED_HALF)
+    gate = torch.rand(3, 256, device=DEVICE)
+    out = triton_cbp.fused_vector_sketch(*xs, hashes, signs, 256, epilogue=(gate, True, 1e-12))
+    expected = compact_bilinear([x.double() for x in xs], hashes, signs, 256, gate=gate.double(), eps=1e-12,
+                                backend="eager")
+    torch_half = compact_bilinear(xs, hashes, signs, 256, gate=gate.to(FUSED_HALF), eps=1e-12, backend="eager")
+    assert out.dtype == torch_half.dtype == FUSED_HALF
+    assert rel_err(out, expected) <= 2 * rel_err(torch_half, expected)
+    empty = triton_cbp.fused_vector_sketch(*[x[:0] for x in xs], hashes, signs, 256, epilogue=(None, True, 1e-12))
+    assert empty.shape == (0, 256) and empty.dtype == FUSED_HALF
+    with pytest.raises(ValueError, match="gate"):
+        triton_cbp.fused_vector_sketch(*xs, hashes, signs, 256, epilogue=(gate[:, :128], True, 1e-12))
 
 
 def test_fused_vector_cbp_rejects_bad_factors():

@@ -64,11 +64,12 @@ restriction beyond 32-bit column indices (n_m, d < 2**31).
 
 Fused vector path (two unpooled bfloat16, float16 or float32 modalities, d = D1 D2 with D1,
 D2 powers of two in [16, 128], or d = D1 N2 N3 with N2, N3 in {16, 32} for three DFT levels;
-inference and training): steps 1-4 of the FFT forward are one launch,
+inference and training): steps 1-5 of the FFT forward are one launch,
 _fused_vector_cbp_kernel, whose DFTs are tensor-core matmuls (the four-step decomposition, its
 row DFT split again at three levels; one TF32 pass for bfloat16, three ("tf32x3") for float16
-and float32; see its section), then the epilogue kernel. Its backward: z recomputed only for a gate or
-normalisation (by the fused forward for a gate alone, by FFT steps 1-4 with normalisation,
+and float32; see its section), each persistent program finishing the rows it computes (the
+row epilogue on z[b] in its L2-resident scratch: z never reaches HBM). Its backward: z
+recomputed only for a gate or normalisation (by the fused forward for a gate alone, by FFT steps 1-4 with normalisation,
 see _fused_backward), the epilogue backward, then steps 6-9 in one launch,
 _fused_vector_cbp_backward_kernel. Nothing is saved between them.
 """
@@ -518,12 +519,19 @@ def _gram_adjoint(grad, z, xs, hashes, signs, mean: bool, gate, normalize: bool,
 # spectral product P = DFT(a) DFT(b) = (u^2 - v^2) / (4i). Per sample:
 #   phase A   T = (F_D1 @ (A + i B)) * W, by column blocks of n2: 4 real dots; A's and B's
 #             tiles gathered through the count sketches' inverse tables, as
-#             _gather_sketch_kernel does (deterministic, no atomics)
+#             _gather_sketch_kernel does (deterministic, no atomics). Four, not Gauss's
+#             three (C (A + B), (C + S) A, (C - S) B: 2 d D1 FLOPs fewer a sample): at
+#             d = 32 x 32 x 16 with the epilogue those took Triton 3.6's float32 forward to
+#             255 registers and 4 bytes of spill (every float16 / float32 build at 255)
 #   phase B1  U = T @ F_D2, by row blocks of k1, written over T: 3 real dots (Gauss's
 #             complex product with the constant sums C +- S precomputed)
 #   phase B2  P from U's rows k and -k, V = (P @ conj(F_D2)) * conj(W), by row blocks of k1:
 #             3 real dots
 #   phase C   z = (C_D1 @ Re V - S_D1 @ Im V) / d, by column blocks of m2: 2 real dots
+#   epilogue  (the op's forward, EPILOGUE) z goes to the free plane 0 of the scratch, not to
+#             z (B, d); the program runs the row epilogue on it (gate, signed sqrt, L2;
+#             _common.epilogue_row, no dots) -> out[b] in the input dtype, so the forward is
+#             one launch and z (B d float32) is neither written to nor read from HBM
 # separated by tl.debug_barrier(): a CTA-wide bar.sync, after which every thread of the
 # program sees the scratch its other threads wrote. FLOPs per sample, 2 per multiply-add:
 # 12 d D1 (phases A and C) + 12 d D2 (B1 and B2); at d = 128 x 128, 50.3 MFLOP.
@@ -593,8 +601,9 @@ _FUSED_BLOCK = 32
 # many values a plane (BLOCK_ROWS D2) by precision. Measured on sm_90 (ptxas, through
 # benchmarks.compile_report) at d = 32 x 32 x 16: with column blocks of 32 every dtype
 # spilled (32-136 bytes); with 16 and 4 rows (tf32) / 8 rows (tf32x3) the forward makes
-# 194 / 231 registers with Triton 3.9, 227 / 248 with 3.6, the backward 202 / 224 and
-# 230 / 246, no spills (tf32 at 8 rows: 252 and 248 with 3.9 but 16 bytes of spill in the
+# 194 / 231 registers with Triton 3.9, 227 / 248 with 3.6 (with the row epilogue, as the
+# op runs it: 199-206 / 233-235 and 235-241 / 251), the backward 202 / 224 and 230 / 246,
+# no spills (tf32 at 8 rows: 252 and 248 with 3.9 but 16 bytes of spill in the
 # backward with 3.6; tf32x3 at 4 rows spilled 8 bytes with 3.9). float32 at 64 x 32
 # spilled 364 bytes with 32-wide blocks, none with 16.
 _FUSED_BLOCK_NARROW = 16
@@ -605,6 +614,10 @@ _FUSED_NUM_STAGES = 2
 # backward kernel makes 254 registers a thread at d = 128 x 128 on sm_90 with Triton 3.9, no
 # spills; with 1024 inputs a step, or phase C's two accumulators at once, it spilled.
 _FUSED_BLOCK_GATHER = 256
+# The forward's in-kernel row epilogue: columns per step, 4 per thread at 8 warps (as the
+# epilogue kernel's and the Gram kernels' 1024); it runs after phase C, whose accumulators
+# are dead by then.
+_FUSED_EPILOGUE_BLOCK = 1024
 # Resident programs per SM for the persistent grid (one: the kernel's registers at 8 warps
 # leave no room for a second on sm_90, see benchmarks.compile_report), and the SM count
 # assumed for meta tensors standing for CUDA ones (an H100's), where no device can be asked.
@@ -917,14 +930,18 @@ def _fused_vector_cbp_kernel(
     x_ptr, y_ptr,
     x_offsets_ptr, x_perm_ptr, x_sign_ptr, y_offsets_ptr, y_perm_ptr, y_sign_ptr,
     c1_ptr, s1_ptr, c2_ptr, c2ps2_ptr, c2ms2_ptr, tc_ptr, ts_ptr, c3_ptr, c3ps3_ptr, c3ms3_ptr, rc_ptr, rs_ptr,
-    scratch_ptr, z_ptr,
-    B, stride_xb, stride_xn, stride_yb, stride_yn, stride_zb,
+    scratch_ptr, z_ptr, gate_ptr, out_ptr,
+    B, eps, stride_xb, stride_xn, stride_yb, stride_yn, stride_zb, stride_gate_b, stride_gate_d, stride_outb,
     PRECISION: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, N3: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, NORMALIZE: tl.constexpr, EPILOGUE_BLOCK: tl.constexpr,
 ):
     """z[b] = IDFT(DFT(sketch_x[b]) DFT(sketch_y[b])) (d = D1 D2 float32 values) for every
     sample b of x (B, n_x), y (B, n_y), one persistent program per scratch slot of 4 d float32
-    values ((programs, 4, d): T then U (re, im), V (re, im)); phases in the section comment."""
+    values ((programs, 4, d): T then U (re, im), V (re, im)); phases in the section comment.
+    Without EPILOGUE z[b] goes to z (B, d); with it z[b] goes to the scratch's plane 0 and the
+    program finishes the row there: out[b] = epilogue(z[b]) (z * gate, signed sqrt, L2, cast
+    to out's dtype; _common.epilogue_row), z_ptr unused, gate (B, d) any strides."""
     D: tl.constexpr = D1 * D2
     pid = tl.program_id(0)
     scratch = scratch_ptr + pid.to(tl.int64) * (4 * D)
@@ -955,13 +972,26 @@ def _fused_vector_cbp_kernel(
                           rc_ptr, rs_ptr, tc_ptr, ts_ptr, PRECISION, D2, N3, BLOCK_ROWS, BLOCK)
         tl.debug_barrier()
         # Phase C, by column blocks of m2: z[:, m2] = Re(conj(F_D1) @ V[:, m2]) / d. The next
-        # sample's phase A writes only U, which no thread reads after the barrier above.
+        # sample's phase A writes only U, which no thread reads after the barrier above; so
+        # does the epilogue's z, row-major in plane 0, which no thread reads after it either.
+        if EPILOGUE:
+            z_row = u_re
+        else:
+            z_row = z_ptr + b64 * stride_zb
         m1 = tl.arange(0, D1)
         for c0 in range(0, D2, BLOCK):
             m2 = c0 + tl.arange(0, BLOCK)
             re = _inverse_columns(v_re, v_im, c1_ptr, s1_ptr, m2, False, PRECISION, D1, D2, BLOCK)
             # d is a power of two: the division is exact.
-            tl.store(z_ptr + b64 * stride_zb + m1[:, None] * D2 + m2[None, :], re / D)
+            tl.store(z_row + m1[:, None] * D2 + m2[None, :], re / D)
+        if EPILOGUE:
+            # The row's epilogue reads z[b] as other threads wrote it (from L1/L2, never
+            # HBM); the barrier after it keeps the next sample's phase A from overwriting
+            # plane 0 while a thread still reads it. z's row stride 0: plane 0 is this row.
+            tl.debug_barrier()
+            epilogue_row(u_re, gate_ptr, out_ptr, b64, D, eps, 0, 1, stride_gate_b, stride_gate_d, stride_outb,
+                         HAS_GATE, NORMALIZE, tl.float32, EPILOGUE_BLOCK)
+            tl.debug_barrier()
 
 
 @dot_flops(_fused_backward_flops)
@@ -1064,22 +1094,38 @@ def _tables(hashes, signs, out_dim: int) -> list[torch.Tensor]:
 
 
 def fused_vector_sketch(x: torch.Tensor, y: torch.Tensor, hashes, signs, out_dim: int,
-                        factors: tuple[int, ...] | None = None, programs: int | None = None) -> torch.Tensor:
+                        factors: tuple[int, ...] | None = None, programs: int | None = None,
+                        epilogue: tuple | None = None) -> torch.Tensor:
     """z (B, d) float32 = IDFT(DFT(C1 x) DFT(C2 y)), the unpooled tensor sketch of x (B, n1),
-    y (B, n2) (any strides), in one launch of _fused_vector_cbp_kernel. float16 and bfloat16
-    dots run in TF32, float32 ones at IEEE precision. ``factors``: (D1, D2) with D1 D2 = d,
-    both in _FUSED_DIMS (default: :func:`fused_factors`); ``programs``: the persistent grid's
-    size (default: as many as the device keeps resident, at most B)."""
+    y (B, n2) (any strides), in one launch of _fused_vector_cbp_kernel. float16 and float32
+    dots run at tf32x3, bfloat16 ones in one TF32 pass (IEEE float32 under the interpreter).
+    ``factors``: (D1, D2) or (D1, N2, N3) (default: :func:`fused_factors`); ``programs``: the
+    persistent grid's size (default: as many as the device keeps resident, at most B).
+
+    With ``epilogue`` = (gate, normalize, eps) it returns instead out (B, d), contiguous in
+    x's dtype: out[b] = z[b] * gate[b] (gate (B, d), any float dtype and strides, or None for
+    1), then with ``normalize`` s = sign(v) sqrt(|v| + eps) and out[b] = s / max(||s||_2, eps)
+    (as _common.epilogue_forward); from the same launch, each program finishing the rows it
+    computes, so z never reaches memory beyond the program's scratch."""
     tables, programs, options = _fused_setup(x, y, out_dim, factors, programs)
-    z = torch.empty((x.shape[0], out_dim), dtype=torch.float32, device=x.device)
+    batch = x.shape[0]
+    gate, normalize, eps = epilogue or (None, False, 0.0)
+    if gate is not None and gate.shape != (batch, out_dim):
+        raise ValueError(f"gate: expected shape {(batch, out_dim)}, got {tuple(gate.shape)}")
+    result = torch.empty((batch, out_dim), dtype=torch.float32 if epilogue is None else x.dtype, device=x.device)
     if programs == 0:
-        return z
+        return result
     scratch = torch.empty((programs, 4, out_dim), dtype=torch.float32, device=x.device)
+    # Without an epilogue, result is z (and out_ptr a pointer never written); with one it is
+    # out (and z_ptr never written). gate_or_out: a pointer never read without a gate.
+    gate_or_out = result if gate is None else gate
     _fused_vector_cbp_kernel[(programs,)](
-        x, y, *_tables(hashes, signs, out_dim), *_dft_tables(*tables, x.device), scratch, z,
-        x.shape[0], *x.stride(), *y.stride(), z.stride(0), **options,
+        x, y, *_tables(hashes, signs, out_dim), *_dft_tables(*tables, x.device), scratch, result, gate_or_out, result,
+        batch, eps, *x.stride(), *y.stride(), result.stride(0), *gate_or_out.stride(), result.stride(0),
+        EPILOGUE=epilogue is not None, HAS_GATE=gate is not None, NORMALIZE=normalize,
+        EPILOGUE_BLOCK=_FUSED_EPILOGUE_BLOCK, **options,
     )
-    return z
+    return result
 
 
 def fused_vector_sketch_backward(grad_z: torch.Tensor, x: torch.Tensor, y: torch.Tensor, hashes, signs,
@@ -1130,8 +1176,8 @@ def _forward(xs, hashes, signs, out_dim: int, mean: bool, gate, normalize: bool,
     if _takes_fused(xs, out_dim):
         # T = 1: the sum over positions and the mean are the sample itself. Nothing is saved:
         # the fused backward recomputes z when its epilogue needs it.
-        z = fused_vector_sketch(xs[0][:, 0], xs[1][:, 0], hashes, signs, out_dim)
-        return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), []
+        out = fused_vector_sketch(xs[0][:, 0], xs[1][:, 0], hashes, signs, out_dim, epilogue=(gate, normalize, eps))
+        return out, []
     work = compute_dtype(xs[0].dtype)
     z = _pooled_sketch(_spectra(xs, hashes, signs, out_dim, work), xs[0].shape[0], out_dim, mean)
     return epilogue_forward(z, gate, normalize, eps, xs[0].dtype), []
