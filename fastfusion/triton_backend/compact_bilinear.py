@@ -66,8 +66,8 @@ Fused vector path (two unpooled bfloat16, float16 or float32 modalities, d = D1 
 D2 powers of two in [16, 128], or d = D1 N2 N3 with N2, N3 in {16, 32} for three DFT levels;
 inference and training): steps 1-5 of the FFT forward are one launch,
 _fused_vector_cbp_kernel, whose DFTs are tensor-core matmuls (the four-step decomposition, its
-row DFT split again at three levels; one TF32 pass for bfloat16, three ("tf32x3") for float16
-and float32; see its section), each persistent program finishing the rows it computes (the
+row DFT split again at three levels; three TF32 passes ("tf32x3") in every dtype; see its
+section), each persistent program finishing the rows it computes (the
 row epilogue on z[b] in its L2-resident scratch: z never reaches HBM). Its backward: z
 recomputed only for a gate or normalisation (by the fused forward for a gate alone, by FFT steps 1-4 with normalisation,
 see _fused_backward), the epilogue backward, then steps 6-9 in one launch,
@@ -553,21 +553,25 @@ def _gram_adjoint(grad, z, xs, hashes, signs, mean: bool, gate, normalize: bool,
 # levels), ties to the larger D1 (wider phase A / C dots, a shorter row), then the larger N2:
 # 16384 -> (32, 32, 16), 8192 -> (32, 16, 16), 4096 -> (16, 16, 16); d < 4096 keeps two.
 #
-# Accuracy: bfloat16 inputs run one TF32 pass (operands rounded to 10 mantissa bits). At
-# d = 16384 and 8192 at two levels, emulated (TF32-rounded operands in the interpreter), z is
-# within 6.7e-4 (relative norm) of float64: rounded to bfloat16 that is 1.08x PyTorch's own
-# bfloat16 error (1.65e-3; 1.2x with the signed sqrt and L2 norm), but rounded to float16
-# 3.4x PyTorch's (2.1e-4), outside the suite's 2x rule. float16 and float32 inputs therefore
-# run "tf32x3" (each operand split a_hi = tf32(a), a_lo = tf32(a - a_hi); a_hi b_hi +
-# a_hi b_lo + a_lo b_hi, three TF32 MMAs a dot), which three levels make affordable: 3 x 80
-# = 240 < 256 FLOP units at d = 16384. Emulated the same way at three levels (2 samples,
-# n = 512, 1024; test_fused_vector_cbp_tf32_accuracy_decides_its_dtypes), z rounded to the
-# input dtype against PyTorch's own error in that dtype: d = 4096 (16 x 16 x 16): bfloat16
-# 1.14x, float16 1.00x, float32 1.14x (z 2.9e-7 off float64, torch.fft 2.5e-7); d = 16384
-# (32 x 32 x 16): 1.13x, 1.00x, 1.28x (3.3e-7, 2.6e-7). float16 at one TF32 pass: 4.25x. So
-# all three dtypes are routed (float64 is not: tl.dot has no float64 form). The normalised
-# backward still recomputes z by FFTs in every dtype (see _fused_backward). Under the
-# interpreter every dot is float32, which is how the kernels are tested against float64.
+# Accuracy. Every dtype runs "tf32x3": each operand split a_hi = tf32(a), a_lo = tf32(a - a_hi),
+# a_hi b_hi + a_hi b_lo + a_lo b_hi, three TF32 MMAs a dot, which three levels make
+# affordable (3 x 80 = 240 < 256 FLOP units at d = 16384). One TF32 pass (operands rounded to
+# 10 mantissa bits) was measured and is not enough in any dtype, emulated in the interpreter
+# (tf32_dots in tests/test_triton_kernels.py), each result rounded to the input dtype against
+# PyTorch's own error in that dtype (eager, FFT path), both against float64:
+# - z of dense inputs (n = 512, 1024, every bin of z a sum of ~100 products): bfloat16 1.13x
+#   at one pass, but float16 4.25x and float32 3500x; at tf32x3 1.00-1.28x.
+# - the gated, normalised output of sparse inputs (n = 37, 300, bins of z empty): the signed
+#   sqrt turns a transform's noise eps at an empty bin into sqrt(eps): bfloat16 5.5x at
+#   d = 4096 and 19x at 16384 with one pass, 1.00-1.03x at tf32x3 (float16 39-68x and
+#   1.11-1.34x, float32 76-83x and 1.42-1.48x).
+# - their gradients (_fused_backward; normalisation's gradient 1 / (2 sqrt|z|) is large at
+#   those bins, and the transforms spread one pass's error from there to every input):
+#   bfloat16 dx, dy 14x and 37x at d = 2048, 123x and 422x at 4096 with one pass; within
+#   0.78-1.36x at tf32x3 in every dtype.
+# (test_fused_vector_cbp_tf32_accuracy_decides_its_precision, _backward_tf32_accuracy.)
+# float64 is not routed: tl.dot has no float64 form. Under the interpreter every dot is
+# float32 unless emulated, which is how the kernels are tested against float64.
 #
 # Backward. With g = dL/dz (real), grad_a[n] = sum_m g[m] b[m - n], the circular correlation
 # IDFT(DFT(g) conj(DFT(b))), and grad_b likewise with a. Packed: conj(DFT(b)) + i conj(DFT(a))
@@ -580,16 +584,15 @@ def _gram_adjoint(grad, z, xs, hashes, signs, mean: bool, gate, normalize: bool,
 #   phase C   grad_a + i grad_b = conj(F_D1) @ V / d over U (4 dots, each part on its own)
 #   phase D   dx[i] = s_x(i) grad_a[h_x(i)], dy from grad_b: gathered from the scratch
 # FLOPs per sample: 20 d D1 + 18 d D2 (three levels: 20 d D1 + 18 d (N2 + N3); at
-# d = 32 x 32 x 16, 24.6 MFLOP); at d = 128 x 128, 79.7 MFLOP. Emulated TF32 at
-# d = 4096 and 16384 (two levels) (2 samples, n = 512, 1024, gate, with and without normalisation), dx, dy
-# and dgate rounded to bfloat16 are within 1.00x-1.15x of PyTorch's bfloat16 error.
+# d = 32 x 32 x 16, 24.6 MFLOP, three times that at tf32x3); at d = 128 x 128, 79.7 MFLOP.
+# Accuracy: the section's "Accuracy" above.
 
 _FUSED_DIMS = (16, 32, 64, 128)
 _FUSED_ROW_DIMS = (16, 32)
 _FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# One TF32 pass for bfloat16; three (hi/lo split, 3xTF32) for float32 and float16, whose 2x
-# rule one pass misses (section comment). Under the interpreter every dot is float32.
-_FUSED_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32x3", torch.float32: "tf32x3"}
+# Three TF32 passes (hi/lo split, 3xTF32) in every dtype: one pass misses the 2x rule in each
+# (section comment). Under the interpreter every dot is float32.
+_FUSED_PRECISION = {torch.bfloat16: "tf32x3", torch.float16: "tf32x3", torch.float32: "tf32x3"}
 # Two levels: phase B1 holds 3 (BLOCK_ROWS, D2) float32 accumulators, B2 the (BLOCK_ROWS, D2) product;
 # at 8 warps and 32 rows each is 16 registers a thread at D2 = 128. At d = 128 x 128 Triton
 # 3.9 makes 171 registers a thread, no spills, 100 KiB of shared memory on sm_90 (16 rows:
@@ -1065,14 +1068,16 @@ def _resident_programs(device: torch.device) -> int:
     return sms * _FUSED_PROGRAMS_PER_SM
 
 
-def _fused_setup(x: torch.Tensor, y: torch.Tensor, out_dim: int, factors, programs):
+def _fused_setup(x: torch.Tensor, y: torch.Tensor, out_dim: int, factors, programs, precision):
     """Checks the fused kernels' arguments; (D1, D2), the grid size (0 for no samples) and the
     launch options both kernels share."""
     d1, d2, n3 = _check_factors(out_dim, factors)
     if x.dtype not in KERNEL_DTYPES or y.dtype != x.dtype:
         raise ValueError(f"x, y: the fused kernel takes float32, float16 or bfloat16 of one dtype, got {x.dtype}, {y.dtype}")
+    if precision not in (None, *_FUSED_ROW_BLOCK):
+        raise ValueError(f"precision: expected None or one of {tuple(_FUSED_ROW_BLOCK)}, got {precision!r}")
     programs = min(x.shape[0], programs or _resident_programs(x.device))
-    precision = _FUSED_PRECISION[x.dtype]
+    precision = precision or _FUSED_PRECISION[x.dtype]
     narrow = n3 > 1 or precision == "tf32x3"
     if n3 > 1:
         block_rows = _FUSED_ROW_BLOCK[precision] // d2
@@ -1095,19 +1100,21 @@ def _tables(hashes, signs, out_dim: int) -> list[torch.Tensor]:
 
 def fused_vector_sketch(x: torch.Tensor, y: torch.Tensor, hashes, signs, out_dim: int,
                         factors: tuple[int, ...] | None = None, programs: int | None = None,
-                        epilogue: tuple | None = None) -> torch.Tensor:
+                        epilogue: tuple | None = None, precision: str | None = None) -> torch.Tensor:
     """z (B, d) float32 = IDFT(DFT(C1 x) DFT(C2 y)), the unpooled tensor sketch of x (B, n1),
     y (B, n2) (any strides), in one launch of _fused_vector_cbp_kernel. float16 and float32
-    dots run at tf32x3, bfloat16 ones in one TF32 pass (IEEE float32 under the interpreter).
-    ``factors``: (D1, D2) or (D1, N2, N3) (default: :func:`fused_factors`); ``programs``: the
-    persistent grid's size (default: as many as the device keeps resident, at most B).
+    dots run at _FUSED_PRECISION[x.dtype] (tf32x3; IEEE float32 under the interpreter) unless
+    ``precision`` ("tf32" or "tf32x3") says otherwise: one pass is the faster, measured
+    alternative the accuracy tests hold against the routed one. ``factors``: (D1, D2) or
+    (D1, N2, N3) (default: :func:`fused_factors`); ``programs``: the persistent grid's size
+    (default: as many as the device keeps resident, at most B).
 
     With ``epilogue`` = (gate, normalize, eps) it returns instead out (B, d), contiguous in
     x's dtype: out[b] = z[b] * gate[b] (gate (B, d), any float dtype and strides, or None for
     1), then with ``normalize`` s = sign(v) sqrt(|v| + eps) and out[b] = s / max(||s||_2, eps)
     (as _common.epilogue_forward); from the same launch, each program finishing the rows it
     computes, so z never reaches memory beyond the program's scratch."""
-    tables, programs, options = _fused_setup(x, y, out_dim, factors, programs)
+    tables, programs, options = _fused_setup(x, y, out_dim, factors, programs, precision)
     batch = x.shape[0]
     gate, normalize, eps = epilogue or (None, False, 0.0)
     if gate is not None and gate.shape != (batch, out_dim):
@@ -1130,13 +1137,14 @@ def fused_vector_sketch(x: torch.Tensor, y: torch.Tensor, hashes, signs, out_dim
 
 def fused_vector_sketch_backward(grad_z: torch.Tensor, x: torch.Tensor, y: torch.Tensor, hashes, signs,
                                  out_dim: int, factors: tuple[int, ...] | None = None,
-                                 programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                 programs: int | None = None, precision: str | None = None,
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dy), the vector-Jacobian product of :func:`fused_vector_sketch` at x (B, n1),
     y (B, n2) with grad_z (B, d) (any float dtype and strides): dx[b, i] = s1(i) grad_a[b, h1(i)],
     grad_a = IDFT(DFT(g) conj(DFT(sketch_y))), and dy likewise with the roles swapped; in one
     launch of _fused_vector_cbp_backward_kernel. x's and y's dtypes and shapes, contiguous;
     precision and arguments as :func:`fused_vector_sketch`."""
-    tables, programs, options = _fused_setup(x, y, out_dim, factors, programs)
+    tables, programs, options = _fused_setup(x, y, out_dim, factors, programs, precision)
     if grad_z.shape != (x.shape[0], out_dim):
         raise ValueError(f"grad_z: expected shape {(x.shape[0], out_dim)}, got {tuple(grad_z.shape)}")
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -1155,8 +1163,8 @@ def fused_vector_sketch_backward(grad_z: torch.Tensor, x: torch.Tensor, y: torch
 
 
 def _takes_fused(xs, out_dim: int) -> bool:
-    """The fused vector kernels' domain, forward and backward alike: two unpooled bfloat16
-    modalities, d factorisable."""
+    """The fused vector kernels' domain, forward and backward alike: two unpooled modalities
+    of a float dtype, d factorisable (:func:`fused_factors`)."""
     return (len(xs) == 2 and xs[0].shape[1] == 1 and xs[0].dtype in _FUSED_DTYPES
             and fused_factors(out_dim) is not None)
 
@@ -1198,9 +1206,8 @@ def _fused_backward(grad, xs, hashes, signs, out_dim: int, gate, normalize: bool
 
     With normalisation z comes from the FFT path (float32 FFTs), not the fused forward, in
     every dtype: the signed sqrt's derivative 1 / (2 sqrt|z|) magnifies the error of the bins
-    nearest 0. A one-pass TF32 z (6.7e-4 off) made dx, dy of bfloat16 CBP 127x PyTorch's
-    bfloat16 error at d = 4096 (emulated, 2 samples); even a float32-accurate fused z (float32
-    dots, as tf32x3 gives) made dy of float16 CBP 2.26x PyTorch's float16 error at d = 2048
+    nearest 0. A float32-accurate fused z (float32 dots, as tf32x3 gives) made dy of float16
+    CBP 2.26x PyTorch's float16 error at d = 2048
     (test_fused_vector_cbp_backward_half_within_twice_torch_error), outside the 2x rule. With
     a gate only, dgate = (dL/dout) z is linear in z."""
     x, y = xs[0][:, 0], xs[1][:, 0]
