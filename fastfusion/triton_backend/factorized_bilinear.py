@@ -9,10 +9,14 @@ tensor-core matmuls with the biases in the epilogue.
   ``normalize`` and o <= ``_MAX_ROW_O`` the grid is (B blocks,) and one program holds whole
   rows of z (BLOCK_O >= o), so the signed sqrt and the row's L2 norm (overflow-safe,
   NaN-propagating, as the reference) are computed in registers and the kernel stores the
-  final output: z never reaches memory. Otherwise the grid is (B blocks, o blocks).
+  final output: z never reaches memory unless saved (below). Otherwise the grid is
+  (B blocks, o blocks).
 - forward, saving residuals (autograd records the call): the kernel also stores each
   projection tile as it computes it, the op's two (B, o*k) residuals in float32 for half
-  inputs. Without them the (B, o*k) expansion never exists.
+  inputs. Without them the (B, o*k) expansion never exists. With ``normalize`` the op's
+  third residual is z before the normalisation, (B, o) float32: the whole-row kernel
+  stores it from its registers before normalising (under the SAVE constexpr, so a forward
+  that saves nothing compiles without the store), and the path below keeps the z it writes.
 - forward, normalize with o > ``_MAX_ROW_O``: a row no longer fits one program's
   registers, and the norm spans every o block, so z is written in float32 and normalised
   by the Triton ``signed_sqrt_l2`` epilogue kernel, which reads each row twice (the second
@@ -28,23 +32,23 @@ tensor-core matmuls with the biases in the epilogue.
      their strides; the programs of each modality's first column tile also sum grad_proj
      over the batch, the bias gradient (float32, no atomics: deterministic).
   g_z is the output's gradient, or with ``normalize`` the gradient through signed sqrt + L2,
-  (B, o) float32 from ``_normalized_grad_z_kernel``: one program per row pools z from the
-  saved projections as the forward does and takes the normalisation's gradient (z never
-  reaches memory). The op's residual contract is the projections alone (the C++ backend
-  saves the same two), so z is pooled again rather than saved: one read of the residuals,
-  about 0.056 ms of the bf16 benchmark's backward in the roofline model, against 16 MB more
-  of residuals. The elementwise products are recomputed once per column tile (n / BLOCK_N
-  times per modality and kernel), work the GEMMs hide, against a write and re-read of
-  grad_proj (2 B o k values) and 7 backward launches (a pointwise kernel, four cuBLAS GEMMs,
-  two sums) for the unfused form, now 3 with ``normalize`` and 2 without (roofline model,
+  (B, o) float32, from the saved z by the epilogue's backward kernel, which reads z and the
+  output's gradient (B o values each). Pooling z again from the saved projections instead
+  read both (B, o*k) residuals (164 MB at the GPU benchmark's shape); saving z costs 16 MB
+  of residual memory and, at that shape, no extra write (z reaches memory there anyway).
+  Roofline model, H100, forward+backward: bf16 0.475 -> 0.431 ms, TF32 0.865 -> 0.821,
+  float32 5.80 -> 5.75. The elementwise products are recomputed once per column tile
+  (n / BLOCK_N times per modality and kernel), work the GEMMs hide, against a write and
+  re-read of grad_proj (2 B o k values) and 7 backward launches (a pointwise kernel, four
+  cuBLAS GEMMs, two sums) for the unfused form, now 3 with ``normalize`` and 2 without (roofline model,
   H100, bf16 forward+backward: 0.537 -> 0.475 ms, 9 -> 5 launches).
 - backward without residuals (the forward did not save them): the tiled ``_kernel``
   recomputes the projections, and z in float32 (with ``normalize`` its gradient then comes
   from the epilogue's backward kernel), and the same two GEMM kernels run.
 
 Saving costs 2 B o k elements of writes in the forward (the kernel is compute-bound at the
-benchmark shape) and saves the backward the projections' 2 B o k (n_x + n_y) FLOPs, twice
-with ``normalize``.
+benchmark shape), and B o more on the whole-row path with ``normalize``, and saves the
+backward the projections' 2 B o k (n_x + n_y) FLOPs, twice with ``normalize``.
 
 The whole-row path trades parallelism for the fusion: it launches cdiv(B, BLOCK_B) programs
 instead of that times cdiv(o, BLOCK_O), with the same weight traffic (every B block reads
@@ -414,7 +418,8 @@ def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, nor
     projections = _projection_buffers(x, weight_x) if save_residuals else None
     residuals = projections if projections is not None else []
     if not normalize or O <= _MAX_ROW_O:
-        pre_norm = torch.empty((B, O), dtype=compute_dtype(x.dtype), device=x.device) if normalize and save_residuals else None
+        keep_z = normalize and save_residuals
+        pre_norm = torch.empty((B, O), dtype=compute_dtype(x.dtype), device=x.device) if keep_z else None
         z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype, projections, normalize, eps,
                     pre_norm)
         return z, residuals + ([pre_norm] if pre_norm is not None else [])
