@@ -344,10 +344,21 @@ def test_foreign_residuals_are_rejected_by_name(gen):
     name, args, out_shape = residual_cases(gen)["factorized_bilinear"]
     _, residuals = torch.ops.fastfusion.factorized_bilinear(*args, True, "cpp")
     backward = torch.ops.fastfusion_cpu.factorized_bilinear_backward
-    with pytest.raises(RuntimeError, match="expects 2 residuals from its forward, got 1"):
-        backward(randn(gen, *out_shape), residuals[:1], *args)
+    # Normalised: the projections and z before the normalisation.
+    with pytest.raises(RuntimeError, match="expects 3 residuals from its forward, got 2"):
+        backward(randn(gen, *out_shape), residuals[:2], *args)
     with pytest.raises(RuntimeError, match=r"residual 1 should be a contiguous Double tensor of shape \[4, 6\]"):
-        backward(randn(gen, *out_shape), [residuals[0], residuals[1].t()], *args)
+        backward(randn(gen, *out_shape), [residuals[0], residuals[1].t(), residuals[2]], *args)
+    with pytest.raises(RuntimeError, match=r"residual 2 should be a contiguous Double tensor of shape \[4, 3\], got Double \[4, 6\]"):
+        backward(randn(gen, *out_shape), [residuals[0], residuals[1], residuals[0]], *args)
+    with pytest.raises(RuntimeError, match=r"residual 2 should be a contiguous Double tensor of shape \[4, 3\], got Float"):
+        backward(randn(gen, *out_shape), [residuals[0], residuals[1], residuals[2].float()], *args)
+    # Unnormalised: the projections alone.
+    plain = (*args[:8], False, args[9])
+    _, two = torch.ops.fastfusion.factorized_bilinear(*plain, True, "cpp")
+    assert len(two) == 2
+    with pytest.raises(RuntimeError, match="expects 2 residuals from its forward, got 3"):
+        backward(randn(gen, *out_shape), residuals, *plain)
 
 
 @pytest.mark.parametrize("make", [

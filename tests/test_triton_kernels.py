@@ -331,21 +331,29 @@ def test_low_rank_fusion_makes_no_copy_of_its_inputs():
     ids=["unnormalized", "whole-rows", "two-pass"],
 )
 def test_factorized_bilinear_residuals(B, nx, ny, o, k, normalize, dtype):
-    # The forward saves the projections (the op's contract), and the backward from them
-    # matches the backward that recomputes them (the kernels' result without residuals).
+    # The forward saves the projections, and with normalize z before the normalisation (the
+    # op's contract, which the fake kernel promises), and the backward from them matches
+    # the backward that recomputes them (the kernels' result without residuals).
     x, y = _randn(B, nx).to(DEVICE, dtype), _randn(B, ny).to(DEVICE, dtype)
     wx, wy, bx, by = (_randn(*s).to(DEVICE, dtype) for s in ((o * k, nx), (o * k, ny), (o * k,), (o * k,)))
     mask = ((torch.rand(B, o * k) > 0.3) / 0.7).to(DEVICE, dtype)
     args = (x, y, wx, bx, wy, by, k, mask, normalize, 1e-12)
+    torch.library.opcheck(torch.ops.fastfusion.factorized_bilinear, (*args, True, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
     out, residuals = torch.ops.fastfusion.factorized_bilinear(*args, True, "triton")
     out_unsaved, none = torch.ops.fastfusion.factorized_bilinear(*args, False, "triton")
     assert none == [] and torch.equal(out, out_unsaved)
     wide = torch.float32 if dtype == torch.bfloat16 else dtype
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
-    expected = [torch.nn.functional.linear(a.to(wide), w.to(wide), b.to(wide)) for a, w, b in ((x, wx, bx), (y, wy, by))]
+    # In float64 from the inputs: the projections, and z = the masked products summed over
+    # each group of k adjacent columns.
+    px, py = (torch.nn.functional.linear(a.double(), w.double(), b.double()) for a, w, b in ((x, wx, bx), (y, wy, by)))
+    z = (px * py * mask.double()).unflatten(-1, (o, k)).sum(-1)
+    expected = [px, py, z] if normalize else [px, py]
+    assert len(residuals) == len(expected)
     for got, ref in zip(residuals, expected, strict=True):
-        assert got.dtype == wide and got.shape == (B, o * k)
-        torch.testing.assert_close(got, ref, **tol)
+        assert got.dtype == wide and got.shape == ref.shape
+        torch.testing.assert_close(got.double(), ref, **tol)
     grad = _randn(*out.shape).to(DEVICE, dtype)
     saved = torch.ops.fastfusion.factorized_bilinear_backward(grad, residuals, *args, "triton")
     recomputed = torch.ops.fastfusion.factorized_bilinear_backward(grad, [], *args, "triton")

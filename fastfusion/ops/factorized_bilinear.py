@@ -70,6 +70,16 @@ def _flops(args: dict) -> Counter:
     return Counter(contraction=2 * x[0] * weight_x[0] * (x[1] + y[1]))
 
 
+def _residuals(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
+    """The residuals every saving backend returns, in the compute dtype: the projections
+    [x W_x^T + b_x, y W_y^T + b_y], each (B, o*k), and with ``normalize`` also z (B, o)
+    before the normalisation, from which the backward takes the normalisation's gradient
+    without pooling z again."""
+    B, hidden, dtype = x.shape[0], weight_x.shape[0], compute_dtype(x.dtype)
+    projections = [x.new_empty((B, hidden), dtype=dtype) for _ in range(2)]
+    return (projections + [x.new_empty((B, hidden // factor), dtype=dtype)]) if normalize else projections
+
+
 SPEC = _custom_op.register(_custom_op.OpSpec(
     name="factorized_bilinear",
     args="Tensor x, Tensor y, Tensor weight_x, Tensor? bias_x, Tensor weight_y, Tensor? bias_y, SymInt factor, "
@@ -77,10 +87,7 @@ SPEC = _custom_op.register(_custom_op.OpSpec(
     forward=_forward,
     backward=_backward,
     fake=lambda x, y, weight_x, bias_x, weight_y, bias_y, factor, *_: x.new_empty((x.shape[0], weight_x.shape[0] // factor)),
-    # Residuals: the projections [x W_x^T + b_x, y W_y^T + b_y], each (B, o*k) in the compute dtype.
-    residuals=lambda x, y, weight_x, *_: [
-        x.new_empty((x.shape[0], weight_x.shape[0]), dtype=compute_dtype(x.dtype)) for _ in range(2)
-    ],
+    residuals=_residuals,
     differentiable=("x", "y", "weight_x", "bias_x", "weight_y", "bias_y"),
     flops=_flops,
     backward_flops=twice(_flops),

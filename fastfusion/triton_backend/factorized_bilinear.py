@@ -9,10 +9,14 @@ tensor-core matmuls with the biases in the epilogue.
   ``normalize`` and o <= ``_MAX_ROW_O`` the grid is (B blocks,) and one program holds whole
   rows of z (BLOCK_O >= o), so the signed sqrt and the row's L2 norm (overflow-safe,
   NaN-propagating, as the reference) are computed in registers and the kernel stores the
-  final output: z never reaches memory. Otherwise the grid is (B blocks, o blocks).
+  final output: z never reaches memory unless saved (below). Otherwise the grid is
+  (B blocks, o blocks).
 - forward, saving residuals (autograd records the call): the kernel also stores each
   projection tile as it computes it, the op's two (B, o*k) residuals in float32 for half
-  inputs. Without them the (B, o*k) expansion never exists.
+  inputs. Without them the (B, o*k) expansion never exists. With ``normalize`` the op's
+  third residual is z before the normalisation, (B, o) float32: the whole-row kernel
+  stores it from its registers before normalising (under the SAVE constexpr, so a forward
+  that saves nothing compiles without the store), and the path below keeps the z it writes.
 - forward, normalize with o > ``_MAX_ROW_O``: a row no longer fits one program's
   registers, and the norm spans every o block, so z is written in float32 and normalised
   by the Triton ``signed_sqrt_l2`` epilogue kernel, which reads each row twice (the second
@@ -28,23 +32,23 @@ tensor-core matmuls with the biases in the epilogue.
      their strides; the programs of each modality's first column tile also sum grad_proj
      over the batch, the bias gradient (float32, no atomics: deterministic).
   g_z is the output's gradient, or with ``normalize`` the gradient through signed sqrt + L2,
-  (B, o) float32 from ``_normalized_grad_z_kernel``: one program per row pools z from the
-  saved projections as the forward does and takes the normalisation's gradient (z never
-  reaches memory). The op's residual contract is the projections alone (the C++ backend
-  saves the same two), so z is pooled again rather than saved: one read of the residuals,
-  about 0.056 ms of the bf16 benchmark's backward in the roofline model, against 16 MB more
-  of residuals. The elementwise products are recomputed once per column tile (n / BLOCK_N
-  times per modality and kernel), work the GEMMs hide, against a write and re-read of
-  grad_proj (2 B o k values) and 7 backward launches (a pointwise kernel, four cuBLAS GEMMs,
-  two sums) for the unfused form, now 3 with ``normalize`` and 2 without (roofline model,
+  (B, o) float32, from the saved z by the epilogue's backward kernel, which reads z and the
+  output's gradient (B o values each). Pooling z again from the saved projections instead
+  read both (B, o*k) residuals (164 MB at the GPU benchmark's shape); saving z costs 16 MB
+  of residual memory and, at that shape, no extra write (z reaches memory there anyway).
+  Roofline model, H100, forward+backward: bf16 0.475 -> 0.431 ms, TF32 0.865 -> 0.821,
+  float32 5.80 -> 5.75. The elementwise products are recomputed once per column tile
+  (n / BLOCK_N times per modality and kernel), work the GEMMs hide, against a write and
+  re-read of grad_proj (2 B o k values) and 7 backward launches (a pointwise kernel, four
+  cuBLAS GEMMs, two sums) for the unfused form, now 3 with ``normalize`` and 2 without (roofline model,
   H100, bf16 forward+backward: 0.537 -> 0.475 ms, 9 -> 5 launches).
 - backward without residuals (the forward did not save them): the tiled ``_kernel``
   recomputes the projections, and z in float32 (with ``normalize`` its gradient then comes
   from the epilogue's backward kernel), and the same two GEMM kernels run.
 
 Saving costs 2 B o k elements of writes in the forward (the kernel is compute-bound at the
-benchmark shape) and saves the backward the projections' 2 B o k (n_x + n_y) FLOPs, twice
-with ``normalize``.
+benchmark shape), and B o more on the whole-row path with ``normalize``, and saves the
+backward the projections' 2 B o k (n_x + n_y) FLOPs, twice with ``normalize``.
 
 The whole-row path trades parallelism for the fusion: it launches cdiv(B, BLOCK_B) programs
 instead of that times cdiv(o, BLOCK_O), with the same weight traffic (every B block reads
@@ -74,8 +78,6 @@ from ._common import (
     epilogue_forward,
     finish_norm,
     matmul_tile,
-    no_dots,
-    normalized_grad,
     padded,
     signed_root,
 )
@@ -112,7 +114,7 @@ def _flops(args, constexprs, programs):
 @dot_flops(_flops)
 @triton.jit(do_not_specialize=["B_BUCKET"])
 def _kernel(
-    x_ptr, y_ptr, wx_ptr, bx_ptr, wy_ptr, by_ptr, mask_ptr, z_ptr, ex_ptr, ey_ptr,
+    x_ptr, y_ptr, wx_ptr, bx_ptr, wy_ptr, by_ptr, mask_ptr, z_ptr, ex_ptr, ey_ptr, zr_ptr,
     B, B_BUCKET, O, FACTOR, NX, NY,
     stride_xb, stride_xn, stride_yb, stride_yn, stride_wxo, stride_wxn, stride_wyo, stride_wyn,
     stride_mb, stride_mo, stride_zb, stride_zo, stride_eb, eps,
@@ -120,12 +122,13 @@ def _kernel(
     PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """ex_ptr, ey_ptr: (B, o*k) outputs with row stride stride_eb, the projections with SAVE;
-    unused otherwise."""
+    zr_ptr: (B, o) float32 output at z's strides, z before the normalisation with SAVE and
+    NORMALIZE; each unused otherwise."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     groups = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     row_mask, group_mask = rows < B, groups < O
     mask = row_mask[:, None] & group_mask[None, :]
-    z_ptrs = z_ptr + rows.to(tl.int64)[:, None] * stride_zb + groups[None, :] * stride_zo
+    z_offsets = rows.to(tl.int64)[:, None] * stride_zb + groups[None, :] * stride_zo
     z = tl.zeros((BLOCK_B, BLOCK_O), dtype=tl.float32)
     for i in range(FACTOR):
         cols = groups * FACTOR + i
@@ -144,6 +147,9 @@ def _kernel(
             keep = 1.0
         z += px * py * keep
     if NORMALIZE:
+        if SAVE:
+            # The backward's third residual: the normalisation's gradient comes from it.
+            tl.store(zr_ptr + z_offsets, z, mask=mask)
         # The launch guarantees BLOCK_O >= O: the tile holds whole rows, and the padding
         # columns are z == 0, whose signed root is 0 and adds nothing to the norm.
         s, _ = signed_root(z, eps)
@@ -152,7 +158,7 @@ def _kernel(
         scale, sum_sq = accumulate_norm(tl.zeros_like(s), tl.zeros_like(s), s)
         norm = finish_norm(tl.trans(scale), tl.trans(sum_sq))
         z = s / tl.where(norm < eps, eps, norm)[:, None]  # not tl.maximum, which drops a NaN norm
-    tl.store(z_ptrs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(z_ptr + z_offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
 
 
 _KEY = ["B_BUCKET", "O", "FACTOR", "NX", "NY", "SAVE"]
@@ -204,73 +210,6 @@ _row_kernel = triton.autotune(
     key=_KEY,
     prune_configs_by={"early_config_prune": _fits},
 )(_kernel)
-
-
-# Groups per step of the normalised backward's row loop: o = 1000 in four steps.
-_NORMALIZED_BLOCK_O = 256
-
-
-@triton.jit
-def _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_mb, stride_mo,
-              HAS_MASK: tl.constexpr):
-    """z[row, groups] = sum_{i<k} (proj_x * proj_y * mask)[row, group*k + i] in float32."""
-    z = tl.zeros(groups.shape, dtype=tl.float32)
-    # The k passes read the columns with stride k, all within the same cache lines: memory
-    # serves each byte about once, L1 the other passes.
-    for i in range(FACTOR):
-        cols = groups * FACTOR + i
-        px = tl.load(px_ptr + row * stride_pb + cols, mask=group_mask, other=0.0).to(tl.float32)
-        py = tl.load(py_ptr + row * stride_pb + cols, mask=group_mask, other=0.0).to(tl.float32)
-        e = px * py
-        if HAS_MASK:
-            e *= tl.load(mask_ptr + row * stride_mb + cols * stride_mo, mask=group_mask, other=0.0).to(tl.float32)
-        z += e
-    return z
-
-
-@triton.jit
-def _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb, stride_go, stride_pb,
-              stride_mb, stride_mo, HAS_MASK: tl.constexpr, BLOCK_O: tl.constexpr):
-    """One step of a row loop over the groups [start, start + BLOCK_O): the groups, their mask,
-    z pooled from the saved projections and the output gradient g there, in float32."""
-    groups = start + tl.arange(0, BLOCK_O)
-    group_mask = groups < O
-    z = _row_pool(px_ptr, py_ptr, mask_ptr, row, groups, group_mask, FACTOR, stride_pb, stride_mb, stride_mo,
-                  HAS_MASK)
-    g = tl.load(g_ptr + row * stride_gb + groups * stride_go, mask=group_mask, other=0.0).to(tl.float32)
-    return groups, group_mask, z, g
-
-
-@dot_flops(no_dots)
-@triton.jit
-def _normalized_grad_z_kernel(
-    g_ptr, px_ptr, py_ptr, mask_ptr, gz_ptr, O, FACTOR, eps,
-    stride_gb, stride_go, stride_pb, stride_mb, stride_mo, stride_zb,
-    HAS_MASK: tl.constexpr, BLOCK_O: tl.constexpr,
-):
-    """g_z (B, o) float32, the gradient reaching z through signed sqrt + L2, from the output's
-    gradient g and the saved (B, o*k) projections (row stride stride_pb, unit column stride),
-    one program per row: z pooled from them as the forward pools it. The first pass over the
-    row reduces the norm and <g, s>; the second re-reads the row, which the first left in L2,
-    and writes g_z: z never reaches memory."""
-    row = tl.program_id(0).to(tl.int64)
-    scale = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    sum_sq = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    g_dot_s = tl.zeros((BLOCK_O,), dtype=tl.float32)
-    for start in range(0, O, BLOCK_O):
-        groups, group_mask, z, g = _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb,
-                                             stride_go, stride_pb, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
-        s, _ = signed_root(z, eps)
-        scale, sum_sq = accumulate_norm(scale, sum_sq, s)
-        g_dot_s += g * s
-    norm = finish_norm(scale, sum_sq)
-    denom = tl.where(norm < eps, eps, norm)  # not tl.maximum, which drops a NaN norm
-    radial = tl.sum(g_dot_s, axis=0) / denom
-    for start in range(0, O, BLOCK_O):
-        groups, group_mask, z, g = _row_step(g_ptr, px_ptr, py_ptr, mask_ptr, row, start, O, FACTOR, stride_gb,
-                                             stride_go, stride_pb, stride_mb, stride_mo, HAS_MASK, BLOCK_O)
-        grad_z = normalized_grad(g, z, norm, denom, radial, eps)
-        tl.store(gz_ptr + row * stride_zb + groups, grad_z, mask=group_mask)
 
 
 @triton.jit
@@ -433,18 +372,21 @@ _grad_weight = triton.autotune(
 )(_grad_weight_kernel)
 
 
-def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, expanded=None, normalize=False, eps=0.0):
+def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, expanded=None, normalize=False, eps=0.0,
+            pre_norm=None):
     """Writes z, signed-sqrt-L2-normalised if ``normalize`` (then o must be at most
-    ``_MAX_ROW_O``), and the two projections into ``expanded`` when given."""
+    ``_MAX_ROW_O``), the two projections into ``expanded`` when given, and with both,
+    z before the normalisation into ``pre_norm`` (float32, z's layout)."""
     B, O = z.shape
     mask = dropout_mask if dropout_mask is not None else z
     ex, ey = expanded if expanded is not None else (z, z)
+    zr = pre_norm if pre_norm is not None else z
     grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), triton.cdiv(O, meta["BLOCK_O"]))  # noqa: E731
     # tl.dot needs every tile dimension >= 16.
     kernel, whole_rows = (_row_kernel, {"BLOCK_O": max(16, triton.next_power_of_2(O))}) if normalize else (_tiled_kernel, {})
     kernel[grid](
         x, y, weight_x, bias_x if bias_x is not None else weight_x,
-        weight_y, bias_y if bias_y is not None else weight_y, mask, z, ex, ey,
+        weight_y, bias_y if bias_y is not None else weight_y, mask, z, ex, ey, zr,
         B, batch_bucket(B), O, factor, x.shape[1], y.shape[1],
         *x.stride(), *y.stride(), *weight_x.stride(), *weight_y.stride(),
         *mask.stride(), *z.stride(), ex.stride(0), eps,
@@ -454,9 +396,10 @@ def _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, e
 
 
 def _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, dtype, projections=None, normalize=False,
-            eps=0.0):
+            eps=0.0, pre_norm=None):
     z = torch.empty((x.shape[0], weight_x.shape[0] // factor), dtype=dtype, device=x.device)
-    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, projections, normalize=normalize, eps=eps)
+    _launch(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, z, projections, normalize=normalize, eps=eps,
+            pre_norm=pre_norm)
     return z
 
 
@@ -467,41 +410,36 @@ def _projection_buffers(x, weight_x):
 
 
 def _forward(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps, save_residuals):
-    """(output, residuals): the residuals are the projections [x W_x^T + b_x, y W_y^T + b_y],
-    each (B, o*k) in compute_dtype(x.dtype), when ``save_residuals``, else []."""
+    """(output, residuals): with ``save_residuals`` the op's residuals, the projections
+    [x W_x^T + b_x, y W_y^T + b_y], each (B, o*k), and with ``normalize`` z before the
+    normalisation, (B, o), all in compute_dtype(x.dtype) (float32 for every kernel dtype);
+    else []."""
+    B, O = x.shape[0], weight_x.shape[0] // factor
     projections = _projection_buffers(x, weight_x) if save_residuals else None
     residuals = projections if projections is not None else []
-    if not normalize or weight_x.shape[0] // factor <= _MAX_ROW_O:
-        z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype, projections, normalize, eps)
-        return z, residuals
-    # z stays float32 so the normalisation sees it unrounded.
-    z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32, projections)
-    return epilogue_forward(z, None, True, eps, x.dtype), residuals
-
-
-def _normalized_grad_z(grad, proj_x, proj_y, factor, dropout_mask, eps):
-    B, C = proj_x.shape
-    grad_z = torch.empty((B, C // factor), dtype=torch.float32, device=grad.device)
-    mask = dropout_mask if dropout_mask is not None else proj_x
-    _normalized_grad_z_kernel[(B,)](
-        grad, proj_x, proj_y, mask, grad_z, C // factor, factor, eps,
-        *grad.stride(), proj_x.stride(0), *mask.stride(), grad_z.stride(0),
-        HAS_MASK=dropout_mask is not None, BLOCK_O=_NORMALIZED_BLOCK_O,
-    )
-    return grad_z
+    if not normalize or O <= _MAX_ROW_O:
+        keep_z = normalize and save_residuals
+        pre_norm = torch.empty((B, O), dtype=compute_dtype(x.dtype), device=x.device) if keep_z else None
+        z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, x.dtype, projections, normalize, eps,
+                    pre_norm)
+        return z, residuals + ([pre_norm] if pre_norm is not None else [])
+    # z stays float32 so the normalisation sees it unrounded; it is the third residual as is.
+    z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, compute_dtype(x.dtype), projections)
+    return epilogue_forward(z, None, True, eps, x.dtype), residuals + ([z] if save_residuals else [])
 
 
 def _backward(grad, residuals, x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, normalize, eps):
     """[grad_x, grad_y, grad_W_x, grad_b_x, grad_W_y, grad_b_y] by the two fused GEMM kernels
     from g_z and the projections: the forward's residuals, or, when it saved none, recomputed
-    with z by the tiled forward kernel."""
+    with z by the tiled forward kernel. With ``normalize``, g_z comes from z (the third
+    residual, or the recomputed one) by the epilogue's backward kernel."""
     B, C = x.shape[0], weight_x.shape[0]
     grad_z = grad
     if residuals:
         # The kernels read the projections at unit column stride (a no-op for the forward's).
-        proj_x, proj_y = (r.contiguous() for r in residuals)
+        proj_x, proj_y = (r.contiguous() for r in residuals[:2])
         if normalize:
-            grad_z = _normalized_grad_z(grad, proj_x, proj_y, factor, dropout_mask, eps)
+            grad_z, _ = epilogue_backward(grad, residuals[2], None, True, eps, torch.float32)
     else:
         proj_x, proj_y = _projection_buffers(x, weight_x)
         z = _pooled(x, y, weight_x, bias_x, weight_y, bias_y, factor, dropout_mask, torch.float32, (proj_x, proj_y))

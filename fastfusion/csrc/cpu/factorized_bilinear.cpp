@@ -3,8 +3,9 @@
 //
 // The two projections are GEMMs (with their biases); the product, dropout mask, group
 // sum over k and the signed sqrt + L2 are one pass per row. The projections are the
-// residuals: the backward turns them into their gradients in the same per-row pass (into new
-// buffers, as autograd still holds them) and ends with the four weight/input GEMMs.
+// residuals, and with normalize also z before the normalisation (B, o), so the backward need
+// not pool z again: it turns them into the projections' gradients in the same per-row pass
+// (into new buffers, as autograd still holds them) and ends with the four weight/input GEMMs.
 // The GEMMs go through tiled_mm (gemm.h: the same bits for any thread count).
 #include "common.h"
 #include "gemm.h"
@@ -32,28 +33,35 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> factorized_bilinear(
   const auto mask = mask_in ? prepared(*mask_in, type) : at::Tensor();
   const int64_t B = x.size(0), E = wx.size(0), O = E / factor;
   auto out = at::empty({B, O}, options_of(type));
+  // z before the normalisation, kept for the backward: a residual only then.
+  const bool keep_z = normalize && save_residuals;
+  auto pooled = keep_z ? at::empty({B, O}, options_of(type)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(type, "factorized_bilinear", [&] {
     using T = scalar_t;
     const T* pxp = px.template const_data_ptr<T>();
     const T* pyp = py.template const_data_ptr<T>();
     const T* mp = mask.defined() ? mask.template const_data_ptr<T>() : nullptr;
     T* op = out.template mutable_data_ptr<T>();
+    T* zp = keep_z ? pooled.template mutable_data_ptr<T>() : nullptr;
     parallel_rows(B, 3 * E, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const T* a = pxp + b * E;
         const T* c = pyp + b * E;
-        T* z = op + b * O;
+        T* o_row = op + b * O;
+        // Pooled into the residual when it is kept (then normalised from it into the output),
+        // else in place in the output.
+        T* z = zp ? zp + b * O : o_row;
         for (int64_t j = 0; j < O; ++j) {
           T s = 0;
           for (int64_t i = j * factor; i < (j + 1) * factor; ++i) s += mp ? a[i] * c[i] * mp[b * E + i] : a[i] * c[i];
           z[j] = s;
         }
-        if (normalize) signed_sqrt_l2_row(z, z, O, eps);
+        if (normalize) signed_sqrt_l2_row(z, o_row, O, eps);
       }
     });
   });
   std::vector<at::Tensor> residuals;
-  if (save_residuals) residuals = {px, py};
+  if (save_residuals) residuals = keep_z ? std::vector<at::Tensor>{px, py, pooled} : std::vector<at::Tensor>{px, py};
   return {out.to(x_in.scalar_type()), residuals};
 }
 
@@ -69,7 +77,12 @@ std::vector<at::Tensor> factorized_bilinear_backward(const at::Tensor& grad_in, 
   const auto grad = prepared(grad_in, type);
   const int64_t B = x.size(0), E = wx.size(0), O = E / factor;
   const bool saved = !residuals.empty();
-  if (saved) check_residuals(residuals, {{type, {B, E}}, {type, {B, E}}}, "factorized_bilinear_backward");
+  if (saved) {
+    std::vector<Residual> expected{{type, {B, E}}, {type, {B, E}}};
+    if (normalize) expected.push_back({type, {B, O}});  // z before the normalisation
+    check_residuals(residuals, expected, "factorized_bilinear_backward");
+  }
+  const bool saved_z = saved && normalize;
   // Recomputed projections are scratch, so their gradients overwrite them.
   const auto px = saved ? residuals[0] : project(x, wx, bx_in ? prepared(*bx_in, type) : at::Tensor());
   const auto py = saved ? residuals[1] : project(y, wy, by_in ? prepared(*by_in, type) : at::Tensor());
@@ -84,20 +97,24 @@ std::vector<at::Tensor> factorized_bilinear_backward(const at::Tensor& grad_in, 
     T* gc = grad_py.template mutable_data_ptr<T>();
     const T* gp = grad.template const_data_ptr<T>();
     const T* mp = mask.defined() ? mask.template const_data_ptr<T>() : nullptr;
+    const T* zs = saved_z ? residuals[2].template const_data_ptr<T>() : nullptr;
     parallel_rows(B, 4 * E, [&](int64_t b0, int64_t b1) {
-      std::vector<T> z(normalize ? O : 0), gz(normalize ? O : 0);
+      // Without the saved z, each row's z is pooled again into this scratch.
+      std::vector<T> z(normalize && !saved_z ? O : 0), gz(normalize ? O : 0);
       for (int64_t b = b0; b < b1; ++b) {
         const T* ar = a + b * E;
         const T* cr = c + b * E;
         const T* mr = mp ? mp + b * E : nullptr;
         const T* g = gp + b * O;
         if (normalize) {
-          for (int64_t j = 0; j < O; ++j) {
-            T s = 0;
-            for (int64_t i = j * factor; i < (j + 1) * factor; ++i) s += mr ? ar[i] * cr[i] * mr[i] : ar[i] * cr[i];
-            z[j] = s;
-          }
-          signed_sqrt_l2_backward_row(g, z.data(), gz.data(), O, eps);
+          const T* zr = zs ? zs + b * O : z.data();
+          if (!zs)
+            for (int64_t j = 0; j < O; ++j) {
+              T s = 0;
+              for (int64_t i = j * factor; i < (j + 1) * factor; ++i) s += mr ? ar[i] * cr[i] * mr[i] : ar[i] * cr[i];
+              z[j] = s;
+            }
+          signed_sqrt_l2_backward_row(g, zr, gz.data(), O, eps);
           g = gz.data();
         }
         // d px = ge * py, d py = ge * px; both read before either is written, as they may
