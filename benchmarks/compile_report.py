@@ -260,6 +260,8 @@ def make_rows(builds: Sequence[Build], results: Sequence[dict]) -> list[dict]:
             "kernel": b.kernel, "arch": f"sm_{b.arch}", "dtypes": [d for d in DTYPES if d in b.dtypes],
             "config": _config_text(b), "config_index": b.config_index, "pickable": b.pickable,
             "variant": variants[id(b)],
+            # The dots' input precision where the kernel takes one ("ieee", "tf32", "tf32x3").
+            "precision": b.specialisation["PRECISION"][1] if "PRECISION" in b.specialisation else None,
             "uses": [f"{k} {m}" for k, m in sorted(b.uses, key=lambda u: (KERNELS.index(u[0]), ops.MODES.index(u[1])))],
             **result,
             "spills": bool(result.get("spill_stores") or result.get("spill_loads")),

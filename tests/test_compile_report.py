@@ -60,10 +60,14 @@ def test_no_pickable_config_spills_or_overflows_shared_memory(report):
     assert not bad, "configs the autotuner may pick that spill, overflow shared memory or fail:\n" + "\n".join(bad)
 
 
-def test_float32_dots_run_on_cuda_cores(report):
-    # float32 dots at IEEE precision (TF32 not allowed) have no tensor-core form.
-    kinds = {kind for row in report["rows"] for kind in row["dots"]}
-    assert kinds == {"fma"}
+def test_float32_dots_run_on_cuda_cores_unless_split_into_tf32(report):
+    # float32 dots at IEEE precision (TF32 not allowed) have no tensor-core form; "tf32x3"
+    # ones (the fused vector CBP's: each operand split into two TF32 halves) are all MMAs.
+    kinds = {}
+    for row in report["rows"]:
+        kinds.setdefault(row["precision"] == "tf32x3", set()).update(row["dots"])
+    assert kinds[False] == {"fma"}
+    assert kinds[True] and "fma" not in kinds[True], kinds
 
 
 # Lines of Triton 3.9's TTGIR for sm_90 (tensor_fusion's dx kernel in bfloat16, and
