@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -275,15 +276,19 @@ def test_a_grid_smaller_than_the_gpu_runs_at_its_share_of_the_sms():
 
 
 def test_a_tf32x3_dot_costs_three_tf32_passes():
-    # The fused vector CBP kernel runs float32 inputs at "tf32x3" and bfloat16 ones at "tf32",
+    # The fused vector CBP kernel runs its dots at "tf32x3" (routed) or, asked to, at "tf32",
     # the same dots (d = 4096 = 16 x 16 x 16: 12 d (16 + 16 + 16) FLOPs a sample): the model
-    # puts both on the TF32 unit, float32's three times.
+    # puts both on the TF32 unit, tf32x3's three times.
+    from fastfusion.triton_backend import compact_bilinear as triton_cbp
+
     B, d = 2, 4096
     flops = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        (launch,) = [e for e in _launches(_trace("compact_bilinear[vec]", dict(B=B, n=(2048, 2048), d=d), "fastfusion",
-                                                 dtype=dtype)) if e.kernel.endswith("_fused_vector_cbp_kernel")]
+    for precision in ("tf32x3", "tf32"):
+        with mock.patch.dict(triton_cbp._FUSED_PRECISION, {torch.float32: precision}):
+            (launch,) = [e for e in _launches(_trace("compact_bilinear[vec]", dict(B=B, n=(2048, 2048), d=d),
+                                                     "fastfusion", dtype=torch.float32))
+                         if e.kernel.endswith("_fused_vector_cbp_kernel")]
         (cost,) = roofline.triton_costs(launch)
-        flops[dtype] = cost.flops
-    assert flops[torch.bfloat16] == {"tf32": B * 12 * d * 48}
-    assert flops[torch.float32] == {"tf32": 3 * B * 12 * d * 48}
+        flops[precision] = cost.flops
+    assert flops["tf32"] == {"tf32": B * 12 * d * 48}
+    assert flops["tf32x3"] == {"tf32": 3 * B * 12 * d * 48}
