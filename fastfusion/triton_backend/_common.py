@@ -253,7 +253,8 @@ def epilogue_row(
 ):
     """out[row] = epilogue of z[row] (z * gate, then signed sqrt + L2 if NORMALIZE), d columns
     in BLOCK steps, two passes over the row: the body of the epilogue kernel, and of any kernel
-    that ends by finishing a row it has just made (the pooled CBP's Gram kernel)."""
+    that ends by finishing a row it has just made (the pooled CBP's Gram kernel, the fused
+    vector CBP kernel)."""
     denom = 1.0
     if NORMALIZE:
         scale = tl.zeros((BLOCK,), dtype=ACC)
