@@ -207,6 +207,22 @@ def _lmf_args(dims, B, rank, h, dtype):
     return xs, factors, _randn(rank).to(DEVICE, dtype), _randn(h).to(DEVICE, dtype)
 
 
+def _assert_triton_lmf_matches_float64(inputs, xs, factors, weights, bias, saved):
+    # The Triton op on ``inputs`` (xs or views of them), forward and backward (from the
+    # forward's residuals when ``saved``, else recomputed), against float64 autograd through
+    # the eager reference on xs.
+    M = len(xs)
+    out, residuals = torch.ops.fastfusion.low_rank_fusion(inputs, factors, weights, bias, saved, "triton")
+    grad = _randn(*out.shape).to(DEVICE, torch.float32)
+    got = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, inputs, factors, weights, bias, "triton")
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (*xs, *factors, weights, bias)]
+    ref = fastfusion.low_rank_fusion(leaves[:M], leaves[M : 2 * M], leaves[2 * M], leaves[2 * M + 1], backend="eager")
+    assert_rel_close(out.cpu(), ref.detach(), 1e-5, "out")
+    expected = torch.autograd.grad(ref, leaves, grad.cpu().double())
+    for k, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert_rel_close(a.cpu(), b, 1e-5, f"gradient {k}")
+
+
 @pytest.mark.parametrize("dims", [(130, 5, 67), (2, 3, 4, 2, 3)], ids=["tiles", "five"])  # five > _MAX_SAVED
 def test_low_rank_fusion_fused_backward(dims):
     # The fused backward at sizes the conformance cases do not reach: n_m over several column
@@ -214,15 +230,7 @@ def test_low_rank_fusion_fused_backward(dims):
     # over several column blocks with H no multiple of BLOCK_K; or more modalities than one
     # launch writes (two groups). Against float64 autograd through the eager reference.
     xs, factors, weights, bias = _lmf_args(dims, 70, 2, 45, torch.float32)
-    M = len(dims)
-    out, residuals = torch.ops.fastfusion.low_rank_fusion(xs, factors, weights, bias, True, "triton")
-    grad = _randn(*out.shape).to(DEVICE, torch.float32)
-    got = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, xs, factors, weights, bias, "triton")
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (*xs, *factors, weights, bias)]
-    ref = fastfusion.low_rank_fusion(leaves[:M], leaves[M : 2 * M], leaves[2 * M], leaves[2 * M + 1], backend="eager")
-    expected = torch.autograd.grad(ref, leaves, grad.cpu().double())
-    for a, b in zip(got, expected, strict=True):
-        assert_rel_close(a.cpu(), b, 1e-5)
+    _assert_triton_lmf_matches_float64(xs, xs, factors, weights, bias, saved=True)
 
 
 def test_low_rank_fusion_backward_reads_the_inputs_it_is_given():
@@ -276,16 +284,7 @@ def test_low_rank_fusion_reads_strided_inputs_in_place(dims, B, saved):
     views = [_strided(x, layouts[m % len(layouts)]) for m, x in enumerate(xs)]
     assert [torch.equal(v, x) for v, x in zip(views, xs)] == [True] * len(xs)
     assert views[0].stride() == (1, B) and views[2].stride() == (2 * dims[2], 2)
-    M = len(dims)
-    out, residuals = torch.ops.fastfusion.low_rank_fusion(views, factors, weights, bias, saved, "triton")
-    grad = _randn(*out.shape).to(DEVICE, torch.float32)
-    got = torch.ops.fastfusion.low_rank_fusion_backward(grad, residuals, views, factors, weights, bias, "triton")
-    leaves = [t.detach().cpu().double().requires_grad_() for t in (*xs, *factors, weights, bias)]
-    ref = fastfusion.low_rank_fusion(leaves[:M], leaves[M : 2 * M], leaves[2 * M], leaves[2 * M + 1], backend="eager")
-    assert_rel_close(out.cpu(), ref.detach(), 1e-5, "out")
-    expected = torch.autograd.grad(ref, leaves, grad.cpu().double())
-    for k, (a, b) in enumerate(zip(got, expected, strict=True)):
-        assert_rel_close(a.cpu(), b, 1e-5, f"gradient {k}")
+    _assert_triton_lmf_matches_float64(views, xs, factors, weights, bias, saved)
 
 
 def test_low_rank_fusion_makes_no_copy_of_its_inputs():
@@ -536,6 +535,15 @@ def test_fused_vector_cbp_rejects_bad_factors():
     assert triton_cbp.fused_factors(128 * 32 * 32) == (128, 32, 32)
     assert triton_cbp.fused_factors(96) is None
     assert triton_cbp.fused_factors(2 ** 18) is None  # above 128 x 32 x 32
+
+
+def test_fused_vector_cbp_rejects_bad_precision():
+    xs, hashes, signs = _vector_cbp_inputs(1, (5, 6), 256, torch.float32)
+    for precision in ("ieee", "tf32x2", "TF32"):
+        with pytest.raises(ValueError, match="precision"):
+            triton_cbp.fused_vector_sketch(*xs, hashes, signs, 256, precision=precision)
+        with pytest.raises(ValueError, match="precision"):
+            triton_cbp.fused_vector_sketch_backward(torch.ones(1, 256), *xs, hashes, signs, 256, precision=precision)
 
 
 @pytest.fixture

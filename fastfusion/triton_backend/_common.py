@@ -257,17 +257,9 @@ def epilogue_row(
     vector CBP kernel)."""
     denom = 1.0
     if NORMALIZE:
-        scale = tl.zeros((BLOCK,), dtype=ACC)
-        sum_sq = tl.zeros((BLOCK,), dtype=ACC)
-        for start in range(0, d, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < d
-            z, gate = _gated(z_ptr, gate_ptr, row, cols, mask, stride_z_row, stride_z_col,
-                             stride_gate_row, stride_gate_col, HAS_GATE, ACC)
-            s, _ = signed_root(z * gate, eps)
-            scale, sum_sq = accumulate_norm(scale, sum_sq, s)
-        norm = finish_norm(scale, sum_sq)
-        denom = tl.where(norm < eps, eps, norm)  # not tl.maximum, which drops a NaN norm
+        # The first pass: the norm alone (z_ptr stands in for the absent gradient).
+        denom = normalized_grad_scalars(z_ptr, z_ptr, gate_ptr, row, d, eps, 0, 0, stride_z_row, stride_z_col,
+                                        stride_gate_row, stride_gate_col, HAS_GATE, False, ACC, BLOCK)[1]
     for start in range(0, d, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < d
@@ -297,11 +289,12 @@ def _epilogue_forward_kernel(
 def normalized_grad_scalars(
     grad_ptr, z_ptr, gate_ptr, row, d, eps,
     stride_grad_row, stride_grad_col, stride_z_row, stride_z_col, stride_gate_row, stride_gate_col,
-    HAS_GATE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """(norm, denom, radial) of row ``row`` for :func:`normalized_grad`: the L2 norm of
-    s = signed_sqrt(z * gate), denom = max(norm, eps) and radial = <grad, s / denom>, in one
-    pass over the row in BLOCK steps (the first pass of the epilogue's backward)."""
+    s = signed_sqrt(z * gate), denom = max(norm, eps) and radial = <grad, s / denom> (0
+    without HAS_GRAD, grad_ptr then unread), in one pass over the row in BLOCK steps: the
+    first pass of the epilogue's backward, and without the gradient of its forward."""
     scale = tl.zeros((BLOCK,), dtype=ACC)
     sum_sq = tl.zeros((BLOCK,), dtype=ACC)
     dot = tl.zeros((BLOCK,), dtype=ACC)
@@ -310,12 +303,13 @@ def normalized_grad_scalars(
         mask = cols < d
         z, gate = _gated(z_ptr, gate_ptr, row, cols, mask, stride_z_row, stride_z_col,
                          stride_gate_row, stride_gate_col, HAS_GATE, ACC)
-        g = tl.load(grad_ptr + row * stride_grad_row + cols * stride_grad_col, mask=mask, other=0.0).to(ACC)
         s, _ = signed_root(z * gate, eps)
         scale, sum_sq = accumulate_norm(scale, sum_sq, s)
-        dot += g * s
+        if HAS_GRAD:
+            g = tl.load(grad_ptr + row * stride_grad_row + cols * stride_grad_col, mask=mask, other=0.0).to(ACC)
+            dot += g * s
     norm = finish_norm(scale, sum_sq)
-    denom = tl.where(norm < eps, eps, norm)
+    denom = tl.where(norm < eps, eps, norm)  # not tl.maximum, which drops a NaN norm
     # <grad, out> with out = s / denom.
     return norm, denom, tl.sum(dot, axis=0) / denom
 
@@ -336,7 +330,7 @@ def _epilogue_backward_kernel(
     if NORMALIZE:
         norm, denom, radial = normalized_grad_scalars(
             grad_ptr, z_ptr, gate_ptr, row, d, eps, stride_grad_row, stride_grad_col,
-            stride_z_row, stride_z_col, stride_gate_row, stride_gate_col, HAS_GATE, ACC, BLOCK)
+            stride_z_row, stride_z_col, stride_gate_row, stride_gate_col, HAS_GATE, True, ACC, BLOCK)
     for start in range(0, d, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < d

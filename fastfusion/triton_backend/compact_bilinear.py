@@ -423,7 +423,7 @@ def _gram_adjoint_kernel(
     if NORMALIZE:
         norm, denom, radial = normalized_grad_scalars(
             grad_ptr, z_ptr, gate_ptr, b, D, eps, stride_gb, stride_gd, stride_zb, 1, stride_gate_b, stride_gate_d,
-            HAS_GATE, tl.float32, EPILOGUE_BLOCK)
+            HAS_GATE, True, tl.float32, EPILOGUE_BLOCK)
     if HAS_GATE:
         if (local % dx_tiles == 0) & (pid < B * dx_tiles):
             for start in range(0, D, EPILOGUE_BLOCK):
